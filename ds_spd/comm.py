@@ -1,0 +1,90 @@
+"""The one place where ds_spd communicates: reducers for the SPD block, and their accounting.
+
+A reducer turns the stacked per-shard partial sums ``[S, ..., d]`` of a row-parallel layer into
+the full sum. Real TP holds one shard per rank and all-reduces it over the TP group; virtual TP holds
+all N shards in one process and sums them. Both count their calls, so the all-reduce count per
+forward is the same number in both modes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as torch_dist
+
+#: dtypes DeepSpeed's shared-memory inference all-reduce handles; it silently skips others.
+_SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMM_PATHS = ("auto", "gloo")
+
+
+@dataclass
+class CommStats:
+    """All-reduce calls, elements and wall time since the last ``reset``."""
+
+    calls: int = 0
+    elements: int = 0
+    seconds: float = 0.0
+    forwards: int = 0
+    timed: bool = True
+    _by_kind: dict = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.calls, self.elements, self.seconds, self.forwards = 0, 0, 0.0, 0
+        self._by_kind.clear()
+
+    def record(self, kind: str, numel: int, seconds: float = 0.0) -> None:
+        self.calls += 1
+        self.elements += numel
+        self.seconds += seconds
+        self._by_kind[kind] = self._by_kind.get(kind, 0) + 1
+
+    def summary(self) -> dict:
+        per = max(self.forwards, 1)
+        return {"allreduce_per_forward": self.calls / per, "allreduce_seconds_per_forward": self.seconds / per,
+                "allreduce_by_kind_per_forward": {k: v / per for k, v in sorted(self._by_kind.items())},
+                "forwards": self.forwards}
+
+
+class VirtualReduce:
+    """Virtual TP: all shards live in this process; the all-reduce is a sum over the shard axis."""
+
+    def __init__(self, stats: CommStats):
+        self.stats = stats
+
+    def __call__(self, partials: torch.Tensor, kind: str) -> torch.Tensor:
+        self.stats.record(kind, partials[0].numel())
+        return partials.sum(0)
+
+
+class AllReduce:
+    """Real TP: this rank's one shard, summed over the TP group.
+
+    ``path="auto"`` takes DeepSpeed's inference all-reduce (its shared-memory op on CPU under the
+    deepspeed launcher, NCCL on CUDA) where that op is correct: the group is the whole world (the shm op
+    ignores ``group``) and the dtype is one it reduces. Otherwise, or with ``path="gloo"``, it uses
+    ``torch.distributed.all_reduce`` on the group.
+    """
+
+    def __init__(self, group, stats: CommStats, path: str = "auto"):
+        if path not in COMM_PATHS:
+            raise ValueError(f"comm path must be one of {COMM_PATHS}, got {path!r}")
+        self.group, self.stats, self.path = group, stats, path
+        self._group_is_world = torch_dist.get_world_size(group) == torch_dist.get_world_size()
+        self._sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def __call__(self, partials: torch.Tensor, kind: str) -> torch.Tensor:
+        assert partials.shape[0] == 1, "real TP holds exactly one shard per rank"
+        tensor = partials[0].contiguous()
+        if self.stats.timed:
+            self._sync()
+        start = time.perf_counter()
+        if self.path == "auto" and self._group_is_world and tensor.dtype in _SHM_DTYPES:
+            import deepspeed.comm as ds_comm
+            ds_comm.inference_all_reduce(tensor, group=self.group)
+        else:
+            torch_dist.all_reduce(tensor, group=self.group)
+        if self.stats.timed:
+            self._sync()
+        self.stats.record(kind, tensor.numel(), time.perf_counter() - start)
+        return tensor

@@ -1,0 +1,135 @@
+"""The ``"spd"`` section of a DeepSpeed JSON config, validated the way DeepSpeed validates its own.
+
+One JSON file carries DeepSpeed's own keys (left to DeepSpeed) plus::
+
+    "spd": {"model": "default", "tp_size": 2, "spd_blocks": [3, 4, 27], "dtype": "float32",
+            "data": {"dataset": "pydoc", "seq_len": 256, "max_samples": 8}}
+
+An unknown key or a bad value is a :class:`ConfigError` naming the key, raised before any rank works.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .comm import COMM_PATHS
+from .errors import ConfigError
+from .layout import DEFAULT_TP_GRAIN_SIZE
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Evaluation / calibration text: local files, a shipped corpus, or a hub dataset."""
+
+    text: Optional[list[str]] = Field(None, description="local text files, read with datasets' 'text' loader")
+    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare) or hub name[:config]")
+    split: str = "test"
+    seq_len: int = Field(256, ge=2)
+    max_samples: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class SPDConfig(_Strict):
+    model: str = Field("default", description="'default' (embedded SmolLM2-135M), a local HF directory or a hub id")
+    tp_size: int = Field(2, ge=1)
+    spd_blocks: Optional[list[int]] = None
+    plan: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    comm: str = "auto"
+    tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @field_validator("comm")
+    @classmethod
+    def _comm(cls, v: str) -> str:
+        if v not in COMM_PATHS:
+            raise ValueError(f"must be one of {COMM_PATHS}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_block_source(self):
+        if self.spd_blocks is not None and self.plan is not None:
+            raise ValueError("give spd_blocks or plan, not both")
+        return self
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def resolved_spd_blocks(self, model_config) -> tuple[int, ...]:
+        """The SPD block indices: explicit list, the plan's choice (validated against the model), or none."""
+        from .inject import check_spd_blocks
+        from .plan import load_plan
+        n = model_config.num_hidden_layers
+        if self.plan is not None:
+            return check_spd_blocks(load_plan(self.plan).check_compatible(model_config, self.tp_size).spd_blocks, n)
+        return check_spd_blocks(self.spd_blocks or (), n)
+
+
+def _format_error(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"config key '{key}': {msg}")
+    return "; ".join(lines)
+
+
+def build_spd_config(section: dict[str, Any], prefix: str = "spd") -> SPDConfig:
+    try:
+        return SPDConfig(**section)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, prefix)) from None
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config file (with or without an ``"spd"`` section)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config file {path!r} is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config file {path!r} must hold a JSON object")
+    return cfg
+
+
+def resolve_spd_config(config=None, **overrides) -> SPDConfig:
+    """Build an SPDConfig from a path, a DS config dict, an "spd" dict or an SPDConfig; non-None overrides win."""
+    if isinstance(config, SPDConfig):
+        section = config.model_dump()
+    else:
+        if isinstance(config, (str, os.PathLike)):
+            config = load_ds_config(str(config))
+        config = dict(config or {})
+        section = config.get("spd", {}) if "spd" in config else config
+        if not isinstance(section, dict):
+            raise ConfigError("config key 'spd' must be a JSON object")
+    section = dict(section)
+    data_over = overrides.pop("data", None) or {}
+    for key, value in overrides.items():
+        if value is not None:
+            section[key] = list(value) if key == "spd_blocks" else value
+            if key == "spd_blocks":
+                section.pop("plan", None)
+            if key == "plan":
+                section.pop("spd_blocks", None)
+    if data_over:
+        section["data"] = {**(section.get("data") or {}), **{k: v for k, v in data_over.items() if v is not None}}
+    return build_spd_config(section)

@@ -1,0 +1,21 @@
+"""User-input errors: each names the problem, and is raised before ranks load weights or communicate."""
+
+
+class SPDInputError(ValueError):
+    """Base of every error caused by what the user asked for (the CLI prints these without a traceback)."""
+
+
+class ConfigError(SPDInputError):
+    """A config file, section or value that ds_spd cannot use; the message names the key."""
+
+
+class LayoutError(SPDInputError):
+    """The model cannot be split the way the user asked (architecture, tp size)."""
+
+
+class PlanError(SPDInputError):
+    """A plan (or SPD block list) that is malformed or made for another model or tp size."""
+
+
+class LaunchError(SPDInputError):
+    """The ranks started do not fit the run (tp size vs world size, virtual TP under a launcher)."""

@@ -1,0 +1,178 @@
+"""Swap a model's decoder blocks for SPD-capable TP blocks: on a DeepSpeed AutoTP engine, or virtually.
+
+Parallelism is a declarative plan applied to an unmodified HF model (torchtitan's shape): DeepSpeed
+AutoTP shards the linears, then DeepSpeed's ``replace_module`` walks the model and our injection policy
+turns each decoder layer into an :class:`~ds_spd.block.SPDDecoderLayer` that reuses AutoTP's shards and
+the engine's TP group. The swap happens after AutoTP, so nothing is sharded twice.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .block import SPDDecoderLayer
+from .comm import AllReduce, CommStats, VirtualReduce
+from .errors import LaunchError, PlanError
+from .layout import DEFAULT_TP_GRAIN_SIZE, TPLayout, check_architecture
+
+
+def decoder_layer_classes() -> tuple[type, ...]:
+    """HF decoder-layer classes the SPD block can replace (LLaMA-shaped blocks)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+    return (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (``model.model.layers`` for HF causal LMs)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    base = getattr(inner, "model", inner)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(inner).__name__} has no decoder-layer list at .model.layers")
+    return layers
+
+
+def spd_layers(model: nn.Module) -> list[SPDDecoderLayer]:
+    layers = [layer for layer in decoder_layers(model) if isinstance(layer, SPDDecoderLayer)]
+    if not layers:
+        raise TypeError("model has no SPD blocks: build it with ds_spd.init_inference or ds_spd.virtualize")
+    return layers
+
+
+def check_spd_blocks(blocks: Iterable[int], num_layers: int) -> tuple[int, ...]:
+    blocks = tuple(sorted(set(int(b) for b in blocks)))
+    bad = [b for b in blocks if not 0 <= b < num_layers]
+    if bad:
+        raise PlanError(f"spd_blocks {bad} out of range: the model has {num_layers} blocks (0..{num_layers - 1})")
+    return blocks
+
+
+def set_spd_blocks(model: nn.Module, blocks: Iterable[int]) -> tuple[int, ...]:
+    """Put exactly ``blocks`` in SPD form (the others back to two syncs); returns them sorted."""
+    layers = spd_layers(model)
+    chosen = check_spd_blocks(blocks, len(layers))
+    for i, layer in enumerate(layers):
+        layer.spd = i in chosen
+    return chosen
+
+
+def get_spd_blocks(model: nn.Module) -> tuple[int, ...]:
+    return tuple(i for i, layer in enumerate(spd_layers(model)) if layer.spd)
+
+
+class SPDInjectionPolicy:
+    """DeepSpeed injection policy: which layer classes become SPD blocks, and how.
+
+    Passed to ``deepspeed.module_inject.replace_module`` as its replace function and policy.
+    """
+
+    def __init__(self, layout_cols: tuple[tuple[int, ...], tuple[int, ...]], reduce, spd_blocks: Iterable[int]):
+        self.attn_cols, self.mlp_cols = layout_cols
+        self.reduce = reduce
+        self.spd_blocks = set(spd_blocks)
+
+    def replace(self, child: nn.Module, _policy, layer_id: int = 0, prefix: str = "", state_dict=None) -> nn.Module:
+        return SPDDecoderLayer(child, self.attn_cols, self.mlp_cols, self.reduce, spd=layer_id in self.spd_blocks,
+                               layer_idx=layer_id)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        from deepspeed.module_inject.replace_module import replace_module
+        for cls in decoder_layer_classes():
+            if any(isinstance(m, cls) for m in model.modules()):
+                replace_module(model, cls, self.replace, self)
+        return model
+
+
+def virtualize(model: nn.Module, tp_size: int, spd_blocks: Iterable[int] = (), *,
+               tp_grain_size: int = DEFAULT_TP_GRAIN_SIZE) -> nn.Module:
+    """Virtual TP in one process: every block holds all ``tp_size`` shards and reduces by summing.
+
+    Modifies ``model`` in place (its weights are shared, not copied) and returns it; ``model.spd_stats``
+    counts the virtual all-reduces.
+    """
+    check_architecture(model.config)
+    layout = TPLayout.for_model(model.config, tp_size, tp_grain_size)
+    blocks = check_spd_blocks(spd_blocks, model.config.num_hidden_layers)
+    stats = CommStats(timed=False)
+    SPDInjectionPolicy((layout.attn_cols, layout.mlp_cols), VirtualReduce(stats), blocks).apply(model)
+    _attach(model, model, stats, layout)
+    return model
+
+
+def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
+                   spd_blocks: Iterable[int] | None = None, comm: str | None = None, dtype=None, **ds_kwargs):
+    """``deepspeed.init_inference`` with AutoTP, then SPD blocks injected; returns the InferenceEngine.
+
+    ``config`` is an :class:`~ds_spd.config.SPDConfig`, the ``"spd"`` dict, a full DeepSpeed config dict
+    with an ``"spd"`` section, or a path to such a JSON file; keyword arguments override it. The engine
+    gains ``spd_stats`` (all-reduce accounting), ``spd_layout`` and ``set_spd_blocks``.
+    """
+    import deepspeed
+
+    from .config import resolve_spd_config
+    cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, comm=comm,
+                             dtype=None if dtype is None else str(dtype).replace("torch.", ""))
+    check_architecture(model.config)
+    layout = TPLayout.for_model(model.config, cfg.tp_size, cfg.tp_grain_size)
+    blocks = cfg.resolved_spd_blocks(model.config)
+    _prepare_distributed(cfg.tp_size)
+
+    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
+                                      dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
+    stats = CommStats()
+    tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
+    local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))
+    reduce = AllReduce(engine.mp_group, stats, cfg.comm) if cfg.tp_size > 1 else VirtualReduce(stats)
+    SPDInjectionPolicy(local, reduce, blocks).apply(engine.module)
+    _attach(engine.module, engine, stats, layout)
+    _count_other_allreduces(engine.module, stats)
+    return engine
+
+
+def _attach(model: nn.Module, owner, stats: CommStats, layout: TPLayout) -> None:
+    """Expose the accounting and SPD controls on the model (and engine), counting forwards."""
+    owner.spd_stats = stats
+    owner.spd_layout = layout
+    owner.set_spd_blocks = lambda blocks: set_spd_blocks(model, blocks)
+    owner.get_spd_blocks = lambda: get_spd_blocks(model)
+    if owner is not model:
+        model.spd_stats, model.spd_layout = stats, layout
+    decoder_layers(model)[0].register_forward_pre_hook(lambda *_: setattr(stats, "forwards", stats.forwards + 1))
+
+
+def _count_other_allreduces(model: nn.Module, stats: CommStats) -> None:
+    """Count collectives AutoTP left outside the decoder blocks (e.g. a row-parallel lm_head)."""
+    from deepspeed.module_inject.layers import LinearAllreduce
+    for name, module in model.named_modules():
+        if isinstance(module, LinearAllreduce) and ".layers." not in f".{name}.":
+            module.register_forward_hook(lambda m, inp, out, _n=name: stats.record(_n, out.numel()))
+
+
+def _prepare_distributed(tp_size: int) -> None:
+    """Environment DeepSpeed's CPU path needs; fail early on a rank count that does not match tp."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp_size:
+        hint = (f"launch with `deepspeed --num_gpus {tp_size} --module ds_spd ...`, or use virtual TP (--virtual-tp {tp_size})"
+                if world == 1 else f"tp size must equal the number of ranks ({world})")
+        raise LaunchError(f"tensor parallel size {tp_size} needs {tp_size} ranks but {world} were started: {hint}")
+    # Under torchrun / accelerate the launcher sets LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's
+    # CPU shared-memory all-reduce reads; without it AutoTP inference crashed (SIGSEGV).
+    if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    if world == 1:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

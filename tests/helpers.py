@@ -1,0 +1,89 @@
+"""Tiny random LLaMA-family models (with a tiny trained tokenizer) and launcher helpers for the tests."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# 6 query / 3 KV heads: tp 2 splits it unevenly (4+2 query heads), like SmolLM2's 9/3 -> 6+3.
+UNEVEN = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=4, num_attention_heads=6,
+              num_key_value_heads=3, head_dim=16)
+# 8 query / 4 KV heads: tp 2 splits it evenly.
+EVEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=8)
+
+
+def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides):
+    from transformers import AutoConfig
+    kwargs = {**UNEVEN, "vocab_size": vocab_size, "max_position_embeddings": 512, **overrides}
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32).eval()
+    with torch.no_grad():  # larger than the default init so that SPD visibly changes the output
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def save_tiny(path: str, **overrides) -> str:
+    tiny_model(**overrides).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = False,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus nprocs [--module] args`` on CPU ranks, as a user would."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port())]
+    cmd += (["--module"] if module else []) + args
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    if proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def last_json(stdout: str) -> dict:
+    """The command's JSON line: its last stdout line, before any lines the deepspeed launcher logs at exit."""
+    return json.loads([line for line in stdout.strip().splitlines() if line.startswith("{")][-1])
+
+
+def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "ds_spd", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ds_spd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,148 @@
+"""The SPD block in one process (virtual TP), against HF and against an independent reference."""
+import copy
+
+import pytest
+import torch
+from helpers import EVEN, tiny_config, tiny_model
+
+import ds_spd
+from ds_spd.block import SPDDecoderLayer
+from ds_spd.comm import CommStats, VirtualReduce
+from ds_spd.layout import LayoutError, TPLayout
+
+
+def _ids(vocab=384, shape=(2, 12)):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def reference_logits(model, ids, tp, spd_blocks):
+    """spd-method.md section 1 computed with hooks on the unmodified HF model (no ds_spd block code).
+
+    A pre-hook on o_proj captures the concatenated head outputs; a hook on each SPD layer replaces its
+    output by X + sum_r Y_r + b_o + sum_r MLP_r(Norm2(X + Y_r + b_o)) + b_d.
+    """
+    model = copy.deepcopy(model)
+    layout = TPLayout.for_model(model.config, tp)
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        if i not in spd_blocks:
+            continue
+        heads = {}
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args, heads=heads: heads.__setitem__("h", args[0])))
+
+        def replace(layer, args, kwargs, output, heads=heads):
+            x = args[0] if args else kwargs["hidden_states"]
+            att, mlp = layer.self_attn, layer.mlp
+            o_b = att.o_proj.bias if att.o_proj.bias is not None else 0
+            d_b = mlp.down_proj.bias if mlp.down_proj.bias is not None else 0
+            out, a0, m0 = x + o_b + d_b, 0, 0
+            for a, m in zip(layout.attn_cols, layout.mlp_cols):
+                y = heads["h"][..., a0:a0 + a] @ att.o_proj.weight[:, a0:a0 + a].T
+                u = layer.post_attention_layernorm(x + y + o_b)
+                g = u @ mlp.gate_proj.weight[m0:m0 + m].T
+                up = u @ mlp.up_proj.weight[m0:m0 + m].T
+                if mlp.gate_proj.bias is not None:
+                    g, up = g + mlp.gate_proj.bias[m0:m0 + m], up + mlp.up_proj.bias[m0:m0 + m]
+                out = out + y + (mlp.act_fn(g) * up) @ mlp.down_proj.weight[:, m0:m0 + m].T
+                a0, m0 = a0 + a, m0 + m
+            return out
+        handles.append(layer.register_forward_hook(replace, with_kwargs=True))
+    return _logits(model, ids)
+
+
+def test_layout_matches_deepspeed_split():
+    smol = tiny_config(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64)
+    lay = TPLayout.for_model(smol, 2)
+    assert (lay.q_heads, lay.kv_heads, lay.mlp_cols) == ((6, 3), (2, 1), (768, 768))
+    assert TPLayout.for_model(smol, 3).q_heads == (3, 3, 3)
+    tiny = TPLayout.for_model(tiny_config(), 2)  # intermediate 200 in grains of 64: 128 + 72
+    assert (tiny.attn_cols, tiny.mlp_cols) == ((64, 32), (128, 72))
+    assert TPLayout.for_model(tiny_config(), 3).mlp_cols == (64, 64, 72)
+
+
+def test_layout_errors():
+    with pytest.raises(LayoutError, match="3 KV heads"):
+        TPLayout.for_model(tiny_config(), 4)
+    with pytest.raises(LayoutError, match="positive"):
+        TPLayout.for_model(tiny_config(), 0)
+    from transformers import GPT2Config
+    with pytest.raises(LayoutError, match="unsupported architecture.*GPT2"):
+        TPLayout.for_model(GPT2Config(architectures=["GPT2LMHeadModel"]), 2)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("tp", [1, 2, 3])
+def test_spd_off_equals_hf(model_type, tp):
+    model = tiny_model(model_type)
+    ids = _ids()
+    virtual = ds_spd.virtualize(copy.deepcopy(model), tp)
+    torch.testing.assert_close(_logits(virtual, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_spd_matches_reference(tp, bias):
+    model = tiny_model(attention_bias=bias, mlp_bias=bias)
+    if bias:  # nonzero biases, so where they are added matters
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    ids, blocks = _ids(), [0, 2, 3]
+    ref = reference_logits(model, ids, tp, blocks)
+    virtual = ds_spd.virtualize(copy.deepcopy(model), tp, blocks)
+    out = _logits(virtual, ids)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (out - _logits(model, ids)).abs().max() > 1e-3  # SPD is not the identity transformation
+
+
+def test_tp1_spd_block_equals_original_block():
+    model = tiny_model()
+    layer = model.model.layers[1]
+    x = torch.randn(2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(7).unsqueeze(0)
+    kwargs = dict(position_embeddings=model.model.rotary_emb(x, pos), attention_mask=None, position_ids=pos)
+    with torch.no_grad():
+        expected = layer(x, **kwargs)
+        spd = SPDDecoderLayer(copy.deepcopy(layer), (layer.self_attn.o_proj.in_features,),
+                              (model.config.intermediate_size,), VirtualReduce(CommStats()), spd=True)
+        torch.testing.assert_close(spd(x, **kwargs), expected, atol=1e-6, rtol=1e-6)
+    ids = _ids()
+    all_spd = ds_spd.virtualize(copy.deepcopy(model), 1, range(4))
+    torch.testing.assert_close(_logits(all_spd, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_allreduce_counts():
+    model = ds_spd.virtualize(tiny_model(), 2)
+    n, ids = model.config.num_hidden_layers, _ids()
+    for blocks in ([], [1], list(range(n))):
+        ds_spd.set_spd_blocks(model, blocks)
+        model.spd_stats.reset()
+        _logits(model, ids)
+        assert model.spd_stats.summary()["allreduce_per_forward"] == 2 * n - len(blocks)
+        assert ds_spd.get_spd_blocks(model) == tuple(blocks)
+    with pytest.raises(ValueError, match="out of range"):
+        ds_spd.set_spd_blocks(model, [n])
+
+
+def test_generation_with_kv_cache_matches_no_cache():
+    model = ds_spd.virtualize(tiny_model(**EVEN), 2, [0, 2])
+    prompt = _ids(shape=(1, 6))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_state_dict_names_preserved():
+    model = tiny_model()
+    names = set(model.state_dict())
+    virtual = ds_spd.virtualize(copy.deepcopy(model), 2, [1])
+    assert set(virtual.state_dict()) == names

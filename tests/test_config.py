@@ -1,0 +1,95 @@
+"""Config, plan and CLI errors: clear, naming the problem, raised before any weight is read."""
+import glob
+import json
+import os
+
+import pytest
+from helpers import ROOT, run_cli, tiny_config
+
+from ds_spd.cli import parse_blocks
+from ds_spd.config import ConfigError, resolve_spd_config
+from ds_spd.plan import Plan, PlanError, load_plan
+
+
+def test_unknown_and_bad_keys_are_named():
+    with pytest.raises(ConfigError, match=r"config key 'spd\.tp_sise': unknown key"):
+        resolve_spd_config({"spd": {"tp_sise": 2}})
+    with pytest.raises(ConfigError, match=r"config key 'spd\.data\.seqlen': unknown key"):
+        resolve_spd_config({"spd": {"data": {"seqlen": 2}}})
+    with pytest.raises(ConfigError, match=r"'spd\.tp_size'"):
+        resolve_spd_config({"spd": {"tp_size": 0}})
+    with pytest.raises(ConfigError, match=r"'spd\.dtype'"):
+        resolve_spd_config({"spd": {"dtype": "fp8"}})
+    with pytest.raises(ConfigError, match=r"'spd\.comm'"):
+        resolve_spd_config({"spd": {"comm": "nccl2"}})
+    with pytest.raises(ConfigError, match="not both"):
+        resolve_spd_config({"spd": {"spd_blocks": [1], "plan": "p.json"}})
+
+
+def test_file_loading_and_overrides(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "spd": {"tp_size": 3, "spd_blocks": [1]}}))
+    cfg = resolve_spd_config(str(path), tp_size=2, data={"seq_len": 64, "dataset": None})
+    assert (cfg.tp_size, cfg.spd_blocks, cfg.data.seq_len, cfg.data.dataset) == (2, [1], 64, "pydoc")
+    assert resolve_spd_config(str(path), plan="x.json").spd_blocks is None  # a flag's plan replaces the list
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_spd_config(str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        resolve_spd_config(str(tmp_path / "bad.json"))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.json"))))
+def test_shipped_configs_validate(path):
+    resolve_spd_config(path)
+
+
+def test_plan_round_trip_and_mismatch(tmp_path):
+    cfg = tiny_config()
+    plan = Plan.from_blocks("tiny", cfg, 2, [1, 3], data="pydoc")
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    assert not glob.glob(path + ".tmp*")
+    loaded = load_plan(path).check_compatible(cfg, 2)
+    assert loaded.spd_blocks == [1, 3]
+    assert resolve_spd_config({"spd": {"plan": path}}).resolved_spd_blocks(cfg) == (1, 3)
+    with pytest.raises(PlanError, match="tp size 2, not 3"):
+        loaded.check_compatible(cfg, 3)
+    with pytest.raises(PlanError, match="num_hidden_layers: plan 4 vs model 6"):
+        loaded.check_compatible(tiny_config(num_hidden_layers=6), 2)
+    with pytest.raises(PlanError, match="hidden_size"):
+        loaded.check_compatible(tiny_config(hidden_size=48, head_dim=8), 2)
+    (tmp_path / "junk.json").write_text('{"model": 1}')
+    with pytest.raises(PlanError, match="not a valid ds_spd plan"):
+        load_plan(str(tmp_path / "junk.json"))
+
+
+def test_parse_blocks():
+    assert parse_blocks("0-2,5") == [0, 1, 2, 5]
+    assert parse_blocks("none") == []
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="bad block list"):
+        parse_blocks("1,x")
+
+
+def _fails(args, *patterns):
+    proc = run_cli(args, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for p in patterns:
+        assert p in proc.stderr, proc.stderr[-3000:]
+
+
+def test_cli_errors_before_work(tiny_dir, tmp_path):
+    _fails(["eval", "--model", tiny_dir, "--tp", "2"], "tp size 2 needs 2 ranks", "deepspeed --num_gpus 2")
+    _fails(["eval", "--model", tiny_dir, "--virtual-tp", "4"], "3 KV heads")
+    _fails(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--spd-blocks", "0,9"], "out of range")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"spd": {"modle": "x"}}))
+    _fails(["eval", "--config", str(bad)], "config key 'spd.modle': unknown key")
+    other = Plan.from_blocks("other", tiny_config(num_hidden_layers=6), 2, [1])
+    other.save(str(tmp_path / "plan.json"))
+    _fails(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--plan", str(tmp_path / "plan.json")],
+           "plan was made for another model")
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
+    _fails(["eval", "--model", str(tmp_path / "gpt2"), "--virtual-tp", "2"], "unsupported architecture 'GPT2LMHeadModel'")

@@ -1,0 +1,72 @@
+"""Real multi-rank TP on 2 CPU ranks (deepspeed launcher and torchrun), proved by equality."""
+import json
+
+import pytest
+from helpers import launch, last_json, run_cli
+
+pytestmark = pytest.mark.multirank
+
+
+def _worker(model_dir, tmp_path, blocks, comm="auto"):
+    prefix = str(tmp_path / f"res_{comm}")
+    launch(["tests/tp_worker.py", model_dir, prefix, ",".join(map(str, blocks)), comm])
+    return [json.load(open(f"{prefix}.rank{r}.json")) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("which,comm", [("uneven", "auto"), ("even", "gloo")])
+def test_real_tp_matches_hf_and_virtual(which, comm, tiny_dir, tiny_even_dir, tmp_path):
+    model_dir = tiny_dir if which == "uneven" else tiny_even_dir
+    blocks = [0, 2]
+    results = _worker(model_dir, tmp_path, blocks, comm)
+    for res in results:
+        # DeepSpeed AutoTP's own shards agree with the layout the virtual path uses.
+        assert res["local_o_proj_cols"] == res["layout_attn_cols"][res["rank"]]
+        assert res["local_mlp_cols"] == res["layout_mlp_cols"][res["rank"]]
+        assert res["off_vs_hf"] < 1e-5, res        # SPD off == HF model
+        assert res["real_vs_virtual"] < 1e-5, res  # virtual TP == real TP, SPD on a mix of blocks
+        assert res["spd_vs_hf"] > 1e-3, res        # and SPD really changed the function
+        n = res["n_layers"]
+        # 2 all-reduces per non-SPD block, 1 per SPD block, +1 for AutoTP's row-parallel lm_head.
+        assert res["off_allreduce"]["allreduce_per_forward"] == 2 * n + 1
+        assert res["spd_allreduce"]["allreduce_per_forward"] == 2 * n - len(blocks) + 1
+        assert res["all_spd_allreduce"]["allreduce_per_forward"] == n + 1
+        assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"]
+    if which == "uneven":
+        assert results[0]["layout_attn_cols"] != results[0]["layout_attn_cols"][::-1]
+    assert results[0]["gen_real"] == results[1]["gen_real"]
+
+
+def test_cli_eval_and_generate_real_equals_virtual(tiny_dir):
+    common = ["--model", tiny_dir, "--spd-blocks", "1,3", "--max-samples", "4", "--seq-len", "32", "--json"]
+    real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
+    virtual = last_json(run_cli(["eval", "--virtual-tp", "2", *common]).stdout)
+    assert real["mode"] == "tp" and virtual["mode"] == "virtual"
+    assert real["spd_blocks"] == virtual["spd_blocks"] == [1, 3]
+    assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
+    assert real["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-9)
+    assert virtual["allreduce_per_forward"] == 2 * 4 - 2
+    assert real["allreduce_per_forward"] == 2 * 4 - 2 + 1  # + lm_head
+    assert real["allreduce_seconds_per_forward"] > 0
+
+    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
+    g_real = last_json(launch(["ds_spd", "generate", *gen], module=True).stdout)
+    g_virtual = last_json(run_cli(["generate", "--virtual-tp", "2", *gen]).stdout)
+    assert g_real["generations"][0]["token_ids"] == g_virtual["generations"][0]["token_ids"]
+    assert len(g_real["generations"][0]["token_ids"]) == 8
+
+
+def test_torchrun_without_local_size(tiny_dir):
+    """torchrun sets LOCAL_WORLD_SIZE but not LOCAL_SIZE; DeepSpeed's CPU path crashed without it."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT, free_port
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_SIZE"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_spd", "eval",
+           "--model", tiny_dir, "--spd-blocks", "2", "--max-samples", "2", "--seq-len", "32", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert last_json(proc.stdout)["mode"] == "tp"
