@@ -33,6 +33,21 @@ def parse_blocks(text: str) -> list[int]:
     return blocks
 
 
+def parse_fraction(text: str) -> float:
+    """``"1%"`` -> 0.01, ``"0.01"`` -> 0.01."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad fraction {text!r}: use e.g. 1% or 0.01") from None
+
+
+def parse_thresholds(text: str) -> tuple[float, float]:
+    parts = [parse_fraction(t) for t in text.split(",")]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"thresholds need two values T1,T2, got {text!r}")
+    return parts[0], parts[1]
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and SPD (override the config file)")
     g.add_argument("--config", help="DeepSpeed JSON config with an \"spd\" section")
@@ -48,14 +63,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
 
-def _data(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data (override the config's spd.data)")
+def _data(p: argparse.ArgumentParser, section: str = "data") -> None:
+    g = p.add_argument_group(f"data (override the config's spd.{section})")
+    p.set_defaults(data_section=section)
     g.add_argument("--text", nargs="+", help="local text file(s)")
     g.add_argument("--dataset", help="shipped corpus (pydoc, shakespeare) or hub dataset name[:config]")
     g.add_argument("--split", help="train, validation or test")
     g.add_argument("--seq-len", type=int)
     g.add_argument("--max-samples", type=int)
     g.add_argument("--batch-size", type=int)
+    g.add_argument("--seed", type=int, help="draw random segments with this seed (else the first ones)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +87,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity and next-token accuracy")
     _common(ev)
     _data(ev)
+    sc = sub.add_parser("scan", help="block sensitivity scan (virtual TP) -> plan.json")
+    _common(sc)
+    _data(sc, "calibration")
+    sc.add_argument("--method", choices=["cumulative", "isolated"], default="cumulative",
+                    help="cumulative: the paper's, last block first; isolated: each block alone")
+    sc.add_argument("--metric", choices=["ppl", "kl"], default="ppl")
+    sc.add_argument("--no-cache", action="store_true", help="naive scan: a full forward per measurement")
+    sc.add_argument("--out", default="plan.json")
+    sc.add_argument("--plot", help="PNG of the scan (default: next to --out)")
+    pl = sub.add_parser("plan", help="choose the SPD blocks and their classes from a scanned plan")
+    _common(pl)
+    _data(pl, "data")
+    rule = pl.add_mutually_exclusive_group()
+    rule.add_argument("--spd-count", type=int, help="the N least sensitive blocks")
+    rule.add_argument("--spd-fraction", type=float, help="a fraction of the blocks, e.g. 0.5")
+    rule.add_argument("--max-ppl-increase", type=parse_fraction, metavar="PCT",
+                      help="accuracy budget, e.g. 1%% (validated by evaluation on --split, default validation)")
+    pl.add_argument("--thresholds", type=parse_thresholds, metavar="T1,T2",
+                    help="relative sensitivity thresholds ISB|SB|ESB (default 0.01,0.05)")
+    pl.add_argument("--out", help="output plan (default: overwrite --plan)")
+    pl.add_argument("--plot", help="PNG of the plan (default: next to --out)")
     prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
     prep.add_argument("--model", default="default")
     return parser
 
 
 def config_from_args(args: argparse.Namespace):
-    data = {k: getattr(args, k, None) for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size")}
+    data = {k: getattr(args, k, None)
+            for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size", "seed")}
     return resolve_spd_config(args.config, model=args.model, tp_size=args.tp_size, spd_blocks=args.spd_blocks,
-                              plan=args.plan, dtype=args.dtype, comm=args.comm, data=data)
+                              plan=args.plan, dtype=args.dtype, comm=args.comm, data=data,
+                              data_section=getattr(args, "data_section", "data"))
 
 
 def _report(args, runner, result: dict) -> None:
@@ -135,12 +175,96 @@ def cmd_eval(args) -> None:
     _report(args, runner, result)
 
 
+def _segments(d, tokenizer, rank: int = 0, world: int = 1):
+    from .data import load_texts, token_segments
+    segments = token_segments(load_texts(d.text, d.dataset, d.split), tokenizer, d.seq_len, d.max_samples, d.seed)
+    return segments[rank::world]
+
+
+def cmd_scan(args) -> None:
+    from .plan import Plan
+    from .plots import plot_plan
+    from .runtime import init_data_parallel
+    from .scan import cache_bytes, scan
+    cfg = config_from_args(args)
+    if args.plan:
+        raise SPDInputError("scan measures every block: it takes no --plan (it writes one, see --out)")
+    tp = args.virtual_tp or cfg.tp_size
+    runner = build_runner(cfg.model_copy(update={"spd_blocks": None}), tp, data_parallel=True)
+    rank, world = init_data_parallel()
+    d = runner.config.calibration
+    segments = _segments(d, runner.tokenizer, rank, world)
+    need = cache_bytes(runner.hf_model.config, segments.shape[0], d.seq_len, runner.config.torch_dtype, args.metric)
+    if is_main_rank():
+        print(f"scan: {args.method} / {args.metric}, virtual tp={tp}, {segments.shape[0]} x {d.seq_len} tokens per "
+              f"rank on {world} rank(s); activation cache {need / 2**30:.2f} GiB per rank", file=sys.stderr)
+    result = scan(runner.hf_model, segments, d.batch_size, args.method, args.metric, use_cache=not args.no_cache,
+                  progress=is_main_rank())
+    plan = Plan.from_blocks(runner.config.model, runner.hf_model.config, tp, [],
+                            data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},
+                            seq_len=d.seq_len, segments=d.max_samples, seed=d.seed, dtype=runner.config.dtype,
+                            ranks=world)
+    for b in plan.blocks:
+        b.sensitivity = result.sensitivity[b.index]
+    plan.scan = {"method": result.method, "metric": result.metric, "baseline": result.baseline,
+                 "order": result.order, "after": result.after, "seconds": result.seconds,
+                 "forwards_equivalent": result.forwards_equivalent, "cached": not args.no_cache}
+    if is_main_rank():
+        plan.save(args.out)
+        png = plot_plan(plan, args.plot or os.path.splitext(args.out)[0] + ".png")
+        if not args.json:
+            print(f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, "
+                  f"{result.seconds:.1f} s ({result.forwards_equivalent:.1f} forward-equivalents)")
+    _report(args, runner, {"plan": args.out, "baseline": result.baseline, "sensitivity": result.sensitivity,
+                           "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent})
+
+
+def cmd_plan(args) -> None:
+    from .evaluation import evaluate_lm
+    from .inject import set_spd_blocks
+    from .plan import load_plan
+    from .planner import select
+    from .plots import plot_plan
+    if not args.plan:
+        raise SPDInputError("plan needs --plan plan.json (written by `ds-spd scan`)")
+    plan = load_plan(args.plan)
+    measure = None
+    if args.max_ppl_increase is not None:
+        if args.split is None:
+            args.split = "validation"  # the budget is validated on text the scan did not calibrate on
+        cfg = config_from_args(args).model_copy(update={"model": args.model or plan.model, "plan": None})
+        runner = build_runner(cfg, plan.tp_size)
+        plan.check_compatible(runner.hf_model.config, plan.tp_size)
+        segments = _segments(runner.config.data, runner.tokenizer)
+
+        def measure(blocks):
+            set_spd_blocks(runner.hf_model, blocks)
+            return evaluate_lm(runner.hf_model, segments, runner.config.data.batch_size, progress=False)["perplexity"]
+    new = select(plan, count=args.spd_count, fraction=args.spd_fraction, thresholds=args.thresholds,
+                 max_increase=args.max_ppl_increase, measure=measure)
+    out = args.out or args.plan
+    new.save(out)
+    png = plot_plan(new, args.plot or os.path.splitext(out)[0] + ".png")
+    classes = {c: [b.index for b in new.blocks if b.cls == c] for c in ("ISB", "SB", "ESB")}
+    summary = {"plan": out, "plot": png, "spd_blocks": new.spd_blocks, "classes": classes,
+               "selection": new.selection}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {out} and {png}: {len(new.spd_blocks)} SPD blocks of {len(new.blocks)} "
+              f"({new.selection['rule']}); " + ", ".join(f"{c} {v}" for c, v in classes.items()))
+        if new.selection.get("rule") == "max_increase":
+            print(f"validated: perplexity {new.selection['measured']:.3f} "
+                  f"({100 * new.selection['measured_increase']:+.2f}% vs {new.selection['validation_baseline']:.3f})")
+
+
 def cmd_prepare_model(args) -> None:
     from .models import resolve_model_path
     print(resolve_model_path(args.model))
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "prepare-model": cmd_prepare_model}
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan,
+            "prepare-model": cmd_prepare_model}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ class DataConfig(_Strict):
     seq_len: int = Field(256, ge=2)
     max_samples: int = Field(8, ge=1)
     batch_size: int = Field(4, ge=1)
+    seed: Optional[int] = Field(None, description="draw max_samples random segments (else the first ones)")
 
     @field_validator("text", mode="before")
     @classmethod
@@ -51,7 +52,9 @@ class SPDConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     comm: str = "auto"
     tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="held-out evaluation text (eval)")
+    calibration: DataConfig = Field(default_factory=lambda: DataConfig(split="train", max_samples=16, seed=0),
+                                    description="calibration text (scan, distill)")
 
     @field_validator("comm")
     @classmethod
@@ -123,6 +126,7 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
             raise ConfigError("config key 'spd' must be a JSON object")
     section = dict(section)
     data_over = overrides.pop("data", None) or {}
+    data_key = overrides.pop("data_section", "data")
     for key, value in overrides.items():
         if value is not None:
             section[key] = list(value) if key == "spd_blocks" else value
@@ -131,5 +135,6 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
             if key == "plan":
                 section.pop("spd_blocks", None)
     if data_over:
-        section["data"] = {**(section.get("data") or {}), **{k: v for k, v in data_over.items() if v is not None}}
+        current = section.get(data_key) or SPDConfig.model_fields[data_key].default_factory().model_dump()
+        section[data_key] = {**current, **{k: v for k, v in data_over.items() if v is not None}}
     return build_spd_config(section)

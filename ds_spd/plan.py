@@ -38,6 +38,8 @@ class Plan(BaseModel):
     tp_size: int = Field(ge=1)
     blocks: list[BlockEntry]
     measured_with: dict = Field(default_factory=dict)
+    scan: Optional[dict] = None       # how the sensitivities were measured (see ds_spd.scan)
+    selection: Optional[dict] = None  # which rule chose the SPD blocks (see ds_spd.planner)
 
     @property
     def spd_blocks(self) -> list[int]:

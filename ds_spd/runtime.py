@@ -45,9 +45,10 @@ class Runner:
         return next(self.hf_model.parameters()).device
 
 
-def preflight(cfg: SPDConfig, virtual_tp: int | None = None) -> tuple[object, tuple[int, ...]]:
+def preflight(cfg: SPDConfig, virtual_tp: int | None = None,
+              data_parallel: bool = False) -> tuple[object, tuple[int, ...]]:
     """Every check that needs no weights; returns (HF config, SPD blocks)."""
-    if virtual_tp is not None and world_size() > 1:
+    if virtual_tp is not None and world_size() > 1 and not data_parallel:
         raise LaunchError(f"--virtual-tp runs in one process, but {world_size()} ranks were started: "
                            "drop --virtual-tp under a launcher, or run without the launcher")
     model_config = load_model_config(cfg.model)
@@ -59,10 +60,24 @@ def preflight(cfg: SPDConfig, virtual_tp: int | None = None) -> tuple[object, tu
     return model_config, cfg.resolved_spd_blocks(model_config)
 
 
-def build_runner(cfg: SPDConfig, virtual_tp: int | None = None) -> Runner:
+def init_data_parallel() -> tuple[int, int]:
+    """(rank, world) of a data-parallel run of virtual-TP work (scan) under a launcher; gloo on CPU."""
+    import torch.distributed as dist
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def build_runner(cfg: SPDConfig, virtual_tp: int | None = None, data_parallel: bool = False) -> Runner:
+    """Real TP (``virtual_tp=None``, under a launcher) or virtual TP; ``data_parallel`` lets virtual-TP
+    work run on every rank of a launcher, each on its share of the data."""
     if virtual_tp is not None:
         cfg = cfg.model_copy(update={"tp_size": virtual_tp})
-    _, blocks = preflight(cfg, virtual_tp)
+    _, blocks = preflight(cfg, virtual_tp, data_parallel)
+    if data_parallel:
+        init_data_parallel()
     model, tok = load_model(cfg.model, cfg.torch_dtype)
     if virtual_tp is not None:
         from deepspeed.accelerator import get_accelerator

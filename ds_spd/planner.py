@@ -1,0 +1,107 @@
+"""From sensitivities to a plan: which blocks become SPD, and their class (spd-method.md section 2).
+
+Blocks are ranked by sensitivity (least sensitive first); the chosen ones are classed by two thresholds
+on the *relative* sensitivity r = s / baseline (ppl metric; for the KL metric r = s, in nats per token):
+
+    ISB  r <= t1        zero-shot SPD
+    SB   t1 < r <= t2   SPD + block-to-block distillation
+    ESB  r > t2         head-grouping initialisation, then distillation
+
+The paper gives no rule for t1, t2 or the number of SPD blocks. Ours: t1 = 1% (a block whose zero-shot
+cost is within the ~1% regression the paper accepts in total needs no training), t2 = 5% (a block that alone
+costs more than 5% is an outlier: on SmolLM2 only blocks 0 and 1, at +380% and +105%); then:
+- ``count`` / ``fraction``: the N least sensitive blocks;
+- thresholds alone: every block with r <= t2 (all that B2B is expected to recover), no ESB;
+- ``max_increase`` (accuracy budget, e.g. 0.01 = +1% perplexity, zero-shot): the largest N whose predicted
+  increase (baseline + sum of the N sensitivities) is within budget, then *validated by evaluating* that
+  set and stepped down one block at a time until the measured increase is within budget too.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from .errors import PlanError
+from .plan import BlockEntry, Plan
+
+DEFAULT_THRESHOLDS = (0.01, 0.05)
+
+
+def relative(plan: Plan) -> list[float]:
+    scan = plan.scan or {}
+    if any(b.sensitivity is None for b in plan.blocks):
+        raise PlanError("the plan has no sensitivities: run `ds-spd scan` first")
+    base = scan.get("baseline") if scan.get("metric", "ppl") == "ppl" else None
+    return [b.sensitivity / base if base else b.sensitivity for b in plan.blocks]
+
+
+def ranking(plan: Plan) -> list[int]:
+    """Block indices, least sensitive first (ties: later block first, as the paper converts from the end)."""
+    rel = relative(plan)
+    return sorted(range(len(rel)), key=lambda i: (rel[i], -i))
+
+
+def classify(r: float, thresholds: tuple[float, float]) -> str:
+    t1, t2 = thresholds
+    return "ISB" if r <= t1 else "SB" if r <= t2 else "ESB"
+
+
+def _with_selection(plan: Plan, chosen: Iterable[int], thresholds, selection: dict) -> Plan:
+    rel, chosen = relative(plan), set(chosen)
+    blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, head_permutation=b.head_permutation,
+                         **{"class": classify(rel[b.index], thresholds) if b.index in chosen else "TP"})
+              for b in plan.blocks]
+    return plan.model_copy(update={"blocks": blocks, "selection": {
+        "thresholds": list(thresholds), "spd_count": len(chosen), **selection}})
+
+
+def select(plan: Plan, *, count: int | None = None, fraction: float | None = None,
+           thresholds: tuple[float, float] | None = None, max_increase: float | None = None,
+           measure: Callable[[list[int]], float] | None = None) -> Plan:
+    """A copy of ``plan`` with SPD blocks and classes chosen by one rule (see the module docstring).
+
+    ``measure(blocks)`` evaluates the metric with those blocks in SPD form; it validates a budget.
+    """
+    rules = [r for r, v in (("count", count), ("fraction", fraction), ("max_increase", max_increase)) if v is not None]
+    if len(rules) > 1:
+        raise PlanError(f"choose the SPD blocks by one rule, not {' and '.join(rules)}")
+    if thresholds is not None and not 0 <= thresholds[0] <= thresholds[1]:
+        raise PlanError(f"thresholds must satisfy 0 <= t1 <= t2, got {thresholds}")
+    n = len(plan.blocks)
+    order = ranking(plan)
+    th = tuple(thresholds or DEFAULT_THRESHOLDS)
+    if fraction is not None:
+        if not 0 <= fraction <= 1:
+            raise PlanError(f"spd fraction must be in [0, 1], got {fraction}")
+        count = round(fraction * n)
+    if count is not None:
+        if not 0 <= count <= n:
+            raise PlanError(f"spd count must be in [0, {n}], got {count}")
+        return _with_selection(plan, order[:count], th, {"rule": "count"})
+    if max_increase is None:
+        rel = relative(plan)
+        return _with_selection(plan, [i for i in order if rel[i] <= th[1]], th, {"rule": "thresholds"})
+    return _budget(plan, order, th, max_increase, measure)
+
+
+def _budget(plan: Plan, order: list[int], th, max_increase: float, measure) -> Plan:
+    if measure is None:
+        raise PlanError("an accuracy budget must be validated: pass a measure function")
+    rel = relative(plan)
+    predicted, total = [], 0.0   # predicted relative increase of the k least sensitive blocks
+    for i in order:
+        total += rel[i]
+        predicted.append(total)
+    k = max([j + 1 for j, p in enumerate(predicted) if p <= max_increase], default=0)
+    base = measure([])           # on the validation data, which may differ from the calibration data
+    tried = []
+    while k > 0:
+        value = measure(order[:k])
+        tried.append({"spd_count": k, "predicted_increase": predicted[k - 1], "measured": value,
+                      "measured_increase": value / base - 1})
+        if value <= base * (1 + max_increase):
+            break
+        k -= 1
+    measured = tried[-1]["measured"] if tried and k > 0 else base
+    return _with_selection(plan, order[:k], th, {
+        "rule": "max_increase", "max_increase": max_increase, "validation_baseline": base,
+        "measured": measured, "measured_increase": measured / base - 1, "tried": tried})

@@ -1,0 +1,36 @@
+"""PNG plots (matplotlib, headless) of scans and plans."""
+from __future__ import annotations
+
+import os
+
+from .plan import Plan
+
+CLASS_COLORS = {"TP": "#9e9e9e", "ISB": "#2e7d32", "SB": "#f9a825", "ESB": "#c62828"}
+
+
+def plot_plan(plan: Plan, path: str) -> str:
+    """Sensitivity per block (coloured by class) and the scan's metric vs number of SPD blocks."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scan = plan.scan or {}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    idx = [b.index for b in plan.blocks]
+    ax1.bar(idx, [b.sensitivity for b in plan.blocks], color=[CLASS_COLORS[b.cls] for b in plan.blocks])
+    ax1.set(xlabel="block", ylabel=f"sensitivity (delta {scan.get('metric', 'ppl')})",
+            title=f"{plan.model}, tp={plan.tp_size}: block sensitivity ({scan.get('method', '?')} scan)")
+    ax1.axhline(0, color="black", lw=0.5)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CLASS_COLORS.values()]
+    ax1.legend(handles, CLASS_COLORS.keys(), fontsize=8)
+    if scan.get("after"):
+        n = len(scan["after"])
+        ax2.plot(range(n + 1), [scan["baseline"], *scan["after"]], marker="o", ms=3)
+        ax2.set(xlabel="SPD blocks (in the scan's order of conversion)", ylabel=scan.get("metric", "ppl"),
+                title="metric as blocks are converted")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

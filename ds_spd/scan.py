@@ -1,0 +1,164 @@
+"""Block sensitivity scan (spd-method.md section 2), with cached activations.
+
+The paper's procedure (``method="cumulative"``): convert blocks to SPD one at a time from the last block
+to the first, keeping earlier conversions; block i's sensitivity is the metric after converting it minus
+the metric before. ``method="isolated"`` converts each block alone (no interaction with the others).
+
+Both only change blocks >= i when block i is measured, so the input of block i is that of the unmodified
+model: it is computed once for every block and cached, and each measurement runs only blocks i..L-1.
+That costs sum_i (L-i)/L ~ (L+1)/2 full forwards instead of the naive L+1 (``use_cache=False``).
+Cache memory: L x segments x seq_len x hidden x bytes (SmolLM2, 16 x 256 tokens, fp32: 0.45 GB).
+
+Metrics: ``ppl`` (perplexity, the paper's) and ``kl`` (mean KL divergence of the next-token distribution
+from the unmodified model's; it needs the baseline log-probabilities: segments x seq_len x vocab x 2 bytes).
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .inject import decoder_layers, set_spd_blocks
+
+METHODS = ("cumulative", "isolated")
+METRICS = ("ppl", "kl")
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """Sum scalars over data-parallel ranks (the scan under a launcher splits its segments by rank)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@contextmanager
+def suffix_of(model: nn.Module, start: int):
+    """Run only blocks ``start..L-1``: the model is fed ``inputs_embeds`` = the cached input of block ``start``."""
+    inner = model.model
+    layers = inner.layers
+    inner.layers = nn.ModuleList(list(layers)[start:])
+    try:
+        yield model
+    finally:
+        inner.layers = layers
+
+
+def cache_bytes(model_config, n_segments: int, seq_len: int, dtype=torch.float32, metric: str = "ppl") -> int:
+    size = model_config.num_hidden_layers * n_segments * seq_len * model_config.hidden_size * dtype.itemsize
+    if metric == "kl":
+        size += n_segments * seq_len * model_config.vocab_size * 2
+    return size
+
+
+@dataclass
+class BlockInputs:
+    """The unmodified model's input to every block, for every calibration segment (and its log-probs for KL)."""
+
+    inputs: list[torch.Tensor]              # L tensors [N, T, d]
+    base_logprobs: torch.Tensor | None = None  # [N, T-1, V] fp16, for the KL metric
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model: nn.Module, segments: torch.Tensor, batch_size: int, keep_logprobs: bool = False,
+                progress: bool = True) -> "BlockInputs":
+        layers = decoder_layers(model)
+        inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+        logprobs = []
+        hooks = [layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: inputs[i].append(
+                (args[0] if args else kwargs["hidden_states"]).detach().cpu()), with_kwargs=True)
+            for i, layer in enumerate(layers)]
+        try:
+            for batch in tqdm(segments.split(batch_size), desc="caching block inputs", disable=not progress,
+                              leave=False):
+                logits = model(input_ids=batch.to(_device(model)), use_cache=False).logits[:, :-1]
+                if keep_logprobs:
+                    logprobs.append(F.log_softmax(logits.float(), -1).half().cpu())
+        finally:
+            for h in hooks:
+                h.remove()
+        return cls([torch.cat(x) for x in inputs], torch.cat(logprobs) if keep_logprobs else None)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def score(model: nn.Module, segments: torch.Tensor, batch_size: int, metric: str = "ppl",
+          cache: BlockInputs | None = None, start: int | None = None) -> float:
+    """The metric on ``segments``; with ``start``, only blocks ``start..`` run, from the cached block input."""
+    nll = kl = count = 0.0
+    device = _device(model)
+    for b0 in range(0, segments.shape[0], batch_size):
+        ids = segments[b0:b0 + batch_size].to(device)
+        if start is not None:
+            with suffix_of(model, start):
+                logits = model(inputs_embeds=cache.inputs[start][b0:b0 + batch_size].to(device),
+                               use_cache=False).logits[:, :-1].float()
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        logp = F.log_softmax(logits, -1)
+        targets = ids[:, 1:]
+        nll += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        if metric == "kl":
+            base = cache.base_logprobs[b0:b0 + batch_size].to(device).float()
+            kl += (base.exp() * (base - logp)).sum().item()
+        count += targets.numel()
+    nll, kl, count = all_reduce_sums([nll, kl, count])
+    return math.exp(nll / count) if metric == "ppl" else kl / count
+
+
+@dataclass
+class ScanResult:
+    method: str
+    metric: str
+    baseline: float
+    sensitivity: list[float]                 # per block index
+    order: list[int]                         # order of conversion
+    after: list[float]                       # metric after each conversion, in that order
+    seconds: float
+    forwards_equivalent: float               # full-model forwards the scan cost (naive: L + 1)
+    extra: dict = field(default_factory=dict)
+
+
+def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: str = "cumulative",
+         metric: str = "ppl", use_cache: bool = True, progress: bool = True) -> ScanResult:
+    """Sensitivity of every block of a virtualized model (``ds_spd.virtualize``) on ``segments``."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    n_layers = len(decoder_layers(model))
+    layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if len(layer_types) > 1:
+        use_cache = False  # per-layer mask types would be misaligned in a suffix run
+    start_time = time.perf_counter()
+    set_spd_blocks(model, [])
+    cache = None
+    if use_cache or metric == "kl":
+        cache = BlockInputs.capture(model, segments, batch_size, keep_logprobs=metric == "kl", progress=progress)
+    baseline = score(model, segments, batch_size, metric, cache, 0 if use_cache else None)
+    order = list(range(n_layers - 1, -1, -1))
+    sensitivity, after = [0.0] * n_layers, []
+    previous, cost = baseline, 2.0 if use_cache else 1.0
+    for i in tqdm(order, desc=f"scan ({method}, {metric})", disable=not progress):
+        set_spd_blocks(model, range(i, n_layers) if method == "cumulative" else [i])
+        value = score(model, segments, batch_size, metric, cache, i if use_cache else None)
+        cost += (n_layers - i) / n_layers if use_cache else 1.0
+        reference = previous if method == "cumulative" else baseline
+        sensitivity[i] = value - reference
+        after.append(value)
+        previous = value
+    set_spd_blocks(model, [])
+    return ScanResult(method, metric, baseline, sensitivity, order, after, time.perf_counter() - start_time,
+                      cost)

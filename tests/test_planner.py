@@ -1,0 +1,96 @@
+"""Plan selection rules, and the scan -> plan -> eval path through the CLI (tiny model)."""
+import json
+import os
+
+import pytest
+from helpers import launch, last_json, run_cli, tiny_config
+
+from ds_spd.errors import PlanError
+from ds_spd.plan import Plan, load_plan
+from ds_spd.planner import select
+
+SENS = [0.9, 0.0, 0.2, -0.05, 0.08, 0.4]  # baseline 10 -> relative 9%, 0, 2%, -0.5%, 0.8%, 4%
+
+
+def scanned_plan():
+    plan = Plan.from_blocks("tiny", tiny_config(num_hidden_layers=6), 2, [])
+    for b, s in zip(plan.blocks, SENS):
+        b.sensitivity = s
+    plan.scan = {"method": "cumulative", "metric": "ppl", "baseline": 10.0}
+    return plan
+
+
+def test_count_fraction_and_classes():
+    plan = select(scanned_plan(), count=4)
+    assert plan.spd_blocks == [1, 2, 3, 4]
+    assert {b.index: b.cls for b in plan.blocks} == {0: "TP", 1: "ISB", 2: "SB", 3: "ISB", 4: "SB", 5: "TP"}
+    assert select(scanned_plan(), fraction=0.5).spd_blocks == [1, 3, 4]
+    everything = select(scanned_plan(), count=6, thresholds=(0.01, 0.05))
+    assert [b.cls for b in everything.blocks] == ["ESB", "ISB", "SB", "ISB", "ISB", "SB"]
+
+
+def test_thresholds_rule_excludes_esb():
+    plan = select(scanned_plan(), thresholds=(0.005, 0.03))
+    assert plan.spd_blocks == [1, 2, 3, 4]
+    assert plan.selection["rule"] == "thresholds"
+
+
+def test_budget_is_validated_by_measurement():
+    calls = []
+
+    def measure(blocks):  # the real model is worse than predicted: each block costs 1% on top
+        calls.append(sorted(blocks))
+        return 20.0 * (1 + sum(SENS[b] for b in blocks) / 10 + 0.01 * len(blocks))
+
+    plan = select(scanned_plan(), max_increase=0.03, measure=measure)
+    # predicted (cumulative relative): [3]-0.5%, [1]0, [4]0.8%, [2]2% -> 4 blocks fit 3%; measured: 4 blocks
+    # +5.3%, 3 blocks +3.3%, 2 blocks +1.5% -> 2
+    assert plan.spd_blocks == [1, 3]
+    assert calls == [[], [1, 2, 3, 4], [1, 3, 4], [1, 3]]
+    assert plan.selection["measured_increase"] == pytest.approx(0.015)
+    assert plan.selection["validation_baseline"] == 20.0
+
+
+def test_selection_errors():
+    with pytest.raises(PlanError, match="one rule"):
+        select(scanned_plan(), count=2, fraction=0.5)
+    with pytest.raises(PlanError, match="spd count"):
+        select(scanned_plan(), count=7)
+    with pytest.raises(PlanError, match="no sensitivities"):
+        select(Plan.from_blocks("tiny", tiny_config(), 2, []), count=1)
+    with pytest.raises(PlanError, match="validated"):
+        select(scanned_plan(), max_increase=0.01)
+
+
+def test_cli_scan_plan_eval(tiny_dir, tmp_path):
+    out = str(tmp_path / "plan.json")
+    data = ["--max-samples", "4", "--seq-len", "32", "--batch-size", "2"]
+    scan = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *data, "--out", out,
+                              "--json"]).stdout)
+    assert os.path.isfile(out) and os.path.isfile(str(tmp_path / "plan.png"))
+    plan = load_plan(out)
+    assert plan.tp_size == 2 and plan.scan["method"] == "cumulative" and plan.spd_blocks == []
+    assert [b.sensitivity for b in plan.blocks] == pytest.approx(scan["sensitivity"])
+    chosen = last_json(run_cli(["plan", "--plan", out, "--spd-count", "2", "--json"]).stdout)
+    least = sorted(range(4), key=lambda i: (scan["sensitivity"][i], -i))[:2]
+    assert chosen["spd_blocks"] == sorted(least)
+    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--plan", out, *data,
+                            "--json"]).stdout)
+    assert ev["spd_blocks"] == sorted(least)
+    budget = last_json(run_cli(["plan", "--plan", out, "--model", tiny_dir, "--max-ppl-increase", "50%",
+                                "--out", str(tmp_path / "budget.json"), *data, "--json"]).stdout)
+    sel = budget["selection"]
+    assert sel["rule"] == "max_increase" and sel["measured_increase"] <= 0.5
+
+
+@pytest.mark.multirank
+def test_scan_data_parallel_under_launcher_equals_single_process(tiny_dir, tmp_path):
+    data = ["--max-samples", "4", "--seq-len", "32", "--batch-size", "2", "--tp", "2"]
+    single = last_json(run_cli(["scan", "--model", tiny_dir, *data, "--virtual-tp", "2",
+                                "--out", str(tmp_path / "a.json"), "--json"]).stdout)
+    multi = last_json(launch(["ds_spd", "scan", "--model", tiny_dir, *data, "--out", str(tmp_path / "b.json"),
+                              "--json"], module=True).stdout)
+    assert multi["baseline"] == pytest.approx(single["baseline"], rel=1e-5)
+    # the same sums, batched differently across ranks: equal up to float rounding of the perplexity
+    assert multi["sensitivity"] == pytest.approx(single["sensitivity"], abs=1e-5 * single["baseline"])
+    assert json.load(open(tmp_path / "b.json"))["measured_with"]["ranks"] == 2
