@@ -55,6 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, dest="tp_size", help="tensor-parallel size (must equal the ranks started)")
     g.add_argument("--spd-blocks", type=parse_blocks, help="blocks in SPD form, e.g. 3,4,27 or 15-29")
     g.add_argument("--plan", help="plan.json choosing the SPD blocks")
+    g.add_argument("--checkpoint", help="SPD checkpoint dir from `ds-spd distill` (distilled blocks and their plan)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--comm", choices=["auto", "gloo"],
                    help="all-reduce path: auto (DeepSpeed's inference all-reduce: shm on CPU, NCCL on CUDA) or gloo")
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="relative sensitivity thresholds ISB|SB|ESB (default 0.01,0.05)")
     pl.add_argument("--out", help="output plan (default: overwrite --plan)")
     pl.add_argument("--plot", help="PNG of the plan (default: next to --out)")
+    di = sub.add_parser("distill", help="B2B distillation (ZeRO) of the plan's SB/ESB blocks -> SPD checkpoint")
+    _common(di)
+    _data(di, "calibration")
+    di.add_argument("--epochs", type=int)
+    di.add_argument("--lr", type=float)
+    di.add_argument("--input-source", choices=["original", "prefix"],
+                    help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
+    di.add_argument("--out", help="SPD checkpoint directory to write")
+    di.add_argument("--work-dir", help="ZeRO training checkpoints (resume from here); default OUT.work")
     prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
     prep.add_argument("--model", default="default")
     return parser
@@ -117,7 +127,8 @@ def config_from_args(args: argparse.Namespace):
     data = {k: getattr(args, k, None)
             for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size", "seed")}
     return resolve_spd_config(args.config, model=args.model, tp_size=args.tp_size, spd_blocks=args.spd_blocks,
-                              plan=args.plan, dtype=args.dtype, comm=args.comm, data=data,
+                              plan=args.plan, checkpoint=getattr(args, "checkpoint", None), dtype=args.dtype,
+                              comm=args.comm, data=data,
                               data_section=getattr(args, "data_section", "data"))
 
 
@@ -258,12 +269,78 @@ def cmd_plan(args) -> None:
                   f"({100 * new.selection['measured_increase']:+.2f}% vs {new.selection['validation_baseline']:.3f})")
 
 
+def cmd_distill(args) -> None:
+    import torch
+
+    from . import __version__
+    from .checkpoint import save_checkpoint
+    from .config import load_ds_config
+    from .distill import DistillSettings, distill
+    from .plan import BlockEntry, load_plan
+    from .runtime import init_data_parallel, world_size
+    if not args.plan:
+        raise SPDInputError("distill needs --plan plan.json (from `ds-spd scan` and `ds-spd plan`)")
+    over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
+                              ("out", args.out), ("work_dir", args.work_dir)) if v is not None}
+    cfg = config_from_args(args)
+    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update=over)})
+    plan = load_plan(args.plan)
+    cfg = cfg.model_copy(update={"model": args.model or plan.model, "tp_size": plan.tp_size, "plan": None,
+                                 "spd_blocks": None})
+    ds_config = {k: v for k, v in (load_ds_config(args.config) if args.config else {}).items() if k != "spd"}
+    micro = ds_config.setdefault("train_micro_batch_size_per_gpu", 4)
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    ds_config.setdefault("zero_optimization", {"stage": 2})
+    # spd.distill.lr is the one learning-rate knob: it is written into the DeepSpeed optimizer's params
+    optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}})
+    optimizer.setdefault("params", {})["lr"] = cfg.distill.lr
+    ds_config.setdefault("steps_per_print", 10**9)
+    use_accelerate = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or \
+        "ACCELERATE_MIXED_PRECISION" in os.environ
+    runner = build_runner(cfg, plan.tp_size, data_parallel=True)
+    plan.check_compatible(runner.hf_model.config, plan.tp_size)
+    d = runner.config.calibration
+    segments = _segments(d, runner.tokenizer)
+    settings = DistillSettings(epochs=cfg.distill.epochs, lr=cfg.distill.lr, micro_batch=micro,
+                               input_source=cfg.distill.input_source, hg_segments=cfg.distill.hg_segments,
+                               seed=d.seed or 0)
+    out = cfg.distill.out
+    work = cfg.distill.work_dir or out.rstrip("/") + ".work"
+    result = distill(runner.hf_model, plan, segments, ds_config, settings, work, use_accelerate,
+                     progress=is_main_rank())
+    stage = ds_config.get("zero_optimization", {}).get("stage")
+    if is_main_rank():
+        blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
+                             head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
+                             mlp_permutation=list(result.groupings[b.index].mlp_slices)
+                             if b.index in result.groupings else None)
+                  for b in plan.blocks]
+        final = result.history[-1]["loss"] if result.history else {}
+        provenance = {"ds_spd": __version__, "torch": torch.__version__, "settings": vars(settings),
+                      "zero_stage": stage, "launcher": "accelerate" if use_accelerate else "deepspeed",
+                      "ranks": world_size(), "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
+                      "calibration": d.model_dump(), "initial_mse": result.initial_mse, "final_mse": final,
+                      "history": result.history, "seconds": result.seconds,
+                      "tokens_per_second": result.tokens_per_second, "peak_memory_bytes_rank0": result.peak_memory_bytes}
+        save_checkpoint(out, plan.model_copy(update={"blocks": blocks}), result.block_states,
+                        runner.hf_model.config, provenance)
+        if not args.json:
+            for i in sorted(final):
+                print(f"block {i:3d} ({plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}")
+            print(f"wrote {out}: {len(final)} blocks, {result.seconds:.1f} s, {result.tokens_per_second:.0f} "
+                  f"block-tokens/s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB (rank 0)")
+    _report(args, runner, {"checkpoint": out, "initial_mse": result.initial_mse,
+                           "final_mse": result.history[-1]["loss"] if result.history else {},
+                           "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                           "peak_memory_bytes": result.peak_memory_bytes, "zero_stage": stage})
+
+
 def cmd_prepare_model(args) -> None:
     from .models import resolve_model_path
     print(resolve_model_path(args.model))
 
 
-COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan,
+COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan, "distill": cmd_distill,
             "prepare-model": cmd_prepare_model}
 
 

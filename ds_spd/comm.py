@@ -7,6 +7,7 @@ forward is the same number in both modes.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -88,3 +89,20 @@ class AllReduce:
             self._sync()
         self.stats.record(kind, tensor.numel(), time.perf_counter() - start)
         return tensor
+
+
+def prepare_dist_env() -> None:
+    """Environment DeepSpeed's distributed init needs, for any launcher (or none)."""
+    # torchrun / accelerate set LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU shared-memory
+    # all-reduce reads; without it AutoTP inference crashed (SIGSEGV).
+    if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a single process started without a launcher
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])

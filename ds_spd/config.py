@@ -44,17 +44,30 @@ class DataConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class DistillConfig(_Strict):
+    """Block-to-block distillation (paper defaults: 10 epochs, AdamW lr 5e-5, inputs from the original model)."""
+
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    input_source: Literal["original", "prefix"] = "original"
+    hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
+    out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
+    work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
+
+
 class SPDConfig(_Strict):
     model: str = Field("default", description="'default' (embedded SmolLM2-135M), a local HF directory or a hub id")
     tp_size: int = Field(2, ge=1)
     spd_blocks: Optional[list[int]] = None
     plan: Optional[str] = None
+    checkpoint: Optional[str] = Field(None, description="SPD checkpoint dir (distilled blocks + their plan)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     comm: str = "auto"
     tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)
     data: DataConfig = Field(default_factory=DataConfig, description="held-out evaluation text (eval)")
     calibration: DataConfig = Field(default_factory=lambda: DataConfig(split="train", max_samples=16, seed=0),
                                     description="calibration text (scan, distill)")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @field_validator("comm")
     @classmethod
@@ -67,6 +80,8 @@ class SPDConfig(_Strict):
     def _one_block_source(self):
         if self.spd_blocks is not None and self.plan is not None:
             raise ValueError("give spd_blocks or plan, not both")
+        if self.checkpoint is not None and self.plan is not None:
+            raise ValueError("give plan or checkpoint (which holds its plan), not both")
         return self
 
     @property
@@ -74,10 +89,14 @@ class SPDConfig(_Strict):
         return DTYPES[self.dtype]
 
     def resolved_spd_blocks(self, model_config) -> tuple[int, ...]:
-        """The SPD block indices: explicit list, the plan's choice (validated against the model), or none."""
+        """The SPD block indices: explicit list, the plan's or checkpoint's choice (validated), or none."""
         from .inject import check_spd_blocks
         from .plan import load_plan
         n = model_config.num_hidden_layers
+        if self.checkpoint is not None:
+            from .checkpoint import load_checkpoint_plan
+            plan = load_checkpoint_plan(self.checkpoint, model_config, self.tp_size)
+            return check_spd_blocks(plan.spd_blocks if self.spd_blocks is None else self.spd_blocks, n)
         if self.plan is not None:
             return check_spd_blocks(load_plan(self.plan).check_compatible(model_config, self.tp_size).spd_blocks, n)
         return check_spd_blocks(self.spd_blocks or (), n)
@@ -118,10 +137,11 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     if isinstance(config, SPDConfig):
         section = config.model_dump()
     else:
-        if isinstance(config, (str, os.PathLike)):
-            config = load_ds_config(str(config))
-        config = dict(config or {})
-        section = config.get("spd", {}) if "spd" in config else config
+        is_file = isinstance(config, (str, os.PathLike))
+        config = load_ds_config(str(config)) if is_file else dict(config or {})
+        # a file is a DeepSpeed config (its "spd" section may be absent); a dict is one if it has "spd",
+        # else it is the "spd" section itself
+        section = config.get("spd", {}) if is_file or "spd" in config else config
         if not isinstance(section, dict):
             raise ConfigError("config key 'spd' must be a JSON object")
     section = dict(section)
@@ -130,10 +150,12 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     for key, value in overrides.items():
         if value is not None:
             section[key] = list(value) if key == "spd_blocks" else value
-            if key == "spd_blocks":
-                section.pop("plan", None)
-            if key == "plan":
-                section.pop("spd_blocks", None)
+            # a block source given as an override replaces the config's: spd_blocks or checkpoint
+            # replace a plan; a plan replaces both (spd_blocks with a checkpoint pick a subset of its blocks)
+            for dropped in {"spd_blocks": ("plan",), "checkpoint": ("plan",),
+                            "plan": ("spd_blocks", "checkpoint")}.get(key, ()):
+                if dropped not in overrides or overrides[dropped] is None:
+                    section.pop(dropped, None)
     if data_over:
         current = section.get(data_key) or SPDConfig.model_fields[data_key].default_factory().model_dump()
         section[data_key] = {**current, **{k: v for k, v in data_over.items() if v is not None}}

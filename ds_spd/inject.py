@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .block import SPDDecoderLayer
-from .comm import AllReduce, CommStats, VirtualReduce
+from .comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env
 from .errors import LaunchError, PlanError
 from .layout import DEFAULT_TP_GRAIN_SIZE, TPLayout, check_architecture
 
@@ -105,7 +105,8 @@ def virtualize(model: nn.Module, tp_size: int, spd_blocks: Iterable[int] = (), *
 
 
 def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
-                   spd_blocks: Iterable[int] | None = None, comm: str | None = None, dtype=None, **ds_kwargs):
+                   spd_blocks: Iterable[int] | None = None, checkpoint: str | None = None, comm: str | None = None,
+                   dtype=None, **ds_kwargs):
     """``deepspeed.init_inference`` with AutoTP, then SPD blocks injected; returns the InferenceEngine.
 
     ``config`` is an :class:`~ds_spd.config.SPDConfig`, the ``"spd"`` dict, a full DeepSpeed config dict
@@ -115,12 +116,15 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     import deepspeed
 
     from .config import resolve_spd_config
-    cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, comm=comm,
+    cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
                              dtype=None if dtype is None else str(dtype).replace("torch.", ""))
     check_architecture(model.config)
     layout = TPLayout.for_model(model.config, cfg.tp_size, cfg.tp_grain_size)
     blocks = cfg.resolved_spd_blocks(model.config)
     _prepare_distributed(cfg.tp_size)
+    if cfg.checkpoint:  # distilled weights go in before AutoTP shards them
+        from .checkpoint import apply_checkpoint
+        apply_checkpoint(model, cfg.checkpoint, cfg.tp_size, blocks)
 
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
                                       dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
@@ -160,19 +164,4 @@ def _prepare_distributed(tp_size: int) -> None:
         hint = (f"launch with `deepspeed --num_gpus {tp_size} --module ds_spd ...`, or use virtual TP (--virtual-tp {tp_size})"
                 if world == 1 else f"tp size must equal the number of ranks ({world})")
         raise LaunchError(f"tensor parallel size {tp_size} needs {tp_size} ranks but {world} were started: {hint}")
-    # Under torchrun / accelerate the launcher sets LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's
-    # CPU shared-memory all-reduce reads; without it AutoTP inference crashed (SIGSEGV).
-    if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
-        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
-    if world == 1:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    prepare_dist_env()

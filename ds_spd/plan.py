@@ -27,7 +27,8 @@ class BlockEntry(BaseModel):
     index: int = Field(ge=0)
     sensitivity: Optional[float] = None
     cls: Literal["TP", "ISB", "SB", "ESB"] = Field("TP", alias="class")
-    head_permutation: Optional[list[int]] = None
+    head_permutation: Optional[list[int]] = None   # ESB: KV heads in their new order (head grouping)
+    mlp_permutation: Optional[list[int]] = None    # ESB: original MLP slice now held by each rank
 
 
 class Plan(BaseModel):

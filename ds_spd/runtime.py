@@ -81,6 +81,9 @@ def build_runner(cfg: SPDConfig, virtual_tp: int | None = None, data_parallel: b
     model, tok = load_model(cfg.model, cfg.torch_dtype)
     if virtual_tp is not None:
         from deepspeed.accelerator import get_accelerator
+        if cfg.checkpoint:
+            from .checkpoint import apply_checkpoint
+            apply_checkpoint(model, cfg.checkpoint, cfg.tp_size, blocks)
         model.to(get_accelerator().current_device_name())
         virtualize(model, cfg.tp_size, blocks, tp_grain_size=cfg.tp_grain_size)
         return Runner(model, model, tok, cfg, blocks, "virtual")

@@ -107,12 +107,11 @@ def score(model: nn.Module, segments: torch.Tensor, batch_size: int, metric: str
                                use_cache=False).logits[:, :-1].float()
         else:
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        logp = F.log_softmax(logits, -1)
         targets = ids[:, 1:]
-        nll += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         if metric == "kl":
             base = cache.base_logprobs[b0:b0 + batch_size].to(device).float()
-            kl += (base.exp() * (base - logp)).sum().item()
+            kl += F.kl_div(F.log_softmax(logits, -1), base, log_target=True, reduction="sum").item()
         count += targets.numel()
     nll, kl, count = all_reduce_sums([nll, kl, count])
     return math.exp(nll / count) if metric == "ppl" else kl / count

@@ -55,6 +55,15 @@ def save_tiny(path: str, **overrides) -> str:
     return path
 
 
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE")
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment without the distributed variables an in-process test may have set."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    return {**env, "PYTHONPATH": ROOT, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +76,7 @@ def launch(args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = 
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [launcher, "--num_gpus", str(nprocs), "--master_port", str(free_port())]
     cmd += (["--module"] if module else []) + args
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    full_env = clean_env(OMP_NUM_THREADS="1", **(env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
     if proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(cmd)}\n"
@@ -81,7 +90,7 @@ def last_json(stdout: str) -> dict:
 
 
 def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": ROOT}
+    env = clean_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run([sys.executable, "-m", "ds_spd", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
     if check and proc.returncode != 0:

@@ -61,10 +61,9 @@ def test_torchrun_without_local_size(tiny_dir):
     import subprocess
     import sys
 
-    from helpers import ROOT, free_port
+    from helpers import ROOT, clean_env, free_port
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = {k: v for k, v in os.environ.items() if k != "LOCAL_SIZE"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = clean_env(OMP_NUM_THREADS="1")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_spd", "eval",
            "--model", tiny_dir, "--spd-blocks", "2", "--max-samples", "2", "--seq-len", "32", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)

@@ -1,0 +1,268 @@
+"""Block-to-block (B2B) distillation of the plan's SB and ESB blocks (spd-method.md sections 3 and 4).
+
+Teacher: the original block (both syncs). Student: the same block in SPD form (virtual TP of the plan's tp
+size), initialised from the teacher's weights, head-grouped first for ESB blocks. Loss: MSE between the
+student's and the teacher's outputs on the same block inputs; only that block's parameters train.
+
+Blocks are independent, so all of them train together in one DeepSpeed engine: the loss is the sum of
+the per-block MSEs, each block's gradient depends only on its own term, and AdamW updates every
+parameter on its own, so this is the same as training them one by one, in one pass over the data.
+(Global gradient clipping would couple them: leave ``gradient_clipping`` unset.) ZeRO stage 2 or 3
+shards optimizer state (and parameters) over the data-parallel ranks, which split the calibration data.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from .block import SPDDecoderLayer
+from .comm import CommStats, VirtualReduce
+from .headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
+from .inject import decoder_layers, set_spd_blocks
+from .layout import TPLayout
+from .plan import Plan
+from .scan import BlockInputs
+
+INPUT_SOURCES = ("original", "prefix")
+
+
+@dataclass
+class DistillSettings:
+    epochs: int = 10
+    lr: float = 5e-5
+    micro_batch: int = 4
+    input_source: str = "original"   # block inputs from the original model, or the zero-shot SPD prefix
+    hg_segments: int = 8             # calibration segments used for head grouping
+    seed: int = 0
+
+
+class BlockPairs(Dataset):
+    """Per segment: the inputs and the teacher outputs of every trained block, ``[n_blocks, T, d]`` each."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor):
+        self.inputs, self.targets = inputs, targets   # [n_blocks, N, T, d]
+
+    def __len__(self) -> int:
+        return self.inputs.shape[1]
+
+    def __getitem__(self, n: int):
+        return self.inputs[:, n], self.targets[:, n]
+
+
+class BlockDistiller(nn.Module):
+    """The student blocks, trained together; ``forward`` returns the summed loss and the per-block MSEs."""
+
+    def __init__(self, students: dict[int, SPDDecoderLayer], rotary: nn.Module):
+        super().__init__()
+        self.indices = sorted(students)
+        self.blocks = nn.ModuleList([students[i] for i in self.indices])
+        self._rotary = (rotary,)  # not a submodule: its inv_freq must stay fp32 when the engine casts to bf16
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
+        dtype = self.blocks[0].input_layernorm.weight.dtype
+        inputs = inputs.to(dtype)
+        kwargs = attention_kwargs(self._rotary[0], inputs[:, 0])
+        losses = torch.stack([F.mse_loss(block(inputs[:, j], **kwargs).float(), targets[:, j].float())
+                              for j, block in enumerate(self.blocks)])
+        return losses.sum(), losses.detach()
+
+
+@torch.no_grad()
+def prepare_pairs(model: nn.Module, plan: Plan, blocks: list[int], segments: torch.Tensor, batch_size: int,
+                  input_source: str) -> BlockPairs:
+    """Block inputs from the original model (or the plan's zero-shot SPD prefix) and teacher outputs."""
+    if input_source not in INPUT_SOURCES:
+        raise ValueError(f"input_source must be one of {INPUT_SOURCES}, got {input_source!r}")
+    set_spd_blocks(model, plan.spd_blocks if input_source == "prefix" else [])
+    captured = BlockInputs.capture(model, segments, batch_size, progress=False)
+    set_spd_blocks(model, [])
+    layers, rotary = decoder_layers(model), model.model.rotary_emb
+    inputs = torch.stack([captured.inputs[i] for i in blocks])
+    targets = torch.empty_like(inputs)
+    for j, i in enumerate(blocks):
+        for b0 in range(0, inputs.shape[1], batch_size):
+            x = inputs[j, b0:b0 + batch_size].to(_device(model))
+            targets[j, b0:b0 + batch_size] = layers[i](x, **attention_kwargs(rotary, x)).cpu()
+    return BlockPairs(inputs, targets)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: BlockPairs,
+                   settings: DistillSettings) -> tuple[dict[int, SPDDecoderLayer], dict[int, HeadGrouping]]:
+    """SPD copies of the blocks; ESB blocks head-grouped on calibration block inputs first."""
+    layout = TPLayout.for_model(model.config, plan.tp_size)
+    layers, rotary = decoder_layers(model), model.model.rotary_emb
+    classes = {b.index: b.cls for b in plan.blocks}
+    students, groupings = {}, {}
+    for j, i in enumerate(blocks):
+        student = copy.deepcopy(layers[i])
+        student.reduce = VirtualReduce(CommStats(timed=False))
+        student.spd = True
+        if classes[i] == "ESB":
+            x = pairs.inputs[j, :settings.hg_segments].to(_device(model))
+            groupings[i] = find_grouping(student, rotary, x, layout)
+            permute_block(student, groupings[i], layout)
+        students[i] = student
+    return students, groupings
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(plan.model_dump_json(by_alias=True, exclude={"measured_with"}).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DistillResult:
+    block_states: dict[int, dict[str, torch.Tensor]]
+    groupings: dict[int, HeadGrouping]
+    history: list[dict] = field(default_factory=list)   # per epoch: mean loss per block
+    initial_mse: dict[int, float] = field(default_factory=dict)   # before training (after HG for ESB)
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Trainer:
+    """DeepSpeed engine or accelerate (with its DeepSpeed plugin) behind the same four calls."""
+
+    def __init__(self, distiller: BlockDistiller, ds_config: dict, settings: DistillSettings, use_accelerate: bool):
+        self.use_accelerate = use_accelerate
+        params = [p for p in distiller.parameters() if p.requires_grad]
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(distiller, [SPDDecoderLayer])  # ZeRO-3 gathers a whole block at its forward
+        if use_accelerate:
+            from accelerate import Accelerator
+            from accelerate.utils import InitProcessGroupKwargs
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self.acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+            plugin = self.acc.state.deepspeed_plugin
+            if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.micro_batch
+            optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+            self.model, self.optimizer = self.acc.prepare(distiller, optimizer)
+            self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        else:
+            import deepspeed
+
+            from .comm import prepare_dist_env
+            prepare_dist_env()
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
+                                                                    config=ds_config)
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.device = next(distiller.parameters()).device
+
+    def step(self, inputs, targets):
+        loss, per_block = self.model(inputs, targets)
+        if self.use_accelerate:
+            self.acc.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        else:
+            self.model.backward(loss)
+            self.model.step()
+        return per_block
+
+    def save(self, directory: str, epoch: int, client: dict) -> None:
+        tag = f"epoch{epoch}"
+        if self.use_accelerate:
+            path = os.path.join(directory, tag)
+            self.acc.save_state(path)
+            if self.rank == 0:
+                with open(os.path.join(path, "client_state.json"), "w") as f:
+                    json.dump({**client, "epoch": epoch}, f)
+                with open(os.path.join(directory, "latest"), "w") as f:
+                    f.write(tag)
+            self.acc.wait_for_everyone()
+        else:
+            self.model.save_checkpoint(directory, tag=tag, client_state={**client, "epoch": epoch})
+
+    def load(self, directory: str) -> dict | None:
+        latest = os.path.join(directory, "latest")
+        if not os.path.isfile(latest):
+            return None
+        if self.use_accelerate:
+            tag = open(latest).read().strip()
+            self.acc.load_state(os.path.join(directory, tag))
+            with open(os.path.join(directory, tag, "client_state.json")) as f:
+                return json.load(f)
+        _, client = self.model.load_checkpoint(directory)
+        return client
+
+    def gathered_state(self, distiller: BlockDistiller) -> dict[int, dict[str, torch.Tensor]]:
+        """Full (unpartitioned) student weights, by block index."""
+        import deepspeed
+        module = self.model.module if hasattr(self.model, "module") else self.model
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+            return {i: {k: v.detach().float().cpu().clone() for k, v in block.state_dict().items()}
+                    for i, block in zip(module.indices, module.blocks)}
+
+
+def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
+            checkpoint_dir: str | None = None, use_accelerate: bool = False, progress: bool = True) -> DistillResult:
+    """Train every SB/ESB block of ``plan`` (``model`` is a virtualized model, unchanged by this call)."""
+    blocks = [b.index for b in plan.blocks if b.cls in ("SB", "ESB")]
+    if not blocks:
+        return DistillResult({}, {})
+    torch.manual_seed(settings.seed)
+    pairs = prepare_pairs(model, plan, blocks, segments, settings.micro_batch, settings.input_source)
+    students, groupings = build_students(model, plan, blocks, pairs, settings)
+    distiller = BlockDistiller(students, model.model.rotary_emb)
+    with torch.no_grad():
+        _, initial = distiller(pairs.inputs[:, :settings.micro_batch].transpose(0, 1).to(_device(model)),
+                                 pairs.targets[:, :settings.micro_batch].transpose(0, 1).to(_device(model)))
+    trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
+    client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
+              "groupings": {str(i): [list(g.groups), list(g.mlp_slices)] for i, g in groupings.items()}}
+    start_epoch = 0
+    if checkpoint_dir:
+        found = trainer.load(checkpoint_dir)
+        if found is not None:
+            mismatch = [k for k in ("plan", "blocks", "input_source", "groupings") if found.get(k) != client[k]]
+            if mismatch:
+                from .errors import PlanError
+                raise PlanError(f"training checkpoint {checkpoint_dir!r} is for another run ({', '.join(mismatch)} "
+                                "differ): use another --work-dir or remove it")
+            start_epoch = found["epoch"]
+    sampler = DistributedSampler(pairs, num_replicas=trainer.world, rank=trainer.rank, shuffle=True,
+                                 seed=settings.seed)
+    loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
+    history, tokens, start = [], 0, time.perf_counter()
+    for epoch in range(start_epoch, settings.epochs):
+        sampler.set_epoch(epoch)
+        total, count = torch.zeros(len(blocks)), 0
+        bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
+        for inputs, targets in bar:
+            per_block = trainer.step(inputs.to(trainer.device), targets.to(trainer.device))
+            total += per_block.float().cpu()
+            count += 1
+            tokens += inputs.shape[0] * inputs.shape[2]
+            bar.set_postfix(loss=f"{per_block.sum().item():.3g}")
+        mean = (total / max(count, 1)).tolist()
+        history.append({"epoch": epoch + 1, "loss": dict(zip(blocks, mean))})
+        if checkpoint_dir:
+            trainer.save(checkpoint_dir, epoch + 1, client)
+    seconds = time.perf_counter() - start
+    states = trainer.gathered_state(distiller)
+    return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())), seconds,
+                         tokens * len(blocks) / max(seconds, 1e-9), _peak_memory())

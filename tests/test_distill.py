@@ -1,0 +1,155 @@
+"""Head grouping and block-to-block distillation (tiny models)."""
+import copy
+import itertools
+import json
+import os
+
+import pytest
+import torch
+from helpers import EVEN, launch, last_json, run_cli, tiny_model
+
+import ds_spd
+from ds_spd.distill import DistillSettings, distill, prepare_pairs
+from ds_spd.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block, scatter_heads
+from ds_spd.layout import TPLayout
+from ds_spd.plan import Plan
+
+CPU_ZERO2 = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+             "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+             "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.0, "torch_adam": True}}}
+
+
+def _x(model, n=4, t=16, seed=0):
+    return torch.randn(n, t, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("overrides,tp", [({}, 2), (EVEN, 2), ({"num_key_value_heads": 6}, 3)])
+def test_hg_permutation_keeps_plain_tp_output(overrides, tp):
+    model = tiny_model(**overrides)
+    virtual = ds_spd.virtualize(model, tp)
+    layout = TPLayout.for_model(model.config, tp)
+    layer = virtual.model.layers[1]
+    x = _x(model)
+    kwargs = attention_kwargs(virtual.model.rotary_emb, x)
+    with torch.no_grad():
+        before = layer(x, **kwargs)
+        layer.spd = True
+        spd_before = layer(x, **kwargs)
+        layer.spd = False
+        grouping = find_grouping(layer, virtual.model.rotary_emb, x, layout)
+        assert sorted(grouping.kv_order) == list(range(model.config.num_key_value_heads))
+        assert [len(g) for g in grouping.groups] == list(layout.kv_heads)
+        permute_block(layer, grouping, layout)
+        torch.testing.assert_close(layer(x, **kwargs), before, atol=2e-5, rtol=2e-5)  # same function under TP
+        layer.spd = True
+        if grouping.kv_order != list(range(model.config.num_key_value_heads)) or \
+                list(grouping.mlp_slices) != list(range(tp)):
+            assert (layer(x, **kwargs) - spd_before).abs().max() > 1e-4  # but SPD sees other groups
+
+
+def test_scatter_heads_maximises_within_group_distance():
+    torch.manual_seed(0)
+    pts = torch.randn(6, 5, dtype=torch.float64)
+    dist = torch.cdist(pts, pts)
+    groups = scatter_heads(dist, (2, 2, 2))
+
+    def value(gs):
+        return sum(dist[a, b].item() for g in gs for a, b in itertools.combinations(g, 2))
+    best = max(value([p[0:2], p[2:4], p[4:6]]) for p in itertools.permutations(range(6)))
+    assert value(groups) == pytest.approx(best)
+    big = torch.cdist(torch.randn(24, 3, dtype=torch.float64), torch.randn(24, 3, dtype=torch.float64))
+    big = (big + big.T) / 2
+    heuristic = scatter_heads(big, (6, 6, 6, 6))  # too many partitions: greedy + swaps
+    assert sorted(u for g in heuristic for u in g) == list(range(24))
+
+
+def _plan(model, classes):
+    plan = Plan.from_blocks("tiny", model.config, 2, [])
+    for b, c in zip(plan.blocks, classes):
+        b.cls, b.sensitivity = c, 0.1
+    return plan
+
+
+def test_distilled_block_beats_zero_shot_and_loss_decreases():
+    model = ds_spd.virtualize(tiny_model(), 2)
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
+    plan = _plan(model, ["SB", "TP", "ESB", "TP"])
+    settings = DistillSettings(epochs=6, lr=2e-3, micro_batch=4)
+    result = distill(model, plan, segments, copy.deepcopy(CPU_ZERO2), settings, progress=False)
+    assert sorted(result.block_states) == [0, 2]
+    first, last = result.history[0]["loss"], result.history[-1]["loss"]
+    for i in (0, 2):
+        assert last[i] < first[i] < result.initial_mse[i] * 1.5
+        assert last[i] < 0.8 * result.initial_mse[i]
+    assert isinstance(result.groupings[2], HeadGrouping) and 0 not in result.groupings
+    # the distilled SPD block's MSE to the teacher, measured independently, is below the zero-shot block's
+    pairs = prepare_pairs(model, plan, [0, 2], segments, 4, "original")
+    layer = copy.deepcopy(model.model.layers[0])
+    layer.spd = True
+    x, y = pairs.inputs[0], pairs.targets[0]
+    kwargs = attention_kwargs(model.model.rotary_emb, x)
+    with torch.no_grad():
+        zero_shot = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
+        layer.load_state_dict(result.block_states[0])
+        trained = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
+    assert trained < 0.8 * zero_shot
+    assert ds_spd.get_spd_blocks(model) == ()  # the model itself is untouched
+
+
+def _tiny_plan_file(model_dir, tmp_path, classes):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    plan = _plan(type("M", (), {"config": cfg})(), classes)
+    plan.model = model_dir
+    path = str(tmp_path / "plan.json")
+    plan.save(path)
+    return path
+
+
+DATA = ["--max-samples", "8", "--seq-len", "24", "--batch-size", "4"]
+
+
+def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
+    plan = _tiny_plan_file(tiny_dir, tmp_path, ["SB", "ISB", "ESB", "TP"])
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
+    out = str(tmp_path / "ckpt")
+    args = ["distill", "--config", str(cfg), "--plan", plan, *DATA, "--out", out, "--json"]
+    first = last_json(run_cli([*args, "--epochs", "2"]).stdout)
+    assert sorted(os.listdir(out)) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
+    assert not any(f.endswith(".bin") or f.endswith(".pt") for f in os.listdir(out))
+    # resume: epochs 1-2 are in the ZeRO checkpoint, only epoch 3 runs
+    resumed = last_json(run_cli([*args, "--epochs", "3"]).stdout)
+    history = json.load(open(os.path.join(out, "provenance.json")))["history"]
+    assert [h["epoch"] for h in history] == [3]
+    assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
+    saved = json.load(open(os.path.join(out, "plan.json")))
+    assert saved["blocks"][2]["head_permutation"] is not None and saved["blocks"][0]["head_permutation"] is None
+    # the checkpoint is rejected for another tp size; evaluation with it works (virtual TP)
+    proc = run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA], check=False)
+    assert proc.returncode == 2 and "tp size 2, not 3" in proc.stderr
+    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA,
+                            "--json"]).stdout)
+    assert ev["spd_blocks"] == [0, 1, 2]
+    # a training work dir from another plan is refused
+    other = _tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
+    proc = run_cli(["distill", "--config", str(cfg), "--plan", other, *DATA, "--out", out, "--epochs", "4"],
+                   check=False)
+    assert proc.returncode == 2 and "is for another run" in proc.stderr
+
+
+@pytest.mark.multirank
+def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
+    plan = _tiny_plan_file(tiny_dir, tmp_path, ["ESB", "SB", "TP", "SB"])
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(CPU_ZERO2))
+    out = str(tmp_path / "ckpt")
+    run_cli(["distill", "--config", str(cfg), "--plan", plan, *DATA, "--out", out, "--epochs", "2"])
+    common = ["--model", tiny_dir, "--checkpoint", out, *DATA, "--json"]
+    real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
+    virtual = last_json(run_cli(["eval", "--virtual-tp", "2", *common]).stdout)
+    zero_shot = last_json(run_cli(["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3",
+                                   *DATA, "--json"]).stdout)
+    assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
+    assert real["spd_blocks"] == virtual["spd_blocks"] == [0, 1, 3]
+    assert virtual["perplexity"] != pytest.approx(zero_shot["perplexity"], rel=1e-4)  # the weights were loaded
