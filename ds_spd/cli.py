@@ -308,7 +308,7 @@ def cmd_distill(args) -> None:
     work = cfg.distill.work_dir or out.rstrip("/") + ".work"
     result = distill(runner.hf_model, plan, segments, ds_config, settings, work, use_accelerate,
                      progress=is_main_rank())
-    stage = ds_config.get("zero_optimization", {}).get("stage")
+    stage = result.zero_stage
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
                              head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,

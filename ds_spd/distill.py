@@ -132,6 +132,7 @@ class DistillResult:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
+    zero_stage: int | None = None
 
 
 def _peak_memory() -> int:
@@ -147,8 +148,8 @@ class _Trainer:
     def __init__(self, distiller: BlockDistiller, ds_config: dict, settings: DistillSettings, use_accelerate: bool):
         self.use_accelerate = use_accelerate
         params = [p for p in distiller.parameters() if p.requires_grad]
-        from deepspeed.utils import set_z3_leaf_modules
-        set_z3_leaf_modules(distiller, [SPDDecoderLayer])  # ZeRO-3 gathers a whole block at its forward
+        # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
+        # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
         if use_accelerate:
             from accelerate import Accelerator
             from accelerate.utils import InitProcessGroupKwargs
@@ -157,6 +158,7 @@ class _Trainer:
             plugin = self.acc.state.deepspeed_plugin
             if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.micro_batch
+            self.zero_stage = None if plugin is None else plugin.zero_stage
             optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
             self.model, self.optimizer = self.acc.prepare(distiller, optimizer)
             self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -169,6 +171,7 @@ class _Trainer:
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
                                                                     config=ds_config)
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            self.zero_stage = self.model.zero_optimization_stage()
         self.device = next(distiller.parameters()).device
 
     def step(self, inputs, targets):
@@ -265,4 +268,4 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     seconds = time.perf_counter() - start
     states = trainer.gathered_state(distiller)
     return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())), seconds,
-                         tokens * len(blocks) / max(seconds, 1e-9), _peak_memory())
+                         tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage)
