@@ -118,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
     di.add_argument("--out", help="SPD checkpoint directory to write")
     di.add_argument("--work-dir", help="ZeRO training checkpoints (resume from here); default OUT.work")
+    be = sub.add_parser("bench", help="latency: DeepSpeed AutoTP vs ds_spd at SPD fractions, shm and gloo paths")
+    _common(be)
+    be.add_argument("--fractions", default="0,0.25,0.5,0.75,1", help="SPD fractions (of the plan's order if --plan)")
+    be.add_argument("--comm-paths", default="auto,gloo")
+    be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--decode-tokens", type=int, default=16)
+    be.add_argument("--prefill-len", type=int, default=512)
+    be.add_argument("--decode-batches", default="1,8")
+    be.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.png, bench.md")
     prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
     prep.add_argument("--model", default="default")
     return parser
@@ -335,12 +344,57 @@ def cmd_distill(args) -> None:
                            "peak_memory_bytes": result.peak_memory_bytes, "zero_stage": stage})
 
 
+def cmd_bench(args) -> None:
+    from . import bench
+    from .models import load_model
+    from .plan import load_plan
+    from .planner import ranking
+    from .runtime import preflight
+    cfg = config_from_args(args)
+    order = None
+    if cfg.plan:
+        order = ranking(load_plan(cfg.plan))
+        cfg = cfg.model_copy(update={"plan": None})
+    if args.virtual_tp is not None:
+        raise SPDInputError("bench measures real TP: run it under `deepspeed --num_gpus N --module ds_spd bench`")
+    preflight(cfg)
+    settings = bench.BenchSettings(fractions=tuple(float(f) for f in args.fractions.split(",")),
+                                   comm_paths=tuple(args.comm_paths.split(",")), prefill_len=args.prefill_len,
+                                   decode_batches=tuple(int(b) for b in args.decode_batches.split(",")),
+                                   decode_tokens=args.decode_tokens, repeats=args.repeats)
+    model, _ = load_model(cfg.model, cfg.torch_dtype)
+    result = bench.run_bench(model, cfg, settings, order, progress=is_main_rank())
+    result.update({"model": cfg.model, "tp_size": cfg.tp_size, "dtype": cfg.dtype,
+                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+    if is_main_rank():
+        os.makedirs(args.out, exist_ok=True)
+        command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
+            os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size, " ".join(sys.argv[1:]))
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump({**result, "command": command}, f, indent=2)
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write(bench.markdown(result, command))
+        bench.plot(result, os.path.join(args.out, "bench.png"))
+        if not args.json:
+            print(bench.markdown(result, command))
+    _report(args, _BenchRunner(cfg), {"bench": os.path.join(args.out, "bench.json")})
+
+
+class _BenchRunner:
+    """What _report reads, for commands that hold no single runner."""
+
+    def __init__(self, cfg):
+        from .comm import CommStats
+        self.mode, self.config, self.spd_blocks, self.stats = "tp", cfg, (), CommStats()
+
+
 def cmd_prepare_model(args) -> None:
     from .models import resolve_model_path
     print(resolve_model_path(args.model))
 
 
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan, "distill": cmd_distill,
+            "bench": cmd_bench,
             "prepare-model": cmd_prepare_model}
 
 

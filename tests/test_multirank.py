@@ -69,3 +69,21 @@ def test_torchrun_without_local_size(tiny_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert last_json(proc.stdout)["mode"] == "tp"
+
+
+def test_bench_runs_and_counts(tiny_dir, tmp_path):
+    out = str(tmp_path / "bench")
+    launch(["ds_spd", "bench", "--model", tiny_dir, "--repeats", "1", "--prefill-len", "32", "--decode-tokens", "2",
+            "--decode-batches", "1", "--fractions", "0,0.5,1", "--out", out], module=True)
+    result = json.load(open(f"{out}/bench.json"))
+    rows = {(r["config"], r["comm"], r["workload"]): r for r in result["rows"]}
+    n = result["n_layers"]
+    for path in ("auto", "gloo"):
+        for w in ("prefill", "decode_b1"):
+            assert rows[("spd0", path, w)]["allreduce_per_forward"] == 2 * n + 1
+            assert rows[("spd50", path, w)]["allreduce_per_forward"] == 2 * n + 1 - n // 2
+            assert rows[("spd100", path, w)]["allreduce_per_forward"] == n + 1
+            assert "ideal_ms" in rows[("spd100", path, w)]
+    assert rows[("autotp", "autotp (DeepSpeed)", "prefill")]["median_ms"] > 0
+    import os
+    assert os.path.isfile(f"{out}/bench.png") and os.path.isfile(f"{out}/bench.md")

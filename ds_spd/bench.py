@@ -1,0 +1,186 @@
+"""Latency benchmark: unmodified DeepSpeed AutoTP vs ds_spd at several SPD fractions, per all-reduce path.
+
+Run under the launcher (``deepspeed --num_gpus N --module ds_spd bench``). Every configuration is measured
+in the same processes, interleaved repeat by repeat (so drift hits all alike), warm-up excluded:
+
+- prefill: one forward of ``batch x prefill_len`` tokens;
+- decode: ms per token of greedy steps with a KV cache after a short prompt, batch 1 and 8.
+
+Per configuration it records the all-reduce count and the time measured inside all-reduce per forward,
+and the *ideal* latency: the 0%-SPD latency minus the measured cost of the all-reduces that SPD drops;
+achieved saving / ideal saving says how much of the possible gain SPD realises.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .inject import decoder_layers, init_inference, set_spd_blocks
+
+
+@dataclass
+class BenchSettings:
+    fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    comm_paths: tuple[str, ...] = ("auto", "gloo")
+    prefill_len: int = 512
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_prompt: int = 16
+    decode_tokens: int = 16
+    repeats: int = 5
+    warmup: int = 1
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def time_prefill(model, ids: torch.Tensor) -> float:
+    _sync()
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    _sync()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def time_decode(model, prompt: torch.Tensor, steps: int, on_start=lambda: None) -> float:
+    """Seconds per decode step (one token per sequence), KV cache, after prefilling ``prompt``;
+    ``on_start`` runs between the prompt and the timed steps (to reset the all-reduce accounting)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    on_start()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    _sync()
+    return (time.perf_counter() - start) / steps
+
+
+def spd_sets(n_layers: int, fractions, order: list[int] | None = None) -> dict[str, list[int]]:
+    """SPD block sets per fraction: the plan's least sensitive blocks first, else from the last block back."""
+    order = order or list(range(n_layers - 1, -1, -1))
+    return {f"spd{round(100 * f)}": sorted(order[:round(f * n_layers)]) for f in fractions}
+
+
+def run_bench(model, cfg, settings: BenchSettings, order: list[int] | None = None, progress: bool = True) -> dict:
+    """``model``: the HF model (not yet sharded). Returns the results dict (identical on every rank)."""
+    import deepspeed
+    baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size},
+                                        dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
+    engine = init_inference(model, cfg.model_copy(update={"spd_blocks": [], "plan": None, "checkpoint": None}))
+    n_layers = len(decoder_layers(engine.module))
+    sets = spd_sets(n_layers, settings.fractions, order)
+    reducers = {layer.reduce for layer in decoder_layers(engine.module)}
+    configs = [("autotp", "auto", None)] + [(name, path, blocks) for path in settings.comm_paths
+                                             for name, blocks in sets.items()]
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    device = next(engine.module.parameters()).device
+    workloads = {"prefill": torch.randint(0, vocab, (1, settings.prefill_len), generator=gen).to(device)}
+    for b in settings.decode_batches:
+        workloads[f"decode_b{b}"] = torch.randint(0, vocab, (b, settings.decode_prompt), generator=gen).to(device)
+    samples = {(name, path, w): [] for name, path, _ in configs for w in workloads}
+    comm = {}
+    for rep in tqdm(range(settings.warmup + settings.repeats), desc="bench", disable=not progress):
+        for name, path, blocks in configs:
+            target = baseline.module if name == "autotp" else engine.module
+            if name != "autotp":
+                for r in reducers:
+                    r.path = path
+                set_spd_blocks(engine.module, blocks)
+            for w, ids in workloads.items():
+                engine.spd_stats.reset()
+                seconds = time_prefill(target, ids) if w == "prefill" else \
+                    time_decode(target, ids, settings.decode_tokens, engine.spd_stats.reset)
+                if rep >= settings.warmup:
+                    samples[(name, path, w)].append(seconds)
+                    if name != "autotp":
+                        comm.setdefault((name, path, w), []).append(engine.spd_stats.summary())
+    return summarize(configs, workloads, samples, comm, settings, n_layers)
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs), "max_ms": 1e3 * max(xs),
+            "n": len(xs)}
+
+
+def summarize(configs, workloads, samples, comm, settings, n_layers) -> dict:
+    rows = []
+    for name, path, blocks in configs:
+        for w in workloads:
+            row = {"config": name, "comm": "autotp (DeepSpeed)" if name == "autotp" else path, "workload": w,
+                   "spd_blocks": None if blocks is None else len(blocks), **_stats(samples[(name, path, w)])}
+            if (name, path, w) in comm:
+                runs = comm[(name, path, w)]
+                row["allreduce_per_forward"] = statistics.median(r["allreduce_per_forward"] for r in runs)
+                row["allreduce_ms_per_forward"] = 1e3 * statistics.median(
+                    r["allreduce_seconds_per_forward"] for r in runs)
+            rows.append(row)
+    _ideal(rows, n_layers)
+    return {"settings": vars(settings), "n_layers": n_layers, "rows": rows}
+
+
+def _ideal(rows, n_layers) -> None:
+    """Ideal latency of each SPD row: its path's 0% row minus the dropped all-reduces' measured cost."""
+    zero = {(r["comm"], r["workload"]): r for r in rows if r["config"] == "spd0"}
+    for r in rows:
+        z = zero.get((r["comm"], r["workload"]))
+        if z is None or r["config"] in ("autotp", "spd0") or "allreduce_ms_per_forward" not in z:
+            continue
+        per_ar = z["allreduce_ms_per_forward"] / z["allreduce_per_forward"]
+        dropped = z["allreduce_per_forward"] - r["allreduce_per_forward"]
+        r["ideal_ms"] = z["median_ms"] - dropped * per_ar  # a row's time is one forward (prefill or decode step)
+        ideal_saving = z["median_ms"] - r["ideal_ms"]
+        r["achieved_over_ideal"] = (z["median_ms"] - r["median_ms"]) / ideal_saving if ideal_saving > 0 else None
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             "| workload | config | all-reduce path | SPD blocks | median ms | min-max ms | all-reduces / fwd "
+             "| all-reduce ms / fwd | ideal ms | achieved / ideal saving |", "|---" * 10 + "|"]
+    for r in sorted(result["rows"], key=lambda r: (r["workload"], r["comm"], r["spd_blocks"] or 0)):
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
+        lines.append(f"| {r['workload']} | {r['config']} | {r['comm']} | {f('spd_blocks', 'd')} | "
+                     f"{r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} | {f('allreduce_per_forward', '.0f')} | "
+                     f"{f('allreduce_ms_per_forward', '.2f')} | {f('ideal_ms', '.2f')} | {f('achieved_over_ideal', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    workloads = sorted({r["workload"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, w in zip(axes[0], workloads):
+        rows = [r for r in result["rows"] if r["workload"] == w]
+        for path_name in sorted({r["comm"] for r in rows if r["config"] != "autotp"}):
+            pts = sorted((r["spd_blocks"], r) for r in rows if r["comm"] == path_name)
+            ax.plot([p for p, _ in pts], [r["median_ms"] for _, r in pts], marker="o", label=f"ds_spd, {path_name}")
+            ideal = [(p, r["ideal_ms"]) for p, r in pts if "ideal_ms" in r]
+            if ideal:
+                ax.plot(*zip(*ideal), ls=":", color=ax.lines[-1].get_color(), label=f"ideal, {path_name}")
+        for r in rows:
+            if r["config"] == "autotp":
+                ax.axhline(r["median_ms"], color="gray", ls="--", label="DeepSpeed AutoTP")
+        ax.set(title=w, xlabel="SPD blocks", ylabel="ms (median)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
