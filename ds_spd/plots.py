@@ -21,6 +21,9 @@ def plot_plan(plan: Plan, path: str) -> str:
     ax1.set(xlabel="block", ylabel=f"sensitivity (delta {scan.get('metric', 'ppl')})",
             title=f"{plan.model}, tp={plan.tp_size}: block sensitivity ({scan.get('method', '?')} scan)")
     ax1.axhline(0, color="black", lw=0.5)
+    values = sorted(abs(b.sensitivity or 0.0) for b in plan.blocks)
+    if values and values[-1] > 20 * max(values[len(values) // 2], 1e-12):  # a few outliers: symmetric log scale
+        ax1.set_yscale("symlog", linthresh=max(values[len(values) // 2], 1e-6))
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CLASS_COLORS.values()]
     ax1.legend(handles, CLASS_COLORS.keys(), fontsize=8)
     if scan.get("after"):

@@ -36,7 +36,7 @@ def distill_cli(args, plan_path, out, extra=()):
         return out
     run([sys.executable, "-m", "ds_spd", "distill", "--config", f"configs/spd_smollm2_tp{args.tp}.json",
          "--plan", plan_path, "--out", out, "--epochs", str(args.epochs), "--max-samples", str(args.calibration_samples),
-         *extra])
+         "--lr", str(args.lr), *extra])
     return out
 
 
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--plan", required=True, help="a scanned plan (sensitivities) for this tp size")
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--counts", default="5,10,15,20,25,30")
