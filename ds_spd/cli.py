@@ -369,7 +369,8 @@ def cmd_bench(args) -> None:
     if is_main_rank():
         os.makedirs(args.out, exist_ok=True)
         command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
-            os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size, " ".join(sys.argv[1:]))
+            os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size,
+            " ".join(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump({**result, "command": command}, f, indent=2)
         with open(os.path.join(args.out, "bench.md"), "w") as f:
