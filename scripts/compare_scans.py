@@ -18,7 +18,6 @@ from ds_spd.planner import ranking
 from ds_spd.plots import plot_plan
 from ds_spd.scan import scan
 
-VARIANTS = [("cumulative", "ppl"), ("isolated", "ppl"), ("isolated", "kl")]
 
 
 def main():
@@ -28,6 +27,7 @@ def main():
     p.add_argument("--eval-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--counts", default="5,10,15,20,25,30")
+    p.add_argument("--variants", default="cumulative-ppl,isolated-ppl,isolated-kl", help="METHOD-METRIC,...")
     p.add_argument("--out", default="runs/scan_compare_tp2")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -39,7 +39,7 @@ def main():
     ds_spd.set_spd_blocks(model, [])
     baseline = evaluate_lm(model, held, 4, progress=False)
     results = {"args": vars(args), "held_out_baseline": baseline, "variants": {}}
-    for method, metric in VARIANTS:
+    for method, metric in (v.split("-") for v in args.variants.split(",")):
         name = f"{method}-{metric}"
         r = scan(model, calib, 4, method, metric)
         plan = Plan.from_blocks("default", model.config, args.tp, [], data={"dataset": "pydoc", "split": "train"},
