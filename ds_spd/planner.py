@@ -9,8 +9,8 @@ on the *relative* sensitivity r = s / baseline (ppl metric; for the KL metric r 
 
 The paper gives no rule for t1, t2 or the number of SPD blocks. Ours: t1 = 1% (a block whose zero-shot
 cost is within the ~1% regression the paper accepts in total needs no training), t2 = 5% (a block that alone
-costs more than 5% is an outlier: in the SmolLM2 tp-2 cumulative scan only blocks 0 and 1, at +380% and
-+105%); then:
+costs more than 5% is an outlier: in the SmolLM2 tp-2 cumulative scan blocks 0, 1 and 16, at +379%, +88%
+and +5.3%); then:
 - ``count`` / ``fraction``: the N least sensitive blocks;
 - thresholds alone: every block with r <= t2 (all that B2B is expected to recover), no ESB;
 - ``max_increase`` (accuracy budget, e.g. 0.01 = +1% perplexity, zero-shot): the largest N whose predicted
