@@ -150,9 +150,9 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     for key, value in overrides.items():
         if value is not None:
             section[key] = list(value) if key == "spd_blocks" else value
-            # a block source given as an override replaces the config's: spd_blocks or checkpoint
-            # replace a plan; a plan replaces both (spd_blocks with a checkpoint pick a subset of its blocks)
-            for dropped in {"spd_blocks": ("plan",), "checkpoint": ("plan",),
+            # a block source given as an override replaces the config's (spd_blocks given together with a
+            # checkpoint pick a subset of its blocks)
+            for dropped in {"spd_blocks": ("plan",), "checkpoint": ("plan", "spd_blocks"),
                             "plan": ("spd_blocks", "checkpoint")}.get(key, ()):
                 if dropped not in overrides or overrides[dropped] is None:
                     section.pop(dropped, None)

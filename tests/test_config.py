@@ -32,6 +32,8 @@ def test_file_loading_and_overrides(tmp_path):
     cfg = resolve_spd_config(str(path), tp_size=2, data={"seq_len": 64, "dataset": None})
     assert (cfg.tp_size, cfg.spd_blocks, cfg.data.seq_len, cfg.data.dataset) == (2, [1], 64, "pydoc")
     assert resolve_spd_config(str(path), plan="x.json").spd_blocks is None  # a flag's plan replaces the list
+    assert resolve_spd_config(str(path), checkpoint="ck").spd_blocks is None  # so does a checkpoint
+    assert resolve_spd_config(str(path), checkpoint="ck", spd_blocks=[2]).spd_blocks == [2]  # unless both given
     with pytest.raises(ConfigError, match="not found"):
         resolve_spd_config(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{")
