@@ -37,3 +37,13 @@ def plot_plan(plan: Plan, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_count_curves(ax, counts: list[int], curves: dict[str, dict], key: str, baseline: float,
+                      baseline_label: str = "TP baseline") -> None:
+    """One line per variant of a metric (``curves[name][str(n)][key]``) against the number of SPD blocks."""
+    for name, curve in curves.items():
+        ax.plot(counts, [curve[str(n)][key] for n in counts], marker="o", label=name)
+    ax.axhline(baseline, color="gray", ls="--", label=baseline_label)
+    ax.set(xlabel="SPD blocks (least sensitive first)", ylabel=f"held-out {key}")
+    ax.grid(alpha=0.3)

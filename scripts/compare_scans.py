@@ -15,7 +15,7 @@ from ds_spd.evaluation import evaluate_lm
 from ds_spd.models import load_model
 from ds_spd.plan import Plan
 from ds_spd.planner import ranking
-from ds_spd.plots import plot_plan
+from ds_spd.plots import plot_count_curves, plot_plan
 from ds_spd.scan import scan
 
 
@@ -70,13 +70,10 @@ def _plot(results, counts, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name, v in results["variants"].items():
-        ax.plot(counts, [v["held_out"][str(n)]["perplexity"] for n in counts], marker="o", label=name)
-    ax.axhline(results["held_out_baseline"]["perplexity"], color="gray", ls="--", label="no SPD")
-    ax.set(xlabel="SPD blocks (least sensitive first)", ylabel="held-out perplexity", yscale="log",
-           title=f"SmolLM2-135M, virtual tp={results['args']['tp']}, zero-shot SPD")
+    plot_count_curves(ax, counts, {name: v["held_out"] for name, v in results["variants"].items()}, "perplexity",
+                      results["held_out_baseline"]["perplexity"], "no SPD")
+    ax.set(yscale="log", title=f"SmolLM2-135M, virtual tp={results['args']['tp']}, zero-shot SPD")
     ax.legend()
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

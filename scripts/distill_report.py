@@ -23,6 +23,7 @@ from ds_spd.data import load_texts, token_segments
 from ds_spd.evaluation import evaluate_lm
 from ds_spd.models import load_model
 from ds_spd.plan import load_plan
+from ds_spd.plots import plot_count_curves
 from ds_spd.planner import ranking, select
 
 
@@ -126,13 +127,8 @@ def _plot(report, counts, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, curve in report["curves"].items():
-        a1.plot(counts, [curve[str(n)]["perplexity"] for n in counts], marker="o", label=name)
-        a2.plot(counts, [curve[str(n)]["accuracy"] for n in counts], marker="o", label=name)
     for ax, key in ((a1, "perplexity"), (a2, "accuracy")):
-        ax.axhline(report["baseline"][key], color="gray", ls="--", label="TP baseline")
-        ax.set(xlabel="SPD blocks", ylabel=f"held-out {key}")
-        ax.grid(alpha=0.3)
+        plot_count_curves(ax, counts, report["curves"], key, report["baseline"][key])
     a1.axhline(report["baseline"]["perplexity"] * 1.05, color="gray", ls=":", label="+5%")
     a1.set_yscale("log")
     a1.legend(fontsize=8)
