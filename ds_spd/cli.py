@@ -141,12 +141,12 @@ def config_from_args(args: argparse.Namespace):
                               data_section=getattr(args, "data_section", "data"))
 
 
-def _report(args, runner, result: dict) -> None:
-    result = {**result, "mode": runner.mode, "model": runner.config.model, "tp_size": runner.config.tp_size,
-              "spd_blocks": list(runner.spd_blocks), **runner.stats.summary()}
-    if not is_main_rank():
-        return
-    if args.json:
+def _report(args, result: dict, runner=None) -> None:
+    """With --json, rank 0 prints ``result`` (plus the runner's model, SPD blocks and all-reduce accounting)."""
+    if runner is not None:
+        result = {**result, "mode": runner.mode, "model": runner.config.model, "tp_size": runner.config.tp_size,
+                  "spd_blocks": list(runner.spd_blocks), **runner.stats.summary()}
+    if args.json and is_main_rank():
         print(json.dumps(result), flush=True)
 
 
@@ -175,7 +175,7 @@ def cmd_generate(args) -> None:
         if is_main_rank() and not args.json:
             print(f"{prompt}{text}\n  [{len(new)} tokens, {outputs[-1]['ms_per_token']:.1f} ms/token, "
                   f"{runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward]", flush=True)
-    _report(args, runner, {"generations": outputs})
+    _report(args, {"generations": outputs}, runner)
 
 
 def cmd_eval(args) -> None:
@@ -192,7 +192,7 @@ def cmd_eval(args) -> None:
               f"perplexity {result['perplexity']:.3f}, top-1 accuracy {result['accuracy']:.4f} "
               f"on {result['tokens']} tokens, {runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward",
               flush=True)
-    _report(args, runner, result)
+    _report(args, result, runner)
 
 
 def _segments(d, tokenizer, rank: int = 0, world: int = 1):
@@ -235,8 +235,8 @@ def cmd_scan(args) -> None:
         if not args.json:
             print(f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, "
                   f"{result.seconds:.1f} s ({result.forwards_equivalent:.1f} forward-equivalents)")
-    _report(args, runner, {"plan": args.out, "baseline": result.baseline, "sensitivity": result.sensitivity,
-                           "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent})
+    _report(args, {"plan": args.out, "baseline": result.baseline, "sensitivity": result.sensitivity,
+                   "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent}, runner)
 
 
 def cmd_plan(args) -> None:
@@ -268,9 +268,8 @@ def cmd_plan(args) -> None:
     classes = {c: [b.index for b in new.blocks if b.cls == c] for c in ("ISB", "SB", "ESB")}
     summary = {"plan": out, "plot": png, "spd_blocks": new.spd_blocks, "classes": classes,
                "selection": new.selection}
-    if args.json:
-        print(json.dumps(summary))
-    else:
+    _report(args, summary)
+    if not args.json:
         print(f"wrote {out} and {png}: {len(new.spd_blocks)} SPD blocks of {len(new.blocks)} "
               f"({new.selection['rule']}); " + ", ".join(f"{c} {v}" for c, v in classes.items()))
         if new.selection.get("rule") == "max_increase":
@@ -286,7 +285,7 @@ def cmd_distill(args) -> None:
     from .config import load_ds_config
     from .distill import DistillSettings, distill
     from .plan import BlockEntry, load_plan
-    from .runtime import init_data_parallel, world_size
+    from .runtime import world_size
     if not args.plan:
         raise SPDInputError("distill needs --plan plan.json (from `ds-spd scan` and `ds-spd plan`)")
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
@@ -338,10 +337,10 @@ def cmd_distill(args) -> None:
                 print(f"block {i:3d} ({plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}")
             print(f"wrote {out}: {len(final)} blocks, {result.seconds:.1f} s, {result.tokens_per_second:.0f} "
                   f"block-tokens/s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB (rank 0)")
-    _report(args, runner, {"checkpoint": out, "initial_mse": result.initial_mse,
-                           "final_mse": result.history[-1]["loss"] if result.history else {},
-                           "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                           "peak_memory_bytes": result.peak_memory_bytes, "zero_stage": stage})
+    _report(args, {"checkpoint": out, "initial_mse": result.initial_mse,
+                   "final_mse": result.history[-1]["loss"] if result.history else {},
+                   "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                   "peak_memory_bytes": result.peak_memory_bytes, "zero_stage": stage}, runner)
 
 
 def cmd_bench(args) -> None:
@@ -378,15 +377,7 @@ def cmd_bench(args) -> None:
         bench.plot(result, os.path.join(args.out, "bench.png"))
         if not args.json:
             print(bench.markdown(result, command))
-    _report(args, _BenchRunner(cfg), {"bench": os.path.join(args.out, "bench.json")})
-
-
-class _BenchRunner:
-    """What _report reads, for commands that hold no single runner."""
-
-    def __init__(self, cfg):
-        from .comm import CommStats
-        self.mode, self.config, self.spd_blocks, self.stats = "tp", cfg, (), CommStats()
+    _report(args, {"bench": os.path.join(args.out, "bench.json"), "model": cfg.model, "tp_size": cfg.tp_size})
 
 
 def cmd_prepare_model(args) -> None:

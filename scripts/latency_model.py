@@ -31,7 +31,7 @@ def message_bytes(workload: str, settings: dict) -> int:
 
 
 def fit(result: dict) -> dict:
-    rows, settings, n = result["rows"], result["settings"], result["n_layers"]
+    rows, settings = result["rows"], result["settings"]
     fits = {}
     for path in sorted({r["comm"] for r in rows if r["config"] != "autotp"}):
         pts = [(message_bytes(r["workload"], settings), r["allreduce_ms_per_forward"] / r["allreduce_per_forward"])
