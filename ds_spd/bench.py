@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .inject import decoder_layers, init_inference, set_spd_blocks
+from .inject import decoder_layers, init_inference, model_device, set_spd_blocks
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_bench(model, cfg, settings: BenchSettings, order: list[int] | None = Non
                                              for name, blocks in sets.items()]
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    device = next(engine.module.parameters()).device
+    device = model_device(engine)
     workloads = {"prefill": torch.randint(0, vocab, (1, settings.prefill_len), generator=gen).to(device)}
     for b in settings.decode_batches:
         workloads[f"decode_b{b}"] = torch.randint(0, vocab, (b, settings.decode_prompt), generator=gen).to(device)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .block import SPDDecoderLayer
 from .comm import CommStats, VirtualReduce
 from .headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
-from .inject import decoder_layers, set_spd_blocks
+from .inject import decoder_layers, model_device, set_spd_blocks
 from .layout import TPLayout
 from .plan import Plan
 from .scan import BlockInputs
@@ -91,13 +91,9 @@ def prepare_pairs(model: nn.Module, plan: Plan, blocks: list[int], segments: tor
     targets = torch.empty_like(inputs)
     for j, i in enumerate(blocks):
         for b0 in range(0, inputs.shape[1], batch_size):
-            x = inputs[j, b0:b0 + batch_size].to(_device(model))
+            x = inputs[j, b0:b0 + batch_size].to(model_device(model))
             targets[j, b0:b0 + batch_size] = layers[i](x, **attention_kwargs(rotary, x)).cpu()
     return BlockPairs(inputs, targets)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: BlockPairs,
@@ -112,7 +108,7 @@ def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: Block
         student.reduce = VirtualReduce(CommStats(timed=False))
         student.spd = True
         if classes[i] == "ESB":
-            x = pairs.inputs[j, :settings.hg_segments].to(_device(model))
+            x = pairs.inputs[j, :settings.hg_segments].to(model_device(model))
             groupings[i] = find_grouping(student, rotary, x, layout)
             permute_block(student, groupings[i], layout)
         students[i] = student
@@ -172,7 +168,7 @@ class _Trainer:
                                                                     config=ds_config)
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             self.zero_stage = self.model.zero_optimization_stage()
-        self.device = next(distiller.parameters()).device
+        self.device = model_device(distiller)
 
     def step(self, inputs, targets):
         loss, per_block = self.model(inputs, targets)
@@ -232,8 +228,8 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     students, groupings = build_students(model, plan, blocks, pairs, settings)
     distiller = BlockDistiller(students, model.model.rotary_emb)
     with torch.no_grad():
-        _, initial = distiller(pairs.inputs[:, :settings.micro_batch].transpose(0, 1).to(_device(model)),
-                                 pairs.targets[:, :settings.micro_batch].transpose(0, 1).to(_device(model)))
+        _, initial = distiller(pairs.inputs[:, :settings.micro_batch].transpose(0, 1).to(model_device(model)),
+                                 pairs.targets[:, :settings.micro_batch].transpose(0, 1).to(model_device(model)))
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), list(g.mlp_slices)] for i, g in groupings.items()}}

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .inject import model_device
+
 METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "next_token")
 
 
@@ -24,7 +26,7 @@ def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bo
                 desc: str = "eval") -> dict:
     """``model`` is an HF causal LM or a DeepSpeed engine around one; every token but the first is scored."""
     metric = next_token_metric()
-    device = next((getattr(model, "module", model)).parameters()).device
+    device = model_device(model)
     for batch in tqdm(segments.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()

@@ -37,6 +37,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (an HF model or a DeepSpeed engine around one)."""
+    return next(getattr(model, "module", model).parameters()).device
+
+
 def spd_layers(model: nn.Module) -> list[SPDDecoderLayer]:
     layers = [layer for layer in decoder_layers(model) if isinstance(layer, SPDDecoderLayer)]
     if not layers:

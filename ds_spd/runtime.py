@@ -12,7 +12,7 @@ import torch
 
 from .config import SPDConfig
 from .errors import LaunchError
-from .inject import init_inference, virtualize
+from .inject import init_inference, model_device, virtualize
 from .layout import TPLayout
 from .models import load_model, load_model_config
 
@@ -42,7 +42,7 @@ class Runner:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        return model_device(self.hf_model)
 
 
 def preflight(cfg: SPDConfig, virtual_tp: int | None = None,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .inject import decoder_layers, set_spd_blocks
+from .inject import decoder_layers, model_device, set_spd_blocks
 
 METHODS = ("cumulative", "isolated")
 METRICS = ("ppl", "kl")
@@ -80,7 +80,7 @@ class BlockInputs:
         try:
             for batch in tqdm(segments.split(batch_size), desc="caching block inputs", disable=not progress,
                               leave=False):
-                logits = model(input_ids=batch.to(_device(model)), use_cache=False).logits[:, :-1]
+                logits = model(input_ids=batch.to(model_device(model)), use_cache=False).logits[:, :-1]
                 if keep_logprobs:
                     logprobs.append(F.log_softmax(logits.float(), -1).half().cpu())
         finally:
@@ -89,16 +89,12 @@ class BlockInputs:
         return cls([torch.cat(x) for x in inputs], torch.cat(logprobs) if keep_logprobs else None)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def score(model: nn.Module, segments: torch.Tensor, batch_size: int, metric: str = "ppl",
           cache: BlockInputs | None = None, start: int | None = None) -> float:
     """The metric on ``segments``; with ``start``, only blocks ``start..`` run, from the cached block input."""
     nll = kl = count = 0.0
-    device = _device(model)
+    device = model_device(model)
     for b0 in range(0, segments.shape[0], batch_size):
         ids = segments[b0:b0 + batch_size].to(device)
         if start is not None:
