@@ -22,6 +22,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .inject import decoder_layers, init_inference, model_device, set_spd_blocks
+from .outputs import MD_MARK
+from .plots import save_figure
 
 
 @dataclass
@@ -58,13 +60,13 @@ def time_decode(model, prompt: torch.Tensor, steps: int, on_start=lambda: None) 
     ``on_start`` runs between the prompt and the timed steps (to reset the all-reduce accounting)."""
     from transformers import DynamicCache
     cache = DynamicCache()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
     on_start()
     _sync()
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
     _sync()
     return (time.perf_counter() - start) / steps
@@ -79,8 +81,14 @@ def spd_sets(n_layers: int, fractions, order: list[int] | None = None) -> dict[s
 def run_bench(model, cfg, settings: BenchSettings, order: list[int] | None = None, progress: bool = True) -> dict:
     """``model``: the HF model (not yet sharded). Returns the results dict (identical on every rank)."""
     import deepspeed
-    baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size},
+
+    from .comm import release_shm_buffer
+    from .inject import _prepare_distributed
+    _prepare_distributed(cfg.tp_size)   # before the first engine: DeepSpeed's CPU comm reads the environment
+    baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size,
+                                                                               "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
+    release_shm_buffer()
     engine = init_inference(model, cfg.model_copy(update={"spd_blocks": [], "plan": None, "checkpoint": None}))
     n_layers = len(decoder_layers(engine.module))
     sets = spd_sets(n_layers, settings.fractions, order)
@@ -148,8 +156,21 @@ def _ideal(rows, n_layers) -> None:
         r["achieved_over_ideal"] = (z["median_ms"] - r["median_ms"]) / ideal_saving if ideal_saving > 0 else None
 
 
+OUTPUT_FILES = ("bench.json", "bench.md", "bench.png")
+
+
+def write_outputs(result: dict, command: str, out_dir: str) -> None:
+    """bench.json, bench.md and bench.png in ``out_dir`` (checked before the run: ds_spd.outputs)."""
+    import os
+
+    from .outputs import write_atomic, write_json
+    write_json(os.path.join(out_dir, "bench.json"), {**result, "command": command}, "bench/1")
+    write_atomic(os.path.join(out_dir, "bench.md"), markdown(result, command))
+    plot(result, os.path.join(out_dir, "bench.png"))
+
+
 def markdown(result: dict, command: str) -> str:
-    lines = [f"Command: `{command}`", "",
+    lines = [MD_MARK, f"Command: `{command}`", "",
              "| workload | config | all-reduce path | SPD blocks | median ms | min-max ms | all-reduces / fwd "
              "| all-reduce ms / fwd | ideal ms | achieved / ideal saving |", "|---" * 10 + "|"]
     for r in sorted(result["rows"], key=lambda r: (r["workload"], r["comm"], r["spd_blocks"] or 0)):
@@ -181,6 +202,4 @@ def plot(result: dict, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

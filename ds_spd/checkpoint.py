@@ -1,75 +1,163 @@
 """The SPD checkpoint: a directory loadable on top of the base model, never pickle.
 
     plan.json                the plan (SPD blocks, classes, head permutations) it was trained for
-    spd_blocks.safetensors   the changed blocks' weights, under their HF names (model.layers.N....)
+    spd_blocks.safetensors   the distilled (SB / ESB) blocks' weights, under their HF names (model.layers.N....)
     config.json              the base model's HF config
-    provenance.json          what produced it: settings, losses, versions
+    provenance.json          what produced it: the run fingerprint, settings, losses, versions
 
-Written into a temporary directory and renamed into place, so an interrupted save leaves nothing half-done.
+Built beside its target and swapped in atomically (ds_spd.outputs.publish_dir): at every instant the path
+holds the old or the new complete checkpoint. An existing directory that is not an SPD checkpoint is never
+replaced. :func:`open_checkpoint` checks a checkpoint without reading its weights (plan, safetensors
+header, tensors present against the plan's classes), so a bad one fails before a model is loaded.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import PlanError
+from .errors import OutputError, PlanError
+from .outputs import check_output_dir, clean_stale, publish_dir, write_json
 from .plan import Plan, load_plan
 
 WEIGHTS = "spd_blocks.safetensors"
+FILES = ("plan.json", WEIGHTS, "config.json", "provenance.json")
+FORMAT = "ds_spd.checkpoint/1"
+
+
+def is_checkpoint(path: str) -> bool:
+    """A directory ds_spd wrote as an SPD checkpoint (its plan and weights file are there)."""
+    return os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(os.path.join(path, "plan.json"))
+
+
+def check_checkpoint_target(path: str) -> str:
+    """Before training: ``path`` is new, an empty directory, or an SPD checkpoint (replaced atomically)."""
+    if os.path.isfile(path):
+        raise OutputError(f"checkpoint output {path!r} is a file; give a directory path")
+    return check_output_dir(path, "checkpoint output", is_ours=is_checkpoint)
 
 
 def save_checkpoint(path: str, plan: Plan, block_states: dict[int, dict[str, torch.Tensor]], model_config,
                     provenance: dict) -> str:
-    tmp = f"{path.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    from safetensors.torch import save_file
+    path = path.rstrip(os.sep)
+    check_checkpoint_target(path)  # checked before the work too; the target may have changed since
+    clean_stale(path, FILES)
+    tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(tmp)
     tensors = {f"model.layers.{i}.{name}": t.detach().to("cpu", torch.float32).contiguous()
                for i, state in block_states.items() for name, t in state.items()}
-    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "ds_spd.checkpoint/1"})
+    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
     plan.save(os.path.join(tmp, "plan.json"))
     model_config.to_json_file(os.path.join(tmp, "config.json"))
-    with open(os.path.join(tmp, "provenance.json"), "w") as f:
-        json.dump(provenance, f, indent=2, default=str)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    write_json(os.path.join(tmp, "provenance.json"), provenance, "provenance/1")
+    if os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)  # an empty directory the user made for it
+    return publish_dir(tmp, path)
 
 
-def load_checkpoint_plan(path: str, model_config, tp_size: int) -> Plan:
-    """The checkpoint's plan, after checking that it was made for this model and tp size."""
-    if not os.path.isfile(os.path.join(path, WEIGHTS)):
-        raise PlanError(f"{path!r} is not an SPD checkpoint (no {WEIGHTS})")
+def read_provenance(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "provenance.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _weight_names(path: str) -> list[str]:
+    from safetensors import safe_open
+    file = os.path.join(path, WEIGHTS)
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except Exception as err:  # SafetensorError, OSError: the header is unreadable or does not cover the file
+        raise PlanError(f"SPD checkpoint file {file!r} is not a readable safetensors file: {err}") from None
+
+
+def _block_of(name: str) -> int:
+    parts = name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        raise ValueError(name)
+    return int(parts[2])
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: str
+    plan: Plan
+    spd_blocks: tuple[int, ...]       # the blocks this run puts in SPD form (the plan's, or a subset)
+    weight_blocks: tuple[int, ...]    # of those, the blocks whose distilled weights are loaded
+
+
+def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | None = None,
+                    spd_blocks=None) -> CheckpointInfo:
+    """Check a checkpoint against the model, tp size and grain, and its tensors against its plan, without
+    reading weights. ``spd_blocks`` picks a subset of the checkpoint's SPD blocks (others are refused)."""
+    if not os.path.isdir(path):
+        raise PlanError(f"SPD checkpoint {path!r} not found")
+    if not is_checkpoint(path):
+        raise PlanError(f"{path!r} is not an SPD checkpoint (no {WEIGHTS} and plan.json)")
     plan = load_plan(os.path.join(path, "plan.json"))
     try:
-        return plan.check_compatible(model_config, tp_size)
+        plan.check_compatible(model_config, tp_size, tp_grain_size)
     except PlanError as err:
         raise PlanError(f"SPD checkpoint {path!r}: {err}") from None
+    names = _weight_names(path)
+    stray = [n for n in names if not _is_block_name(n)]
+    if stray:
+        raise PlanError(f"SPD checkpoint {path!r} holds tensors outside the decoder blocks: {stray[:3]}")
+    stored = sorted({_block_of(n) for n in names})
+    trained = sorted(b.index for b in plan.blocks if b.cls in ("SB", "ESB"))
+    if stored != trained:
+        raise PlanError(f"SPD checkpoint {path!r} does not match its plan: weights stored for blocks {stored}, "
+                        f"the plan's distilled (SB/ESB) blocks are {trained}")
+    per_block = {b: sorted(n.split(".", 3)[3] for n in names if _block_of(n) == b) for b in stored}
+    if len({tuple(v) for v in per_block.values()}) > 1:
+        raise PlanError(f"SPD checkpoint {path!r}: blocks store different tensors: "
+                        f"{ {b: len(v) for b, v in per_block.items()} }")
+    available = plan.spd_blocks
+    chosen = tuple(sorted(set(available if spd_blocks is None else spd_blocks)))
+    outside = [b for b in chosen if b not in available]
+    if outside:
+        raise PlanError(f"blocks {outside} are not SPD blocks of checkpoint {path!r} (its SPD blocks: {available}); "
+                        "with --checkpoint, --spd-blocks picks a subset of them")
+    return CheckpointInfo(path, plan, chosen, tuple(b for b in chosen if b in stored))
 
 
-def apply_checkpoint(model: nn.Module, path: str, tp_size: int, spd_blocks=None) -> list[int]:
-    """Load the distilled weights of the checkpoint's blocks that are in SPD form (``spd_blocks``, default:
-    the checkpoint plan's) into ``model``, before TP sharding, so AutoTP shards the distilled weights.
+def _is_block_name(name: str) -> bool:
+    try:
+        _block_of(name)
+        return True
+    except ValueError:
+        return False
 
-    A distilled block is trained for SPD form only, so blocks left in TP form keep their original weights.
-    Returns the blocks whose weights were replaced.
-    """
-    plan = load_checkpoint_plan(path, model.config, tp_size)
-    chosen = set(plan.spd_blocks if spd_blocks is None else spd_blocks)
-    tensors = {k: t for k, t in load_file(os.path.join(path, WEIGHTS)).items() if int(k.split(".")[2]) in chosen}
+
+def apply_checkpoint(model: nn.Module, info: CheckpointInfo) -> list[int]:
+    """Load the distilled weights of ``info.weight_blocks`` into ``model`` before TP sharding, so AutoTP
+    shards the distilled weights. A distilled block is trained for SPD form only, so blocks left in TP form
+    keep their original weights. Returns the blocks whose weights were replaced."""
+    from safetensors import safe_open
+    file = os.path.join(info.path, WEIGHTS)
     own = model.state_dict()
-    unknown = [k for k in tensors if k not in own]
-    if unknown:
-        raise PlanError(f"SPD checkpoint has weights the model lacks: {unknown[:3]}")
-    bad = [k for k, t in tensors.items() if own[k].shape != t.shape]
-    if bad:
-        raise PlanError(f"SPD checkpoint weight shapes differ from the model's: {bad[:3]}")
-    with torch.no_grad():
-        for k, t in tensors.items():
-            own[k].copy_(t.to(own[k].dtype))
-    return sorted({int(k.split(".")[2]) for k in tensors})
+    chosen = set(info.weight_blocks)
+    try:
+        with safe_open(file, "pt") as f:
+            names = [k for k in f.keys() if _block_of(k) in chosen]
+            unknown = [k for k in names if k not in own]
+            if unknown:
+                raise PlanError(f"SPD checkpoint {info.path!r} has weights the model lacks: {unknown[:3]}")
+            with torch.no_grad():
+                for k in names:
+                    t = f.get_tensor(k)
+                    if own[k].shape != t.shape:
+                        raise PlanError(f"SPD checkpoint {info.path!r}: {k} has shape {tuple(t.shape)}, "
+                                        f"the model's is {tuple(own[k].shape)}")
+                    own[k].copy_(t.to(own[k].dtype))
+    except PlanError:
+        raise
+    except Exception as err:
+        raise PlanError(f"SPD checkpoint file {file!r} could not be read: {err}") from None
+    return sorted(chosen)

@@ -16,21 +16,17 @@ import time
 
 from .config import resolve_spd_config
 from .errors import SPDInputError
+from .outputs import check_output_dir, check_output_file
 from .runtime import build_runner, is_main_rank
 
 
 def parse_blocks(text: str) -> list[int]:
-    """``"3,4,27"`` or ranges ``"0-4,27"``; ``""`` / ``"none"`` is no block."""
-    blocks: list[int] = []
-    if text.strip().lower() in ("", "none"):
-        return blocks
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            blocks.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad block list {text!r}: use e.g. 3,4,27 or 20-29") from None
-    return blocks
+    """argparse type for block lists (``"3,4,27"``, ``"20-29"``, ``"none"``)."""
+    from .config import parse_block_list
+    try:
+        return parse_block_list(text)
+    except SPDInputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_fraction(text: str) -> float:
@@ -118,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
     di.add_argument("--out", help="SPD checkpoint directory to write")
     di.add_argument("--work-dir", help="ZeRO training checkpoints (resume from here); default OUT.work")
+    di.add_argument("--restart", action="store_true",
+                    help="discard the work dir's training state (of another run) and start over")
     be = sub.add_parser("bench", help="latency: DeepSpeed AutoTP vs ds_spd at SPD fractions, shm and gloo paths")
     _common(be)
     be.add_argument("--fractions", default="0,0.25,0.5,0.75,1", help="SPD fractions (of the plan's order if --plan)")
@@ -179,11 +177,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .data import load_texts, token_segments
+    from .data import segments_for
     from .evaluation import evaluate_lm
-    runner = build_runner(config_from_args(args), args.virtual_tp)
+    runner = build_runner(config_from_args(args), args.virtual_tp, data_section="data")
     d = runner.config.data
-    segments = token_segments(load_texts(d.text, d.dataset, d.split), runner.tokenizer, d.seq_len, d.max_samples)
+    segments = segments_for(d, runner.tokenizer)
     runner.stats.reset()
     result = evaluate_lm(runner.model, segments, d.batch_size, progress=is_main_rank())
     result["data"] = {"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split}
@@ -195,25 +193,25 @@ def cmd_eval(args) -> None:
     _report(args, result, runner)
 
 
-def _segments(d, tokenizer, rank: int = 0, world: int = 1):
-    from .data import load_texts, token_segments
-    segments = token_segments(load_texts(d.text, d.dataset, d.split), tokenizer, d.seq_len, d.max_samples, d.seed)
-    return segments[rank::world]
+def _plot_path(args, out: str) -> str:
+    return args.plot or os.path.splitext(out)[0] + ".png"
 
 
 def cmd_scan(args) -> None:
+    from .data import segments_for
     from .plan import Plan
     from .plots import plot_plan
     from .runtime import init_data_parallel
     from .scan import cache_bytes, scan
     cfg = config_from_args(args)
-    if args.plan:
-        raise SPDInputError("scan measures every block: it takes no --plan (it writes one, see --out)")
+    check_output_file(args.out, "plan output")
+    check_output_file(_plot_path(args, args.out), "plot output")
     tp = args.virtual_tp or cfg.tp_size
-    runner = build_runner(cfg.model_copy(update={"spd_blocks": None}), tp, data_parallel=True)
+    runner = build_runner(cfg.model_copy(update={"spd_blocks": None}), tp, data_parallel=True,
+                          data_section="calibration")
     rank, world = init_data_parallel()
     d = runner.config.calibration
-    segments = _segments(d, runner.tokenizer, rank, world)
+    segments = segments_for(d, runner.tokenizer, rank, world)
     need = cache_bytes(runner.hf_model.config, segments.shape[0], d.seq_len, runner.config.torch_dtype, args.metric)
     if is_main_rank():
         print(f"scan: {args.method} / {args.metric}, virtual tp={tp}, {segments.shape[0]} x {d.seq_len} tokens per "
@@ -223,7 +221,7 @@ def cmd_scan(args) -> None:
     plan = Plan.from_blocks(runner.config.model, runner.hf_model.config, tp, [],
                             data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},
                             seq_len=d.seq_len, segments=d.max_samples, seed=d.seed, dtype=runner.config.dtype,
-                            ranks=world)
+                            ranks=world, tp_grain_size=runner.config.tp_grain_size)
     for b in plan.blocks:
         b.sensitivity = result.sensitivity[b.index]
     plan.scan = {"method": result.method, "metric": result.metric, "baseline": result.baseline,
@@ -231,7 +229,7 @@ def cmd_scan(args) -> None:
                  "forwards_equivalent": result.forwards_equivalent, "cached": not args.no_cache}
     if is_main_rank():
         plan.save(args.out)
-        png = plot_plan(plan, args.plot or os.path.splitext(args.out)[0] + ".png")
+        png = plot_plan(plan, _plot_path(args, args.out))
         if not args.json:
             print(f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, "
                   f"{result.seconds:.1f} s ({result.forwards_equivalent:.1f} forward-equivalents)")
@@ -245,26 +243,35 @@ def cmd_plan(args) -> None:
     from .plan import load_plan
     from .planner import select
     from .plots import plot_plan
+    from .data import segments_for
     if not args.plan:
         raise SPDInputError("plan needs --plan plan.json (written by `ds-spd scan`)")
+    if args.max_ppl_increase is None:
+        given = [f"--{k.replace('_', '-')}" for k in ("model", "dtype", "text", "dataset", "split", "seq_len",
+                                                     "max_samples", "batch_size", "seed", "config")
+                 if getattr(args, k, None) is not None]
+        if given:
+            raise SPDInputError(f"{', '.join(given)}: only used to validate a budget (--max-ppl-increase)")
     plan = load_plan(args.plan)
+    out = args.out or args.plan
+    check_output_file(out, "plan output")
+    check_output_file(_plot_path(args, out), "plot output")
     measure = None
     if args.max_ppl_increase is not None:
         if args.split is None:
             args.split = "validation"  # the budget is validated on text the scan did not calibrate on
         cfg = config_from_args(args).model_copy(update={"model": args.model or plan.model, "plan": None})
-        runner = build_runner(cfg, plan.tp_size)
+        runner = build_runner(cfg, plan.tp_size, data_section="data")
         plan.check_compatible(runner.hf_model.config, plan.tp_size)
-        segments = _segments(runner.config.data, runner.tokenizer)
+        segments = segments_for(runner.config.data, runner.tokenizer)
 
         def measure(blocks):
             set_spd_blocks(runner.hf_model, blocks)
             return evaluate_lm(runner.hf_model, segments, runner.config.data.batch_size, progress=False)["perplexity"]
     new = select(plan, count=args.spd_count, fraction=args.spd_fraction, thresholds=args.thresholds,
                  max_increase=args.max_ppl_increase, measure=measure)
-    out = args.out or args.plan
     new.save(out)
-    png = plot_plan(new, args.plot or os.path.splitext(out)[0] + ".png")
+    png = plot_plan(new, _plot_path(args, out))
     classes = {c: [b.index for b in new.blocks if b.cls == c] for c in ("ISB", "SB", "ESB")}
     summary = {"plan": out, "plot": png, "spd_blocks": new.spd_blocks, "classes": classes,
                "selection": new.selection}
@@ -278,69 +285,27 @@ def cmd_plan(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    import torch
-
-    from . import __version__
-    from .checkpoint import save_checkpoint
-    from .config import load_ds_config
-    from .distill import DistillSettings, distill
-    from .plan import BlockEntry, load_plan
-    from .runtime import world_size
+    from . import recovery
     if not args.plan:
         raise SPDInputError("distill needs --plan plan.json (from `ds-spd scan` and `ds-spd plan`)")
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
                               ("out", args.out), ("work_dir", args.work_dir)) if v is not None}
     cfg = config_from_args(args)
     cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update=over)})
-    plan = load_plan(args.plan)
-    cfg = cfg.model_copy(update={"model": args.model or plan.model, "tp_size": plan.tp_size, "plan": None,
-                                 "spd_blocks": None})
-    ds_config = {k: v for k, v in (load_ds_config(args.config) if args.config else {}).items() if k != "spd"}
-    micro = ds_config.setdefault("train_micro_batch_size_per_gpu", 4)
-    ds_config.setdefault("gradient_accumulation_steps", 1)
-    ds_config.setdefault("zero_optimization", {"stage": 2})
-    # spd.distill.lr is the one learning-rate knob: it is written into the DeepSpeed optimizer's params
-    optimizer = ds_config.setdefault("optimizer", {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}})
-    optimizer.setdefault("params", {})["lr"] = cfg.distill.lr
-    ds_config.setdefault("steps_per_print", 10**9)
-    use_accelerate = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or \
-        "ACCELERATE_MIXED_PRECISION" in os.environ
-    runner = build_runner(cfg, plan.tp_size, data_parallel=True)
-    plan.check_compatible(runner.hf_model.config, plan.tp_size)
-    d = runner.config.calibration
-    segments = _segments(d, runner.tokenizer)
-    settings = DistillSettings(epochs=cfg.distill.epochs, lr=cfg.distill.lr, micro_batch=micro,
-                               input_source=cfg.distill.input_source, hg_segments=cfg.distill.hg_segments,
-                               seed=d.seed or 0)
-    out = cfg.distill.out
-    work = cfg.distill.work_dir or out.rstrip("/") + ".work"
-    result = distill(runner.hf_model, plan, segments, ds_config, settings, work, use_accelerate,
-                     progress=is_main_rank())
-    stage = result.zero_stage
-    if is_main_rank():
-        blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
-                             head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
-                             mlp_permutation=list(result.groupings[b.index].mlp_slices)
-                             if b.index in result.groupings else None)
-                  for b in plan.blocks]
-        final = result.history[-1]["loss"] if result.history else {}
-        provenance = {"ds_spd": __version__, "torch": torch.__version__, "settings": vars(settings),
-                      "zero_stage": stage, "launcher": "accelerate" if use_accelerate else "deepspeed",
-                      "ranks": world_size(), "bf16": bool(ds_config.get("bf16", {}).get("enabled")),
-                      "calibration": d.model_dump(), "initial_mse": result.initial_mse, "final_mse": final,
-                      "history": result.history, "seconds": result.seconds,
-                      "tokens_per_second": result.tokens_per_second, "peak_memory_bytes_rank0": result.peak_memory_bytes}
-        save_checkpoint(out, plan.model_copy(update={"blocks": blocks}), result.block_states,
-                        runner.hf_model.config, provenance)
-        if not args.json:
-            for i in sorted(final):
-                print(f"block {i:3d} ({plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}")
-            print(f"wrote {out}: {len(final)} blocks, {result.seconds:.1f} s, {result.tokens_per_second:.0f} "
-                  f"block-tokens/s, peak memory {result.peak_memory_bytes / 2**30:.2f} GiB (rank 0)")
-    _report(args, {"checkpoint": out, "initial_mse": result.initial_mse,
-                   "final_mse": result.history[-1]["loss"] if result.history else {},
-                   "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                   "peak_memory_bytes": result.peak_memory_bytes, "zero_stage": stage}, runner)
+    run = recovery.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
+    if run.complete:
+        if is_main_rank():
+            print(f"distill: {run.out} is already complete (same run, {run.settings.epochs} epochs): nothing to do",
+                  file=sys.stderr)
+        _report(args, {"checkpoint": run.out, "already_complete": True})
+        return
+    result = recovery.execute(run, progress=is_main_rank())
+    runner = result.pop("runner")
+    if is_main_rank() and not args.json:
+        print(f"wrote {run.out}: {len(result['final_mse'])} blocks, epochs {result['epochs_trained']}, "
+              f"{result['seconds']:.1f} s, {result['tokens_per_second']:.0f} block-tokens/s, "
+              f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB (rank 0)")
+    _report(args, result, runner)
 
 
 def cmd_bench(args) -> None:
@@ -354,8 +319,7 @@ def cmd_bench(args) -> None:
     if cfg.plan:
         order = ranking(load_plan(cfg.plan))
         cfg = cfg.model_copy(update={"plan": None})
-    if args.virtual_tp is not None:
-        raise SPDInputError("bench measures real TP: run it under `deepspeed --num_gpus N --module ds_spd bench`")
+    check_output_dir(args.out, "bench output", names=bench.OUTPUT_FILES)
     preflight(cfg)
     settings = bench.BenchSettings(fractions=tuple(float(f) for f in args.fractions.split(",")),
                                    comm_paths=tuple(args.comm_paths.split(",")), prefill_len=args.prefill_len,
@@ -366,15 +330,10 @@ def cmd_bench(args) -> None:
     result.update({"model": cfg.model, "tp_size": cfg.tp_size, "dtype": cfg.dtype,
                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
     if is_main_rank():
-        os.makedirs(args.out, exist_ok=True)
         command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
             os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size,
             " ".join(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump({**result, "command": command}, f, indent=2)
-        with open(os.path.join(args.out, "bench.md"), "w") as f:
-            f.write(bench.markdown(result, command))
-        bench.plot(result, os.path.join(args.out, "bench.png"))
+        bench.write_outputs(result, command, args.out)
         if not args.json:
             print(bench.markdown(result, command))
     _report(args, {"bench": os.path.join(args.out, "bench.json"), "model": cfg.model, "tp_size": cfg.tp_size})
@@ -385,17 +344,57 @@ def cmd_prepare_model(args) -> None:
     print(resolve_model_path(args.model))
 
 
+#: Flags a command accepts through the shared argument groups but cannot honour: refused, never ignored.
+NOT_APPLICABLE = {
+    "scan": {"plan": "scan measures every block and writes a plan (see --out)",
+             "spd_blocks": "scan measures every block", "checkpoint": "scan measures the original model's blocks"},
+    "plan": {"spd_blocks": "plan chooses the blocks (--spd-count, --spd-fraction, --max-ppl-increase)",
+             "checkpoint": "plan reads a scanned plan (--plan)", "virtual_tp": "plan uses the plan's tp size",
+             "tp_size": "plan uses the plan's tp size"},
+    "distill": {"spd_blocks": "distill trains the plan's SB/ESB blocks", "checkpoint": "distill writes one (--out)",
+                "virtual_tp": "distill simulates the plan's tp size", "tp_size": "distill uses the plan's tp size",
+                "batch_size": "distill's micro-batch is the DeepSpeed config's train_micro_batch_size_per_gpu"},
+    "bench": {"checkpoint": "bench times the all-reduce paths; weights do not change latency",
+              "virtual_tp": "bench measures real TP: run it under `deepspeed --num_gpus N --module ds_spd bench`"},
+}
+
+
+def refuse_not_applicable(args) -> None:
+    for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
+        if getattr(args, flag, None) is not None:
+            raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")
+
+
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan, "distill": cmd_distill,
             "bench": cmd_bench,
             "prepare-model": cmd_prepare_model}
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM (the deepspeed launcher's stop signal) into a normal exit, so atexit cleanup runs."""
+    import signal
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _finish_distributed() -> None:
+    """Leave together and shut the process group down: a rank exiting while another still writes (rank 0
+    saves the checkpoint) aborted in gloo's thread teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _exit_on_sigterm()
     try:
+        refuse_not_applicable(args)
         COMMANDS[args.command](args)
-    except (SPDInputError, FileNotFoundError) as err:
+        _finish_distributed()
+    except SPDInputError as err:
         print(f"ds-spd {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

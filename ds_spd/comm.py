@@ -91,6 +91,41 @@ class AllReduce:
         return tensor
 
 
+def shm_buffer_path() -> str:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp:
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, ~66 MB, never removed by DeepSpeed)."""
+    env = os.environ
+    return os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+                                    f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}")
+
+
+_SHM: dict[str, bool] = {}   # this rank's buffer path -> whether this process created it
+
+
+def remove_shm_buffer_at_exit() -> None:
+    """Remove this rank's shm all-reduce buffer when the process exits (normally, on an error, or on SIGTERM
+    via the CLI's handler): one-process runs pick a fresh MASTER_PORT, so the 66 MB files piled up in RAM."""
+    import atexit
+    path = shm_buffer_path()
+    if path in _SHM:
+        return
+    _SHM[path] = not os.path.exists(path)  # a file this process did not create is left alone
+    atexit.register(lambda: _SHM[path] and os.path.exists(path) and os.unlink(path))
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's shm buffer *name* once every rank has mapped every buffer (DeepSpeed maps them all in
+    its distributed init, once per process): the memory stays mapped for the run and is freed with the
+    processes, even after a SIGKILL, and nothing is left in /dev/shm. Every rank of a CPU run calls it."""
+    path = shm_buffer_path()
+    if path not in _SHM:
+        return
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()   # every rank has returned from init, so every buffer is mapped
+    if _SHM[path] and os.path.exists(path):
+        os.unlink(path)
+
+
 def prepare_dist_env() -> None:
     """Environment DeepSpeed's distributed init needs, for any launcher (or none)."""
     # torchrun / accelerate set LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU shared-memory
@@ -106,3 +141,5 @@ def prepare_dist_env() -> None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if not torch.cuda.is_available():
+        remove_shm_buffer_at_exit()

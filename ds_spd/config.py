@@ -88,18 +88,39 @@ class SPDConfig(_Strict):
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def checkpoint_info(self, model_config):
+        """The checkpoint, checked against the model, tp size, grain and ``spd_blocks`` (no weights read)."""
+        from .checkpoint import open_checkpoint
+        return open_checkpoint(self.checkpoint, model_config, self.tp_size, self.tp_grain_size, self.spd_blocks)
+
     def resolved_spd_blocks(self, model_config) -> tuple[int, ...]:
         """The SPD block indices: explicit list, the plan's or checkpoint's choice (validated), or none."""
         from .inject import check_spd_blocks
         from .plan import load_plan
         n = model_config.num_hidden_layers
         if self.checkpoint is not None:
-            from .checkpoint import load_checkpoint_plan
-            plan = load_checkpoint_plan(self.checkpoint, model_config, self.tp_size)
-            return check_spd_blocks(plan.spd_blocks if self.spd_blocks is None else self.spd_blocks, n)
+            return check_spd_blocks(self.checkpoint_info(model_config).spd_blocks, n)
         if self.plan is not None:
-            return check_spd_blocks(load_plan(self.plan).check_compatible(model_config, self.tp_size).spd_blocks, n)
+            plan = load_plan(self.plan).check_compatible(model_config, self.tp_size, self.tp_grain_size)
+            return check_spd_blocks(plan.spd_blocks, n)
         return check_spd_blocks(self.spd_blocks or (), n)
+
+
+def parse_block_list(text: str) -> list[int]:
+    """``"3,4,27"`` or ranges ``"0-4,27"``; ``""`` / ``"none"`` is no block. A reversed range is an error."""
+    blocks: list[int] = []
+    if text.strip().lower() in ("", "none"):
+        return blocks
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ConfigError(f"bad block list {text!r}: use e.g. 3,4,27 or 20-29") from None
+        if last < first:
+            raise ConfigError(f"bad block list {text!r}: range {part.strip()!r} is reversed (write {last}-{first})")
+        blocks.extend(range(first, last + 1))
+    return blocks
 
 
 def _format_error(err: ValidationError, prefix: str) -> str:
@@ -123,8 +144,12 @@ def load_ds_config(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (a binary file?)") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"config file {path!r} is not valid JSON: {err}") from None
     if not isinstance(cfg, dict):

@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ConfigError, SPDInputError
-from .models import cache_dir
+from .errors import ConfigError, DataError, SPDInputError
+from .models import cache_dir, hub_reachable
 
 SPLITS = ("train", "validation", "test")
 
@@ -76,22 +76,70 @@ def shipped_corpus_file(name: str, split: str) -> str:
     return path
 
 
+def check_text_file(path: str) -> None:
+    """A readable, non-empty UTF-8 text file, else a :class:`DataError` naming it (read in 1 MiB chunks)."""
+    import codecs
+    if not os.path.isfile(path):
+        raise DataError(f"text file {path!r} not found" if not os.path.exists(path) else
+                        f"text file {path!r} is not a regular file")
+    decoder, has_text = codecs.getincrementaldecoder("utf-8")(), False
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if b"\0" in chunk:
+                    raise UnicodeDecodeError("utf-8", chunk, chunk.index(b"\0"), chunk.index(b"\0") + 1, "NUL byte")
+                has_text = has_text or bool(decoder.decode(chunk).strip())
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise DataError(f"text file {path!r} is not UTF-8 text ({err.reason} at byte {err.start}; a binary file?)") \
+            from None
+    except OSError as err:
+        raise DataError(f"text file {path!r} cannot be read: {err.strerror}") from None
+    if not has_text:
+        raise DataError(f"text file {path!r} is empty (no text to tokenize)")
+
+
+def check_data_source(text_files: Sequence[str] | None, dataset: str, split: str) -> None:
+    """Before any model is loaded: local files readable, a shipped corpus's split valid, a hub dataset reachable."""
+    if text_files:
+        for path in text_files:
+            check_text_file(path)
+    elif dataset in SHIPPED_CORPORA:
+        if split not in SPLITS:
+            raise ConfigError(f"split of a shipped corpus must be one of {SPLITS}, got {split!r}")
+    elif not os.path.isdir(dataset.partition(":")[0]) and not hub_reachable() and \
+            os.environ.get("HF_DATASETS_OFFLINE", "").lower() not in ("1", "true"):
+        raise DataError(f"dataset {dataset!r} is not a shipped corpus ({', '.join(SHIPPED_CORPORA)}) and the hub "
+                        "cannot be reached (offline): use --text FILE or a shipped corpus, or run with a network")
+
+
 def load_texts(text_files: Sequence[str] | None = None, dataset: str = "pydoc", split: str = "test") -> list[str]:
     """Lines of text via `datasets`: local files win over ``dataset``."""
     import datasets
-    if text_files:
-        missing = [p for p in text_files if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"text file(s) not found: {', '.join(missing)}")
-        ds = datasets.load_dataset("text", data_files=list(text_files), split="train")
-    elif dataset in SHIPPED_CORPORA:
-        ds = datasets.load_dataset("text", data_files=shipped_corpus_file(dataset, split), split="train")
-    else:
-        name, _, config = dataset.partition(":")
-        ds = datasets.load_dataset(name, config or None, split=split)
+    check_data_source(text_files, dataset, split)
+    try:
+        if text_files:
+            ds = datasets.load_dataset("text", data_files=list(text_files), split="train")
+        elif dataset in SHIPPED_CORPORA:
+            ds = datasets.load_dataset("text", data_files=shipped_corpus_file(dataset, split), split="train")
+        else:
+            name, _, config = dataset.partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        source = ", ".join(text_files) if text_files else dataset
+        raise DataError(f"cannot load text from {source!r}: {str(err).splitlines()[0]}") from None
     if "text" not in ds.column_names:
         raise ConfigError(f"dataset {dataset!r} has no 'text' column (columns: {ds.column_names})")
     return ds["text"]
+
+
+def segments_for(data, tokenizer, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """The token segments a data config (``spd.data`` / ``spd.calibration``) describes, this rank's share.
+
+    The one place commands turn a data config into segments, so ``seed`` means the same everywhere.
+    """
+    lines = load_texts(data.text, data.dataset, data.split)
+    return token_segments(lines, tokenizer, data.seq_len, data.max_samples, data.seed)[rank::world]
 
 
 def token_segments(lines: Sequence[str], tokenizer, seq_len: int, max_samples: int,

@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ from .block import SPDDecoderLayer
 from .comm import CommStats, VirtualReduce
 from .headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
 from .inject import decoder_layers, model_device, set_spd_blocks
-from .layout import TPLayout
+from .errors import PlanError
 from .plan import Plan
 from .scan import BlockInputs
 
@@ -99,7 +100,9 @@ def prepare_pairs(model: nn.Module, plan: Plan, blocks: list[int], segments: tor
 def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: BlockPairs,
                    settings: DistillSettings) -> tuple[dict[int, SPDDecoderLayer], dict[int, HeadGrouping]]:
     """SPD copies of the blocks; ESB blocks head-grouped on calibration block inputs first."""
-    layout = TPLayout.for_model(model.config, plan.tp_size)
+    layout = model.spd_layout  # the virtualized model's (configured tp_grain_size): the one layout everywhere
+    if layout.tp_size != plan.tp_size:
+        raise PlanError(f"the model is virtualized for tp size {layout.tp_size}, the plan is for {plan.tp_size}")
     layers, rotary = decoder_layers(model), model.model.rotary_emb
     classes = {b.index: b.cls for b in plan.blocks}
     students, groupings = {}, {}
@@ -116,14 +119,18 @@ def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: Block
 
 
 def plan_digest(plan: Plan) -> str:
-    return hashlib.sha256(plan.model_dump_json(by_alias=True, exclude={"measured_with"}).encode()).hexdigest()[:16]
+    """What of a plan determines the distilled weights: the model shape, tp size and grain, and each block's
+    class (which blocks train, which get head grouping, which form the SPD prefix). Sensitivities and scan
+    timings do not, so a re-scan that picks the same classes resumes the same run."""
+    key = [plan.fingerprint, plan.tp_size, plan.tp_grain_size, [(b.index, b.cls) for b in plan.blocks]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class DistillResult:
     block_states: dict[int, dict[str, torch.Tensor]]
     groupings: dict[int, HeadGrouping]
-    history: list[dict] = field(default_factory=list)   # per epoch: mean loss per block
+    history: list[dict] = field(default_factory=list)   # per epoch (all, resumed ones too): mean loss per block
     initial_mse: dict[int, float] = field(default_factory=dict)   # before training (after HG for ESB)
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -146,6 +153,8 @@ class _Trainer:
         params = [p for p in distiller.parameters() if p.requires_grad]
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
         # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
+        from .comm import prepare_dist_env, release_shm_buffer
+        prepare_dist_env()
         if use_accelerate:
             from accelerate import Accelerator
             from accelerate.utils import InitProcessGroupKwargs
@@ -157,15 +166,15 @@ class _Trainer:
             self.zero_stage = None if plugin is None else plugin.zero_stage
             optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
             self.model, self.optimizer = self.acc.prepare(distiller, optimizer)
+            release_shm_buffer()
             self.rank, self.world = self.acc.process_index, self.acc.num_processes
         else:
             import deepspeed
 
-            from .comm import prepare_dist_env
-            prepare_dist_env()
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
                                                                     config=ds_config)
+            release_shm_buffer()
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             self.zero_stage = self.model.zero_optimization_stage()
         self.device = model_device(distiller)
@@ -233,20 +242,27 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), list(g.mlp_slices)] for i, g in groupings.items()}}
-    start_epoch = 0
-    if checkpoint_dir:
+    start_epoch, history = 0, []
+    if checkpoint_dir:  # the work dir's fingerprint was checked before (ds_spd.workdir): only then is it loaded
         found = trainer.load(checkpoint_dir)
         if found is not None:
             mismatch = [k for k in ("plan", "blocks", "input_source", "groupings") if found.get(k) != client[k]]
             if mismatch:
-                from .errors import PlanError
                 raise PlanError(f"training checkpoint {checkpoint_dir!r} is for another run ({', '.join(mismatch)} "
-                                "differ): use another --work-dir or remove it")
+                                "differ): use another --work-dir, or --restart")
             start_epoch = found["epoch"]
+            history = [{"epoch": h["epoch"], "loss": {int(k): v for k, v in h["loss"].items()}}
+                       for h in found.get("history", [])]
+            if start_epoch > settings.epochs:
+                raise PlanError(f"work dir {checkpoint_dir!r} holds {start_epoch} trained epochs, more than the "
+                                f"{settings.epochs} asked: ask for >= {start_epoch} epochs, or --restart")
+            if progress:
+                print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} ({checkpoint_dir})",
+                      file=sys.stderr, flush=True)
     sampler = DistributedSampler(pairs, num_replicas=trainer.world, rank=trainer.rank, shuffle=True,
                                  seed=settings.seed)
     loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
-    history, tokens, start = [], 0, time.perf_counter()
+    tokens, start = 0, time.perf_counter()
     for epoch in range(start_epoch, settings.epochs):
         sampler.set_epoch(epoch)
         total, count = torch.zeros(len(blocks)), 0
@@ -260,7 +276,7 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
         mean = (total / max(count, 1)).tolist()
         history.append({"epoch": epoch + 1, "loss": dict(zip(blocks, mean))})
         if checkpoint_dir:
-            trainer.save(checkpoint_dir, epoch + 1, client)
+            trainer.save(checkpoint_dir, epoch + 1, {**client, "history": history})
     seconds = time.perf_counter() - start
     states = trainer.gathered_state(distiller)
     return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())), seconds,

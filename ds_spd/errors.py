@@ -19,3 +19,11 @@ class PlanError(SPDInputError):
 
 class LaunchError(SPDInputError):
     """The ranks started do not fit the run (tp size vs world size, virtual TP under a launcher)."""
+
+
+class OutputError(SPDInputError):
+    """An output path ds_spd cannot or must not write (unwritable, or holding something ds_spd did not write)."""
+
+
+class DataError(SPDInputError):
+    """Text, dataset or model files that cannot be read as asked (missing, empty, not UTF-8, offline hub)."""

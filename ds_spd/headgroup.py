@@ -27,10 +27,12 @@ _EXHAUSTIVE_LIMIT = 50_000
 
 @dataclass(frozen=True)
 class HeadGrouping:
-    """KV units per rank (in rank order) and the original MLP slice each rank now holds."""
+    """KV units per rank (in rank order), the original MLP slice each rank now holds, and the per-rank MLP
+    widths (the layout's, which depend on DeepSpeed's tp_grain_size) the slices refer to."""
 
     groups: tuple[tuple[int, ...], ...]
     mlp_slices: tuple[int, ...]
+    mlp_cols: tuple[int, ...] = ()
 
     @property
     def kv_order(self) -> list[int]:
@@ -160,13 +162,17 @@ def find_grouping(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, layout: 
     units = maps.reshape(-1, group * maps.shape[-1] * maps.shape[-2]).double()  # one row per KV unit
     dist = torch.cdist(units, units)
     groups = scatter_heads(dist, layout.kv_heads)
-    return HeadGrouping(groups, match_mlp(layer, rotary, x, groups, layout))
+    return HeadGrouping(groups, match_mlp(layer, rotary, x, groups, layout), layout.mlp_cols)
 
 
 @torch.no_grad()
 def permute_block(layer: nn.Module, grouping: HeadGrouping, layout: TPLayout) -> None:
     """Reorder heads (by KV unit) and MLP neurons (by slice) in place; plain TP computes the same function."""
     attn, mlp = layer.self_attn, layer.mlp
+    held = getattr(layer, "mlp_cols", layout.mlp_cols)
+    if tuple(held) != layout.mlp_cols or (grouping.mlp_cols and grouping.mlp_cols != layout.mlp_cols):
+        raise ValueError(f"head grouping for MLP slices {grouping.mlp_cols or layout.mlp_cols} applied to a block "
+                         f"whose ranks hold {tuple(held)} columns: build both from one TPLayout")
     hd, group = attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
     kv_rows = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in grouping.kv_order])
     q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for u in grouping.kv_order

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .block import SPDDecoderLayer
-from .comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env
+from .comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env, release_shm_buffer
 from .errors import LaunchError, PlanError
 from .layout import DEFAULT_TP_GRAIN_SIZE, TPLayout, check_architecture
 
@@ -129,10 +129,11 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     _prepare_distributed(cfg.tp_size)
     if cfg.checkpoint:  # distilled weights go in before AutoTP shards them
         from .checkpoint import apply_checkpoint
-        apply_checkpoint(model, cfg.checkpoint, cfg.tp_size, blocks)
+        apply_checkpoint(model, cfg.checkpoint_info(model.config))
 
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
                                       dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
+    release_shm_buffer()
     stats = CommStats()
     tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
     local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))

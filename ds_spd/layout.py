@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from deepspeed.inference.config import DeepSpeedTPConfig
-from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
-
 from .errors import LayoutError
 
 #: HF ``model_type`` values whose decoder block has the LLaMA shape (pre-norm, q/k/v/o, gate/up/down).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-DEFAULT_TP_GRAIN_SIZE = DeepSpeedTPConfig().tp_grain_size
+#: DeepSpeed's default ``tensor_parallel.tp_grain_size`` (DeepSpeedTPConfig; a test keeps them equal). Kept
+#: here as a number so that reading configs and plans does not import DeepSpeed.
+DEFAULT_TP_GRAIN_SIZE = 64
 
 
 def check_architecture(config) -> None:
@@ -52,6 +51,7 @@ class TPLayout:
         if tp_size > n_kv:
             raise LayoutError(f"tp size {tp_size} cannot split this model: it has {n_kv} KV heads, so at most "
                               f"{n_kv} ranks can each hold whole KV heads (choose tp <= {n_kv})")
+        from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
         meta = AutoTPMeta.from_model_config(config, tp_grain_size)
         attn = get_shard_size_list(n_heads * head_dim, tp_size, meta, "self_attn.o_proj")
         kv = get_shard_size_list(n_kv * head_dim, tp_size, meta, "self_attn.k_proj")

@@ -16,8 +16,7 @@ import sys
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .cli import parse_blocks
-from .config import resolve_spd_config
+from .config import parse_block_list, resolve_spd_config
 from .runtime import build_runner
 
 
@@ -26,7 +25,7 @@ class SPDLM(HFLM):
     def __init__(self, config: str | None = None, model: str | None = None, tp_size: int | None = None,
                  virtual_tp: int | None = None, spd_blocks: str | None = None, plan: str | None = None,
                  checkpoint: str | None = None, dtype: str | None = None, **kwargs):
-        blocks = None if spd_blocks is None else parse_blocks(str(spd_blocks).replace(":", ","))
+        blocks = None if spd_blocks is None else parse_block_list(str(spd_blocks).replace(":", ","))
         cfg = resolve_spd_config(config, model=model, tp_size=None if tp_size is None else int(tp_size),
                                  spd_blocks=blocks, plan=plan, checkpoint=checkpoint, dtype=dtype)
         self.spd_runner = build_runner(cfg, None if virtual_tp is None else int(virtual_tp))

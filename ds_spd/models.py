@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import SPDInputError
+from .errors import DataError, SPDInputError
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -76,12 +76,61 @@ def resolve_model_path(name: str) -> str:
     return default_model_dir() if name in (DEFAULT_MODEL, "smollm2", DEFAULT_MODEL_NAME) else name
 
 
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``org/name``): absolute, relative with ./ or ../, ~, or deeper."""
+    return name.startswith((os.sep, ".", "~")) or name.count("/") > 1 or name.endswith("/")
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub can be reached (one TCP connect, cached; False when HF_HUB_OFFLINE is set)."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if url.hostname not in _HUB_REACHABLE:
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout=timeout).close()
+            _HUB_REACHABLE[url.hostname] = True
+        except OSError:
+            _HUB_REACHABLE[url.hostname] = False
+    return _HUB_REACHABLE[url.hostname]
+
+
+def check_model_source(name: str) -> str:
+    """The model's local path, or a hub id that is cached or reachable; else a clear :class:`DataError`."""
+    path = resolve_model_path(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise DataError(f"model directory {path!r} has no config.json: not a Hugging Face model directory")
+        return path
+    if os.path.exists(path):
+        raise DataError(f"model {path!r} is a file; give a Hugging Face model directory or a hub id")
+    if looks_like_path(path):
+        raise DataError(f"model path {path!r} does not exist")
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return path  # cached: transformers loads it offline
+    if not hub_reachable():
+        raise DataError(f"model {path!r}: no such local directory, not in the Hugging Face cache, and the hub "
+                        "cannot be reached (offline): pass a local model directory, or run with a network")
+    return path
+
+
 def load_model_config(name: str):
     """The HF config, with the architecture checked (cheap: no weights are read)."""
     from transformers import AutoConfig
 
     from .layout import check_architecture
-    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    path = check_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"model {name!r}: cannot read its config: {str(err).splitlines()[0]}") from None
     check_architecture(config)
     return config
 

@@ -12,6 +12,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PlanError
+from .layout import DEFAULT_TP_GRAIN_SIZE
+from .outputs import write_atomic
 
 PLAN_FORMAT = "ds_spd.plan/1"
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
@@ -37,6 +39,7 @@ class Plan(BaseModel):
     model: str
     fingerprint: dict
     tp_size: int = Field(ge=1)
+    tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)  # AutoTP's MLP split depends on it
     blocks: list[BlockEntry]
     measured_with: dict = Field(default_factory=dict)
     scan: Optional[dict] = None       # how the sensitivities were measured (see ds_spd.scan)
@@ -46,7 +49,8 @@ class Plan(BaseModel):
     def spd_blocks(self) -> list[int]:
         return [b.index for b in self.blocks if b.cls != "TP"]
 
-    def check_compatible(self, model_config, tp_size: int) -> "Plan":
+    def check_compatible(self, model_config, tp_size: int, tp_grain_size: int | None = None) -> "Plan":
+        """Refuse a plan made for another model shape, tp size or (when given) tp grain size."""
         fp = model_fingerprint(model_config)
         diff = {k: (self.fingerprint.get(k), fp[k]) for k in FINGERPRINT_KEYS if self.fingerprint.get(k) != fp[k]}
         if diff:
@@ -54,6 +58,9 @@ class Plan(BaseModel):
             raise PlanError(f"plan was made for another model ({self.model}): {detail}")
         if self.tp_size != tp_size:
             raise PlanError(f"plan was made for tp size {self.tp_size}, not {tp_size}")
+        if tp_grain_size is not None and self.tp_grain_size != tp_grain_size:
+            raise PlanError(f"plan was made for tp_grain_size {self.tp_grain_size}, not {tp_grain_size}: the MLP "
+                            "split differs (set spd.tp_grain_size to the plan's, or scan again)")
         if sorted(b.index for b in self.blocks) != list(range(len(self.blocks))) or \
                 len(self.blocks) != fp["num_hidden_layers"]:
             raise PlanError(f"plan lists blocks {[b.index for b in self.blocks]}, the model has "
@@ -61,26 +68,28 @@ class Plan(BaseModel):
         return self
 
     @classmethod
-    def from_blocks(cls, model_name: str, model_config, tp_size: int, spd_blocks, **measured_with) -> "Plan":
+    def from_blocks(cls, model_name: str, model_config, tp_size: int, spd_blocks, *,
+                    tp_grain_size: int = DEFAULT_TP_GRAIN_SIZE, **measured_with) -> "Plan":
         chosen = set(spd_blocks)
         blocks = [BlockEntry(index=i, **{"class": "ISB" if i in chosen else "TP"})
                   for i in range(model_config.num_hidden_layers)]
-        return cls(model=model_name, fingerprint=model_fingerprint(model_config), tp_size=tp_size, blocks=blocks,
-                   measured_with=measured_with)
+        return cls(model=model_name, fingerprint=model_fingerprint(model_config), tp_size=tp_size,
+                   tp_grain_size=tp_grain_size, blocks=blocks, measured_with=measured_with)
 
     def save(self, path: str) -> None:
         """Write atomically: a crash never leaves a half-written plan."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(self.model_dump_json(indent=2, by_alias=True))
-        os.replace(tmp, path)
+        write_atomic(path, self.model_dump_json(indent=2, by_alias=True))
 
 
 def load_plan(path: str) -> Plan:
     if not os.path.isfile(path):
         raise PlanError(f"plan file {path!r} not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return Plan.model_validate(json.load(f))
+    except UnicodeDecodeError:
+        raise PlanError(f"plan file {path!r} is not UTF-8 text (a binary file?)") from None
+    except OSError as err:
+        raise PlanError(f"plan file {path!r} cannot be read: {err.strerror}") from None
     except (json.JSONDecodeError, ValidationError) as err:
         raise PlanError(f"plan file {path!r} is not a valid ds_spd plan: {err}") from None

@@ -47,10 +47,16 @@ def classify(r: float, thresholds: tuple[float, float]) -> str:
 
 
 def _with_selection(plan: Plan, chosen: Iterable[int], thresholds, selection: dict) -> Plan:
+    """Re-class the blocks. A block's head / MLP permutations describe distilled weights of that class: they
+    are kept, both, where the class is unchanged and dropped, both, where it changes."""
     rel, chosen = relative(plan), set(chosen)
-    blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, head_permutation=b.head_permutation,
-                         **{"class": classify(rel[b.index], thresholds) if b.index in chosen else "TP"})
-              for b in plan.blocks]
+    blocks = []
+    for b in plan.blocks:
+        cls = classify(rel[b.index], thresholds) if b.index in chosen else "TP"
+        keep = cls == b.cls
+        blocks.append(BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": cls},
+                                 head_permutation=b.head_permutation if keep else None,
+                                 mlp_permutation=b.mlp_permutation if keep else None))
     return plan.model_copy(update={"blocks": blocks, "selection": {
         "thresholds": list(thresholds), "spd_count": len(chosen), **selection}})
 

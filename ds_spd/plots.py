@@ -1,8 +1,7 @@
 """PNG plots (matplotlib, headless) of scans and plans."""
 from __future__ import annotations
 
-import os
-
+from .outputs import PNG_KEY, PNG_VALUE, write_atomic
 from .plan import Plan
 
 CLASS_COLORS = {"TP": "#9e9e9e", "ISB": "#2e7d32", "SB": "#f9a825", "ESB": "#c62828"}
@@ -33,8 +32,13 @@ def plot_plan(plan: Plan, path: str) -> str:
                 title="metric as blocks are converted")
         ax2.grid(alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Save a matplotlib figure as a PNG marked as ds_spd's (so a later run may replace it), atomically."""
+    import matplotlib.pyplot as plt
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata={PNG_KEY: PNG_VALUE}))
     plt.close(fig)
     return path
 

@@ -45,12 +45,17 @@ class Runner:
         return model_device(self.hf_model)
 
 
-def preflight(cfg: SPDConfig, virtual_tp: int | None = None,
-              data_parallel: bool = False) -> tuple[object, tuple[int, ...]]:
-    """Every check that needs no weights; returns (HF config, SPD blocks)."""
+def preflight(cfg: SPDConfig, virtual_tp: int | None = None, data_parallel: bool = False,
+              data_section: str | None = None) -> tuple[object, tuple[int, ...]]:
+    """Every check that needs no weights (``data_section``: the data config the command reads, checked too);
+    returns (HF config, SPD blocks)."""
     if virtual_tp is not None and world_size() > 1 and not data_parallel:
         raise LaunchError(f"--virtual-tp runs in one process, but {world_size()} ranks were started: "
                            "drop --virtual-tp under a launcher, or run without the launcher")
+    if data_section is not None:
+        from .data import check_data_source
+        d = getattr(cfg, data_section)
+        check_data_source(d.text, d.dataset, d.split)
     model_config = load_model_config(cfg.model)
     TPLayout.for_model(model_config, cfg.tp_size, cfg.tp_grain_size)
     if virtual_tp is None and world_size() != cfg.tp_size:
@@ -70,12 +75,13 @@ def init_data_parallel() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def build_runner(cfg: SPDConfig, virtual_tp: int | None = None, data_parallel: bool = False) -> Runner:
+def build_runner(cfg: SPDConfig, virtual_tp: int | None = None, data_parallel: bool = False,
+                 data_section: str | None = None) -> Runner:
     """Real TP (``virtual_tp=None``, under a launcher) or virtual TP; ``data_parallel`` lets virtual-TP
     work run on every rank of a launcher, each on its share of the data."""
     if virtual_tp is not None:
         cfg = cfg.model_copy(update={"tp_size": virtual_tp})
-    _, blocks = preflight(cfg, virtual_tp, data_parallel)
+    _, blocks = preflight(cfg, virtual_tp, data_parallel, data_section)
     if data_parallel:
         init_data_parallel()
     model, tok = load_model(cfg.model, cfg.torch_dtype)
@@ -83,7 +89,7 @@ def build_runner(cfg: SPDConfig, virtual_tp: int | None = None, data_parallel: b
         from deepspeed.accelerator import get_accelerator
         if cfg.checkpoint:
             from .checkpoint import apply_checkpoint
-            apply_checkpoint(model, cfg.checkpoint, cfg.tp_size, blocks)
+            apply_checkpoint(model, cfg.checkpoint_info(model.config))
         model.to(get_accelerator().current_device_name())
         virtualize(model, cfg.tp_size, blocks, tp_grain_size=cfg.tp_grain_size)
         return Runner(model, model, tok, cfg, blocks, "virtual")

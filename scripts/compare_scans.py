@@ -15,7 +15,7 @@ from ds_spd.evaluation import evaluate_lm
 from ds_spd.models import load_model
 from ds_spd.plan import Plan
 from ds_spd.planner import ranking
-from ds_spd.plots import plot_count_curves, plot_plan
+from ds_spd.plots import plot_count_curves, plot_plan, save_figure
 from ds_spd.scan import scan
 
 
@@ -75,7 +75,7 @@ def _plot(results, counts, path):
     ax.set(yscale="log", title=f"SmolLM2-135M, virtual tp={results['args']['tp']}, zero-shot SPD")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _table(results, counts, path):

@@ -18,12 +18,12 @@ import sys
 import torch
 
 import ds_spd
-from ds_spd.checkpoint import apply_checkpoint
+from ds_spd.checkpoint import apply_checkpoint, open_checkpoint
 from ds_spd.data import load_texts, token_segments
 from ds_spd.evaluation import evaluate_lm
 from ds_spd.models import load_model
 from ds_spd.plan import load_plan
-from ds_spd.plots import plot_count_curves
+from ds_spd.plots import plot_count_curves, save_figure
 from ds_spd.planner import ranking, select
 
 
@@ -75,7 +75,7 @@ def main():
     def measure(blocks, weights=()):
         model.load_state_dict(base_state)
         for ckpt, chosen in weights:
-            apply_checkpoint(model, ckpt, args.tp, chosen)
+            apply_checkpoint(model, open_checkpoint(ckpt, model.config, args.tp, spd_blocks=chosen))
         ds_spd.set_spd_blocks(model, blocks)
         return evaluate_lm(model, held, 4, progress=False)
 
@@ -134,7 +134,7 @@ def _plot(report, counts, path):
     a1.legend(fontsize=8)
     fig.suptitle(f"SmolLM2-135M, tp={report['args']['tp']}: recovery of SPD blocks")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _table(report, counts, path):

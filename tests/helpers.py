@@ -89,10 +89,24 @@ def last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.strip().splitlines() if line.startswith("{")][-1])
 
 
-def run_cli(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = clean_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([sys.executable, "-m", "ds_spd", *args], capture_output=True, text=True,
+def run_cli(args: list[str], timeout: int = 600, check: bool = True, env: dict | None = None,
+            runner: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m ds_spd ARGS`` (or ``runner + ARGS``) in a clean environment (plus ``env``)."""
+    env = clean_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **(env or {}))
+    proc = subprocess.run([*(runner or [sys.executable, "-m", "ds_spd"]), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"ds_spd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return proc
+
+
+def file_tree(path: str) -> dict:
+    """Every file and folder under ``path`` with its bytes: a snapshot to prove nothing changed."""
+    snap = {}
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            snap[os.path.relpath(os.path.join(root, d), path)] = None
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                snap[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return snap

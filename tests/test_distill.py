@@ -106,7 +106,8 @@ def _tiny_plan_file(model_dir, tmp_path, classes):
     return path
 
 
-DATA = ["--max-samples", "8", "--seq-len", "24", "--batch-size", "4"]
+DISTILL_DATA = ["--max-samples", "8", "--seq-len", "24"]   # distill's micro-batch is the DeepSpeed config's
+DATA = [*DISTILL_DATA, "--batch-size", "4"]
 
 
 def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
@@ -114,14 +115,17 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
     out = str(tmp_path / "ckpt")
-    args = ["distill", "--config", str(cfg), "--plan", plan, *DATA, "--out", out, "--json"]
+    args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--json"]
     first = last_json(run_cli([*args, "--epochs", "2"]).stdout)
     assert sorted(os.listdir(out)) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
     assert not any(f.endswith(".bin") or f.endswith(".pt") for f in os.listdir(out))
-    # resume: epochs 1-2 are in the ZeRO checkpoint, only epoch 3 runs
-    resumed = last_json(run_cli([*args, "--epochs", "3"]).stdout)
+    # resume: epochs 1-2 are in the ZeRO checkpoint, only epoch 3 runs; the history keeps all three
+    proc = run_cli([*args, "--epochs", "3"])
+    assert "resuming from epoch 2 of 3" in proc.stderr
+    resumed = last_json(proc.stdout)
     history = json.load(open(os.path.join(out, "provenance.json")))["history"]
-    assert [h["epoch"] for h in history] == [3]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert resumed["epochs_trained"] == [1, 2, 3]
     assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
     saved = json.load(open(os.path.join(out, "plan.json")))
     assert saved["blocks"][2]["head_permutation"] is not None and saved["blocks"][0]["head_permutation"] is None
@@ -133,9 +137,9 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     assert ev["spd_blocks"] == [0, 1, 2]
     # a training work dir from another plan is refused
     other = _tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
-    proc = run_cli(["distill", "--config", str(cfg), "--plan", other, *DATA, "--out", out, "--epochs", "4"],
+    proc = run_cli(["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"],
                    check=False)
-    assert proc.returncode == 2 and "is for another run" in proc.stderr
+    assert proc.returncode == 2 and "holds training state of another run" in proc.stderr and "plan:" in proc.stderr
 
 
 @pytest.mark.multirank
@@ -144,7 +148,7 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps(CPU_ZERO2))
     out = str(tmp_path / "ckpt")
-    run_cli(["distill", "--config", str(cfg), "--plan", plan, *DATA, "--out", out, "--epochs", "2"])
+    run_cli(["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2"])
     common = ["--model", tiny_dir, "--checkpoint", out, *DATA, "--json"]
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
     virtual = last_json(run_cli(["eval", "--virtual-tp", "2", *common]).stdout)
@@ -168,7 +172,7 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     # persistence threshold 0: ZeRO-3 really partitions even the tiny model's parameters
     cfg.write_text(json.dumps({**CPU_ZERO2, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
     out = str(tmp_path / "ckpt")
-    args = ["distill", "--config", str(cfg), "--plan", plan, *DATA, "--out", out, "--epochs", "3", "--lr", "2e-3",
+    args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3", "--lr", "2e-3",
             "--json"]
     if launcher == "deepspeed":
         res = last_json(launch(["ds_spd", *args], module=True).stdout)

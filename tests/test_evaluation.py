@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import tiny_model, tiny_tokenizer
 
 from ds_spd.data import load_texts, shipped_corpus_file, token_segments
+from ds_spd.errors import DataError
 from ds_spd.evaluation import evaluate_lm
 
 
@@ -36,5 +37,5 @@ def test_shipped_corpus_splits_are_disjoint_and_segments_deterministic(tmp_path)
     f = tmp_path / "t.txt"
     f.write_text("one line\nanother line\n")
     assert load_texts([str(f)]) == ["one line", "another line"]
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_texts([str(tmp_path / "missing.txt")])

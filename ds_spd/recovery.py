@@ -1,0 +1,134 @@
+"""The ``distill`` command's run: from a plan to an SPD checkpoint, safely.
+
+Before any weights are read: the plan is checked against the model, tp size and grain; the output must
+be new, empty or an SPD checkpoint; the work dir must be new or hold a run with the same fingerprint
+(ds_spd.workdir); a checkpoint already written by a run with the same fingerprint and epochs is reported
+as complete and left untouched. Then the model loads, ZeRO trains (resuming per epoch), and rank 0
+swaps the new checkpoint in atomically, with the full history of every epoch in its provenance.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
+from .config import SPDConfig, load_ds_config
+from .distill import DistillSettings, distill, plan_digest
+from .errors import SPDInputError
+from .plan import BlockEntry, Plan, load_plan
+from .workdir import check_work_dir, prepare_work_dir, run_fingerprint
+
+
+def deepspeed_config(config_path: str | None, lr: float) -> dict:
+    """The DeepSpeed keys of the config file with distillation defaults: ZeRO-2, micro-batch 4, torch AdamW;
+    ``spd.distill.lr`` is the one learning-rate knob, written into the optimizer's params."""
+    ds = {k: v for k, v in (load_ds_config(config_path) if config_path else {}).items() if k != "spd"}
+    ds.setdefault("train_micro_batch_size_per_gpu", 4)
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("zero_optimization", {"stage": 2})
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}})
+    optimizer.setdefault("params", {})["lr"] = lr
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def launched_by_accelerate() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+@dataclass
+class DistillRun:
+    cfg: SPDConfig
+    plan: Plan
+    ds_config: dict
+    settings: DistillSettings
+    out: str
+    work_dir: str
+    fingerprint: dict
+    work_state: str          # "new", "resume" or "restart"
+    use_accelerate: bool
+
+    @property
+    def complete(self) -> bool:
+        """The output already holds this exact run's checkpoint (same fingerprint, same epochs)."""
+        prov = read_provenance(self.out) if is_checkpoint(self.out) else {}
+        return prov.get("run") == self.fingerprint and prov.get("epochs") == self.settings.epochs
+
+
+def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str | None = None,
+            restart: bool = False) -> DistillRun:
+    """Every check of a distill run that reads no weights (see the module docstring); the model is ``model``
+    (the --model flag) or the plan's."""
+    from .data import check_data_source
+    from .models import load_model_config
+    from .runtime import world_size
+    plan = load_plan(plan_path)
+    cfg = cfg.model_copy(update={"model": model or plan.model, "tp_size": plan.tp_size, "plan": None, "spd_blocks": None, "checkpoint": None})
+    d = cfg.calibration
+    check_data_source(d.text, d.dataset, d.split)
+    model_config = load_model_config(cfg.model)
+    plan.check_compatible(model_config, plan.tp_size, cfg.tp_grain_size)
+    ds_config = deepspeed_config(config_path, cfg.distill.lr)
+    settings = DistillSettings(epochs=cfg.distill.epochs, lr=cfg.distill.lr,
+                               micro_batch=ds_config["train_micro_batch_size_per_gpu"],
+                               input_source=cfg.distill.input_source, hg_segments=cfg.distill.hg_segments,
+                               seed=d.seed or 0)
+    use_accelerate = launched_by_accelerate()
+    out = cfg.distill.out.rstrip(os.sep)
+    work_dir = (cfg.distill.work_dir or out + ".work").rstrip(os.sep)
+    if os.path.abspath(work_dir) == os.path.abspath(out):
+        raise SPDInputError(f"the work dir and the checkpoint output are the same directory {out!r}")
+    check_checkpoint_target(out)
+    fingerprint = run_fingerprint(model=cfg.model, model_fingerprint=plan.fingerprint, plan_digest=plan_digest(plan),
+                                  tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
+                                  calibration=d, settings=vars(settings), ds_config=ds_config, ranks=world_size(),
+                                  launcher="accelerate" if use_accelerate else "deepspeed")
+    run = DistillRun(cfg, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
+    if not run.complete:
+        run.work_state = check_work_dir(work_dir, fingerprint, restart)
+    return run
+
+
+def execute(run: DistillRun, progress: bool = True) -> dict:
+    """Load, train (resuming from the work dir), write the checkpoint on rank 0; returns the report dict."""
+    import torch.distributed as dist
+
+    from . import __version__
+    from .data import segments_for
+    from .runtime import build_runner, is_main_rank, world_size
+    runner = build_runner(run.cfg, run.plan.tp_size, data_parallel=True, data_section="calibration")
+    if is_main_rank():
+        prepare_work_dir(run.work_dir, run.fingerprint, run.work_state)
+    if dist.is_initialized():
+        dist.barrier()
+    d = runner.config.calibration
+    segments = segments_for(d, runner.tokenizer)
+    result = distill(runner.hf_model, run.plan, segments, run.ds_config, run.settings, run.work_dir,
+                     run.use_accelerate, progress=progress)
+    final = result.history[-1]["loss"] if result.history else {}
+    if is_main_rank():
+        blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
+                             head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
+                             mlp_permutation=list(result.groupings[b.index].mlp_slices)
+                             if b.index in result.groupings else None)
+                  for b in run.plan.blocks]
+        plan = run.plan.model_copy(update={"blocks": blocks, "tp_grain_size": run.cfg.tp_grain_size})
+        provenance = {"run": run.fingerprint, "epochs": run.settings.epochs, "ds_spd": __version__,
+                      "torch": torch.__version__, "settings": vars(run.settings), "zero_stage": result.zero_stage,
+                      "launcher": "accelerate" if run.use_accelerate else "deepspeed", "ranks": world_size(),
+                      "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
+                      "initial_mse": result.initial_mse, "final_mse": final, "history": result.history,
+                      "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                      "peak_memory_bytes_rank0": result.peak_memory_bytes}
+        save_checkpoint(run.out, plan, result.block_states, runner.hf_model.config, provenance)
+        if progress:
+            for i in sorted(final):
+                print(f"block {i:3d} ({run.plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}",
+                      file=sys.stderr)
+    return {"checkpoint": run.out, "initial_mse": result.initial_mse, "final_mse": final,
+            "epochs_trained": [h["epoch"] for h in result.history], "seconds": result.seconds,
+            "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
+            "zero_stage": result.zero_stage, "runner": runner}

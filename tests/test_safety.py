@@ -1,0 +1,308 @@
+"""Nothing lost, nothing silent: output safety, atomic checkpoints, resume integrity, bad input."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from bad_inputs import CASES, ENV, TINY_DATA
+from helpers import ROOT, file_tree as _tree, last_json, run_cli, tiny_config, tiny_model
+
+import ds_spd
+from ds_spd import outputs
+from ds_spd.checkpoint import FILES, WEIGHTS, open_checkpoint, save_checkpoint
+from ds_spd.errors import OutputError, PlanError
+from ds_spd.plan import Plan
+
+ZERO2 = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+         "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}}}
+DATA = ["--max-samples", "8", "--seq-len", "24"]
+
+
+# ---------------------------------------------------------------- bad input: one clear line, exit 2, no work
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(case, tiny_dir, tmp_path):
+    name, _, setup, expected = case
+    args = setup(str(tmp_path), tiny_dir)
+    before = _tree(tmp_path)
+    start = time.perf_counter()
+    proc = run_cli(args, check=False, env=ENV)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 2, (name, proc.stderr[-3000:])
+    assert expected in proc.stderr, (name, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert _tree(tmp_path) == before, f"{name}: files changed"   # nothing written, nothing deleted
+    assert seconds < 60, f"{name}: took {seconds:.0f} s to refuse"
+
+
+def test_output_file_rules(tmp_path):
+    ours = tmp_path / "plan.json"
+    Plan.from_blocks("tiny", tiny_config(), 2, []).save(str(ours))
+    assert outputs.check_output_file(str(ours), "plan output")   # ds_spd's own: may be replaced
+    foreign = tmp_path / "plan2.json"
+    foreign.write_text('{"format": "something else"}')
+    with pytest.raises(OutputError, match="was not written by ds_spd"):
+        outputs.check_output_file(str(foreign), "plan output")
+    png = tmp_path / "x.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(OutputError, match="was not written by ds_spd"):
+        outputs.check_output_file(str(png), "plot")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ds_spd.plots import save_figure
+    save_figure(plt.figure(), str(tmp_path / "ours.png"))
+    assert outputs.owned(str(tmp_path / "ours.png"))
+    # a missing directory is fine (created when written), a file in the way is not
+    assert outputs.check_output_file(str(tmp_path / "new" / "sub" / "p.json"), "plan output")
+    with pytest.raises(OutputError, match="is a file, not a directory"):
+        outputs.check_output_file(str(foreign / "p.json"), "plan output")
+
+
+def test_plan_out_onto_directory_leaves_no_tmp(tiny_dir, tmp_path):
+    from bad_inputs import _plan
+    plan = _plan(str(tmp_path), tiny_dir)
+    target = tmp_path / "d"
+    target.mkdir()
+    proc = run_cli(["plan", "--plan", plan, "--spd-count", "1", "--out", str(target)], check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    assert os.listdir(target) == [] and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+def test_scan_creates_missing_output_directory(tiny_dir, tmp_path):
+    out = tmp_path / "new" / "sub" / "plan.json"
+    run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *TINY_DATA, "--out", str(out)])
+    assert out.is_file() and out.with_suffix(".png").is_file() and outputs.owned(str(out.with_suffix(".png")))
+
+
+# ---------------------------------------------------------------- the checkpoint directory: atomic, never foreign
+
+def _save(path, value: float, tp_grain_size: int = 64):
+    cfg = tiny_config()
+    plan = Plan.from_blocks("tiny", cfg, 2, [1], tp_grain_size=tp_grain_size)
+    plan.blocks[1].cls = "SB"
+    save_checkpoint(str(path), plan, {1: {"w.weight": torch.full((2,), value)}}, cfg, {"v": value})
+
+
+def _value(path) -> float:
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, WEIGHTS))["model.layers.1.w.weight"][0].item()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_checkpoint_save_refuses_foreign_directory(tmp_path):
+    target = tmp_path / "mine"
+    (target / "sub").mkdir(parents=True)
+    (target / "notes.txt").write_text("keep me")
+    before = _tree(target)
+    with pytest.raises(OutputError, match="not written by ds_spd"):
+        _save(target, 1.0)
+    assert _tree(target) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _save(empty, 1.0)   # an empty directory made for it is fine
+    assert sorted(os.listdir(empty)) == sorted(FILES)
+
+
+def test_checkpoint_replace_is_atomic(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    _save(ck, 1.0)
+    # killed right after the swap, before the old copy is deleted: the new checkpoint is complete at the path
+    real_rmtree = outputs.shutil.rmtree
+
+    def die(path, *a, **k):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(outputs.shutil, "rmtree", die)
+    with pytest.raises(KeyboardInterrupt):
+        _save(ck, 2.0)
+    monkeypatch.setattr(outputs.shutil, "rmtree", real_rmtree)
+    assert sorted(os.listdir(ck)) == sorted(FILES) and _value(ck) == 2.0
+    # the fallback (no renameat2): killed between "old aside" and "new in": the next save restores the old one
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+    calls = []
+
+    def rename_then_die(a, b):
+        calls.append((a, b))
+        real_rename(a, b)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(outputs.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _save(ck, 3.0)
+    monkeypatch.setattr(outputs.os, "rename", real_rename)
+    assert not ck.exists()
+    aside = tmp_path / f"ck.old{os.getpid()}"
+    dead = tmp_path / f"ck.old{_dead_pid()}"
+    aside.rename(dead)   # as if that process had died
+    outputs.clean_stale(str(ck), FILES)
+    assert _value(ck) == 2.0 and not dead.exists()
+
+
+def test_stale_tmp_dirs_of_dead_processes_are_cleaned(tmp_path):
+    ck = tmp_path / "ck"
+    _save(ck, 1.0)
+    pid = _dead_pid()
+    stale = tmp_path / f"ck.tmp{pid}"
+    stale.mkdir()
+    (stale / WEIGHTS).write_bytes(b"partial")
+    foreign = tmp_path / f"ck.tmp{pid + 1 if pid + 1 != os.getpid() else pid + 2}"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    live = tmp_path / f"ck.tmp{os.getppid()}"
+    live.mkdir()
+    _save(ck, 2.0)
+    assert not stale.exists()             # a dead process's partial checkpoint
+    assert (foreign / "notes.txt").exists()   # files ds_spd does not write: never deleted
+    assert live.exists()                  # a live process may still be writing it
+
+
+def test_checkpoint_tensors_must_match_plan(tmp_path):
+    cfg = tiny_config()
+    ck = tmp_path / "ck"
+    _save(ck, 1.0)
+    info = open_checkpoint(str(ck), cfg, 2, 64)
+    assert info.spd_blocks == (1,) and info.weight_blocks == (1,)
+    with pytest.raises(PlanError, match=r"blocks \[3\] are not SPD blocks of checkpoint"):
+        open_checkpoint(str(ck), cfg, 2, 64, spd_blocks=[1, 3])
+    with pytest.raises(PlanError, match="tp_grain_size 64, not 32"):
+        open_checkpoint(str(ck), cfg, 2, 32)
+    plan = json.loads((ck / "plan.json").read_text())
+    plan["blocks"][1]["class"] = "TP"      # weights stored for a block the plan says is TP
+    plan["blocks"][2]["class"] = "ESB"     # and none for a distilled one
+    (ck / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match=r"weights stored for blocks \[1\], the plan's distilled \(SB/ESB\) "
+                                        r"blocks are \[2\]"):
+        open_checkpoint(str(ck), cfg, 2, 64)
+
+
+# ---------------------------------------------------------------- distill: refuse, complete, resume, fingerprint
+
+@pytest.fixture
+def distill_setup(tiny_dir, tmp_path):
+    from bad_inputs import _plan
+    plan_path = _plan(str(tmp_path), tiny_dir)
+    plan = json.loads(open(plan_path).read())
+    for b, c in zip(plan["blocks"], ["SB", "ISB", "ESB", "TP"]):
+        b["class"] = c
+    open(plan_path, "w").write(json.dumps(plan))
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
+    return ["distill", "--config", str(cfg), "--plan", plan_path, "--model", tiny_dir, *DATA, "--json"], tmp_path
+
+
+def _shm_files():
+    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
+def test_distill_complete_resume_and_fingerprint(distill_setup):
+    args, tmp = distill_setup
+    out = str(tmp / "ck")
+    shm_before = _shm_files()
+    first = last_json(run_cli([*args, "--out", out, "--epochs", "2"]).stdout)
+    assert first["epochs_trained"] == [1, 2]
+    assert _shm_files() <= shm_before, "DeepSpeed's shm all-reduce buffer was left in /dev/shm"
+    snapshot = _tree(out)
+    # a finished run is recognised: nothing rewritten
+    proc = run_cli([*args, "--out", out, "--epochs", "2"])
+    assert "already complete" in proc.stderr and last_json(proc.stdout)["already_complete"]
+    assert _tree(out) == snapshot
+    # another lr or other calibration data: refused, naming the keys, before any training state is loaded
+    proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2"], check=False)
+    assert proc.returncode == 2 and "settings.lr: 0.002 -> 0.01" in proc.stderr and "--restart" in proc.stderr
+    proc = run_cli([*args, "--out", out, "--epochs", "3", "--max-samples", "4"], check=False)
+    assert proc.returncode == 2 and "calibration.max_samples: 8 -> 4" in proc.stderr
+    assert _tree(out) == snapshot
+    # fewer epochs than the work dir holds: refused
+    proc = run_cli([*args, "--out", out, "--epochs", "1"], check=False)
+    assert proc.returncode == 2 and "holds 2 trained epochs" in proc.stderr
+    # --restart starts over with the new lr
+    proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"])
+    assert "resuming" not in proc.stderr
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and prov["run"]["settings"]["lr"] == 0.01
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(distill_setup):
+    args, tmp = distill_setup
+    shm_before = _shm_files()
+    killed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"], check=False,
+                     runner=[sys.executable, os.path.join(ROOT, "tests", "kill_after_epoch.py"), "2"])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert _shm_files() <= shm_before, "a SIGKILLed run left DeepSpeed's shm buffer in /dev/shm"
+    assert not (tmp / "a").exists() and (tmp / "a.work" / "latest").read_text().strip() == "epoch2"
+    resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"])
+    assert "resuming from epoch 2 of 3" in resumed.stderr
+    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3"])
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k          # bitwise
+    hist = [json.load(open(tmp / d / "provenance.json"))["history"] for d in ("a", "b")]
+    assert hist[0] == hist[1] and [h["epoch"] for h in hist[0]] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- values that were silently ignored
+
+def test_eval_seed_is_used(tiny_dir):
+    common = ["eval", "--model", tiny_dir, "--virtual-tp", "2", *TINY_DATA, "--json"]
+    ppl = {s: last_json(run_cli([*common, "--seed", s]).stdout)["perplexity"] for s in ("1", "2")}
+    assert ppl["1"] != ppl["2"]
+    assert last_json(run_cli([*common, "--seed", "1"]).stdout)["perplexity"] == ppl["1"]
+
+
+def test_eval_refuses_blocks_outside_checkpoint(tiny_dir, tmp_path):
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    plan = Plan.from_blocks(tiny_dir, cfg, 2, [1])
+    plan.blocks[1].cls = "SB"
+    model = tiny_model()
+    state = {k.split(".", 3)[3]: v for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    save_checkpoint(str(tmp_path / "ck"), plan, {1: state}, cfg, {})
+    proc = run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", str(tmp_path / "ck"),
+                    "--spd-blocks", "2,3", *TINY_DATA], check=False)
+    assert proc.returncode == 2 and "blocks [2, 3] are not SPD blocks of checkpoint" in proc.stderr
+
+
+def test_head_grouping_uses_the_configured_grain():
+    """HG must match MLP slices of the layout the ranks hold (tp_grain_size 100: 100 + 100 columns, not the
+    default grain's 128 + 72)."""
+    from ds_spd.distill import BlockPairs, DistillSettings, build_students
+    from ds_spd.headgroup import permute_block
+    from ds_spd.layout import TPLayout
+    model = ds_spd.virtualize(tiny_model(), 2, tp_grain_size=100)
+    plan = Plan.from_blocks("tiny", model.config, 2, [], tp_grain_size=100)
+    plan.blocks[0].cls = "ESB"
+    x = torch.randn(1, 4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    students, groupings = build_students(model, plan, [0], BlockPairs(x, x), DistillSettings(hg_segments=4))
+    assert groupings[0].mlp_cols == (100, 100) == students[0].mlp_cols
+    default = TPLayout.for_model(model.config, 2)
+    assert default.mlp_cols == (128, 72)
+    with pytest.raises(ValueError, match="build both from one TPLayout"):
+        permute_block(students[0], groupings[0], default)
+
+
+def test_reselection_keeps_or_drops_both_permutations():
+    from ds_spd.planner import select
+    plan = Plan.from_blocks("tiny", tiny_config(), 2, [])
+    for b, s in zip(plan.blocks, (0.001, 0.5, 0.5, 0.02)):
+        b.sensitivity, b.cls = s, "TP"
+    plan.scan = {"metric": "ppl", "baseline": 1.0}
+    for i in (1, 2):
+        plan.blocks[i].cls, plan.blocks[i].head_permutation, plan.blocks[i].mlp_permutation = "ESB", [1, 0, 2], [1, 0]
+    new = select(plan, count=3)        # blocks 0, 3, then one of 1/2: stays ESB; the other becomes TP
+    for b in new.blocks:
+        if b.index in (1, 2):
+            kept = b.cls == "ESB"
+            assert (b.head_permutation is not None, b.mlp_permutation is not None) == (kept, kept), b
