@@ -1,14 +1,24 @@
-"""ds_spd: Sync-Point Drop (Kim et al., ICML 2025) for tensor-parallel LLM inference on DeepSpeed."""
-from .block import SPDDecoderLayer
-from .comm import CommStats
-from .config import SPDConfig, resolve_spd_config
-from .errors import ConfigError, LaunchError, LayoutError, PlanError, SPDInputError
-from .inject import get_spd_blocks, init_inference, set_spd_blocks, virtualize
-from .layout import TPLayout
-from .plan import Plan, load_plan
+"""ds_spd: Sync-Point Drop (Kim et al., ICML 2025) for tensor-parallel LLM inference on DeepSpeed.
+
+Public names are imported on first use (PEP 562), so ``ds-spd --help`` and config validation do not load
+torch or DeepSpeed.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["SPDDecoderLayer", "CommStats", "ConfigError", "SPDConfig", "resolve_spd_config", "init_inference",
-           "virtualize", "set_spd_blocks", "get_spd_blocks", "LayoutError", "TPLayout", "Plan", "PlanError", "LaunchError", "SPDInputError",
-           "load_plan", "__version__"]
+_EXPORTS = {
+    "SPDDecoderLayer": "block", "CommStats": "comm", "SPDConfig": "config", "resolve_spd_config": "config",
+    "ConfigError": "errors", "LaunchError": "errors", "LayoutError": "errors", "PlanError": "errors",
+    "SPDInputError": "errors", "OutputError": "errors", "DataError": "errors",
+    "init_inference": "inject", "virtualize": "inject", "set_spd_blocks": "inject", "get_spd_blocks": "inject",
+    "TPLayout": "layout", "Plan": "plan", "load_plan": "plan", "RunSpec": "run", "resolve_run": "run",
+    "ModelAdapter": "adapters", "adapter_for": "adapters",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'ds_spd' has no attribute {name!r}")

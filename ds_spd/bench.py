@@ -78,18 +78,36 @@ def spd_sets(n_layers: int, fractions, order: list[int] | None = None) -> dict[s
     return {f"spd{round(100 * f)}": sorted(order[:round(f * n_layers)]) for f in fractions}
 
 
-def run_bench(model, cfg, settings: BenchSettings, order: list[int] | None = None, progress: bool = True) -> dict:
-    """``model``: the HF model (not yet sharded). Returns the results dict (identical on every rank)."""
+def bench_run(spec, settings: BenchSettings, order: list[int] | None, out_dir: str, command: str,
+              progress: bool = True) -> dict:
+    """The ``bench`` stage: load the model of a resolved real-TP run (no SPD blocks), measure, and write
+    bench.json / .md / .png on rank 0 (``out_dir`` was checked before)."""
+    import os
+
+    from .models import load_model
+    from .run import is_main_rank
+    model, _ = load_model(spec.config.model, spec.config.torch_dtype)
+    result = run_bench(model, spec, settings, order, progress)
+    result.update({"model": spec.config.model, "tp_size": spec.tp_size, "dtype": spec.config.dtype,
+                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
+    if is_main_rank():
+        write_outputs(result, command, out_dir)
+    return result
+
+
+def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = None, progress: bool = True) -> dict:
+    """``model``: the HF model (not yet sharded), ``spec``: its resolved real-TP run without SPD blocks.
+    Returns the results dict (identical on every rank)."""
     import deepspeed
 
-    from .comm import release_shm_buffer
-    from .inject import _prepare_distributed
-    _prepare_distributed(cfg.tp_size)   # before the first engine: DeepSpeed's CPU comm reads the environment
+    from .comm import prepare_dist_env, release_shm_buffer
+    cfg = spec.config
+    prepare_dist_env()   # before the first engine: DeepSpeed's CPU comm reads the environment
     baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size,
                                                                                "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
     release_shm_buffer()
-    engine = init_inference(model, cfg.model_copy(update={"spd_blocks": [], "plan": None, "checkpoint": None}))
+    engine = init_inference(model, spec)
     n_layers = len(decoder_layers(engine.module))
     sets = spd_sets(n_layers, settings.fractions, order)
     reducers = {layer.reduce for layer in decoder_layers(engine.module)}

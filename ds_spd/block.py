@@ -1,4 +1,4 @@
-"""The SPD decoder block: one block math, two reducers (spd-method.md section 1).
+"""The SPD decoder block: one block math, two reducers (docs/method.md section 1).
 
 Standard TP block (two syncs)                 SPD block (one sync)
     Y_r = Attn_r(Norm1(X)) @ Wo_r                 Y_r = Attn_r(Norm1(X)) @ Wo_r
@@ -41,21 +41,33 @@ def _split(t: torch.Tensor | None, sizes: tuple[int, ...], dim: int) -> list[tor
     return [None] * len(sizes) if t is None else list(t.split(sizes, dim=dim))
 
 
+#: Norms a decoder block may hold (pre-norm: the first two; sandwich: all four); kept under their HF names.
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 class SPDDecoderLayer(nn.Module):
-    """A LLaMA-shaped decoder block that can drop its attention sync (``spd=True``) or not.
+    """A decoder block that can drop its attention sync (``spd=True``) or not.
 
     Built from an HF decoder layer (plain, or already sharded by DeepSpeed AutoTP): it takes over the
-    layer's norms, attention and MLP weights; ``reduce`` is the communication (see ds_spd.comm).
+    layer's norms, attention and MLP weights; ``reduce`` is the communication (see ds_spd.comm); the
+    family's adapter (ds_spd.adapters) says how to reach its projections and which block math applies.
     """
 
     def __init__(self, layer: nn.Module, attn_cols: tuple[int, ...], mlp_cols: tuple[int, ...], reduce,
-                 spd: bool = False, layer_idx: int | None = None):
+                 spd: bool = False, layer_idx: int | None = None, adapter=None):
         super().__init__()
         if len(attn_cols) != len(mlp_cols):
             raise ValueError(f"attention shards {attn_cols} and MLP shards {mlp_cols} differ in count")
-        self.input_layernorm = layer.input_layernorm
-        self.post_attention_layernorm = layer.post_attention_layernorm
+        if adapter is None:
+            from .adapters import ADAPTERS
+            adapter = ADAPTERS["llama"]
+        self.adapter = adapter
+        for name in NORMS:
+            if hasattr(layer, name):
+                setattr(self, name, getattr(layer, name))
         self.self_attn = layer.self_attn
+        if len(attn_cols) == 1:   # a real TP rank (or tp 1)
+            adapter.localize_attention(self.self_attn, attn_cols[0])
         o_proj = self.self_attn.o_proj
         self.self_attn.o_proj = ShardedOutProj(o_proj.weight, o_proj.bias, attn_cols)
         self.mlp = layer.mlp
@@ -64,6 +76,8 @@ class SPDDecoderLayer(nn.Module):
         self.reduce = reduce
         self.spd = spd
         self.layer_idx = layer_idx if layer_idx is not None else getattr(layer.self_attn, "layer_idx", None)
+        if hasattr(layer, "attention_type"):   # read by some model loops to pick the layer's mask
+            self.attention_type = layer.attention_type
         # Stand-in for transformers' GradientCheckpointingLayer flag checked by some model loops.
         self.gradient_checkpointing = False
 
@@ -71,16 +85,18 @@ class SPDDecoderLayer(nn.Module):
     def n_shards(self) -> int:
         return len(self.mlp_cols)
 
+    @property
+    def ffn_norm(self) -> nn.Module:
+        return self.adapter.ffn_norm(self)
+
     def mlp_partials(self, u: torch.Tensor) -> torch.Tensor:
         """Stacked MLP partial outputs; shard s reads ``u[s]`` (or ``u[0]`` when u holds one shared input)."""
-        mlp, cols = self.mlp, self.mlp_cols
-        gates = zip(_split(mlp.gate_proj.weight, cols, 0), _split(mlp.gate_proj.bias, cols, 0))
-        ups = zip(_split(mlp.up_proj.weight, cols, 0), _split(mlp.up_proj.bias, cols, 0))
-        downs = _split(mlp.down_proj.weight, cols, 1)
+        act, cols = self.adapter.act(self.mlp), self.mlp_cols
+        downs = _split(self.mlp.down_proj.weight, cols, 1)
         out = []
-        for s, ((gw, gb), (uw, ub), dw) in enumerate(zip(gates, ups, downs)):
+        for s, ((gw, gb, uw, ub), dw) in enumerate(zip(self.adapter.gate_up(self.mlp, cols), downs)):
             x = u[s if u.shape[0] > 1 else 0]
-            out.append(F.linear(mlp.act_fn(F.linear(x, gw, gb)) * F.linear(x, uw, ub), dw))
+            out.append(F.linear(act(F.linear(x, gw, gb)) * F.linear(x, uw, ub), dw))
         return torch.stack(out)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -88,18 +104,31 @@ class SPDDecoderLayer(nn.Module):
             raise TypeError("SPDDecoderLayer takes the decoder layer's arguments by keyword")
         x = hidden_states
         y, _ = self.self_attn(hidden_states=self.input_layernorm(x), **kwargs)  # [S, B, T, d]
+        if self.adapter.block == "sandwich":
+            return self._sandwich(x, y)
         o_bias, d_bias = self.self_attn.o_proj.bias, self.mlp.down_proj.bias
         if self.spd:
             u = x + y if o_bias is None else x + y + o_bias
-            z = self.mlp_partials(self.post_attention_layernorm(u))
+            z = self.mlp_partials(self.ffn_norm(u))
             out = x + self.reduce(y + z, "spd")
             bias = (0 if o_bias is None else o_bias) + (0 if d_bias is None else d_bias)
             return out + bias if torch.is_tensor(bias) else out
         h = x + self.reduce(y, "attn")
         if o_bias is not None:
             h = h + o_bias
-        out = h + self.reduce(self.mlp_partials(self.post_attention_layernorm(h).unsqueeze(0)), "mlp")
+        out = h + self.reduce(self.mlp_partials(self.ffn_norm(h).unsqueeze(0)), "mlp")
         return out if d_bias is None else out + d_bias
 
+    def _sandwich(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Norms on the attention and MLP outputs (Gemma 2/3; no biases); SPD as defined in ds_spd.adapters."""
+        norm_a, norm_o = self.post_attention_layernorm, self.post_feedforward_layernorm
+        if self.spd:
+            z = self.mlp_partials(self.ffn_norm(x + norm_a(y)))        # rank-local: Na(Y_r)
+            both = self.reduce(torch.cat([y, z], dim=-1), "spd")       # one sync carries [Y_r, Z_r]
+            y_sum, z_sum = both.split(x.shape[-1], dim=-1)
+            return x + norm_a(y_sum) + norm_o(z_sum)
+        h = x + norm_a(self.reduce(y, "attn"))
+        return h + norm_o(self.reduce(self.mlp_partials(self.ffn_norm(h).unsqueeze(0)), "mlp"))
+
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, spd={self.spd}, shards={self.n_shards}"
+        return f"layer_idx={self.layer_idx}, spd={self.spd}, shards={self.n_shards}, family={self.adapter.name}"

@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
+from .choices import COMM_PATHS, DTYPES, INPUT_SOURCES, SCAN_METHODS, SCAN_METRICS
 from .config import resolve_spd_config
 from .errors import SPDInputError
 from .outputs import check_output_dir, check_output_file
-from .runtime import build_runner, is_main_rank
+from .ranks import is_main_rank
 
 
 def parse_blocks(text: str) -> list[int]:
@@ -52,8 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spd-blocks", type=parse_blocks, help="blocks in SPD form, e.g. 3,4,27 or 15-29")
     g.add_argument("--plan", help="plan.json choosing the SPD blocks")
     g.add_argument("--checkpoint", help="SPD checkpoint dir from `ds-spd distill` (distilled blocks and their plan)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--comm", choices=["auto", "gloo"],
+    g.add_argument("--dtype", choices=DTYPES)
+    g.add_argument("--comm", choices=COMM_PATHS,
                    help="all-reduce path: auto (DeepSpeed's inference all-reduce: shm on CPU, NCCL on CUDA) or gloo")
     g.add_argument("--virtual-tp", type=int, metavar="N",
                    help="simulate TP of size N in one process (no launcher), same SPD math")
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scan", help="block sensitivity scan (virtual TP) -> plan.json")
     _common(sc)
     _data(sc, "calibration")
-    sc.add_argument("--method", choices=["cumulative", "isolated"], default="cumulative",
+    sc.add_argument("--method", choices=SCAN_METHODS, default=SCAN_METHODS[0],
                     help="cumulative: the paper's, last block first; isolated: each block alone")
-    sc.add_argument("--metric", choices=["ppl", "kl"], default="ppl")
+    sc.add_argument("--metric", choices=SCAN_METRICS, default=SCAN_METRICS[0])
     sc.add_argument("--no-cache", action="store_true", help="naive scan: a full forward per measurement")
     sc.add_argument("--out", default="plan.json")
     sc.add_argument("--plot", help="PNG of the scan (default: next to --out)")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data(di, "calibration")
     di.add_argument("--epochs", type=int)
     di.add_argument("--lr", type=float)
-    di.add_argument("--input-source", choices=["original", "prefix"],
+    di.add_argument("--input-source", choices=INPUT_SOURCES,
                     help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
     di.add_argument("--out", help="SPD checkpoint directory to write")
     di.add_argument("--work-dir", help="ZeRO training checkpoints (resume from here); default OUT.work")
@@ -148,194 +148,120 @@ def _report(args, result: dict, runner=None) -> None:
         print(json.dumps(result), flush=True)
 
 
-def cmd_generate(args) -> None:
-    import torch
-    runner = build_runner(config_from_args(args), args.virtual_tp)
-    tok = runner.tokenizer
-    outputs = []
-    for prompt in args.prompt:
-        if args.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
-        else:
-            ids = tok(prompt, return_tensors="pt").input_ids
-        ids = ids.to(runner.device)
-        runner.stats.reset()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = runner.hf_model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                           pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        seconds = time.perf_counter() - start
-        new = out[0, ids.shape[1]:].tolist()
-        text = tok.decode(new, skip_special_tokens=True)
-        outputs.append({"prompt": prompt, "completion": text, "new_tokens": len(new),
-                        "ms_per_token": 1e3 * seconds / max(len(new), 1), "token_ids": new})
-        if is_main_rank() and not args.json:
-            print(f"{prompt}{text}\n  [{len(new)} tokens, {outputs[-1]['ms_per_token']:.1f} ms/token, "
-                  f"{runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward]", flush=True)
-    _report(args, {"generations": outputs}, runner)
-
-
-def cmd_eval(args) -> None:
-    from .data import segments_for
-    from .evaluation import evaluate_lm
-    runner = build_runner(config_from_args(args), args.virtual_tp, data_section="data")
-    d = runner.config.data
-    segments = segments_for(d, runner.tokenizer)
-    runner.stats.reset()
-    result = evaluate_lm(runner.model, segments, d.batch_size, progress=is_main_rank())
-    result["data"] = {"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split}
+def _say(args, text: str) -> None:
+    """A human-readable line on rank 0 (not with --json)."""
     if is_main_rank() and not args.json:
-        print(f"{runner.mode} tp={runner.config.tp_size} spd_blocks={list(runner.spd_blocks)}: "
-              f"perplexity {result['perplexity']:.3f}, top-1 accuracy {result['accuracy']:.4f} "
-              f"on {result['tokens']} tokens, {runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward",
-              flush=True)
-    _report(args, result, runner)
+        print(text, flush=True)
 
 
 def _plot_path(args, out: str) -> str:
     return args.plot or os.path.splitext(out)[0] + ".png"
 
 
+def cmd_generate(args) -> None:
+    from .evaluation import generate_texts
+    from .run import build_runner, resolve_run
+    runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp))
+    outputs = generate_texts(runner, args.prompt, args.max_new_tokens, args.chat)
+    for o in outputs:
+        _say(args, f"{o['prompt']}{o['completion']}\n  [{o['new_tokens']} tokens, {o['ms_per_token']:.1f} ms/token, "
+                   f"{o['allreduce_per_forward']:.0f} all-reduces/forward]")
+    _report(args, {"generations": outputs}, runner)
+
+
+def cmd_eval(args) -> None:
+    from .evaluation import evaluate_run
+    from .run import build_runner, resolve_run
+    runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp, data_section="data"))
+    result = evaluate_run(runner, progress=is_main_rank())
+    _say(args, f"{runner.mode} tp={runner.config.tp_size} spd_blocks={list(runner.spd_blocks)}: perplexity "
+               f"{result['perplexity']:.3f}, top-1 accuracy {result['accuracy']:.4f} on {result['tokens']} tokens, "
+               f"{runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward")
+    _report(args, result, runner)
+
+
 def cmd_scan(args) -> None:
-    from .data import segments_for
-    from .plan import Plan
     from .plots import plot_plan
-    from .runtime import init_data_parallel
-    from .scan import cache_bytes, scan
+    from .run import build_runner, resolve_run
+    from .scan import scan_to_plan
     cfg = config_from_args(args)
-    check_output_file(args.out, "plan output")
-    check_output_file(_plot_path(args, args.out), "plot output")
-    tp = args.virtual_tp or cfg.tp_size
-    runner = build_runner(cfg.model_copy(update={"spd_blocks": None}), tp, data_parallel=True,
-                          data_section="calibration")
-    rank, world = init_data_parallel()
-    d = runner.config.calibration
-    segments = segments_for(d, runner.tokenizer, rank, world)
-    need = cache_bytes(runner.hf_model.config, segments.shape[0], d.seq_len, runner.config.torch_dtype, args.metric)
-    if is_main_rank():
-        print(f"scan: {args.method} / {args.metric}, virtual tp={tp}, {segments.shape[0]} x {d.seq_len} tokens per "
-              f"rank on {world} rank(s); activation cache {need / 2**30:.2f} GiB per rank", file=sys.stderr)
-    result = scan(runner.hf_model, segments, d.batch_size, args.method, args.metric, use_cache=not args.no_cache,
-                  progress=is_main_rank())
-    plan = Plan.from_blocks(runner.config.model, runner.hf_model.config, tp, [],
-                            data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},
-                            seq_len=d.seq_len, segments=d.max_samples, seed=d.seed, dtype=runner.config.dtype,
-                            ranks=world, tp_grain_size=runner.config.tp_grain_size)
-    for b in plan.blocks:
-        b.sensitivity = result.sensitivity[b.index]
-    plan.scan = {"method": result.method, "metric": result.metric, "baseline": result.baseline,
-                 "order": result.order, "after": result.after, "seconds": result.seconds,
-                 "forwards_equivalent": result.forwards_equivalent, "cached": not args.no_cache}
+    png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
+    spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration")
+    runner = build_runner(spec, data_parallel=True)
+    plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank())
     if is_main_rank():
         plan.save(args.out)
-        png = plot_plan(plan, _plot_path(args, args.out))
-        if not args.json:
-            print(f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, "
-                  f"{result.seconds:.1f} s ({result.forwards_equivalent:.1f} forward-equivalents)")
+        plot_plan(plan, png)
+    _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
+               f"({result.forwards_equivalent:.1f} forward-equivalents)")
     _report(args, {"plan": args.out, "baseline": result.baseline, "sensitivity": result.sensitivity,
                    "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent}, runner)
 
 
 def cmd_plan(args) -> None:
-    from .evaluation import evaluate_lm
-    from .inject import set_spd_blocks
     from .plan import load_plan
-    from .planner import select
+    from .planner import perplexity_measure, select
     from .plots import plot_plan
-    from .data import segments_for
-    if not args.plan:
-        raise SPDInputError("plan needs --plan plan.json (written by `ds-spd scan`)")
-    if args.max_ppl_increase is None:
-        given = [f"--{k.replace('_', '-')}" for k in ("model", "dtype", "text", "dataset", "split", "seq_len",
-                                                     "max_samples", "batch_size", "seed", "config")
-                 if getattr(args, k, None) is not None]
-        if given:
-            raise SPDInputError(f"{', '.join(given)}: only used to validate a budget (--max-ppl-increase)")
     plan = load_plan(args.plan)
-    out = args.out or args.plan
-    check_output_file(out, "plan output")
-    check_output_file(_plot_path(args, out), "plot output")
+    out = check_output_file(args.out or args.plan, "plan output")
+    png = check_output_file(_plot_path(args, out), "plot output")
     measure = None
     if args.max_ppl_increase is not None:
-        if args.split is None:
-            args.split = "validation"  # the budget is validated on text the scan did not calibrate on
-        cfg = config_from_args(args).model_copy(update={"model": args.model or plan.model, "plan": None})
-        runner = build_runner(cfg, plan.tp_size, data_section="data")
-        plan.check_compatible(runner.hf_model.config, plan.tp_size)
-        segments = segments_for(runner.config.data, runner.tokenizer)
-
-        def measure(blocks):
-            set_spd_blocks(runner.hf_model, blocks)
-            return evaluate_lm(runner.hf_model, segments, runner.config.data.batch_size, progress=False)["perplexity"]
+        from .run import build_runner, resolve_run
+        args.split = args.split or "validation"   # validated on text the scan did not calibrate on
+        cfg = config_from_args(args).updated(model=args.model or plan.model, plan=None)
+        measure = perplexity_measure(build_runner(resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")))
     new = select(plan, count=args.spd_count, fraction=args.spd_fraction, thresholds=args.thresholds,
                  max_increase=args.max_ppl_increase, measure=measure)
     new.save(out)
-    png = plot_plan(new, _plot_path(args, out))
+    plot_plan(new, png)
     classes = {c: [b.index for b in new.blocks if b.cls == c] for c in ("ISB", "SB", "ESB")}
-    summary = {"plan": out, "plot": png, "spd_blocks": new.spd_blocks, "classes": classes,
-               "selection": new.selection}
-    _report(args, summary)
-    if not args.json:
-        print(f"wrote {out} and {png}: {len(new.spd_blocks)} SPD blocks of {len(new.blocks)} "
-              f"({new.selection['rule']}); " + ", ".join(f"{c} {v}" for c, v in classes.items()))
-        if new.selection.get("rule") == "max_increase":
-            print(f"validated: perplexity {new.selection['measured']:.3f} "
-                  f"({100 * new.selection['measured_increase']:+.2f}% vs {new.selection['validation_baseline']:.3f})")
+    _report(args, {"plan": out, "plot": png, "spd_blocks": new.spd_blocks, "classes": classes,
+                   "selection": new.selection})
+    _say(args, f"wrote {out} and {png}: {len(new.spd_blocks)} SPD blocks of {len(new.blocks)} "
+               f"({new.selection['rule']}); " + ", ".join(f"{c} {v}" for c, v in classes.items()))
+    if new.selection.get("rule") == "max_increase":
+        _say(args, f"validated: perplexity {new.selection['measured']:.3f} ({100 * new.selection['measured_increase']:+.2f}%"
+                   f" vs {new.selection['validation_baseline']:.3f})")
 
 
 def cmd_distill(args) -> None:
     from . import recovery
-    if not args.plan:
-        raise SPDInputError("distill needs --plan plan.json (from `ds-spd scan` and `ds-spd plan`)")
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
                               ("out", args.out), ("work_dir", args.work_dir)) if v is not None}
     cfg = config_from_args(args)
-    cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update=over)})
+    cfg = cfg.updated(distill={**cfg.distill.model_dump(), **over})
     run = recovery.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
     if run.complete:
         if is_main_rank():
             print(f"distill: {run.out} is already complete (same run, {run.settings.epochs} epochs): nothing to do",
                   file=sys.stderr)
-        _report(args, {"checkpoint": run.out, "already_complete": True})
-        return
+        return _report(args, {"checkpoint": run.out, "already_complete": True})
     result = recovery.execute(run, progress=is_main_rank())
     runner = result.pop("runner")
-    if is_main_rank() and not args.json:
-        print(f"wrote {run.out}: {len(result['final_mse'])} blocks, epochs {result['epochs_trained']}, "
-              f"{result['seconds']:.1f} s, {result['tokens_per_second']:.0f} block-tokens/s, "
-              f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB (rank 0)")
+    _say(args, f"wrote {run.out}: {len(result['final_mse'])} blocks, epochs {result['epochs_trained']}, "
+               f"{result['seconds']:.1f} s, {result['tokens_per_second']:.0f} block-tokens/s, "
+               f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB (rank 0)")
     _report(args, result, runner)
 
 
 def cmd_bench(args) -> None:
     from . import bench
-    from .models import load_model
     from .plan import load_plan
     from .planner import ranking
-    from .runtime import preflight
+    from .run import resolve_run
     cfg = config_from_args(args)
-    order = None
-    if cfg.plan:
-        order = ranking(load_plan(cfg.plan))
-        cfg = cfg.model_copy(update={"plan": None})
+    order = ranking(load_plan(cfg.plan)) if cfg.plan else None
     check_output_dir(args.out, "bench output", names=bench.OUTPUT_FILES)
-    preflight(cfg)
+    spec = resolve_run(cfg.updated(plan=None, spd_blocks=None))
     settings = bench.BenchSettings(fractions=tuple(float(f) for f in args.fractions.split(",")),
                                    comm_paths=tuple(args.comm_paths.split(",")), prefill_len=args.prefill_len,
                                    decode_batches=tuple(int(b) for b in args.decode_batches.split(",")),
                                    decode_tokens=args.decode_tokens, repeats=args.repeats)
-    model, _ = load_model(cfg.model, cfg.torch_dtype)
-    result = bench.run_bench(model, cfg, settings, order, progress=is_main_rank())
-    result.update({"model": cfg.model, "tp_size": cfg.tp_size, "dtype": cfg.dtype,
-                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS")})
-    if is_main_rank():
-        command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
-            os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size,
-            " ".join(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
-        bench.write_outputs(result, command, args.out)
-        if not args.json:
-            print(bench.markdown(result, command))
+    command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
+        os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size, " ".join(a for a in sys.argv[1:] if "--local_rank" not in a))
+    result = bench.bench_run(spec, settings, order, args.out, command, progress=is_main_rank())
+    _say(args, bench.markdown(result, command))
     _report(args, {"bench": os.path.join(args.out, "bench.json"), "model": cfg.model, "tp_size": cfg.tp_size})
 
 
@@ -359,7 +285,22 @@ NOT_APPLICABLE = {
 }
 
 
+#: Flags a command cannot run without.
+REQUIRED = {"plan": {"plan": "plan needs --plan plan.json (written by `ds-spd scan`)"},
+            "distill": {"plan": "distill needs --plan plan.json (from `ds-spd scan` and `ds-spd plan`)"}}
+
+
 def refuse_not_applicable(args) -> None:
+    """Refuse flags a command cannot honour, and missing required ones, before any work."""
+    for flag, why in REQUIRED.get(args.command, {}).items():
+        if getattr(args, flag, None) is None:
+            raise SPDInputError(why)
+    if args.command == "plan" and args.max_ppl_increase is None:   # no model or data without a budget to validate
+        unused = [f"--{k.replace('_', '-')}" for k in ("model", "dtype", "text", "dataset", "split", "seq_len",
+                                                      "max_samples", "batch_size", "seed", "config")
+                  if getattr(args, k, None) is not None]
+        if unused:
+            raise SPDInputError(f"{', '.join(unused)}: only used to validate a budget (--max-ppl-increase)")
     for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
         if getattr(args, flag, None) is not None:
             raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
+from .choices import COMM_PATHS
+
 #: dtypes DeepSpeed's shared-memory inference all-reduce handles; it silently skips others.
 _SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-COMM_PATHS = ("auto", "gloo")
 
 
 @dataclass
@@ -89,6 +90,11 @@ class AllReduce:
             self._sync()
         self.stats.record(kind, tensor.numel(), time.perf_counter() - start)
         return tensor
+
+
+def backend() -> str:
+    """torch.distributed backend for this machine: NCCL with CUDA, gloo on CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def shm_buffer_path() -> str:

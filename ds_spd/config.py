@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .comm import COMM_PATHS
+from .choices import COMM_PATHS, DTYPES, INPUT_SOURCES
 from .errors import ConfigError
 from .layout import DEFAULT_TP_GRAIN_SIZE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _Strict(BaseModel):
@@ -44,15 +41,26 @@ class DataConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}")
+    return value
+
+
 class DistillConfig(_Strict):
     """Block-to-block distillation (paper defaults: 10 epochs, AdamW lr 5e-5, inputs from the original model)."""
 
     epochs: int = Field(10, ge=1)
     lr: float = Field(5e-5, gt=0)
-    input_source: Literal["original", "prefix"] = "original"
+    input_source: str = Field("original", description=f"one of {INPUT_SOURCES}")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
+
+    @field_validator("input_source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _one_of(v, INPUT_SOURCES)
 
 
 class SPDConfig(_Strict):
@@ -61,7 +69,7 @@ class SPDConfig(_Strict):
     spd_blocks: Optional[list[int]] = None
     plan: Optional[str] = None
     checkpoint: Optional[str] = Field(None, description="SPD checkpoint dir (distilled blocks + their plan)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: str = Field("float32", description=f"one of {DTYPES}")
     comm: str = "auto"
     tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)
     data: DataConfig = Field(default_factory=DataConfig, description="held-out evaluation text (eval)")
@@ -72,9 +80,12 @@ class SPDConfig(_Strict):
     @field_validator("comm")
     @classmethod
     def _comm(cls, v: str) -> str:
-        if v not in COMM_PATHS:
-            raise ValueError(f"must be one of {COMM_PATHS}")
-        return v
+        return _one_of(v, COMM_PATHS)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        return _one_of(v, DTYPES)
 
     @model_validator(mode="after")
     def _one_block_source(self):
@@ -85,25 +96,16 @@ class SPDConfig(_Strict):
         return self
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self):
+        import torch
+        return getattr(torch, self.dtype)
 
-    def checkpoint_info(self, model_config):
-        """The checkpoint, checked against the model, tp size, grain and ``spd_blocks`` (no weights read)."""
-        from .checkpoint import open_checkpoint
-        return open_checkpoint(self.checkpoint, model_config, self.tp_size, self.tp_grain_size, self.spd_blocks)
-
-    def resolved_spd_blocks(self, model_config) -> tuple[int, ...]:
-        """The SPD block indices: explicit list, the plan's or checkpoint's choice (validated), or none."""
-        from .inject import check_spd_blocks
-        from .plan import load_plan
-        n = model_config.num_hidden_layers
-        if self.checkpoint is not None:
-            return check_spd_blocks(self.checkpoint_info(model_config).spd_blocks, n)
-        if self.plan is not None:
-            plan = load_plan(self.plan).check_compatible(model_config, self.tp_size, self.tp_grain_size)
-            return check_spd_blocks(plan.spd_blocks, n)
-        return check_spd_blocks(self.spd_blocks or (), n)
+    def updated(self, **changes) -> "SPDConfig":
+        """A copy with ``changes``, validated again (pydantic's model_copy does not validate)."""
+        try:
+            return SPDConfig.model_validate({**self.model_dump(), **changes})
+        except ValidationError as err:
+            raise ConfigError(_format_error(err, "spd")) from None
 
 
 def parse_block_list(text: str) -> list[int]:

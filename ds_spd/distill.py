@@ -1,4 +1,4 @@
-"""Block-to-block (B2B) distillation of the plan's SB and ESB blocks (spd-method.md sections 3 and 4).
+"""Block-to-block (B2B) distillation of the plan's SB and ESB blocks (docs/method.md sections 3 and 4).
 
 Teacher: the original block (both syncs). Student: the same block in SPD form (virtual TP of the plan's tp
 size), initialised from the teacher's weights, head-grouped first for ESB blocks. Loss: MSE between the
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from .block import SPDDecoderLayer
+from .choices import INPUT_SOURCES
 from .comm import CommStats, VirtualReduce
 from .headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
 from .inject import decoder_layers, model_device, set_spd_blocks
@@ -34,7 +35,6 @@ from .errors import PlanError
 from .plan import Plan
 from .scan import BlockInputs
 
-INPUT_SOURCES = ("original", "prefix")
 
 
 @dataclass
@@ -72,8 +72,8 @@ class BlockDistiller(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         dtype = self.blocks[0].input_layernorm.weight.dtype
         inputs = inputs.to(dtype)
-        kwargs = attention_kwargs(self._rotary[0], inputs[:, 0])
-        losses = torch.stack([F.mse_loss(block(inputs[:, j], **kwargs).float(), targets[:, j].float())
+        losses = torch.stack([F.mse_loss(block(inputs[:, j], **attention_kwargs(self._rotary[0], inputs[:, j], block))
+                                         .float(), targets[:, j].float())
                               for j, block in enumerate(self.blocks)])
         return losses.sum(), losses.detach()
 
@@ -93,7 +93,7 @@ def prepare_pairs(model: nn.Module, plan: Plan, blocks: list[int], segments: tor
     for j, i in enumerate(blocks):
         for b0 in range(0, inputs.shape[1], batch_size):
             x = inputs[j, b0:b0 + batch_size].to(model_device(model))
-            targets[j, b0:b0 + batch_size] = layers[i](x, **attention_kwargs(rotary, x)).cpu()
+            targets[j, b0:b0 + batch_size] = layers[i](x, **attention_kwargs(rotary, x, layers[i])).cpu()
     return BlockPairs(inputs, targets)
 
 
@@ -153,13 +153,12 @@ class _Trainer:
         params = [p for p in distiller.parameters() if p.requires_grad]
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
         # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
-        from .comm import prepare_dist_env, release_shm_buffer
+        from .comm import backend, prepare_dist_env, release_shm_buffer
         prepare_dist_env()
         if use_accelerate:
             from accelerate import Accelerator
             from accelerate.utils import InitProcessGroupKwargs
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            self.acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend)])
+            self.acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
             plugin = self.acc.state.deepspeed_plugin
             if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.micro_batch
@@ -171,7 +170,7 @@ class _Trainer:
         else:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            deepspeed.init_distributed(dist_backend=backend())
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
                                                                     config=ds_config)
             release_shm_buffer()

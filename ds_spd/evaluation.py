@@ -37,3 +37,37 @@ def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bo
                          target_logprobs=target_logprobs.double().flatten().cpu().numpy())
     result = metric.compute()
     return {**result, "segments": int(segments.shape[0]), "seq_len": int(segments.shape[1])}
+
+
+def evaluate_run(runner, progress: bool = True) -> dict:
+    """The ``eval`` stage: perplexity and top-1 accuracy of a runner on its ``spd.data`` text."""
+    from .data import segments_for
+    d = runner.config.data
+    segments = segments_for(d, runner.tokenizer)
+    runner.stats.reset()
+    result = evaluate_lm(runner.model, segments, d.batch_size, progress=progress)
+    return {**result, "data": {"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split}}
+
+
+@torch.no_grad()
+def generate_texts(runner, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[dict]:
+    """The ``generate`` stage: greedy decoding with KV cache, per prompt its text, token ids and speed."""
+    import time
+    tok, outputs = runner.tokenizer, []
+    for prompt in prompts:
+        if chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt").input_ids
+        ids = ids.to(runner.device)
+        runner.stats.reset()
+        start = time.perf_counter()
+        out = runner.hf_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        seconds = time.perf_counter() - start
+        new = out[0, ids.shape[1]:].tolist()
+        outputs.append({"prompt": prompt, "completion": tok.decode(new, skip_special_tokens=True),
+                        "new_tokens": len(new), "ms_per_token": 1e3 * seconds / max(len(new), 1), "token_ids": new,
+                        "allreduce_per_forward": runner.stats.summary()["allreduce_per_forward"]})
+    return outputs

@@ -1,4 +1,4 @@
-"""Head-grouping (HG) initialisation for extremely sensitive blocks (spd-method.md section 4).
+"""Head-grouping (HG) initialisation for extremely sensitive blocks (docs/method.md section 4).
 
 In an SPD block the MLP slice of rank r sees only the heads of rank r, so which heads share a rank
 matters. HG picks that assignment, then permutes the block's weights so that plain TP still computes
@@ -39,22 +39,25 @@ class HeadGrouping:
         return [u for g in self.groups for u in g]
 
 
+def _adapter(layer: nn.Module):
+    from .adapters import adapter_for
+    return getattr(layer, "adapter", None) or adapter_for(layer.self_attn.config)
+
+
 @torch.no_grad()
 def attention_maps(layer: nn.Module, rotary: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Mean softmax attention map of every query head on block inputs ``x`` [B, T, d]: [H, T, T]."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    b, t, _ = h.shape
-    hd = attn.head_dim
-    q = attn.q_proj(h).view(b, t, -1, hd).transpose(1, 2)
-    k = attn.k_proj(h).view(b, t, -1, hd).transpose(1, 2)
-    cos, sin = attention_kwargs(rotary, x)["position_embeddings"]
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    adapter, attn = _adapter(layer), layer.self_attn
+    q, k = adapter.qk(attn, layer.input_layernorm(x))
+    kwargs = attention_kwargs(rotary, x, layer)
+    cos, sin = kwargs["position_embeddings"]
+    q, k = adapter.apply_rotary(q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * attn.scaling
-    causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
-    return scores.masked_fill(causal, float("-inf")).softmax(-1).mean(0)
+    cap = getattr(attn.config, "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    return (scores + kwargs["attention_mask"][0]).softmax(-1).mean(0)
 
 
 def _partitions(units: list[int], sizes: tuple[int, ...]):
@@ -111,25 +114,27 @@ def scatter_heads(dist: torch.Tensor, sizes: tuple[int, ...]) -> tuple[tuple[int
 
 @torch.no_grad()
 def match_mlp(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, groups, layout: TPLayout) -> tuple[int, ...]:
-    """For rank r (holding head group r), the original MLP slice that maximises ||MLP_slice(Norm2(X + Y_r))||."""
+    """For rank r (holding head group r), the original MLP slice that maximises the norm of the slice's output
+    on rank r's SPD MLP input (pre-norm: Norm2(X + Y_r); sandwich: Nf(X + Na(Y_r)))."""
     from scipy.optimize import linear_sum_assignment
-    attn, mlp = layer.self_attn, layer.mlp
+    adapter, attn, mlp = _adapter(layer), layer.self_attn, layer.mlp
     hd, group = attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
     heads = _head_outputs(layer, rotary, x)  # [B, T, H*hd] before o_proj
     n = layout.tp_size
-    bounds = [0, *itertools.accumulate(layout.mlp_cols)]
+    slices = adapter.gate_up(mlp, layout.mlp_cols)
+    downs = mlp.down_proj.weight.split(layout.mlp_cols, dim=1)
+    act = adapter.act(mlp)
     cost = torch.full((n, n), -1e30, dtype=torch.float64)
     for r, units in enumerate(groups):
         cols = [c for u in units for h in range(u * group, (u + 1) * group) for c in range(h * hd, (h + 1) * hd)]
         y = heads[..., cols] @ attn.o_proj.weight[:, cols].T
-        u = layer.post_attention_layernorm(x + y)
-        for s in range(n):
+        if adapter.block == "sandwich":
+            y = layer.post_attention_layernorm(y)
+        u = adapter.ffn_norm(layer)(x + y)
+        for s, ((gw, gb, uw, ub), dw) in enumerate(zip(slices, downs)):
             if layout.mlp_cols[s] != layout.mlp_cols[r]:
                 continue  # a rank keeps its MLP width
-            sl = slice(bounds[s], bounds[s + 1])
-            gate = F.linear(u, mlp.gate_proj.weight[sl], None if mlp.gate_proj.bias is None else mlp.gate_proj.bias[sl])
-            up = F.linear(u, mlp.up_proj.weight[sl], None if mlp.up_proj.bias is None else mlp.up_proj.bias[sl])
-            out = F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight[:, sl])
+            out = F.linear(act(F.linear(u, gw, gb)) * F.linear(u, uw, ub), dw)
             cost[r, s] = out.norm(dim=-1).mean().item()
     rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
     return tuple(int(c) for _, c in sorted(zip(rows, cols)))
@@ -140,19 +145,26 @@ def _head_outputs(layer: nn.Module, rotary: nn.Module, x: torch.Tensor) -> torch
     captured = {}
     handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
     try:
-        layer.self_attn(hidden_states=layer.input_layernorm(x), **attention_kwargs(rotary, x))
+        layer.self_attn(hidden_states=layer.input_layernorm(x), **attention_kwargs(rotary, x, layer))
     finally:
         handle.remove()
     return captured["h"]
 
 
-def attention_kwargs(rotary: nn.Module, x: torch.Tensor) -> dict:
+def attention_kwargs(rotary: nn.Module, x: torch.Tensor, layer: nn.Module | None = None) -> dict:
     """Keyword arguments for calling a decoder layer (or its attention) directly on block inputs ``x``:
-    rotary embeddings, positions and an additive causal mask [1, 1, T, T] (eager and sdpa both honour it)."""
+    rotary embeddings, positions and an additive causal mask [1, 1, T, T] (eager and sdpa both honour it).
+    With ``layer``: that layer's rotary variant and, for a sliding-window layer, its window (Gemma 2/3)."""
+    from .adapters import ModelAdapter, layer_type
     t = x.shape[1]
     pos = torch.arange(t, device=x.device).unsqueeze(0)
-    mask = torch.full((t, t), float("-inf"), dtype=x.dtype, device=x.device).triu(1)[None, None]
-    return {"position_embeddings": rotary(x, pos), "attention_mask": mask, "position_ids": pos}
+    kind, window = None, None
+    if layer is not None:
+        config = layer.self_attn.config
+        kind = layer_type(config, layer.self_attn.layer_idx)
+        window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
+    return {"position_embeddings": ModelAdapter.position_embeddings(rotary, x, pos, kind),
+            "attention_mask": ModelAdapter.causal_mask(t, x.dtype, x.device, window), "position_ids": pos}
 
 
 def find_grouping(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, layout: TPLayout) -> HeadGrouping:
@@ -168,27 +180,14 @@ def find_grouping(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, layout: 
 @torch.no_grad()
 def permute_block(layer: nn.Module, grouping: HeadGrouping, layout: TPLayout) -> None:
     """Reorder heads (by KV unit) and MLP neurons (by slice) in place; plain TP computes the same function."""
-    attn, mlp = layer.self_attn, layer.mlp
     held = getattr(layer, "mlp_cols", layout.mlp_cols)
     if tuple(held) != layout.mlp_cols or (grouping.mlp_cols and grouping.mlp_cols != layout.mlp_cols):
         raise ValueError(f"head grouping for MLP slices {grouping.mlp_cols or layout.mlp_cols} applied to a block "
                          f"whose ranks hold {tuple(held)} columns: build both from one TPLayout")
-    hd, group = attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
+    hd, group = layer.self_attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
     kv_rows = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in grouping.kv_order])
     q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for u in grouping.kv_order
                         for h in range(u * group, (u + 1) * group)])
     bounds = [0, *itertools.accumulate(layout.mlp_cols)]
     neurons = torch.cat([torch.arange(bounds[s], bounds[s + 1]) for s in grouping.mlp_slices])
-
-    def rows(linear, idx):
-        linear.weight.data = linear.weight.data[idx].contiguous()
-        if linear.bias is not None:
-            linear.bias.data = linear.bias.data[idx].contiguous()
-
-    rows(attn.q_proj, q_rows)
-    rows(attn.k_proj, kv_rows)
-    rows(attn.v_proj, kv_rows)
-    attn.o_proj.weight.data = attn.o_proj.weight.data[:, q_rows].contiguous()
-    rows(mlp.gate_proj, neurons)
-    rows(mlp.up_proj, neurons)
-    mlp.down_proj.weight.data = mlp.down_proj.weight.data[:, neurons].contiguous()
+    _adapter(layer).permute(layer, q_rows, kv_rows, neurons)

@@ -7,7 +7,6 @@ the engine's TP group. The swap happens after AutoTP, so nothing is sharded twic
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable
 
 import torch
@@ -15,16 +14,9 @@ from torch import nn
 
 from .block import SPDDecoderLayer
 from .comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env, release_shm_buffer
-from .errors import LaunchError, PlanError
-from .layout import DEFAULT_TP_GRAIN_SIZE, TPLayout, check_architecture
-
-
-def decoder_layer_classes() -> tuple[type, ...]:
-    """HF decoder-layer classes the SPD block can replace (LLaMA-shaped blocks)."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-    return (LlamaDecoderLayer, MistralDecoderLayer, Qwen2DecoderLayer)
+from .adapters import adapter_for
+from .layout import DEFAULT_TP_GRAIN_SIZE, TPLayout
+from .plan import check_spd_blocks
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -49,14 +41,6 @@ def spd_layers(model: nn.Module) -> list[SPDDecoderLayer]:
     return layers
 
 
-def check_spd_blocks(blocks: Iterable[int], num_layers: int) -> tuple[int, ...]:
-    blocks = tuple(sorted(set(int(b) for b in blocks)))
-    bad = [b for b in blocks if not 0 <= b < num_layers]
-    if bad:
-        raise PlanError(f"spd_blocks {bad} out of range: the model has {num_layers} blocks (0..{num_layers - 1})")
-    return blocks
-
-
 def set_spd_blocks(model: nn.Module, blocks: Iterable[int]) -> tuple[int, ...]:
     """Put exactly ``blocks`` in SPD form (the others back to two syncs); returns them sorted."""
     layers = spd_layers(model)
@@ -76,20 +60,20 @@ class SPDInjectionPolicy:
     Passed to ``deepspeed.module_inject.replace_module`` as its replace function and policy.
     """
 
-    def __init__(self, layout_cols: tuple[tuple[int, ...], tuple[int, ...]], reduce, spd_blocks: Iterable[int]):
+    def __init__(self, layout_cols: tuple[tuple[int, ...], tuple[int, ...]], reduce, spd_blocks: Iterable[int],
+                 adapter):
         self.attn_cols, self.mlp_cols = layout_cols
         self.reduce = reduce
         self.spd_blocks = set(spd_blocks)
+        self.adapter = adapter
 
     def replace(self, child: nn.Module, _policy, layer_id: int = 0, prefix: str = "", state_dict=None) -> nn.Module:
         return SPDDecoderLayer(child, self.attn_cols, self.mlp_cols, self.reduce, spd=layer_id in self.spd_blocks,
-                               layer_idx=layer_id)
+                               layer_idx=layer_id, adapter=self.adapter)
 
     def apply(self, model: nn.Module) -> nn.Module:
         from deepspeed.module_inject.replace_module import replace_module
-        for cls in decoder_layer_classes():
-            if any(isinstance(m, cls) for m in model.modules()):
-                replace_module(model, cls, self.replace, self)
+        replace_module(model, self.adapter.decoder_layer_class(), self.replace, self)
         return model
 
 
@@ -100,11 +84,11 @@ def virtualize(model: nn.Module, tp_size: int, spd_blocks: Iterable[int] = (), *
     Modifies ``model`` in place (its weights are shared, not copied) and returns it; ``model.spd_stats``
     counts the virtual all-reduces.
     """
-    check_architecture(model.config)
+    adapter = adapter_for(model.config)
     layout = TPLayout.for_model(model.config, tp_size, tp_grain_size)
     blocks = check_spd_blocks(spd_blocks, model.config.num_hidden_layers)
     stats = CommStats(timed=False)
-    SPDInjectionPolicy((layout.attn_cols, layout.mlp_cols), VirtualReduce(stats), blocks).apply(model)
+    SPDInjectionPolicy((layout.attn_cols, layout.mlp_cols), VirtualReduce(stats), blocks, adapter).apply(model)
     _attach(model, model, stats, layout)
     return model
 
@@ -114,23 +98,26 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
                    dtype=None, **ds_kwargs):
     """``deepspeed.init_inference`` with AutoTP, then SPD blocks injected; returns the InferenceEngine.
 
-    ``config`` is an :class:`~ds_spd.config.SPDConfig`, the ``"spd"`` dict, a full DeepSpeed config dict
-    with an ``"spd"`` section, or a path to such a JSON file; keyword arguments override it. The engine
-    gains ``spd_stats`` (all-reduce accounting), ``spd_layout`` and ``set_spd_blocks``.
+    ``config`` is a resolved :class:`~ds_spd.run.RunSpec`, or anything :func:`~ds_spd.config.resolve_spd_config`
+    takes (an SPDConfig, the ``"spd"`` dict, a DeepSpeed config dict or JSON path with an ``"spd"``
+    section), which keyword arguments override and which is resolved against ``model.config`` here. The
+    engine gains ``spd_stats`` (all-reduce accounting), ``spd_layout`` and ``set_spd_blocks``.
     """
     import deepspeed
 
-    from .config import resolve_spd_config
-    cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
-                             dtype=None if dtype is None else str(dtype).replace("torch.", ""))
-    check_architecture(model.config)
-    layout = TPLayout.for_model(model.config, cfg.tp_size, cfg.tp_grain_size)
-    blocks = cfg.resolved_spd_blocks(model.config)
-    _prepare_distributed(cfg.tp_size)
-    if cfg.checkpoint:  # distilled weights go in before AutoTP shards them
+    from .run import RunSpec, resolve_run
+    if isinstance(config, RunSpec):
+        spec = config
+    else:
+        from .config import resolve_spd_config
+        cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
+                                 dtype=None if dtype is None else str(dtype).replace("torch.", ""))
+        spec = resolve_run(cfg, model_config=model.config)
+    cfg, layout = spec.config, spec.layout
+    prepare_dist_env()
+    if spec.checkpoint is not None:  # distilled weights go in before AutoTP shards them
         from .checkpoint import apply_checkpoint
-        apply_checkpoint(model, cfg.checkpoint_info(model.config))
-
+        apply_checkpoint(model, spec.checkpoint)
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
                                       dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
     release_shm_buffer()
@@ -138,7 +125,7 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
     local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))
     reduce = AllReduce(engine.mp_group, stats, cfg.comm) if cfg.tp_size > 1 else VirtualReduce(stats)
-    SPDInjectionPolicy(local, reduce, blocks).apply(engine.module)
+    SPDInjectionPolicy(local, reduce, spec.spd_blocks, spec.adapter).apply(engine.module)
     _attach(engine.module, engine, stats, layout)
     _count_other_allreduces(engine.module, stats)
     return engine
@@ -161,13 +148,3 @@ def _count_other_allreduces(model: nn.Module, stats: CommStats) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LinearAllreduce) and ".layers." not in f".{name}.":
             module.register_forward_hook(lambda m, inp, out, _n=name: stats.record(_n, out.numel()))
-
-
-def _prepare_distributed(tp_size: int) -> None:
-    """Environment DeepSpeed's CPU path needs; fail early on a rank count that does not match tp."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != tp_size:
-        hint = (f"launch with `deepspeed --num_gpus {tp_size} --module ds_spd ...`, or use virtual TP (--virtual-tp {tp_size})"
-                if world == 1 else f"tp size must equal the number of ranks ({world})")
-        raise LaunchError(f"tensor parallel size {tp_size} needs {tp_size} ranks but {world} were started: {hint}")
-    prepare_dist_env()

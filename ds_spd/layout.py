@@ -10,20 +10,15 @@ from dataclasses import dataclass
 
 from .errors import LayoutError
 
-#: HF ``model_type`` values whose decoder block has the LLaMA shape (pre-norm, q/k/v/o, gate/up/down).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
 #: DeepSpeed's default ``tensor_parallel.tp_grain_size`` (DeepSpeedTPConfig; a test keeps them equal). Kept
 #: here as a number so that reading configs and plans does not import DeepSpeed.
 DEFAULT_TP_GRAIN_SIZE = 64
 
 
 def check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        archs = getattr(config, "architectures", None) or [type(config).__name__]
-        raise LayoutError(f"unsupported architecture {archs[0]!r} (model_type={model_type!r}); "
-                          f"ds_spd supports model types {', '.join(SUPPORTED_MODEL_TYPES)}")
+    """Refuse a model family without an adapter (ds_spd.adapters), naming the supported ones."""
+    from .adapters import adapter_for
+    adapter_for(config)
 
 
 @dataclass(frozen=True)

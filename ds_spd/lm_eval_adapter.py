@@ -17,7 +17,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .config import parse_block_list, resolve_spd_config
-from .runtime import build_runner
+from .run import build_runner, resolve_run
 
 
 @register_model("ds_spd")
@@ -28,7 +28,7 @@ class SPDLM(HFLM):
         blocks = None if spd_blocks is None else parse_block_list(str(spd_blocks).replace(":", ","))
         cfg = resolve_spd_config(config, model=model, tp_size=None if tp_size is None else int(tp_size),
                                  spd_blocks=blocks, plan=plan, checkpoint=checkpoint, dtype=dtype)
-        self.spd_runner = build_runner(cfg, None if virtual_tp is None else int(virtual_tp))
+        self.spd_runner = build_runner(resolve_run(cfg, virtual_tp=None if virtual_tp is None else int(virtual_tp)))
         super().__init__(pretrained=self.spd_runner.hf_model, tokenizer=self.spd_runner.tokenizer, **kwargs)
 
 

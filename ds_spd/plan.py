@@ -81,6 +81,15 @@ class Plan(BaseModel):
         write_atomic(path, self.model_dump_json(indent=2, by_alias=True))
 
 
+def check_spd_blocks(blocks, num_layers: int) -> tuple[int, ...]:
+    """Sorted, de-duplicated block indices, each in range, else a :class:`PlanError`."""
+    blocks = tuple(sorted(set(int(b) for b in blocks)))
+    bad = [b for b in blocks if not 0 <= b < num_layers]
+    if bad:
+        raise PlanError(f"spd_blocks {bad} out of range: the model has {num_layers} blocks (0..{num_layers - 1})")
+    return blocks
+
+
 def load_plan(path: str) -> Plan:
     if not os.path.isfile(path):
         raise PlanError(f"plan file {path!r} not found")

@@ -1,4 +1,4 @@
-"""From sensitivities to a plan: which blocks become SPD, and their class (spd-method.md section 2).
+"""From sensitivities to a plan: which blocks become SPD, and their class (docs/method.md section 2).
 
 Blocks are ranked by sensitivity (least sensitive first); the chosen ones are classed by two thresholds
 on the *relative* sensitivity r = s / baseline (ppl metric; for the KL metric r = s, in nats per token):
@@ -112,3 +112,16 @@ def _budget(plan: Plan, order: list[int], th, max_increase: float, measure) -> P
     return _with_selection(plan, order[:k], th, {
         "rule": "max_increase", "max_increase": max_increase, "validation_baseline": base,
         "measured": measured, "measured_increase": measured / base - 1, "tried": tried})
+
+
+def perplexity_measure(runner) -> Callable[[list[int]], float]:
+    """``measure(blocks)`` for a budget: the runner's perplexity on its ``spd.data`` text with those blocks SPD."""
+    from .data import segments_for
+    from .evaluation import evaluate_lm
+    from .inject import set_spd_blocks
+    segments = segments_for(runner.config.data, runner.tokenizer)
+
+    def measure(blocks):
+        set_spd_blocks(runner.hf_model, blocks)
+        return evaluate_lm(runner.hf_model, segments, runner.config.data.batch_size, progress=False)["perplexity"]
+    return measure

@@ -19,6 +19,7 @@ from .config import SPDConfig, load_ds_config
 from .distill import DistillSettings, distill, plan_digest
 from .errors import SPDInputError
 from .plan import BlockEntry, Plan, load_plan
+from .run import RunSpec
 from .workdir import check_work_dir, prepare_work_dir, run_fingerprint
 
 
@@ -41,7 +42,7 @@ def launched_by_accelerate() -> bool:
 
 @dataclass
 class DistillRun:
-    cfg: SPDConfig
+    spec: RunSpec
     plan: Plan
     ds_config: dict
     settings: DistillSettings
@@ -50,6 +51,10 @@ class DistillRun:
     fingerprint: dict
     work_state: str          # "new", "resume" or "restart"
     use_accelerate: bool
+
+    @property
+    def cfg(self) -> SPDConfig:
+        return self.spec.config
 
     @property
     def complete(self) -> bool:
@@ -62,15 +67,13 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
             restart: bool = False) -> DistillRun:
     """Every check of a distill run that reads no weights (see the module docstring); the model is ``model``
     (the --model flag) or the plan's."""
-    from .data import check_data_source
-    from .models import load_model_config
-    from .runtime import world_size
+    from .ranks import world_size
+    from .run import resolve_run
     plan = load_plan(plan_path)
-    cfg = cfg.model_copy(update={"model": model or plan.model, "tp_size": plan.tp_size, "plan": None, "spd_blocks": None, "checkpoint": None})
+    cfg = cfg.updated(model=model or plan.model, tp_size=plan.tp_size, plan=None, spd_blocks=None, checkpoint=None)
+    spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration")
+    plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     d = cfg.calibration
-    check_data_source(d.text, d.dataset, d.split)
-    model_config = load_model_config(cfg.model)
-    plan.check_compatible(model_config, plan.tp_size, cfg.tp_grain_size)
     ds_config = deepspeed_config(config_path, cfg.distill.lr)
     settings = DistillSettings(epochs=cfg.distill.epochs, lr=cfg.distill.lr,
                                micro_batch=ds_config["train_micro_batch_size_per_gpu"],
@@ -86,7 +89,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
                                   calibration=d, settings=vars(settings), ds_config=ds_config, ranks=world_size(),
                                   launcher="accelerate" if use_accelerate else "deepspeed")
-    run = DistillRun(cfg, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
+    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
     if not run.complete:
         run.work_state = check_work_dir(work_dir, fingerprint, restart)
     return run
@@ -98,8 +101,9 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
 
     from . import __version__
     from .data import segments_for
-    from .runtime import build_runner, is_main_rank, world_size
-    runner = build_runner(run.cfg, run.plan.tp_size, data_parallel=True, data_section="calibration")
+    from .ranks import is_main_rank, world_size
+    from .run import build_runner
+    runner = build_runner(run.spec, data_parallel=True)
     if is_main_rank():
         prepare_work_dir(run.work_dir, run.fingerprint, run.work_state)
     if dist.is_initialized():

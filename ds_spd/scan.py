@@ -1,4 +1,4 @@
-"""Block sensitivity scan (spd-method.md section 2), with cached activations.
+"""Block sensitivity scan (docs/method.md section 2), with cached activations.
 
 The paper's procedure (``method="cumulative"``): convert blocks to SPD one at a time from the last block
 to the first, keeping earlier conversions; block i's sensitivity is the metric after converting it minus
@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
 from .inject import decoder_layers, model_device, set_spd_blocks
 
-METHODS = ("cumulative", "isolated")
-METRICS = ("ppl", "kl")
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:
@@ -157,3 +156,30 @@ def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: 
     set_spd_blocks(model, [])
     return ScanResult(method, metric, baseline, sensitivity, order, after, time.perf_counter() - start_time,
                       cost)
+
+
+def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progress: bool = True):
+    """The ``scan`` stage on a (data-parallel) virtual-TP runner: the scan of this rank's share of the
+    calibration segments, as a plan (no blocks chosen yet) with the sensitivities and how they were measured."""
+    import sys
+
+    from .data import segments_for
+    from .plan import Plan
+    from .run import init_data_parallel
+    rank, world = init_data_parallel()
+    cfg, d = runner.config, runner.config.calibration
+    segments = segments_for(d, runner.tokenizer, rank, world)
+    if progress:
+        need = cache_bytes(runner.hf_model.config, segments.shape[0], d.seq_len, cfg.torch_dtype, metric)
+        print(f"scan: {method} / {metric}, virtual tp={cfg.tp_size}, {segments.shape[0]} x {d.seq_len} tokens per "
+              f"rank on {world} rank(s); activation cache {need / 2**30:.2f} GiB per rank", file=sys.stderr)
+    result = scan(runner.hf_model, segments, d.batch_size, method, metric, use_cache=use_cache, progress=progress)
+    plan = Plan.from_blocks(cfg.model, runner.hf_model.config, cfg.tp_size, [], tp_grain_size=cfg.tp_grain_size,
+                            data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},
+                            seq_len=d.seq_len, segments=d.max_samples, seed=d.seed, dtype=cfg.dtype, ranks=world)
+    for b in plan.blocks:
+        b.sensitivity = result.sensitivity[b.index]
+    plan.scan = {"method": result.method, "metric": result.metric, "baseline": result.baseline,
+                 "order": result.order, "after": result.after, "seconds": result.seconds,
+                 "forwards_equivalent": result.forwards_equivalent, "cached": use_cache}
+    return plan, result

@@ -21,7 +21,7 @@ def _logits(model, ids):
 
 
 def reference_logits(model, ids, tp, spd_blocks):
-    """spd-method.md section 1 computed with hooks on the unmodified HF model (no ds_spd block code).
+    """docs/method.md section 1 computed with hooks on the unmodified HF model (no ds_spd block code).
 
     A pre-hook on o_proj captures the concatenated head outputs; a hook on each SPD layer replaces its
     output by X + sum_r Y_r + b_o + sum_r MLP_r(Norm2(X + Y_r + b_o)) + b_d.

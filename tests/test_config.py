@@ -54,7 +54,9 @@ def test_plan_round_trip_and_mismatch(tmp_path):
     assert not glob.glob(path + ".tmp*")
     loaded = load_plan(path).check_compatible(cfg, 2)
     assert loaded.spd_blocks == [1, 3]
-    assert resolve_spd_config({"spd": {"plan": path}}).resolved_spd_blocks(cfg) == (1, 3)
+    from ds_spd.run import resolve_run
+    spec = resolve_run(resolve_spd_config({"spd": {"plan": path}}), virtual_tp=2, model_config=cfg)
+    assert spec.spd_blocks == (1, 3) and spec.virtual and spec.layout.tp_size == 2
     with pytest.raises(PlanError, match="tp size 2, not 3"):
         loaded.check_compatible(cfg, 3)
     with pytest.raises(PlanError, match="num_hidden_layers: plan 4 vs model 6"):
@@ -95,3 +97,21 @@ def test_cli_errors_before_work(tiny_dir, tmp_path):
     from transformers import GPT2Config
     GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
     _fails(["eval", "--model", str(tmp_path / "gpt2"), "--virtual-tp", "2"], "unsupported architecture 'GPT2LMHeadModel'")
+
+
+def test_help_and_config_load_no_torch():
+    """`ds-spd --help` and config validation import neither torch nor DeepSpeed (fast, and no CUDA init)."""
+    import subprocess
+    import sys
+    code = ("import sys; from ds_spd.cli import build_parser; from ds_spd.config import resolve_spd_config; "
+            "build_parser(); resolve_spd_config({'spd': {'tp_size': 2}}); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_default_grain_is_deepspeeds():
+    from deepspeed.inference.config import DeepSpeedTPConfig
+
+    from ds_spd.layout import DEFAULT_TP_GRAIN_SIZE
+    assert DEFAULT_TP_GRAIN_SIZE == DeepSpeedTPConfig().tp_grain_size

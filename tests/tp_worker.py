@@ -1,6 +1,7 @@
 """Run under ``deepspeed --num_gpus 2``: compares real TP against HF and virtual TP; writes one JSON per rank.
 
-Usage: tp_worker.py MODEL_DIR OUT_PREFIX SPD_BLOCKS(comma list) COMM
+Usage: tp_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS(comma list) COMM
+(several model dirs: one launch checks them all, writing OUT_PREFIX.<i>.rank<r>.json for the i-th)
 """
 import copy
 import json
@@ -15,8 +16,14 @@ import ds_spd
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
-    model_dir, out_prefix, blocks, comm = args
+    model_dirs, out_prefix, blocks, comm = args
     blocks = [int(b) for b in blocks.split(",") if b]
+    dirs = model_dirs.split(",")
+    for i, model_dir in enumerate(dirs):
+        check(model_dir, out_prefix if len(dirs) == 1 else f"{out_prefix}.{i}", blocks, comm)
+
+
+def check(model_dir, out_prefix, blocks, comm):
     rank = int(os.environ["RANK"])
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n_layers = base.config.num_hidden_layers

@@ -1,0 +1,8 @@
+"""The value lists users choose from, defined once (config validation, CLI choices and the code that acts
+on them read these). Importing this module imports nothing heavy, so ``ds-spd --help`` stays fast."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+COMM_PATHS = ("auto", "gloo")             # DeepSpeed's inference all-reduce (shm / NCCL), or torch.distributed
+SCAN_METHODS = ("cumulative", "isolated")  # the paper's (last block first, cumulative) or each block alone
+SCAN_METRICS = ("ppl", "kl")
+INPUT_SOURCES = ("original", "prefix")     # distillation block inputs: original model, or the zero-shot SPD prefix

@@ -1,0 +1,144 @@
+"""One resolved run: every check that needs no weights, made once, handed to every stage.
+
+:func:`resolve_run` turns a validated config into a frozen :class:`RunSpec`: the HF config (read once), the
+family's adapter, the TP layout, the SPD blocks (from the list, the plan or the checkpoint, validated
+once), the checked checkpoint, and the ranks. Bad input (data files, model path, architecture, tp size,
+plan or checkpoint) fails here, before ranks load weights or communicate. ``virtualize``,
+``init_inference``, ``apply_checkpoint``, scan, distill and bench take the spec; :func:`build_runner` loads
+the model a command runs on from it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .adapters import ModelAdapter, adapter_for
+from .checkpoint import CheckpointInfo, open_checkpoint
+from .config import SPDConfig
+from .errors import LaunchError
+from .layout import TPLayout
+from .plan import check_spd_blocks, load_plan
+from .ranks import is_main_rank, world_size  # noqa: F401  (re-exported for the stages)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    config: SPDConfig
+    model_config: Any
+    adapter: ModelAdapter
+    layout: TPLayout
+    spd_blocks: tuple[int, ...]
+    checkpoint: CheckpointInfo | None
+    virtual: bool          # one process holds every shard (virtual TP) or one rank one shard (real TP)
+    world: int             # ranks started (data-parallel ranks of a virtual run, TP ranks of a real one)
+
+    @property
+    def tp_size(self) -> int:
+        return self.config.tp_size
+
+    @property
+    def mode(self) -> str:
+        return "virtual" if self.virtual else "tp"
+
+
+def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel: bool = False,
+                data_section: str | None = None, model_config=None) -> RunSpec:
+    """Resolve and check a run once. ``virtual_tp``: one process simulates that tp size (``data_parallel``
+    lets every rank of a launcher do so on its share of the data); ``data_section``: the data config the
+    command reads (checked before the model); ``model_config``: an HF config already in hand (Python API)."""
+    world = world_size()
+    if virtual_tp is not None:
+        if world > 1 and not data_parallel:
+            raise LaunchError(f"--virtual-tp runs in one process, but {world} ranks were started: "
+                              "drop --virtual-tp under a launcher, or run without the launcher")
+        cfg = cfg.updated(tp_size=virtual_tp)
+    if data_section is not None:
+        from .data import check_data_source
+        d = getattr(cfg, data_section)
+        check_data_source(d.text, d.dataset, d.split)
+    if model_config is None:
+        from .models import load_model_config
+        model_config = load_model_config(cfg.model)
+    adapter = adapter_for(model_config)
+    layout = TPLayout.for_model(model_config, cfg.tp_size, cfg.tp_grain_size)
+    if virtual_tp is None and world != cfg.tp_size:
+        hint = (f"launch with `deepspeed --num_gpus {cfg.tp_size} --module ds_spd ...`, or use virtual TP "
+                f"(--virtual-tp {cfg.tp_size})" if world == 1 else f"set tp to {world} or start {cfg.tp_size} ranks")
+        raise LaunchError(f"tp size {cfg.tp_size} needs {cfg.tp_size} ranks, {world} started: {hint}")
+    checkpoint = None
+    if cfg.checkpoint is not None:
+        checkpoint = open_checkpoint(cfg.checkpoint, model_config, cfg.tp_size, cfg.tp_grain_size, cfg.spd_blocks)
+        blocks = checkpoint.spd_blocks
+    elif cfg.plan is not None:
+        blocks = load_plan(cfg.plan).check_compatible(model_config, cfg.tp_size, cfg.tp_grain_size).spd_blocks
+    else:
+        blocks = cfg.spd_blocks or ()
+    blocks = check_spd_blocks(blocks, model_config.num_hidden_layers)
+    return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world)
+
+
+def init_data_parallel() -> tuple[int, int]:
+    """(rank, world) of a data-parallel run of virtual-TP work (scan, distill) under a launcher."""
+    import torch.distributed as dist
+
+    from .comm import backend
+    if world_size() > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend())
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@dataclass
+class Runner:
+    """What a command needs: something to call like an HF causal LM, its tokenizer and accounting."""
+
+    model: object          # HF model (virtual TP) or DeepSpeed InferenceEngine (real TP)
+    hf_model: torch.nn.Module
+    tokenizer: object
+    spec: RunSpec
+
+    @property
+    def config(self) -> SPDConfig:
+        return self.spec.config
+
+    @property
+    def spd_blocks(self) -> tuple[int, ...]:
+        return self.spec.spd_blocks
+
+    @property
+    def mode(self) -> str:
+        return self.spec.mode
+
+    @property
+    def stats(self):
+        return self.model.spd_stats
+
+    @property
+    def device(self) -> torch.device:
+        from .inject import model_device
+        return model_device(self.hf_model)
+
+
+def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
+    """Load the model of a resolved run: virtual TP in this process, or a DeepSpeed AutoTP + SPD engine."""
+    from .inject import init_inference, virtualize
+    from .models import load_model
+    if data_parallel:
+        init_data_parallel()
+    cfg = spec.config
+    model, tok = load_model(cfg.model, cfg.torch_dtype)
+    if not spec.virtual:
+        engine = init_inference(model, spec)
+        return Runner(engine, engine.module, tok, spec)
+    from deepspeed.accelerator import get_accelerator
+
+    from .checkpoint import apply_checkpoint
+    if spec.checkpoint is not None:
+        apply_checkpoint(model, spec.checkpoint)
+    model.to(get_accelerator().current_device_name())
+    virtualize(model, cfg.tp_size, spec.spd_blocks, tp_grain_size=cfg.tp_grain_size)
+    return Runner(model, model, tok, spec)

@@ -1,0 +1,163 @@
+"""Model families through their adapters (ds_spd.adapters), each with the LLaMA family's proofs, on tiny
+random configs: SPD off == HF; TP=1 SPD == HF; the SPD block == an independent hook-based reference of its
+block math (pre-norm: the paper's; sandwich: ds_spd's rank-local definition); head grouping keeps the plain
+TP function; virtual TP == 2 real ranks (tests/tp_worker.py); mixture-of-experts refused by name."""
+import copy
+import json
+
+import pytest
+import torch
+from helpers import launch, save_tiny, tiny_config, tiny_model
+
+import ds_spd
+from ds_spd.errors import LayoutError
+from ds_spd.layout import TPLayout
+
+FAMILIES = {
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),   # q/k/v biases
+    "llama3-rope": ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen3": ("qwen3", {}),
+    "gemma": ("gemma", dict(hidden_act="gelu_pytorch_tanh")),
+    "phi3": ("phi3", dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)),
+    "gemma2": ("gemma2", dict(sliding_window=8, query_pre_attn_scalar=16)),
+    "gemma3": ("gemma3_text", dict(sliding_window=8, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"] * 2)),
+}
+SANDWICH = ("gemma2", "gemma3")
+
+
+def _model(family):
+    model_type, overrides = FAMILIES[family]
+    return tiny_model(model_type, **overrides)
+
+
+def _ids(shape=(2, 12)):
+    return torch.randint(0, 384, shape, generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def _logits(model, ids):
+    return model(ids).logits
+
+
+def _mlp(mlp):
+    """gate, up, down weights and the activation, read straight from the HF module."""
+    if hasattr(mlp, "gate_up_proj"):
+        gate, up = mlp.gate_up_proj.weight.chunk(2)
+        return gate, up, mlp.down_proj.weight, mlp.activation_fn
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp.act_fn
+
+
+def reference_logits(model, ids, tp, blocks):
+    """The SPD block math computed with hooks on the unmodified HF model (no ds_spd block code):
+    pre-norm  out = X + sum_r [Y_r + MLP_r(N2(X + Y_r))];
+    sandwich  out = X + Na(sum_r Y_r) + No(sum_r MLP_r(Nf(X + Na(Y_r))))."""
+    model = copy.deepcopy(model)
+    layout = TPLayout.for_model(model.config, tp)
+    for i, layer in enumerate(model.model.layers):
+        if i not in blocks:
+            continue
+        heads = {}
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, heads=heads: heads.__setitem__("h", args[0]))
+
+        def replace(layer, args, kwargs, output, heads=heads):
+            x = args[0] if args else kwargs["hidden_states"]
+            gate, up, down, act = _mlp(layer.mlp)
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")
+            ys, zs, a0, m0 = [], [], 0, 0
+            for a, m in zip(layout.attn_cols, layout.mlp_cols):
+                y = heads["h"][..., a0:a0 + a] @ layer.self_attn.o_proj.weight[:, a0:a0 + a].T
+                u = (layer.pre_feedforward_layernorm(x + layer.post_attention_layernorm(y)) if sandwich
+                     else layer.post_attention_layernorm(x + y))
+                zs.append((act(u @ gate[m0:m0 + m].T) * (u @ up[m0:m0 + m].T)) @ down[:, m0:m0 + m].T)
+                ys.append(y)
+                a0, m0 = a0 + a, m0 + m
+            if sandwich:
+                return x + layer.post_attention_layernorm(sum(ys)) + layer.post_feedforward_layernorm(sum(zs))
+            return x + sum(ys) + sum(zs)
+        layer.register_forward_hook(replace, with_kwargs=True)
+    return _logits(model, ids)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spd_off_and_tp1_equal_hf(family):
+    model, ids = _model(family), _ids()
+    hf = _logits(model, ids)
+    torch.testing.assert_close(_logits(ds_spd.virtualize(copy.deepcopy(model), 2), ids), hf, atol=1e-5, rtol=1e-5)
+    all_spd_tp1 = ds_spd.virtualize(copy.deepcopy(model), 1, range(model.config.num_hidden_layers))
+    torch.testing.assert_close(_logits(all_spd_tp1, ids), hf, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_spd_matches_reference(family):
+    model, ids, blocks = _model(family), _ids(), [0, 1, 3]
+    out = _logits(ds_spd.virtualize(copy.deepcopy(model), 2, blocks), ids)
+    torch.testing.assert_close(out, reference_logits(model, ids, 2, blocks), atol=1e-5, rtol=1e-5)
+    assert (out - _logits(model, ids)).abs().max() > 1e-3   # SPD is not the identity
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_grouping_keeps_tp_function(family):
+    from ds_spd.headgroup import attention_kwargs, find_grouping, permute_block
+    model = ds_spd.virtualize(_model(family), 2)
+    layout, layer = model.spd_layout, model.model.layers[1]
+    x = torch.randn(4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    kwargs = attention_kwargs(model.model.rotary_emb, x, layer)
+    with torch.no_grad():
+        before = layer(x, **kwargs)
+        grouping = find_grouping(layer, model.model.rotary_emb, x, layout)
+        permute_block(layer, grouping, layout)
+        torch.testing.assert_close(layer(x, **kwargs), before, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_distill_trains_fused_and_sandwich_blocks(family):
+    from test_distill import CPU_ZERO2, _plan
+
+    from ds_spd.distill import DistillSettings, distill
+    model = ds_spd.virtualize(_model(family), 2)
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
+    result = distill(model, _plan(model, ["ESB", "TP", "SB", "TP"]), segments, copy.deepcopy(CPU_ZERO2),
+                     DistillSettings(epochs=4, lr=2e-3, micro_batch=4), progress=False)
+    for i in (0, 2):
+        assert result.history[-1]["loss"][i] < 0.8 * result.initial_mse[i]
+
+
+def test_moe_refused_by_name():
+    with pytest.raises(LayoutError, match=r"model_type='mixtral'.*mixture-of-experts.*supports model types llama"):
+        TPLayout.for_model(tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2), 2)
+
+
+@pytest.mark.multirank
+def test_real_tp_matches_virtual(tmp_path):
+    """Every family in one launch of 2 CPU ranks (tests/tp_worker.py checks each model in turn)."""
+    dirs = [save_tiny(str(tmp_path / f), model_type=t, **o) for f, (t, o) in FAMILIES.items()]
+    prefix = str(tmp_path / "res")
+    launch(["tests/tp_worker.py", ",".join(dirs), prefix, "0,2", "auto"], timeout=900)
+    for i, family in enumerate(FAMILIES):
+        for rank in (0, 1):
+            res = json.load(open(f"{prefix}.{i}.rank{rank}.json"))
+            assert res["local_o_proj_cols"] == res["layout_attn_cols"][rank], family   # AutoTP's shards == layout
+            assert res["local_mlp_cols"] == res["layout_mlp_cols"][rank], family
+            assert res["off_vs_hf"] < 1e-5 and res["real_vs_virtual"] < 1e-5 and res["spd_vs_hf"] > 1e-3, (family, res)
+            assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"], family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_direct_block_call_matches_the_model(family):
+    """Distillation and head grouping call blocks directly (attention_kwargs): rotary variant and
+    sliding-window mask must equal what the model gives each layer (T=12 > window 8)."""
+    from ds_spd.headgroup import attention_kwargs
+    model = ds_spd.virtualize(_model(family), 2, [1])
+    seen = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda m, args, kwargs, out, i=i: seen.__setitem__(
+            i, (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0], out)), with_kwargs=True)
+    _logits(model, _ids((1, 12)))
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            x, out = seen[i]
+            torch.testing.assert_close(layer(x, **attention_kwargs(model.model.rotary_emb, x, layer)), out,
+                                       atol=1e-5, rtol=1e-5)
