@@ -8,12 +8,13 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SPDDecoderLayer": "block", "CommStats": "comm", "SPDConfig": "config", "resolve_spd_config": "config",
+    "SPDDecoderLayer": "core.block", "CommStats": "core.comm", "TPLayout": "core.layout",
+    "init_inference": "core.inject", "virtualize": "core.inject", "set_spd_blocks": "core.inject",
+    "get_spd_blocks": "core.inject", "ModelAdapter": "models.adapters", "adapter_for": "models.adapters",
+    "load_model": "models.loading", "SPDConfig": "config", "resolve_spd_config": "config",
+    "RunSpec": "run", "resolve_run": "run", "build_runner": "run", "Plan": "plan", "load_plan": "plan",
     "ConfigError": "errors", "LaunchError": "errors", "LayoutError": "errors", "PlanError": "errors",
     "SPDInputError": "errors", "OutputError": "errors", "DataError": "errors",
-    "init_inference": "inject", "virtualize": "inject", "set_spd_blocks": "inject", "get_spd_blocks": "inject",
-    "TPLayout": "layout", "Plan": "plan", "load_plan": "plan", "RunSpec": "run", "resolve_run": "run",
-    "ModelAdapter": "adapters", "adapter_for": "adapters",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from ds_spd.cli import main
 
 sys.exit(main())

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import OutputError, PlanError
-from .outputs import check_output_dir, clean_stale, publish_dir, write_json
-from .plan import Plan, load_plan
+from ds_spd.errors import OutputError, PlanError
+from ds_spd.outputs import check_output_dir, clean_stale, publish_dir, write_json
+from ds_spd.plan import Plan, load_plan
 
 WEIGHTS = "spd_blocks.safetensors"
 FILES = ("plan.json", WEIGHTS, "config.json", "provenance.json")

@@ -13,16 +13,16 @@ import json
 import os
 import sys
 
-from .choices import COMM_PATHS, DTYPES, INPUT_SOURCES, SCAN_METHODS, SCAN_METRICS
-from .config import resolve_spd_config
-from .errors import SPDInputError
-from .outputs import check_output_dir, check_output_file
-from .ranks import is_main_rank
+from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES, SCAN_METHODS, SCAN_METRICS
+from ds_spd.config import resolve_spd_config
+from ds_spd.errors import SPDInputError
+from ds_spd.outputs import check_output_dir, check_output_file
+from ds_spd.ranks import is_main_rank
 
 
 def parse_blocks(text: str) -> list[int]:
     """argparse type for block lists (``"3,4,27"``, ``"20-29"``, ``"none"``)."""
-    from .config import parse_block_list
+    from ds_spd.config import parse_block_list
     try:
         return parse_block_list(text)
     except SPDInputError as err:
@@ -159,8 +159,8 @@ def _plot_path(args, out: str) -> str:
 
 
 def cmd_generate(args) -> None:
-    from .evaluation import generate_texts
-    from .run import build_runner, resolve_run
+    from ds_spd.tools.evaluation import generate_texts
+    from ds_spd.run import build_runner, resolve_run
     runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp))
     outputs = generate_texts(runner, args.prompt, args.max_new_tokens, args.chat)
     for o in outputs:
@@ -170,8 +170,8 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluation import evaluate_run
-    from .run import build_runner, resolve_run
+    from ds_spd.tools.evaluation import evaluate_run
+    from ds_spd.run import build_runner, resolve_run
     runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp, data_section="data"))
     result = evaluate_run(runner, progress=is_main_rank())
     _say(args, f"{runner.mode} tp={runner.config.tp_size} spd_blocks={list(runner.spd_blocks)}: perplexity "
@@ -181,9 +181,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_scan(args) -> None:
-    from .plots import plot_plan
-    from .run import build_runner, resolve_run
-    from .scan import scan_to_plan
+    from ds_spd.tools.plots import plot_plan
+    from ds_spd.run import build_runner, resolve_run
+    from ds_spd.stages.scan import scan_to_plan
     cfg = config_from_args(args)
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
     spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration")
@@ -199,15 +199,15 @@ def cmd_scan(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from .plan import load_plan
-    from .planner import perplexity_measure, select
-    from .plots import plot_plan
+    from ds_spd.plan import load_plan
+    from ds_spd.stages.planner import perplexity_measure, select
+    from ds_spd.tools.plots import plot_plan
     plan = load_plan(args.plan)
     out = check_output_file(args.out or args.plan, "plan output")
     png = check_output_file(_plot_path(args, out), "plot output")
     measure = None
     if args.max_ppl_increase is not None:
-        from .run import build_runner, resolve_run
+        from ds_spd.run import build_runner, resolve_run
         args.split = args.split or "validation"   # validated on text the scan did not calibrate on
         cfg = config_from_args(args).updated(model=args.model or plan.model, plan=None)
         measure = perplexity_measure(build_runner(resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")))
@@ -226,7 +226,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from . import recovery
+    from ds_spd.stages import recovery
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
                               ("out", args.out), ("work_dir", args.work_dir)) if v is not None}
     cfg = config_from_args(args)
@@ -246,10 +246,10 @@ def cmd_distill(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from . import bench
-    from .plan import load_plan
-    from .planner import ranking
-    from .run import resolve_run
+    from ds_spd.tools import bench
+    from ds_spd.plan import load_plan
+    from ds_spd.stages.planner import ranking
+    from ds_spd.run import resolve_run
     cfg = config_from_args(args)
     order = ranking(load_plan(cfg.plan)) if cfg.plan else None
     check_output_dir(args.out, "bench output", names=bench.OUTPUT_FILES)
@@ -266,7 +266,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_prepare_model(args) -> None:
-    from .models import resolve_model_path
+    from ds_spd.models.loading import resolve_model_path
     print(resolve_model_path(args.model))
 
 

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .choices import COMM_PATHS, DTYPES, INPUT_SOURCES
-from .errors import ConfigError
-from .layout import DEFAULT_TP_GRAIN_SIZE
+from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES
+from ds_spd.errors import ConfigError
+from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
 
 class _Strict(BaseModel):

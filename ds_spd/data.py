@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import ConfigError, DataError, SPDInputError
-from .models import cache_dir, hub_reachable
+from ds_spd.errors import ConfigError, DataError, SPDInputError
+from ds_spd.outputs import write_atomic
+from ds_spd.models.loading import cache_dir, hub_reachable
 
 SPLITS = ("train", "validation", "test")
 
@@ -69,10 +70,7 @@ def shipped_corpus_file(name: str, split: str) -> str:
     if not os.path.isfile(path):
         docs = [p for p in _paragraphs(SHIPPED_CORPORA[name]()) if _split_of(p) == split]
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n\n".join(docs))
-        os.replace(tmp, path)
+        write_atomic(path, "\n\n".join(docs))
     return path
 
 

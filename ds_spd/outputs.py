@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from typing import Callable, Iterable
 
-from .errors import OutputError
+from ds_spd.errors import OutputError
 
 #: PNG text key and Markdown first line that mark a file as written by ds_spd.
 PNG_KEY, PNG_VALUE = "Software", "ds_spd"

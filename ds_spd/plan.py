@@ -11,9 +11,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import PlanError
-from .layout import DEFAULT_TP_GRAIN_SIZE
-from .outputs import write_atomic
+from ds_spd.errors import PlanError
+from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
+from ds_spd.outputs import write_atomic
 
 PLAN_FORMAT = "ds_spd.plan/1"
 FINGERPRINT_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",

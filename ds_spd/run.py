@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from .adapters import ModelAdapter, adapter_for
-from .checkpoint import CheckpointInfo, open_checkpoint
-from .config import SPDConfig
-from .errors import LaunchError
-from .layout import TPLayout
-from .plan import check_spd_blocks, load_plan
-from .ranks import is_main_rank, world_size  # noqa: F401  (re-exported for the stages)
+from ds_spd.models.adapters import ModelAdapter, adapter_for
+from ds_spd.checkpoint import CheckpointInfo, open_checkpoint
+from ds_spd.config import SPDConfig
+from ds_spd.errors import LaunchError
+from ds_spd.core.layout import TPLayout
+from ds_spd.plan import check_spd_blocks, load_plan
+from ds_spd.ranks import is_main_rank, world_size  # noqa: F401  (re-exported for the stages)
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel:
                               "drop --virtual-tp under a launcher, or run without the launcher")
         cfg = cfg.updated(tp_size=virtual_tp)
     if data_section is not None:
-        from .data import check_data_source
+        from ds_spd.data import check_data_source
         d = getattr(cfg, data_section)
         check_data_source(d.text, d.dataset, d.split)
     if model_config is None:
-        from .models import load_model_config
+        from ds_spd.models.loading import load_model_config
         model_config = load_model_config(cfg.model)
     adapter = adapter_for(model_config)
     layout = TPLayout.for_model(model_config, cfg.tp_size, cfg.tp_grain_size)
@@ -84,7 +84,7 @@ def init_data_parallel() -> tuple[int, int]:
     """(rank, world) of a data-parallel run of virtual-TP work (scan, distill) under a launcher."""
     import torch.distributed as dist
 
-    from .comm import backend
+    from ds_spd.core.comm import backend
     if world_size() > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -119,26 +119,18 @@ class Runner:
 
     @property
     def device(self) -> torch.device:
-        from .inject import model_device
+        from ds_spd.core.inject import model_device
         return model_device(self.hf_model)
 
 
 def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
     """Load the model of a resolved run: virtual TP in this process, or a DeepSpeed AutoTP + SPD engine."""
-    from .inject import init_inference, virtualize
-    from .models import load_model
+    from ds_spd.core.inject import init_inference, virtualize_run
+    from ds_spd.models.loading import load_model
     if data_parallel:
         init_data_parallel()
-    cfg = spec.config
-    model, tok = load_model(cfg.model, cfg.torch_dtype)
-    if not spec.virtual:
-        engine = init_inference(model, spec)
-        return Runner(engine, engine.module, tok, spec)
-    from deepspeed.accelerator import get_accelerator
-
-    from .checkpoint import apply_checkpoint
-    if spec.checkpoint is not None:
-        apply_checkpoint(model, spec.checkpoint)
-    model.to(get_accelerator().current_device_name())
-    virtualize(model, cfg.tp_size, spec.spd_blocks, tp_grain_size=cfg.tp_grain_size)
-    return Runner(model, model, tok, spec)
+    model, tok = load_model(spec.config.model, spec.config.torch_dtype, config=spec.model_config)
+    if spec.virtual:
+        return Runner(virtualize_run(model, spec), model, tok, spec)
+    engine = init_inference(model, spec)
+    return Runner(engine, engine.module, tok, spec)

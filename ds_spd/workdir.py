@@ -16,8 +16,8 @@ import json
 import os
 import shutil
 
-from .errors import OutputError, PlanError
-from .outputs import check_writable_place, write_json
+from ds_spd.errors import OutputError, PlanError
+from ds_spd.outputs import check_writable_place, write_json
 
 RUN_FILE = "ds_spd_run.json"
 #: DeepSpeed config keys that do not change the trained weights (logging and profiling).

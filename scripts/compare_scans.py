@@ -11,12 +11,12 @@ import os
 
 import ds_spd
 from ds_spd.data import load_texts, token_segments
-from ds_spd.evaluation import evaluate_lm
-from ds_spd.models import load_model
+from ds_spd.tools.evaluation import evaluate_lm
+from ds_spd.models.loading import load_model
 from ds_spd.plan import Plan
-from ds_spd.planner import ranking
-from ds_spd.plots import plot_count_curves, plot_plan, save_figure
-from ds_spd.scan import scan
+from ds_spd.stages.planner import ranking
+from ds_spd.tools.plots import plot_count_curves, plot_plan, save_figure
+from ds_spd.stages.scan import scan
 
 
 

@@ -20,11 +20,11 @@ import torch
 import ds_spd
 from ds_spd.checkpoint import apply_checkpoint, open_checkpoint
 from ds_spd.data import load_texts, token_segments
-from ds_spd.evaluation import evaluate_lm
-from ds_spd.models import load_model
+from ds_spd.tools.evaluation import evaluate_lm
+from ds_spd.models.loading import load_model
 from ds_spd.plan import load_plan
-from ds_spd.plots import plot_count_curves, save_figure
-from ds_spd.planner import ranking, select
+from ds_spd.tools.plots import plot_count_curves, save_figure
+from ds_spd.stages.planner import ranking, select
 
 
 def run(cmd):

@@ -8,8 +8,8 @@ import os
 
 import ds_spd
 from ds_spd.data import load_texts, token_segments
-from ds_spd.models import load_model
-from ds_spd.scan import scan
+from ds_spd.models.loading import load_model
+from ds_spd.stages.scan import scan
 
 
 def main():

@@ -4,7 +4,8 @@ import os
 import signal
 import sys
 
-from ds_spd import cli, distill
+from ds_spd import cli
+from ds_spd.stages import distill
 
 
 def main():

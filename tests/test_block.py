@@ -6,9 +6,9 @@ import torch
 from helpers import EVEN, tiny_config, tiny_model
 
 import ds_spd
-from ds_spd.block import SPDDecoderLayer
-from ds_spd.comm import CommStats, VirtualReduce
-from ds_spd.layout import LayoutError, TPLayout
+from ds_spd.core.block import SPDDecoderLayer
+from ds_spd.core.comm import CommStats, VirtualReduce
+from ds_spd.core.layout import LayoutError, TPLayout
 
 
 def _ids(vocab=384, shape=(2, 12)):

@@ -113,5 +113,5 @@ def test_help_and_config_load_no_torch():
 def test_default_grain_is_deepspeeds():
     from deepspeed.inference.config import DeepSpeedTPConfig
 
-    from ds_spd.layout import DEFAULT_TP_GRAIN_SIZE
+    from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
     assert DEFAULT_TP_GRAIN_SIZE == DeepSpeedTPConfig().tp_grain_size

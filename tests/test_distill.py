@@ -9,9 +9,9 @@ import torch
 from helpers import EVEN, launch, last_json, run_cli, tiny_model
 
 import ds_spd
-from ds_spd.distill import DistillSettings, distill, prepare_pairs
-from ds_spd.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block, scatter_heads
-from ds_spd.layout import TPLayout
+from ds_spd.stages.distill import DistillSettings, distill, prepare_pairs
+from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block, scatter_heads
+from ds_spd.core.layout import TPLayout
 from ds_spd.plan import Plan
 
 CPU_ZERO2 = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,

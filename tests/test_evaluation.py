@@ -8,7 +8,7 @@ from helpers import tiny_model, tiny_tokenizer
 
 from ds_spd.data import load_texts, shipped_corpus_file, token_segments
 from ds_spd.errors import DataError
-from ds_spd.evaluation import evaluate_lm
+from ds_spd.tools.evaluation import evaluate_lm
 
 
 def test_metric_module_equals_direct_computation():

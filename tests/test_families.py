@@ -11,7 +11,7 @@ from helpers import launch, save_tiny, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.errors import LayoutError
-from ds_spd.layout import TPLayout
+from ds_spd.core.layout import TPLayout
 
 FAMILIES = {
     "mistral": ("mistral", {}),
@@ -100,7 +100,7 @@ def test_spd_matches_reference(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_head_grouping_keeps_tp_function(family):
-    from ds_spd.headgroup import attention_kwargs, find_grouping, permute_block
+    from ds_spd.stages.headgroup import attention_kwargs, find_grouping, permute_block
     model = ds_spd.virtualize(_model(family), 2)
     layout, layer = model.spd_layout, model.model.layers[1]
     x = torch.randn(4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -116,7 +116,7 @@ def test_head_grouping_keeps_tp_function(family):
 def test_distill_trains_fused_and_sandwich_blocks(family):
     from test_distill import CPU_ZERO2, _plan
 
-    from ds_spd.distill import DistillSettings, distill
+    from ds_spd.stages.distill import DistillSettings, distill
     model = ds_spd.virtualize(_model(family), 2)
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
     result = distill(model, _plan(model, ["ESB", "TP", "SB", "TP"]), segments, copy.deepcopy(CPU_ZERO2),
@@ -149,7 +149,7 @@ def test_real_tp_matches_virtual(tmp_path):
 def test_direct_block_call_matches_the_model(family):
     """Distillation and head grouping call blocks directly (attention_kwargs): rotary variant and
     sliding-window mask must equal what the model gives each layer (T=12 > window 8)."""
-    from ds_spd.headgroup import attention_kwargs
+    from ds_spd.stages.headgroup import attention_kwargs
     model = ds_spd.virtualize(_model(family), 2, [1])
     seen = {}
     for i, layer in enumerate(model.model.layers):

@@ -13,7 +13,7 @@ def test_adapter_scores_the_spd_model(tiny_dir):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from ds_spd.lm_eval_adapter import SPDLM
+    from ds_spd.tools.lm_eval_adapter import SPDLM
     lm = SPDLM(model=tiny_dir, virtual_tp=2, spd_blocks="0:2-3", batch_size=2)
     assert lm.spd_runner.spd_blocks == (0, 2, 3)
     # loglikelihood through lm_eval == the SPD model's own log-probabilities
@@ -49,7 +49,7 @@ def test_adapter_command_line(tiny_dir, tmp_path):
 
     from helpers import clean_env
     out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "ds_spd.lm_eval_adapter", "--model", "ds_spd",
+    cmd = [sys.executable, "-m", "ds_spd.tools.lm_eval_adapter", "--model", "ds_spd",
            "--model_args", f"model={tiny_dir},virtual_tp=2,spd_blocks=1:3", "--tasks", "ds_spd_tiny_choice",
            "--include_path", "tests/data/lm_eval", "--output_path", str(out), "--batch_size", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"))

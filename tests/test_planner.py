@@ -7,7 +7,7 @@ from helpers import launch, last_json, run_cli, tiny_config
 
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan, load_plan
-from ds_spd.planner import select
+from ds_spd.stages.planner import select
 
 SENS = [0.9, 0.0, 0.2, -0.05, 0.08, 0.4]  # baseline 10 -> relative 9%, 0, 2%, -0.5%, 0.8%, 4%
 

@@ -54,7 +54,7 @@ def test_output_file_rules(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ds_spd.plots import save_figure
+    from ds_spd.tools.plots import save_figure
     save_figure(plt.figure(), str(tmp_path / "ours.png"))
     assert outputs.owned(str(tmp_path / "ours.png"))
     # a missing directory is fine (created when written), a file in the way is not
@@ -278,9 +278,9 @@ def test_eval_refuses_blocks_outside_checkpoint(tiny_dir, tmp_path):
 def test_head_grouping_uses_the_configured_grain():
     """HG must match MLP slices of the layout the ranks hold (tp_grain_size 100: 100 + 100 columns, not the
     default grain's 128 + 72)."""
-    from ds_spd.distill import BlockPairs, DistillSettings, build_students
-    from ds_spd.headgroup import permute_block
-    from ds_spd.layout import TPLayout
+    from ds_spd.stages.distill import BlockPairs, DistillSettings, build_students
+    from ds_spd.stages.headgroup import permute_block
+    from ds_spd.core.layout import TPLayout
     model = ds_spd.virtualize(tiny_model(), 2, tp_grain_size=100)
     plan = Plan.from_blocks("tiny", model.config, 2, [], tp_grain_size=100)
     plan.blocks[0].cls = "ESB"
@@ -294,7 +294,7 @@ def test_head_grouping_uses_the_configured_grain():
 
 
 def test_reselection_keeps_or_drops_both_permutations():
-    from ds_spd.planner import select
+    from ds_spd.stages.planner import select
     plan = Plan.from_blocks("tiny", tiny_config(), 2, [])
     for b, s in zip(plan.blocks, (0.001, 0.5, 0.5, 0.02)):
         b.sensitivity, b.cls = s, "TP"

@@ -6,8 +6,8 @@ import torch
 from helpers import tiny_model
 
 import ds_spd
-from ds_spd.evaluation import evaluate_lm
-from ds_spd.scan import scan
+from ds_spd.tools.evaluation import evaluate_lm
+from ds_spd.stages.scan import scan
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as torch_dist
 
-from .choices import COMM_PATHS
+from ds_spd.choices import COMM_PATHS
+from ds_spd.ranks import world_size
 
 #: dtypes DeepSpeed's shared-memory inference all-reduce handles; it silently skips others.
 _SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -138,7 +139,7 @@ def prepare_dist_env() -> None:
     # all-reduce reads; without it AutoTP inference crashed (SIGSEGV).
     if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
         os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a single process started without a launcher
+    if world_size() == 1:  # a single process started without a launcher
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)

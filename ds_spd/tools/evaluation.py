@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .inject import model_device
+from ds_spd.core.inject import model_device
 
 METRIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "next_token")
 
@@ -41,7 +41,7 @@ def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bo
 
 def evaluate_run(runner, progress: bool = True) -> dict:
     """The ``eval`` stage: perplexity and top-1 accuracy of a runner on its ``spd.data`` text."""
-    from .data import segments_for
+    from ds_spd.data import segments_for
     d = runner.config.data
     segments = segments_for(d, runner.tokenizer)
     runner.stats.reset()

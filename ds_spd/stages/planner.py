@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from .errors import PlanError
-from .plan import BlockEntry, Plan
+from ds_spd.errors import PlanError
+from ds_spd.plan import BlockEntry, Plan
 
 DEFAULT_THRESHOLDS = (0.01, 0.05)
 
@@ -116,9 +116,9 @@ def _budget(plan: Plan, order: list[int], th, max_increase: float, measure) -> P
 
 def perplexity_measure(runner) -> Callable[[list[int]], float]:
     """``measure(blocks)`` for a budget: the runner's perplexity on its ``spd.data`` text with those blocks SPD."""
-    from .data import segments_for
-    from .evaluation import evaluate_lm
-    from .inject import set_spd_blocks
+    from ds_spd.data import segments_for
+    from ds_spd.tools.evaluation import evaluate_lm
+    from ds_spd.core.inject import set_spd_blocks
     segments = segments_for(runner.config.data, runner.tokenizer)
 
     def measure(blocks):

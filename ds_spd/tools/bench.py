@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .inject import decoder_layers, init_inference, model_device, set_spd_blocks
-from .outputs import MD_MARK
-from .plots import save_figure
+from ds_spd.core.inject import decoder_layers, init_inference, model_device, set_spd_blocks
+from ds_spd.outputs import MD_MARK
+from ds_spd.tools.plots import save_figure
 
 
 @dataclass
@@ -84,8 +84,8 @@ def bench_run(spec, settings: BenchSettings, order: list[int] | None, out_dir: s
     bench.json / .md / .png on rank 0 (``out_dir`` was checked before)."""
     import os
 
-    from .models import load_model
-    from .run import is_main_rank
+    from ds_spd.models.loading import load_model
+    from ds_spd.run import is_main_rank
     model, _ = load_model(spec.config.model, spec.config.torch_dtype)
     result = run_bench(model, spec, settings, order, progress)
     result.update({"model": spec.config.model, "tp_size": spec.tp_size, "dtype": spec.config.dtype,
@@ -100,7 +100,7 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     Returns the results dict (identical on every rank)."""
     import deepspeed
 
-    from .comm import prepare_dist_env, release_shm_buffer
+    from ds_spd.core.comm import prepare_dist_env, release_shm_buffer
     cfg = spec.config
     prepare_dist_env()   # before the first engine: DeepSpeed's CPU comm reads the environment
     baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size,
@@ -181,7 +181,7 @@ def write_outputs(result: dict, command: str, out_dir: str) -> None:
     """bench.json, bench.md and bench.png in ``out_dir`` (checked before the run: ds_spd.outputs)."""
     import os
 
-    from .outputs import write_atomic, write_json
+    from ds_spd.outputs import write_atomic, write_json
     write_json(os.path.join(out_dir, "bench.json"), {**result, "command": command}, "bench/1")
     write_atomic(os.path.join(out_dir, "bench.md"), markdown(result, command))
     plot(result, os.path.join(out_dir, "bench.png"))

@@ -1,8 +1,8 @@
 """PNG plots (matplotlib, headless) of scans and plans."""
 from __future__ import annotations
 
-from .outputs import PNG_KEY, PNG_VALUE, write_atomic
-from .plan import Plan
+from ds_spd.outputs import PNG_KEY, PNG_VALUE, write_atomic
+from ds_spd.plan import Plan
 
 CLASS_COLORS = {"TP": "#9e9e9e", "ISB": "#2e7d32", "SB": "#f9a825", "ESB": "#c62828"}
 

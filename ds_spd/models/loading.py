@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import DataError, SPDInputError
+from ds_spd.errors import DataError, SPDInputError
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -65,11 +65,12 @@ def _convert_gguf(target: str) -> None:
     config = type(gguf_model.config).from_dict(config_dict)
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
+    from ds_spd.outputs import publish_dir
     tmp = f"{target}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)   # our own cache dir, this pid's leftover
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    os.replace(tmp, target)
+    publish_dir(tmp, target)
 
 
 def resolve_model_path(name: str) -> str:
@@ -125,7 +126,7 @@ def load_model_config(name: str):
     """The HF config, with the architecture checked (cheap: no weights are read)."""
     from transformers import AutoConfig
 
-    from .layout import check_architecture
+    from ds_spd.core.layout import check_architecture
     path = check_model_source(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -135,11 +136,12 @@ def load_model_config(name: str):
     return config
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode; the architecture is checked before weights are read."""
+def load_model(name: str, dtype: torch.dtype = torch.float32, config=None):
+    """(model, tokenizer) in eval mode; the architecture is checked before weights are read (``config``: the
+    HF config already read and checked by resolve_run, so it is not read twice)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    load_model_config(name)
+    config = config or load_model_config(name)
     path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(path)
     return model, tok

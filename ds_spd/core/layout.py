@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import LayoutError
+from ds_spd.errors import LayoutError
 
 #: DeepSpeed's default ``tensor_parallel.tp_grain_size`` (DeepSpeedTPConfig; a test keeps them equal). Kept
 #: here as a number so that reading configs and plans does not import DeepSpeed.
@@ -17,7 +17,7 @@ DEFAULT_TP_GRAIN_SIZE = 64
 
 def check_architecture(config) -> None:
     """Refuse a model family without an adapter (ds_spd.adapters), naming the supported ones."""
-    from .adapters import adapter_for
+    from ds_spd.models.adapters import adapter_for
     adapter_for(config)
 
 

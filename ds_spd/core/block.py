@@ -59,7 +59,7 @@ class SPDDecoderLayer(nn.Module):
         if len(attn_cols) != len(mlp_cols):
             raise ValueError(f"attention shards {attn_cols} and MLP shards {mlp_cols} differ in count")
         if adapter is None:
-            from .adapters import ADAPTERS
+            from ds_spd.models.adapters import ADAPTERS
             adapter = ADAPTERS["llama"]
         self.adapter = adapter
         for name in NORMS:

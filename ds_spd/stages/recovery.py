@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
-from .config import SPDConfig, load_ds_config
-from .distill import DistillSettings, distill, plan_digest
-from .errors import SPDInputError
-from .plan import BlockEntry, Plan, load_plan
-from .run import RunSpec
-from .workdir import check_work_dir, prepare_work_dir, run_fingerprint
+from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
+from ds_spd.config import SPDConfig, load_ds_config
+from ds_spd.stages.distill import DistillSettings, distill, plan_digest
+from ds_spd.errors import SPDInputError
+from ds_spd.plan import BlockEntry, Plan, load_plan
+from ds_spd.run import RunSpec
+from ds_spd.workdir import check_work_dir, prepare_work_dir, run_fingerprint
 
 
 def deepspeed_config(config_path: str | None, lr: float) -> dict:
@@ -67,8 +67,8 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
             restart: bool = False) -> DistillRun:
     """Every check of a distill run that reads no weights (see the module docstring); the model is ``model``
     (the --model flag) or the plan's."""
-    from .ranks import world_size
-    from .run import resolve_run
+    from ds_spd.ranks import world_size
+    from ds_spd.run import resolve_run
     plan = load_plan(plan_path)
     cfg = cfg.updated(model=model or plan.model, tp_size=plan.tp_size, plan=None, spd_blocks=None, checkpoint=None)
     spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration")
@@ -99,10 +99,10 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     """Load, train (resuming from the work dir), write the checkpoint on rank 0; returns the report dict."""
     import torch.distributed as dist
 
-    from . import __version__
-    from .data import segments_for
-    from .ranks import is_main_rank, world_size
-    from .run import build_runner
+    from ds_spd import __version__
+    from ds_spd.data import segments_for
+    from ds_spd.ranks import is_main_rank, world_size
+    from ds_spd.run import build_runner
     runner = build_runner(run.spec, data_parallel=True)
     if is_main_rank():
         prepare_work_dir(run.work_dir, run.fingerprint, run.work_state)

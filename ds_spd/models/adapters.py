@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LayoutError
+from ds_spd.errors import LayoutError
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
-from .inject import decoder_layers, model_device, set_spd_blocks
+from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
+from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 
 
 
@@ -163,9 +163,9 @@ def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progr
     calibration segments, as a plan (no blocks chosen yet) with the sensitivities and how they were measured."""
     import sys
 
-    from .data import segments_for
-    from .plan import Plan
-    from .run import init_data_parallel
+    from ds_spd.data import segments_for
+    from ds_spd.plan import Plan
+    from ds_spd.run import init_data_parallel
     rank, world = init_data_parallel()
     cfg, d = runner.config, runner.config.calibration
     segments = segments_for(d, runner.tokenizer, rank, world)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import TPLayout
+from ds_spd.core.layout import TPLayout
 
 _EXHAUSTIVE_LIMIT = 50_000
 
@@ -40,7 +40,7 @@ class HeadGrouping:
 
 
 def _adapter(layer: nn.Module):
-    from .adapters import adapter_for
+    from ds_spd.models.adapters import adapter_for
     return getattr(layer, "adapter", None) or adapter_for(layer.self_attn.config)
 
 
@@ -155,7 +155,7 @@ def attention_kwargs(rotary: nn.Module, x: torch.Tensor, layer: nn.Module | None
     """Keyword arguments for calling a decoder layer (or its attention) directly on block inputs ``x``:
     rotary embeddings, positions and an additive causal mask [1, 1, T, T] (eager and sdpa both honour it).
     With ``layer``: that layer's rotary variant and, for a sliding-window layer, its window (Gemma 2/3)."""
-    from .adapters import ModelAdapter, layer_type
+    from ds_spd.models.adapters import ModelAdapter, layer_type
     t = x.shape[1]
     pos = torch.arange(t, device=x.device).unsqueeze(0)
     kind, window = None, None

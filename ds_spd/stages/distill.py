@@ -26,14 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from .block import SPDDecoderLayer
-from .choices import INPUT_SOURCES
-from .comm import CommStats, VirtualReduce
-from .headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
-from .inject import decoder_layers, model_device, set_spd_blocks
-from .errors import PlanError
-from .plan import Plan
-from .scan import BlockInputs
+from ds_spd.core.block import SPDDecoderLayer
+from ds_spd.choices import INPUT_SOURCES
+from ds_spd.core.comm import CommStats, VirtualReduce
+from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
+from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
+from ds_spd.errors import PlanError
+from ds_spd.plan import Plan
+from ds_spd.stages.scan import BlockInputs
 
 
 
@@ -153,7 +153,7 @@ class _Trainer:
         params = [p for p in distiller.parameters() if p.requires_grad]
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
         # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
-        from .comm import backend, prepare_dist_env, release_shm_buffer
+        from ds_spd.core.comm import backend, prepare_dist_env, release_shm_buffer
         prepare_dist_env()
         if use_accelerate:
             from accelerate import Accelerator

@@ -12,11 +12,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .block import SPDDecoderLayer
-from .comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env, release_shm_buffer
-from .adapters import adapter_for
-from .layout import DEFAULT_TP_GRAIN_SIZE, TPLayout
-from .plan import check_spd_blocks
+from ds_spd.core.block import SPDDecoderLayer
+from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env, release_shm_buffer
+from ds_spd.models.adapters import adapter_for
+from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE, TPLayout
+from ds_spd.plan import check_spd_blocks
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -93,6 +93,21 @@ def virtualize(model: nn.Module, tp_size: int, spd_blocks: Iterable[int] = (), *
     return model
 
 
+def _load_distilled(model: nn.Module, spec) -> None:
+    """The run's distilled checkpoint blocks, loaded before any sharding (both entry points below)."""
+    if spec.checkpoint is not None:
+        from ds_spd.checkpoint import apply_checkpoint
+        apply_checkpoint(model, spec.checkpoint)
+
+
+def virtualize_run(model: nn.Module, spec) -> nn.Module:
+    """Virtual TP of a resolved run (ds_spd.run.RunSpec): checkpoint weights, then :func:`virtualize`."""
+    from deepspeed.accelerator import get_accelerator
+    _load_distilled(model, spec)
+    model.to(get_accelerator().current_device_name())
+    return virtualize(model, spec.tp_size, spec.spd_blocks, tp_grain_size=spec.config.tp_grain_size)
+
+
 def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
                    spd_blocks: Iterable[int] | None = None, checkpoint: str | None = None, comm: str | None = None,
                    dtype=None, **ds_kwargs):
@@ -105,19 +120,17 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     """
     import deepspeed
 
-    from .run import RunSpec, resolve_run
+    from ds_spd.run import RunSpec, resolve_run
     if isinstance(config, RunSpec):
         spec = config
     else:
-        from .config import resolve_spd_config
+        from ds_spd.config import resolve_spd_config
         cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
                                  dtype=None if dtype is None else str(dtype).replace("torch.", ""))
         spec = resolve_run(cfg, model_config=model.config)
     cfg, layout = spec.config, spec.layout
     prepare_dist_env()
-    if spec.checkpoint is not None:  # distilled weights go in before AutoTP shards them
-        from .checkpoint import apply_checkpoint
-        apply_checkpoint(model, spec.checkpoint)
+    _load_distilled(model, spec)   # before AutoTP shards the weights
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
                                       dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
     release_shm_buffer()

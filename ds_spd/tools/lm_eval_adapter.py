@@ -1,8 +1,8 @@
 """lm-evaluation-harness adapter: run the paper's zero-shot tasks on an SPD model.
 
-    python -m ds_spd.lm_eval_adapter --model ds_spd \\
+    python -m ds_spd.tools.lm_eval_adapter --model ds_spd \\
         --model_args virtual_tp=2,checkpoint=runs/ckpt --tasks arc_easy,piqa,hellaswag,lambada_openai
-    # tensor-parallel on real ranks: deepspeed --num_gpus 2 --module ds_spd.lm_eval_adapter --model ds_spd ...
+    # tensor-parallel on real ranks: deepspeed --num_gpus 2 --module ds_spd.tools.lm_eval_adapter --model ds_spd ...
 
 ``--model_args`` takes the ``"spd"`` config keys and CLI flags: config (a DeepSpeed JSON with an "spd"
 section), model, tp_size, virtual_tp, spd_blocks (ranges, ``:``-separated: ``3:4:20-29``), plan, checkpoint,
@@ -16,8 +16,8 @@ import sys
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .config import parse_block_list, resolve_spd_config
-from .run import build_runner, resolve_run
+from ds_spd.config import parse_block_list, resolve_spd_config
+from ds_spd.run import build_runner, resolve_run
 
 
 @register_model("ds_spd")

@@ -1,0 +1,1 @@
+"""The pipeline's stages: scan -> plan -> distill (with head grouping) -> recovery run."""

@@ -1,0 +1,1 @@
+"""Measurement and reporting: latency bench, evaluation (and its evaluate module), plots, lm-eval."""
