@@ -98,6 +98,30 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def all_ranks_local() -> bool:
+    """Whether every rank runs on this host (the launcher's LOCAL_SIZE / LOCAL_WORLD_SIZE covers the world)."""
+    local = os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+    return local is None or int(local) >= world_size()
+
+
+def init_comm() -> None:
+    """DeepSpeed's distributed init, then the one switch ds_spd makes in DeepSpeed's communication.
+
+    DeepSpeed's CPU ``inference_all_reduce`` (called by AutoTP's own ``LinearAllreduce`` and by ds_spd's
+    ``comm: auto``) runs its shared-memory kernel whenever the op is built, but that kernel only initialises
+    its buffers when all ranks share one host (LOCAL_SIZE == world size); across hosts it reads unmapped
+    buffers and the rank dies with SIGSEGV at the first forward. Its backend falls back to
+    ``torch.distributed.all_reduce`` when ``shm_vector_kernel_level`` is 0, so across hosts ds_spd sets that
+    to 0: every all-reduce, AutoTP's and ours, then goes over gloo (NCCL on CUDA is untouched: no shm op).
+    """
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    prepare_dist_env()
+    deepspeed.init_distributed(dist_backend=backend())
+    if not torch.cuda.is_available() and not all_ranks_local() and ds_comm.cdb is not None:
+        ds_comm.cdb.shm_vector_kernel_level = 0
+
+
 def shm_buffer_path() -> str:
     """The shared-memory file DeepSpeed's CPU all-reduce creates for this rank (deepspeed/ops/csrc/cpu/comm/shm.cpp:
     ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, ~66 MB, never removed by DeepSpeed)."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ds_spd.core.block import SPDDecoderLayer
-from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce, prepare_dist_env, release_shm_buffer
+from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce, init_comm, release_shm_buffer
 from ds_spd.models.adapters import adapter_for
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE, TPLayout
 from ds_spd.plan import check_spd_blocks
@@ -129,7 +129,7 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
                                  dtype=None if dtype is None else str(dtype).replace("torch.", ""))
         spec = resolve_run(cfg, model_config=model.config)
     cfg, layout = spec.config, spec.layout
-    prepare_dist_env()
+    init_comm()
     _load_distilled(model, spec)   # before AutoTP shards the weights
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
                                       dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)

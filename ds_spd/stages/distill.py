@@ -153,7 +153,7 @@ class _Trainer:
         params = [p for p in distiller.parameters() if p.requires_grad]
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
         # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
-        from ds_spd.core.comm import backend, prepare_dist_env, release_shm_buffer
+        from ds_spd.core.comm import backend, init_comm, prepare_dist_env, release_shm_buffer
         prepare_dist_env()
         if use_accelerate:
             from accelerate import Accelerator
@@ -170,7 +170,7 @@ class _Trainer:
         else:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend())
+            init_comm()
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
                                                                     config=ds_config)
             release_shm_buffer()

@@ -100,9 +100,9 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     Returns the results dict (identical on every rank)."""
     import deepspeed
 
-    from ds_spd.core.comm import prepare_dist_env, release_shm_buffer
+    from ds_spd.core.comm import init_comm, release_shm_buffer
     cfg = spec.config
-    prepare_dist_env()   # before the first engine: DeepSpeed's CPU comm reads the environment
+    init_comm()   # before the first engine: DeepSpeed's CPU comm reads the environment
     baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size,
                                                                                "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
