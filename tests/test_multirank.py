@@ -73,9 +73,13 @@ def test_torchrun_without_local_size(tiny_dir):
 
 def test_bench_runs_and_counts(tiny_dir, tmp_path):
     out = str(tmp_path / "bench")
-    launch(["ds_spd", "bench", "--model", tiny_dir, "--repeats", "1", "--prefill-len", "32", "--decode-tokens", "2",
-            "--decode-batches", "1", "--fractions", "0,0.5,1", "--out", out], module=True)
+    cfg = tmp_path / "grain.json"   # a non-default grain: the AutoTP baseline must be sharded like ds_spd
+    cfg.write_text(json.dumps({"spd": {"tp_grain_size": 8}}))
+    launch(["ds_spd", "bench", "--config", str(cfg), "--model", tiny_dir, "--repeats", "1", "--prefill-len", "32",
+            "--decode-tokens", "2", "--decode-batches", "1", "--fractions", "0,0.5,1", "--out", out], module=True)
     result = json.load(open(f"{out}/bench.json"))
+    # intermediate 200 at tp 2: grain 8 gives 104 + 96 columns (the default grain 64 gives 128 + 72)
+    assert result["mlp_columns_rank0_layer0"] == {"autotp": [104], "ds_spd": [104]}
     rows = {(r["config"], r["comm"], r["workload"]): r for r in result["rows"]}
     n = result["n_layers"]
     for path in ("auto", "gloo"):

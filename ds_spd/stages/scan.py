@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
+from ds_spd.tools.evaluation import next_token_logprobs
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 
 
@@ -103,7 +104,7 @@ def score(model: nn.Module, segments: torch.Tensor, batch_size: int, metric: str
         else:
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         targets = ids[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        nll -= next_token_logprobs(logits, targets).double().sum().item()
         if metric == "kl":
             base = cache.base_logprobs[b0:b0 + batch_size].to(device).float()
             kl += F.kl_div(F.log_softmax(logits, -1), base, log_target=True, reduction="sum").item()

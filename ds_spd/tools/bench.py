@@ -108,6 +108,11 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
     release_shm_buffer()
     engine = init_inference(model, spec)
+    # both engines must hold the same shards, or the comparison is not like for like (the grain sets the MLP split)
+    shards = {name: [layer.mlp.down_proj.weight.shape[1] for layer in decoder_layers(e.module)][:1]
+              for name, e in (("autotp", baseline), ("ds_spd", engine))}
+    if shards["autotp"] != shards["ds_spd"]:
+        raise RuntimeError(f"AutoTP baseline and ds_spd engine shard the MLP differently: {shards}")
     n_layers = len(decoder_layers(engine.module))
     sets = spd_sets(n_layers, settings.fractions, order)
     reducers = {layer.reduce for layer in decoder_layers(engine.module)}
@@ -136,7 +141,8 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
                     samples[(name, path, w)].append(seconds)
                     if name != "autotp":
                         comm.setdefault((name, path, w), []).append(engine.spd_stats.summary())
-    return summarize(configs, workloads, samples, comm, settings, n_layers)
+    return {**summarize(configs, workloads, samples, comm, settings, n_layers),
+            "tp_grain_size": cfg.tp_grain_size, "mlp_columns_rank0_layer0": shards}
 
 
 def _stats(xs: list[float]) -> dict:

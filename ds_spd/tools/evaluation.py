@@ -21,6 +21,12 @@ def next_token_metric():
     return evaluate.load(METRIC_DIR, keep_in_memory=True)
 
 
+def next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position: the one per-token score behind every perplexity ds_spd reports (eval, the
+    budget check and the sensitivity scan)."""
+    return F.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bool = True,
                 desc: str = "eval") -> dict:
@@ -31,7 +37,7 @@ def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bo
         batch = batch.to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
-        target_logprobs = F.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        target_logprobs = next_token_logprobs(logits, targets)
         metric.add_batch(predictions=logits.argmax(-1).flatten().cpu().numpy(),
                          references=targets.flatten().cpu().numpy(),
                          target_logprobs=target_logprobs.double().flatten().cpu().numpy())
