@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.choices import INPUT_SOURCES
+from ds_spd.config import DistillConfig
 from ds_spd.core.comm import CommStats, VirtualReduce
 from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
@@ -36,15 +38,16 @@ from ds_spd.plan import Plan
 from ds_spd.stages.scan import BlockInputs
 
 
+class DistillSettings(DistillConfig):
+    """The ``spd.distill`` knobs (declared once, in DistillConfig) plus what a run derives: the DeepSpeed
+    micro-batch and the calibration seed."""
 
-@dataclass
-class DistillSettings:
-    epochs: int = 10
-    lr: float = 5e-5
-    micro_batch: int = 4
-    input_source: str = "original"   # block inputs from the original model, or the zero-shot SPD prefix
-    hg_segments: int = 8             # calibration segments used for head grouping
+    micro_batch: int = Field(4, ge=1)
     seed: int = 0
+
+    def knobs(self) -> dict:
+        """What determines the trained weights (not where they are written)."""
+        return self.model_dump(exclude={"out", "work_dir"})
 
 
 class BlockPairs(Dataset):

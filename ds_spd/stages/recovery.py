@@ -75,9 +75,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     d = cfg.calibration
     ds_config = deepspeed_config(config_path, cfg.distill.lr)
-    settings = DistillSettings(epochs=cfg.distill.epochs, lr=cfg.distill.lr,
-                               micro_batch=ds_config["train_micro_batch_size_per_gpu"],
-                               input_source=cfg.distill.input_source, hg_segments=cfg.distill.hg_segments,
+    settings = DistillSettings(**cfg.distill.model_dump(), micro_batch=ds_config["train_micro_batch_size_per_gpu"],
                                seed=d.seed or 0)
     use_accelerate = launched_by_accelerate()
     out = cfg.distill.out.rstrip(os.sep)
@@ -87,7 +85,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     check_checkpoint_target(out)
     fingerprint = run_fingerprint(model=cfg.model, model_fingerprint=plan.fingerprint, plan_digest=plan_digest(plan),
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
-                                  calibration=d, settings=vars(settings), ds_config=ds_config, ranks=world_size(),
+                                  calibration=d, settings=settings.knobs(), ds_config=ds_config, ranks=world_size(),
                                   launcher="accelerate" if use_accelerate else "deepspeed")
     run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
     if not run.complete:
@@ -121,7 +119,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                   for b in run.plan.blocks]
         plan = run.plan.model_copy(update={"blocks": blocks, "tp_grain_size": run.cfg.tp_grain_size})
         provenance = {"run": run.fingerprint, "epochs": run.settings.epochs, "ds_spd": __version__,
-                      "torch": torch.__version__, "settings": vars(run.settings), "zero_stage": result.zero_stage,
+                      "torch": torch.__version__, "settings": run.settings.knobs(), "zero_stage": result.zero_stage,
                       "launcher": "accelerate" if run.use_accelerate else "deepspeed", "ranks": world_size(),
                       "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
                       "initial_mse": result.initial_mse, "final_mse": final, "history": result.history,
