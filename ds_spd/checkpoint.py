@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ds_spd.errors import OutputError, PlanError
+from ds_spd.errors import PlanError
 from ds_spd.outputs import check_output_dir, clean_stale, publish_dir, write_json
 from ds_spd.plan import Plan, load_plan
 
@@ -35,8 +35,6 @@ def is_checkpoint(path: str) -> bool:
 
 def check_checkpoint_target(path: str) -> str:
     """Before training: ``path`` is new, an empty directory, or an SPD checkpoint (replaced atomically)."""
-    if os.path.isfile(path):
-        raise OutputError(f"checkpoint output {path!r} is a file; give a directory path")
     return check_output_dir(path, "checkpoint output", is_ours=is_checkpoint)
 
 

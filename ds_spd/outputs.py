@@ -88,6 +88,8 @@ def check_output_dir(path: str, what: str, names: Iterable[str] = (),
     ``names``: files written into an existing directory (each must be new or :func:`owned`);
     ``is_ours``: a test of the whole directory (e.g. "is an SPD checkpoint"), for directories replaced whole.
     """
+    if os.path.isfile(path):
+        raise OutputError(f"{what} {path!r} is a file; give a directory path")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(f"{what} {path!r} exists and is not a directory")
     if os.path.isdir(path) and os.listdir(path):

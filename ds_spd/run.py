@@ -21,7 +21,7 @@ from ds_spd.config import SPDConfig
 from ds_spd.errors import LaunchError
 from ds_spd.core.layout import TPLayout
 from ds_spd.plan import check_spd_blocks, load_plan
-from ds_spd.ranks import is_main_rank, world_size  # noqa: F401  (re-exported for the stages)
+from ds_spd.ranks import world_size
 
 
 @dataclass(frozen=True)

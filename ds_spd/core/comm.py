@@ -113,13 +113,15 @@ def init_comm() -> None:
     buffers and the rank dies with SIGSEGV at the first forward. Its backend falls back to
     ``torch.distributed.all_reduce`` when ``shm_vector_kernel_level`` is 0, so across hosts ds_spd sets that
     to 0: every all-reduce, AutoTP's and ours, then goes over gloo (NCCL on CUDA is untouched: no shm op).
+    The shm buffers' names are unlinked here too, right after DeepSpeed created and mapped them.
     """
     import deepspeed
     import deepspeed.comm.comm as ds_comm
     prepare_dist_env()
-    deepspeed.init_distributed(dist_backend=backend())
+    deepspeed.init_distributed(dist_backend=backend())   # maps every rank's shm buffer (once per process)
     if not torch.cuda.is_available() and not all_ranks_local() and ds_comm.cdb is not None:
         ds_comm.cdb.shm_vector_kernel_level = 0
+    release_shm_buffer()
 
 
 def shm_buffer_path() -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ds_spd.core.block import SPDDecoderLayer
-from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce, init_comm, release_shm_buffer
+from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce, init_comm
 from ds_spd.models.adapters import adapter_for
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE, TPLayout
 from ds_spd.plan import check_spd_blocks
@@ -133,7 +133,6 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     _load_distilled(model, spec)   # before AutoTP shards the weights
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
                                       dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
-    release_shm_buffer()
     stats = CommStats()
     tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
     local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))

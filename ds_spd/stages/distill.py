@@ -33,6 +33,7 @@ from ds_spd.config import DistillConfig
 from ds_spd.core.comm import CommStats, VirtualReduce
 from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
+from ds_spd.models.adapters import layer_type
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
 from ds_spd.stages.scan import BlockInputs
@@ -75,9 +76,14 @@ class BlockDistiller(nn.Module):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         dtype = self.blocks[0].input_layernorm.weight.dtype
         inputs = inputs.to(dtype)
-        losses = torch.stack([F.mse_loss(block(inputs[:, j], **attention_kwargs(self._rotary[0], inputs[:, j], block))
-                                         .float(), targets[:, j].float())
-                              for j, block in enumerate(self.blocks)])
+        kwargs = {}   # rotary embeddings and mask depend only on the layer type (full / sliding attention)
+        losses = []
+        for j, block in enumerate(self.blocks):
+            kind = layer_type(block.self_attn.config, block.self_attn.layer_idx)
+            if kind not in kwargs:
+                kwargs[kind] = attention_kwargs(self._rotary[0], inputs[:, j], block)
+            losses.append(F.mse_loss(block(inputs[:, j], **kwargs[kind]).float(), targets[:, j].float()))
+        losses = torch.stack(losses)
         return losses.sum(), losses.detach()
 
 
@@ -157,8 +163,8 @@ class _Trainer:
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
         # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
         from ds_spd.core.comm import backend, init_comm, prepare_dist_env, release_shm_buffer
-        prepare_dist_env()
-        if use_accelerate:
+        if use_accelerate:   # accelerate runs DeepSpeed's distributed init itself, inside prepare()
+            prepare_dist_env()
             from accelerate import Accelerator
             from accelerate.utils import InitProcessGroupKwargs
             self.acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=backend())])
@@ -176,7 +182,6 @@ class _Trainer:
             init_comm()
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
                                                                     config=ds_config)
-            release_shm_buffer()
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             self.zero_stage = self.model.zero_optimization_stage()
         self.device = model_device(distiller)

@@ -29,7 +29,6 @@ from ds_spd.tools.evaluation import next_token_logprobs
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 
 
-
 def all_reduce_sums(values: list[float]) -> list[float]:
     """Sum scalars over data-parallel ranks (the scan under a launcher splits its segments by rank)."""
     import torch.distributed as dist

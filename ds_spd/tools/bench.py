@@ -85,7 +85,7 @@ def bench_run(spec, settings: BenchSettings, order: list[int] | None, out_dir: s
     import os
 
     from ds_spd.models.loading import load_model
-    from ds_spd.run import is_main_rank
+    from ds_spd.ranks import is_main_rank
     model, _ = load_model(spec.config.model, spec.config.torch_dtype)
     result = run_bench(model, spec, settings, order, progress)
     result.update({"model": spec.config.model, "tp_size": spec.tp_size, "dtype": spec.config.dtype,
@@ -100,16 +100,15 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     Returns the results dict (identical on every rank)."""
     import deepspeed
 
-    from ds_spd.core.comm import init_comm, release_shm_buffer
+    from ds_spd.core.comm import init_comm
     cfg = spec.config
     init_comm()   # before the first engine: DeepSpeed's CPU comm reads the environment
     baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size,
                                                                                "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
-    release_shm_buffer()
     engine = init_inference(model, spec)
     # both engines must hold the same shards, or the comparison is not like for like (the grain sets the MLP split)
-    shards = {name: [layer.mlp.down_proj.weight.shape[1] for layer in decoder_layers(e.module)][:1]
+    shards = {name: [decoder_layers(e.module)[0].mlp.down_proj.weight.shape[1]]
               for name, e in (("autotp", baseline), ("ds_spd", engine))}
     if shards["autotp"] != shards["ds_spd"]:
         raise RuntimeError(f"AutoTP baseline and ds_spd engine shard the MLP differently: {shards}")
