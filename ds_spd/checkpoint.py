@@ -75,7 +75,7 @@ def _weight_names(path: str) -> list[str]:
         raise PlanError(f"SPD checkpoint file {file!r} is not a readable safetensors file: {err}") from None
 
 
-def _block_of(name: str) -> int:
+def block_of(name: str) -> int:
     parts = name.split(".")
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
         raise ValueError(name)
@@ -107,12 +107,12 @@ def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | 
     stray = [n for n in names if not _is_block_name(n)]
     if stray:
         raise PlanError(f"SPD checkpoint {path!r} holds tensors outside the decoder blocks: {stray[:3]}")
-    stored = sorted({_block_of(n) for n in names})
+    stored = sorted({block_of(n) for n in names})
     trained = sorted(b.index for b in plan.blocks if b.cls in ("SB", "ESB"))
     if stored != trained:
         raise PlanError(f"SPD checkpoint {path!r} does not match its plan: weights stored for blocks {stored}, "
                         f"the plan's distilled (SB/ESB) blocks are {trained}")
-    per_block = {b: sorted(n.split(".", 3)[3] for n in names if _block_of(n) == b) for b in stored}
+    per_block = {b: sorted(n.split(".", 3)[3] for n in names if block_of(n) == b) for b in stored}
     if len({tuple(v) for v in per_block.values()}) > 1:
         raise PlanError(f"SPD checkpoint {path!r}: blocks store different tensors: "
                         f"{ {b: len(v) for b, v in per_block.items()} }")
@@ -127,7 +127,7 @@ def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | 
 
 def _is_block_name(name: str) -> bool:
     try:
-        _block_of(name)
+        block_of(name)
         return True
     except ValueError:
         return False
@@ -143,7 +143,7 @@ def apply_checkpoint(model: nn.Module, info: CheckpointInfo) -> list[int]:
     chosen = set(info.weight_blocks)
     try:
         with safe_open(file, "pt") as f:
-            names = [k for k in f.keys() if _block_of(k) in chosen]
+            names = [k for k in f.keys() if block_of(k) in chosen]
             unknown = [k for k in names if k not in own]
             if unknown:
                 raise PlanError(f"SPD checkpoint {info.path!r} has weights the model lacks: {unknown[:3]}")

@@ -6,3 +6,4 @@ COMM_PATHS = ("auto", "gloo")             # DeepSpeed's inference all-reduce (sh
 SCAN_METHODS = ("cumulative", "isolated")  # the paper's (last block first, cumulative) or each block alone
 SCAN_METRICS = ("ppl", "kl")
 INPUT_SOURCES = ("original", "prefix")     # distillation block inputs: original model, or the zero-shot SPD prefix
+LOAD_MODES = ("sharded", "full")         # real TP: each rank reads its slices, or every rank loads the full model

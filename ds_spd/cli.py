@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES, SCAN_METHODS, SCAN_METRICS
+from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES, LOAD_MODES, SCAN_METHODS, SCAN_METRICS
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -55,6 +55,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPES)
     g.add_argument("--comm", choices=COMM_PATHS,
                    help="all-reduce path: auto (DeepSpeed's inference all-reduce: shm on CPU, NCCL on CUDA) or gloo")
+    g.add_argument("--load", choices=LOAD_MODES,
+                   help="real TP weights: sharded (default; each rank reads only its slices from safetensors) "
+                        "or full (every rank loads the whole model, then AutoTP shards it)")
     g.add_argument("--virtual-tp", type=int, metavar="N",
                    help="simulate TP of size N in one process (no launcher), same SPD math")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace):
             for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size", "seed")}
     return resolve_spd_config(args.config, model=args.model, tp_size=args.tp_size, spd_blocks=args.spd_blocks,
                               plan=args.plan, checkpoint=getattr(args, "checkpoint", None), dtype=args.dtype,
-                              comm=args.comm, data=data,
+                              comm=args.comm, load=args.load, data=data,
                               data_section=getattr(args, "data_section", "data"))
 
 
@@ -270,17 +273,22 @@ def cmd_prepare_model(args) -> None:
     print(resolve_model_path(args.model))
 
 
+_VIRTUAL_LOAD = "it runs virtual TP in one process, which loads the whole model (--load picks how real TP ranks load)"
+
 #: Flags a command accepts through the shared argument groups but cannot honour: refused, never ignored.
 NOT_APPLICABLE = {
     "scan": {"plan": "scan measures every block and writes a plan (see --out)",
-             "spd_blocks": "scan measures every block", "checkpoint": "scan measures the original model's blocks"},
+             "spd_blocks": "scan measures every block", "checkpoint": "scan measures the original model's blocks",
+             "load": _VIRTUAL_LOAD},
     "plan": {"spd_blocks": "plan chooses the blocks (--spd-count, --spd-fraction, --max-ppl-increase)",
              "checkpoint": "plan reads a scanned plan (--plan)", "virtual_tp": "plan uses the plan's tp size",
-             "tp_size": "plan uses the plan's tp size"},
+             "tp_size": "plan uses the plan's tp size", "load": _VIRTUAL_LOAD},
     "distill": {"spd_blocks": "distill trains the plan's SB/ESB blocks", "checkpoint": "distill writes one (--out)",
                 "virtual_tp": "distill simulates the plan's tp size", "tp_size": "distill uses the plan's tp size",
-                "batch_size": "distill's micro-batch is the DeepSpeed config's train_micro_batch_size_per_gpu"},
+                "batch_size": "distill's micro-batch is the DeepSpeed config's train_micro_batch_size_per_gpu",
+                "load": _VIRTUAL_LOAD},
     "bench": {"checkpoint": "bench times the all-reduce paths; weights do not change latency",
+              "load": "bench loads the model once, fully, for both engines (AutoTP baseline and ds_spd)",
               "virtual_tp": "bench measures real TP: run it under `deepspeed --num_gpus N --module ds_spd bench`"},
 }
 
@@ -301,6 +309,8 @@ def refuse_not_applicable(args) -> None:
                   if getattr(args, k, None) is not None]
         if unused:
             raise SPDInputError(f"{', '.join(unused)}: only used to validate a budget (--max-ppl-increase)")
+    if getattr(args, "load", None) is not None and getattr(args, "virtual_tp", None) is not None:
+        raise SPDInputError(f"--load does not apply with --virtual-tp: {_VIRTUAL_LOAD.replace('it runs', 'that is')}")
     for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
         if getattr(args, flag, None) is not None:
             raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES
+from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES, LOAD_MODES
 from ds_spd.errors import ConfigError
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -71,6 +71,8 @@ class SPDConfig(_Strict):
     checkpoint: Optional[str] = Field(None, description="SPD checkpoint dir (distilled blocks + their plan)")
     dtype: str = Field("float32", description=f"one of {DTYPES}")
     comm: str = "auto"
+    load: str = Field("sharded", description=f"real TP weight loading, one of {LOAD_MODES}: each rank reads only "
+                      "its slices from safetensors (sharded) or loads the full model before AutoTP shards it (full)")
     tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)
     data: DataConfig = Field(default_factory=DataConfig, description="held-out evaluation text (eval)")
     calibration: DataConfig = Field(default_factory=lambda: DataConfig(split="train", max_samples=16, seed=0),
@@ -81,6 +83,11 @@ class SPDConfig(_Strict):
     @classmethod
     def _comm(cls, v: str) -> str:
         return _one_of(v, COMM_PATHS)
+
+    @field_validator("load")
+    @classmethod
+    def _load(cls, v: str) -> str:
+        return _one_of(v, LOAD_MODES)
 
     @field_validator("dtype")
     @classmethod

@@ -34,6 +34,7 @@ class RunSpec:
     checkpoint: CheckpointInfo | None
     virtual: bool          # one process holds every shard (virtual TP) or one rank one shard (real TP)
     world: int             # ranks started (data-parallel ranks of a virtual run, TP ranks of a real one)
+    weights: Any = None    # real TP, sharded load: the safetensors files (ds_spd.models.sharded.WeightFiles)
 
     @property
     def tp_size(self) -> int:
@@ -50,6 +51,7 @@ def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel:
     lets every rank of a launcher do so on its share of the data); ``data_section``: the data config the
     command reads (checked before the model); ``model_config``: an HF config already in hand (Python API)."""
     world = world_size()
+    model_in_hand = model_config is not None   # the Python API: the caller has the model (or builds it on meta)
     if virtual_tp is not None:
         if world > 1 and not data_parallel:
             raise LaunchError(f"--virtual-tp runs in one process, but {world} ranks were started: "
@@ -77,7 +79,12 @@ def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel:
     else:
         blocks = cfg.spd_blocks or ()
     blocks = check_spd_blocks(blocks, model_config.num_hidden_layers)
-    return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world)
+    weights = None
+    if virtual_tp is None and cfg.load == "sharded" and not model_in_hand:
+        from ds_spd.models.loading import local_model_dir
+        from ds_spd.models.sharded import weight_files
+        weights = weight_files(local_model_dir(cfg.model))   # headers only: missing shards fail here
+    return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world, weights)
 
 
 def init_data_parallel() -> tuple[int, int]:
@@ -126,9 +133,13 @@ class Runner:
 def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
     """Load the model of a resolved run: virtual TP in this process, or a DeepSpeed AutoTP + SPD engine."""
     from ds_spd.core.inject import init_inference, virtualize_run
-    from ds_spd.models.loading import load_model
+    from ds_spd.models.loading import load_model, load_tokenizer
     if data_parallel:
         init_data_parallel()
+    if spec.weights is not None:   # real TP, each rank reads its own slices
+        from ds_spd.models.sharded import meta_model
+        engine = init_inference(meta_model(spec.model_config, spec.config.torch_dtype), spec)
+        return Runner(engine, engine.module, load_tokenizer(spec.config.model), spec)
     model, tok = load_model(spec.config.model, spec.config.torch_dtype, config=spec.model_config)
     if spec.virtual:
         return Runner(virtualize_run(model, spec), model, tok, spec)

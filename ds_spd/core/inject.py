@@ -7,6 +7,7 @@ the engine's TP group. The swap happens after AutoTP, so nothing is sharded twic
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -130,11 +131,25 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
         spec = resolve_run(cfg, model_config=model.config)
     cfg, layout = spec.config, spec.layout
     init_comm()
-    _load_distilled(model, spec)   # before AutoTP shards the weights
-    engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size, "tp_grain_size": cfg.tp_grain_size},
-                                      dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
-    stats = CommStats()
+    on_meta = model_device(model).type == "meta"
+    if on_meta:   # sharded loading: AutoTP shards the meta model, then each rank reads its own slices
+        from ds_spd.models import sharded
+        from ds_spd.models.loading import local_model_dir
+        weights = spec.weights or sharded.weight_files(local_model_dir(cfg.model))
+        sharded.check_weight_files(model, weights)   # headers only, before anything is allocated
+        materialising = sharded.materialising(model)
+    else:
+        _load_distilled(model, spec)   # before AutoTP shards the weights
+        materialising = contextlib.nullcontext()
+    with materialising as layouts:
+        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size,
+                                                                  "tp_grain_size": cfg.tp_grain_size},
+                                          dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
     tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
+    if on_meta:
+        overlay = None if spec.checkpoint is None else sharded.checkpoint_overlay(spec.checkpoint)
+        sharded.fill_from_files(engine.module, weights, tp_rank, layouts, overlay, progress=tp_rank == 0)
+    stats = CommStats()
     local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))
     reduce = AllReduce(engine.mp_group, stats, cfg.comm) if cfg.tp_size > 1 else VirtualReduce(stats)
     SPDInjectionPolicy(local, reduce, spec.spd_blocks, spec.adapter).apply(engine.module)

@@ -136,12 +136,31 @@ def load_model_config(name: str):
     return config
 
 
+def local_model_dir(name: str) -> str:
+    """The local directory holding a model's files: the directory itself, or the hub snapshot (downloaded
+    when the hub is reachable, else the cached one)."""
+    path = resolve_model_path(name)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+                                 local_files_only=not hub_reachable())
+    except Exception as err:   # offline and not (fully) cached, or the hub refused
+        raise DataError(f"model {name!r}: its weights are not available locally ({err.__class__.__name__}); "
+                        "run with a network once, or pass --load full") from None
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, config=None):
     """(model, tokenizer) in eval mode; the architecture is checked before weights are read (``config``: the
     HF config already read and checked by resolve_run, so it is not read twice)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     config = config or load_model_config(name)
     path = resolve_model_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    return model, tok
+    return model, load_tokenizer(name)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
