@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES, LOAD_MODES, SCAN_METHODS, SCAN_METRICS
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, SCAN_METHODS,
+                            SCAN_METRICS)
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -93,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--method", choices=SCAN_METHODS, default=SCAN_METHODS[0],
                     help="cumulative: the paper's, last block first; isolated: each block alone")
     sc.add_argument("--metric", choices=SCAN_METRICS, default=SCAN_METRICS[0])
-    sc.add_argument("--no-cache", action="store_true", help="naive scan: a full forward per measurement")
+    sc.add_argument("--no-cache", action="store_true",
+                    help="naive scan on the loaded model: a full forward per measurement")
+    sc.add_argument("--in-memory", action="store_true",
+                    help="load the whole model and cache every block's input in RAM (default: stream the blocks "
+                         "one at a time from the safetensors files, activations within --activation-budget)")
+    sc.add_argument("--activation-budget", type=float, metavar="GB", dest="activation_budget_gb",
+                    help="streamed scan: activations kept in RAM per rank; the rest go to files beside --out")
+    sc.add_argument("--last", type=int, metavar="N",
+                    help="streamed scan: only the last N blocks (the cumulative scan's first N steps)")
     sc.add_argument("--out", default="plan.json")
     sc.add_argument("--plot", help="PNG of the scan (default: next to --out)")
     pl = sub.add_parser("plan", help="choose the SPD blocks and their classes from a scanned plan")
@@ -117,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
     di.add_argument("--out", help="SPD checkpoint directory to write")
     di.add_argument("--work-dir", help="ZeRO training checkpoints (resume from here); default OUT.work")
+    di.add_argument("--trainer", choices=DISTILL_TRAINERS,
+                    help="layerwise (default): one block resident at a time, read from the safetensors files; "
+                         "joint: every trained block of the loaded model in one engine (same weights)")
+    di.add_argument("--activation-budget", type=float, metavar="GB", dest="activation_budget_gb",
+                    help="layerwise: activations kept in RAM per rank; the rest go to files in the work dir")
     di.add_argument("--restart", action="store_true",
                     help="discard the work dir's training state (of another run) and start over")
     be = sub.add_parser("bench", help="latency: DeepSpeed AutoTP vs ds_spd at SPD fractions, shm and gloo paths")
@@ -146,6 +160,8 @@ def _report(args, result: dict, runner=None) -> None:
     """With --json, rank 0 prints ``result`` (plus the runner's model, SPD blocks and all-reduce accounting)."""
     if runner is not None:
         result = {**result, "mode": runner.mode, "model": runner.config.model, "tp_size": runner.config.tp_size,
+                  "load": runner.config.load if runner.mode == "tp" else "virtual",
+                  "load_seconds": round(runner.load_seconds, 3),
                   "spd_blocks": list(runner.spd_blocks), **runner.stats.summary()}
     if args.json and is_main_rank():
         print(json.dumps(result), flush=True)
@@ -190,15 +206,23 @@ def cmd_scan(args) -> None:
     cfg = config_from_args(args)
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
     spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration")
-    runner = build_runner(spec, data_parallel=True)
-    plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank())
+    runner = None
+    if args.in_memory or args.no_cache:
+        runner = build_runner(spec, data_parallel=True)
+        plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank())
+    else:
+        from ds_spd.stages.scan import streamed_scan_to_plan
+        budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
+        plan, result = streamed_scan_to_plan(spec, args.method, args.metric, budget, f"{args.out}.activations",
+                                             args.last, progress=is_main_rank())
     if is_main_rank():
         plan.save(args.out)
         plot_plan(plan, png)
     _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
                f"({result.forwards_equivalent:.1f} forward-equivalents)")
     _report(args, {"plan": args.out, "baseline": result.baseline, "sensitivity": result.sensitivity,
-                   "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent}, runner)
+                   "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent,
+                   "streamed": runner is None, **result.extra}, runner)
 
 
 def cmd_plan(args) -> None:
@@ -231,7 +255,8 @@ def cmd_plan(args) -> None:
 def cmd_distill(args) -> None:
     from ds_spd.stages import recovery
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
-                              ("out", args.out), ("work_dir", args.work_dir)) if v is not None}
+                              ("out", args.out), ("work_dir", args.work_dir), ("trainer", args.trainer),
+                              ("activation_budget_gb", args.activation_budget_gb)) if v is not None}
     cfg = config_from_args(args)
     cfg = cfg.updated(distill={**cfg.distill.model_dump(), **over})
     run = recovery.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
@@ -311,6 +336,11 @@ def refuse_not_applicable(args) -> None:
             raise SPDInputError(f"{', '.join(unused)}: only used to validate a budget (--max-ppl-increase)")
     if getattr(args, "load", None) is not None and getattr(args, "virtual_tp", None) is not None:
         raise SPDInputError(f"--load does not apply with --virtual-tp: {_VIRTUAL_LOAD.replace('it runs', 'that is')}")
+    if args.command == "scan" and (args.in_memory or args.no_cache):
+        for flag in ("activation_budget_gb", "last"):
+            if getattr(args, flag) is not None:
+                raise SPDInputError(f"--{flag.replace('_gb', '').replace('_', '-')} applies to the streamed scan "
+                                    "only (drop --in-memory / --no-cache)")
     for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
         if getattr(args, flag, None) is not None:
             raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")

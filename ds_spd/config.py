@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds_spd.choices import COMM_PATHS, DTYPES, INPUT_SOURCES, LOAD_MODES
+from ds_spd.choices import COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES
 from ds_spd.errors import ConfigError
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -56,11 +56,28 @@ class DistillConfig(_Strict):
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
+    trainer: str = Field("layerwise", description=f"one of {DISTILL_TRAINERS}: one block resident at a time, read "
+                         "from the model's safetensors files (layerwise), or all trained blocks of a loaded model "
+                         "in one engine (joint); both train the same weights")
+    activation_budget_gb: Optional[float] = Field(None, ge=0, description="layerwise: activations kept in RAM per "
+                                                  "rank (GiB); more go to files in the work dir (default: a quarter "
+                                                  "of the available memory, shared by the host's ranks)")
 
     @field_validator("input_source")
     @classmethod
     def _source(cls, v: str) -> str:
         return _one_of(v, INPUT_SOURCES)
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, v: str) -> str:
+        return _one_of(v, DISTILL_TRAINERS)
+
+    @model_validator(mode="after")
+    def _budget_needs_layerwise(self):
+        if self.activation_budget_gb is not None and self.trainer != "layerwise":
+            raise ValueError("activation_budget_gb applies to the layerwise trainer only")
+        return self
 
 
 class SPDConfig(_Strict):

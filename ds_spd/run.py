@@ -10,6 +10,7 @@ the model a command runs on from it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,7 @@ class Runner:
     hf_model: torch.nn.Module
     tokenizer: object
     spec: RunSpec
+    load_seconds: float = 0.0   # building the model or engine, weights included
 
     @property
     def config(self) -> SPDConfig:
@@ -136,12 +138,13 @@ def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
     from ds_spd.models.loading import load_model, load_tokenizer
     if data_parallel:
         init_data_parallel()
+    start = time.perf_counter()
     if spec.weights is not None:   # real TP, each rank reads its own slices
         from ds_spd.models.sharded import meta_model
         engine = init_inference(meta_model(spec.model_config, spec.config.torch_dtype), spec)
-        return Runner(engine, engine.module, load_tokenizer(spec.config.model), spec)
-    model, tok = load_model(spec.config.model, spec.config.torch_dtype, config=spec.model_config)
-    if spec.virtual:
-        return Runner(virtualize_run(model, spec), model, tok, spec)
-    engine = init_inference(model, spec)
-    return Runner(engine, engine.module, tok, spec)
+        model, tok = engine.module, load_tokenizer(spec.config.model)
+    else:
+        model, tok = load_model(spec.config.model, spec.config.torch_dtype, config=spec.model_config)
+        engine = virtualize_run(model, spec) if spec.virtual else init_inference(model, spec)
+        model = model if spec.virtual else engine.module
+    return Runner(engine, model, tok, spec, time.perf_counter() - start)

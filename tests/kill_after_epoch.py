@@ -1,22 +1,32 @@
 """``python tests/kill_after_epoch.py K ds-spd-args...``: run the CLI, SIGKILL this process right after the
-training state of epoch K is saved (a crash between two epochs, no Python cleanup)."""
+training state of epoch K is saved (a crash between two epochs, no Python cleanup). ``K`` = ``blockN``: right
+after the layer-wise trainer stored finished block N (a crash between two blocks)."""
 import os
 import signal
 import sys
 
 from ds_spd import cli
-from ds_spd.stages import distill
+from ds_spd.stages import distill, layerwise
 
 
 def main():
-    kill_after = int(sys.argv[1])
-    save = distill._Trainer.save
+    when = sys.argv[1]
+    if when.startswith("block"):
+        save_done = layerwise._save_done
 
-    def save_then_die(self, directory, epoch, client):
-        save(self, directory, epoch, client)
-        if epoch == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    distill._Trainer.save = save_then_die
+        def save_done_then_die(work_dir, i, state, info):
+            save_done(work_dir, i, state, info)
+            if i == int(when[5:]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        layerwise._save_done = save_done_then_die
+    else:
+        save = distill._Trainer.save
+
+        def save_then_die(self, directory, epoch, client):
+            save(self, directory, epoch, client)
+            if epoch == int(when):
+                os.kill(os.getpid(), signal.SIGKILL)
+        distill._Trainer.save = save_then_die
     sys.exit(cli.main(sys.argv[2:]))
 
 

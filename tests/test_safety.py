@@ -233,14 +233,17 @@ def test_distill_complete_resume_and_fingerprint(distill_setup):
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and prov["run"]["settings"]["lr"] == 0.01
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(distill_setup):
+@pytest.mark.parametrize("trainer", ["layerwise", "joint"])
+def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
     args, tmp = distill_setup
+    args = [*args, "--trainer", trainer]
     shm_before = _shm_files()
     killed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"], check=False,
                      runner=[sys.executable, os.path.join(ROOT, "tests", "kill_after_epoch.py"), "2"])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert _shm_files() <= shm_before, "a SIGKILLed run left DeepSpeed's shm buffer in /dev/shm"
-    assert not (tmp / "a").exists() and (tmp / "a.work" / "latest").read_text().strip() == "epoch2"
+    state = tmp / "a.work" / ("block000" if trainer == "layerwise" else "")   # layer-wise: per block
+    assert not (tmp / "a").exists() and (state / "latest").read_text().strip() == "epoch2"
     resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"])
     assert "resuming from epoch 2 of 3" in resumed.stderr
     run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3"])

@@ -1,5 +1,6 @@
 """The sensitivity scan agrees with brute-force recomputation; cached == naive."""
 import copy
+import os
 
 import pytest
 import torch
@@ -45,3 +46,58 @@ def test_cumulative_scan_equals_brute_force(setup):
     assert result.order == list(range(n - 1, -1, -1))
     assert result.after[-1] == pytest.approx(ppl[0], rel=1e-5)
     assert any(abs(s) > 1e-3 for s in result.sensitivity)
+
+
+# ---------------------------------------------------------------- the streamed scan (one block resident at a time)
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("method", ["cumulative", "isolated"])
+def test_streamed_scan_equals_in_memory_scan(family, method, tmp_path):
+    from ds_spd.stages.scan import scan_streamed
+    from ds_spd.stages.streaming import BlockSource
+    overrides = dict(sliding_window=8, query_pre_attn_scalar=16) if family == "gemma2" else {}
+    base = tiny_model(family, **overrides)
+    segments = torch.randint(0, 384, (5, 20), generator=torch.Generator().manual_seed(0))
+    for metric in ("ppl", "kl"):
+        loaded = scan(ds_spd.virtualize(copy.deepcopy(base), 2), segments, 2, method, metric, progress=False)
+        spill = tmp_path / "spill"
+        streamed = scan_streamed(BlockSource.from_model(base, 2, 64), segments, 2, method, metric, budget_bytes=0,
+                                 spill_dir=str(spill), progress=False)
+        assert streamed.order == loaded.order and streamed.extra["spilled_bytes"] > 0 and not spill.exists()
+        # ppl: the same computation; kl: the in-memory scan keeps its baseline log-probs in fp16
+        tol = dict(rtol=1e-6, atol=1e-9) if metric == "ppl" else dict(rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(streamed.sensitivity), torch.tensor(loaded.sensitivity), **tol)
+
+
+def test_partial_streamed_scan_and_plan(tmp_path):
+    from ds_spd.errors import PlanError
+    from ds_spd.plan import Plan
+    from ds_spd.stages.planner import select
+    from ds_spd.stages.scan import scan_streamed
+    from ds_spd.stages.streaming import BlockSource
+    base = tiny_model()
+    segments = torch.randint(0, 384, (4, 16), generator=torch.Generator().manual_seed(1))
+    full = scan_streamed(BlockSource.from_model(base, 2, 64), segments, 2, progress=False)
+    last2 = scan_streamed(BlockSource.from_model(base, 2, 64), segments, 2, last=2, progress=False)
+    assert last2.sensitivity[:2] == [None, None] and last2.sensitivity[2:] == full.sensitivity[2:]
+    assert last2.order == [3, 2] and last2.forwards_equivalent < full.forwards_equivalent
+    plan = Plan.from_blocks("tiny", base.config, 2, [])
+    for b in plan.blocks:
+        b.sensitivity = last2.sensitivity[b.index]
+    plan.scan = {"metric": "ppl", "baseline": last2.baseline}
+    assert set(select(plan, count=2).spd_blocks) == {2, 3}
+    with pytest.raises(PlanError, match="the scan measured only 2 blocks"):
+        select(plan, count=3)
+
+
+def test_cli_streamed_scan_equals_in_memory(tiny_dir, tmp_path):
+    from helpers import last_json, run_cli
+    data = ["--model", tiny_dir, "--virtual-tp", "2", "--max-samples", "4", "--seq-len", "32", "--batch-size", "2",
+            "--json"]
+    streamed = last_json(run_cli(["scan", *data, "--out", str(tmp_path / "s.json"), "--activation-budget", "0"]).stdout)
+    loaded = last_json(run_cli(["scan", *data, "--out", str(tmp_path / "m.json"), "--in-memory"]).stdout)
+    assert streamed["streamed"] and not loaded["streamed"] and streamed["spilled_bytes"] > 0
+    assert streamed["sensitivity"] == pytest.approx(loaded["sensitivity"], rel=1e-6)
+    assert not os.path.exists(str(tmp_path / "s.json.activations"))
+    proc = run_cli(["scan", *data, "--out", str(tmp_path / "x.json"), "--in-memory", "--last", "2"], check=False)
+    assert proc.returncode == 2 and "--last applies to the streamed scan only" in proc.stderr

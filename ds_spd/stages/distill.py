@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ class DistillSettings(DistillConfig):
 
     def knobs(self) -> dict:
         """What determines the trained weights (not where they are written)."""
-        return self.model_dump(exclude={"out", "work_dir"})
+        return self.model_dump(exclude={"out", "work_dir", "activation_budget_gb"})
 
 
 class BlockPairs(Dataset):
@@ -145,6 +146,8 @@ class DistillResult:
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
     zero_stage: int | None = None
+    wall_seconds: float = 0.0     # layer-wise: the whole walk (activations and block reads included)
+    spilled_bytes: int = 0        # layer-wise: activations that went to files (over the budget)
 
 
 def _peak_memory() -> int:
@@ -233,6 +236,35 @@ class _Trainer:
                     for i, block in zip(module.indices, module.blocks)}
 
 
+def check_epochs(trained: int, asked: int, work_dir: str) -> None:
+    if trained > asked:
+        raise PlanError(f"work dir {work_dir!r} holds {trained} trained epochs, more than the {asked} asked: "
+                        f"ask for >= {trained} epochs, or --restart")
+
+
+def run_epochs(trainer: _Trainer, pairs: Dataset, settings: DistillSettings, start_epoch: int, desc: str,
+               progress: bool, end_of_epoch: Callable[[int, list[float]], None]) -> tuple[int, float]:
+    """The training loop of both trainers: epochs ``start_epoch+1..`` over ``pairs`` split by a seeded
+    DistributedSampler (so every trainer sees the same micro-batches in the same order); after each epoch
+    ``end_of_epoch(epoch, mean loss per block)``. Returns (tokens stepped, seconds)."""
+    sampler = DistributedSampler(pairs, num_replicas=trainer.world, rank=trainer.rank, shuffle=True,
+                                 seed=settings.seed)
+    loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
+    tokens, start = 0, time.perf_counter()
+    for epoch in range(start_epoch, settings.epochs):
+        sampler.set_epoch(epoch)
+        total, count = 0, 0
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
+        for inputs, targets in bar:
+            per_block = trainer.step(inputs.to(trainer.device), targets.to(trainer.device))
+            total = total + per_block.float().cpu()
+            count += 1
+            tokens += inputs.shape[0] * inputs.shape[2]
+            bar.set_postfix(loss=f"{per_block.sum().item():.3g}")
+        end_of_epoch(epoch + 1, (total / max(count, 1)).tolist())
+    return tokens, time.perf_counter() - start
+
+
 def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
             checkpoint_dir: str | None = None, use_accelerate: bool = False, progress: bool = True) -> DistillResult:
     """Train every SB/ESB block of ``plan`` (``model`` is a virtualized model, unchanged by this call)."""
@@ -260,31 +292,16 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
             start_epoch = found["epoch"]
             history = [{"epoch": h["epoch"], "loss": {int(k): v for k, v in h["loss"].items()}}
                        for h in found.get("history", [])]
-            if start_epoch > settings.epochs:
-                raise PlanError(f"work dir {checkpoint_dir!r} holds {start_epoch} trained epochs, more than the "
-                                f"{settings.epochs} asked: ask for >= {start_epoch} epochs, or --restart")
+            check_epochs(start_epoch, settings.epochs, checkpoint_dir)
             if progress:
                 print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} ({checkpoint_dir})",
                       file=sys.stderr, flush=True)
-    sampler = DistributedSampler(pairs, num_replicas=trainer.world, rank=trainer.rank, shuffle=True,
-                                 seed=settings.seed)
-    loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
-    tokens, start = 0, time.perf_counter()
-    for epoch in range(start_epoch, settings.epochs):
-        sampler.set_epoch(epoch)
-        total, count = torch.zeros(len(blocks)), 0
-        bar = tqdm(loader, desc=f"distill epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
-        for inputs, targets in bar:
-            per_block = trainer.step(inputs.to(trainer.device), targets.to(trainer.device))
-            total += per_block.float().cpu()
-            count += 1
-            tokens += inputs.shape[0] * inputs.shape[2]
-            bar.set_postfix(loss=f"{per_block.sum().item():.3g}")
-        mean = (total / max(count, 1)).tolist()
-        history.append({"epoch": epoch + 1, "loss": dict(zip(blocks, mean))})
+
+    def end_of_epoch(epoch: int, mean: list[float]) -> None:
+        history.append({"epoch": epoch, "loss": dict(zip(blocks, mean))})
         if checkpoint_dir:
-            trainer.save(checkpoint_dir, epoch + 1, {**client, "history": history})
-    seconds = time.perf_counter() - start
+            trainer.save(checkpoint_dir, epoch, {**client, "history": history})
+    tokens, seconds = run_epochs(trainer, pairs, settings, start_epoch, "distill", progress, end_of_epoch)
     states = trainer.gathered_state(distiller)
     return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())), seconds,
                          tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage)

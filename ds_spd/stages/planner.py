@@ -27,18 +27,19 @@ from ds_spd.plan import BlockEntry, Plan
 DEFAULT_THRESHOLDS = (0.01, 0.05)
 
 
-def relative(plan: Plan) -> list[float]:
+def relative(plan: Plan) -> list[float | None]:
+    """Relative sensitivity per block; None for a block a partial scan (``scan --last N``) did not measure."""
     scan = plan.scan or {}
-    if any(b.sensitivity is None for b in plan.blocks):
+    if all(b.sensitivity is None for b in plan.blocks):
         raise PlanError("the plan has no sensitivities: run `ds-spd scan` first")
     base = scan.get("baseline") if scan.get("metric", "ppl") == "ppl" else None
-    return [b.sensitivity / base if base else b.sensitivity for b in plan.blocks]
+    return [None if b.sensitivity is None else b.sensitivity / base if base else b.sensitivity for b in plan.blocks]
 
 
 def ranking(plan: Plan) -> list[int]:
-    """Block indices, least sensitive first (ties: later block first, as the paper converts from the end)."""
+    """Scanned block indices, least sensitive first (ties: later block first, as the paper converts from the end)."""
     rel = relative(plan)
-    return sorted(range(len(rel)), key=lambda i: (rel[i], -i))
+    return sorted((i for i in range(len(rel)) if rel[i] is not None), key=lambda i: (rel[i], -i))
 
 
 def classify(r: float, thresholds: tuple[float, float]) -> str:
@@ -83,6 +84,9 @@ def select(plan: Plan, *, count: int | None = None, fraction: float | None = Non
     if count is not None:
         if not 0 <= count <= n:
             raise PlanError(f"spd count must be in [0, {n}], got {count}")
+        if count > len(order):
+            raise PlanError(f"spd count {count}: the scan measured only {len(order)} blocks ({order}); scan more "
+                            "blocks (drop --last) to choose more")
         return _with_selection(plan, order[:count], th, {"rule": "count"})
     if max_increase is None:
         rel = relative(plan)

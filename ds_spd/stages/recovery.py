@@ -51,6 +51,7 @@ class DistillRun:
     fingerprint: dict
     work_state: str          # "new", "resume" or "restart"
     use_accelerate: bool
+    weights: object = None   # layerwise: the model's safetensors files (ds_spd.models.sharded.WeightFiles)
 
     @property
     def cfg(self) -> SPDConfig:
@@ -87,7 +88,12 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
                                   calibration=d, settings=settings.knobs(), ds_config=ds_config, ranks=world_size(),
                                   launcher="accelerate" if use_accelerate else "deepspeed")
-    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
+    weights = None
+    if settings.trainer == "layerwise":   # headers only: a missing shard or tensor fails before training
+        from ds_spd.models.loading import local_model_dir
+        from ds_spd.models.sharded import weight_files
+        weights = weight_files(local_model_dir(cfg.model))
+    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate, weights)
     if not run.complete:
         run.work_state = check_work_dir(work_dir, fingerprint, restart)
     return run
@@ -100,16 +106,31 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     from ds_spd import __version__
     from ds_spd.data import segments_for
     from ds_spd.ranks import is_main_rank, world_size
-    from ds_spd.run import build_runner
-    runner = build_runner(run.spec, data_parallel=True)
+    from ds_spd.run import build_runner, init_data_parallel
+    layerwise = run.settings.trainer == "layerwise"
+    if layerwise:   # nothing of the model loads here: blocks are read one at a time
+        from ds_spd.models.loading import load_tokenizer
+        init_data_parallel()
+        runner, tokenizer = None, load_tokenizer(run.cfg.model)
+    else:
+        runner = build_runner(run.spec, data_parallel=True)
+        tokenizer = runner.tokenizer
     if is_main_rank():
         prepare_work_dir(run.work_dir, run.fingerprint, run.work_state)
     if dist.is_initialized():
         dist.barrier()
-    d = runner.config.calibration
-    segments = segments_for(d, runner.tokenizer)
-    result = distill(runner.hf_model, run.plan, segments, run.ds_config, run.settings, run.work_dir,
-                     run.use_accelerate, progress=progress)
+    d = run.cfg.calibration
+    segments = segments_for(d, tokenizer)
+    if layerwise:
+        from ds_spd.stages.layerwise import BlockSource, distill_layerwise
+        source = BlockSource.from_files(run.spec.model_config, run.weights, run.cfg.torch_dtype, run.plan.tp_size,
+                                        run.cfg.tp_grain_size)
+        budget = run.settings.activation_budget_gb
+        result = distill_layerwise(source, run.plan, segments, run.ds_config, run.settings, run.work_dir,
+                                   None if budget is None else int(budget * 2**30), run.use_accelerate, progress)
+    else:
+        result = distill(runner.hf_model, run.plan, segments, run.ds_config, run.settings, run.work_dir,
+                         run.use_accelerate, progress=progress)
     final = result.history[-1]["loss"] if result.history else {}
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
@@ -124,8 +145,9 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                       "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
                       "initial_mse": result.initial_mse, "final_mse": final, "history": result.history,
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                      "peak_memory_bytes_rank0": result.peak_memory_bytes}
-        save_checkpoint(run.out, plan, result.block_states, runner.hf_model.config, provenance)
+                      "peak_memory_bytes_rank0": result.peak_memory_bytes, "trainer": run.settings.trainer,
+                      "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes}
+        save_checkpoint(run.out, plan, result.block_states, run.spec.model_config, provenance)
         if progress:
             for i in sorted(final):
                 print(f"block {i:3d} ({run.plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}",
@@ -133,4 +155,6 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     return {"checkpoint": run.out, "initial_mse": result.initial_mse, "final_mse": final,
             "epochs_trained": [h["epoch"] for h in result.history], "seconds": result.seconds,
             "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
-            "zero_stage": result.zero_stage, "runner": runner}
+            "zero_stage": result.zero_stage, "trainer": run.settings.trainer, "wall_seconds": result.wall_seconds,
+            "spilled_bytes": result.spilled_bytes, "model": run.cfg.model, "tp_size": run.plan.tp_size,
+            "runner": runner}

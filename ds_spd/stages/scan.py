@@ -158,13 +158,86 @@ def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: 
                       cost)
 
 
+@torch.no_grad()
+def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: str = "cumulative",
+                  metric: str = "ppl", budget_bytes: int | None = None, spill_dir: str | None = None,
+                  last: int | None = None, progress: bool = True) -> ScanResult:
+    """The same scan in one pass over the weights, one block resident at a time (``source``: a
+    ds_spd.stages.streaming.BlockSource), for models that do not fit a rank.
+
+    Every measurement k (block k converted, and for the cumulative scan every block after it) is a stream
+    of activations: at block j each stream k < j passes through block j in its form (SPD for the cumulative
+    scan, TP for the isolated one), a new stream j starts from the unmodified model's input of block j
+    through block j in SPD form, and the unmodified stream passes in TP form. At the end the model's head
+    scores every stream. Each block is read once; the activations (one stream per scanned block plus the
+    unmodified one) live in RAM within ``budget_bytes``, the rest in files under ``spill_dir``. ``last``:
+    scan only the last N blocks (the cumulative scan's first N steps); the others get no sensitivity."""
+    from ds_spd.stages.streaming import ActivationBudget, ActivationStores, default_budget_bytes, run_block
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    start_time = time.perf_counter()
+    n_layers = source.config.num_hidden_layers
+    scanned = list(range(n_layers - min(last or n_layers, n_layers), n_layers))
+    budget = ActivationBudget(default_budget_bytes() if budget_bytes is None else budget_bytes)
+    stores = ActivationStores((*segments.shape, source.config.hidden_size), source.dtype, budget, spill_dir)
+    unmodified = stores.new()
+    source.first_inputs(segments, batch_size, unmodified)
+    streams = {}
+    for j in tqdm(range(n_layers), desc=f"scan ({method}, {metric}), streamed", disable=not progress):
+        block = source.block(j)
+        block.spd = method == "cumulative"
+        for stream in streams.values():
+            run_block(block, source.rotary, stream, stream, batch_size)
+        if j in scanned:
+            block.spd = True
+            streams[j] = stores.new()
+            run_block(block, source.rotary, unmodified, streams[j], batch_size)
+        block.spd = False
+        run_block(block, source.rotary, unmodified, unmodified, batch_size)
+        del block
+    nll = {k: 0.0 for k in [None, *streams]}
+    kl = {k: 0.0 for k in streams}
+    count = 0.0
+    with source.head() as logits_of:
+        for b0 in range(0, segments.shape[0], batch_size):
+            targets = segments[b0:b0 + batch_size, 1:]
+            base = logits_of(unmodified.read(b0, b0 + targets.shape[0]))[:, :-1].float()
+            nll[None] -= next_token_logprobs(base, targets).double().sum().item()
+            base_lp = F.log_softmax(base, -1)
+            for k, stream in streams.items():
+                logits = logits_of(stream.read(b0, b0 + targets.shape[0]))[:, :-1].float()
+                nll[k] -= next_token_logprobs(logits, targets).double().sum().item()
+                if metric == "kl":
+                    kl[k] += F.kl_div(F.log_softmax(logits, -1), base_lp, log_target=True, reduction="sum").item()
+            count += targets.numel()
+    for store in [unmodified, *streams.values()]:
+        store.close()
+    stores.remove_directory()
+    keys = [None, *streams]
+    sums = all_reduce_sums([nll[k] for k in keys] + [kl[k] for k in streams] + [count])
+    count = sums[-1]
+    value = {k: math.exp(v / count) for k, v in zip(keys, sums)} if metric == "ppl" else \
+        {None: 0.0, **{k: v / count for k, v in zip(streams, sums[len(keys):-1])}}
+    order = sorted(streams, reverse=True)
+    sensitivity: list = [None] * n_layers
+    previous = value[None]
+    for i in order:
+        sensitivity[i] = value[i] - (previous if method == "cumulative" else value[None])
+        previous = value[i]
+    blocks_run = n_layers + sum(n_layers - k for k in streams)
+    return ScanResult(method, metric, value[None], sensitivity, order, [value[i] for i in order],
+                      time.perf_counter() - start_time, blocks_run / n_layers,
+                      {"streamed": True, "scanned_blocks": scanned, "spilled_bytes": budget.spilled_bytes})
+
+
 def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progress: bool = True):
     """The ``scan`` stage on a (data-parallel) virtual-TP runner: the scan of this rank's share of the
     calibration segments, as a plan (no blocks chosen yet) with the sensitivities and how they were measured."""
     import sys
 
     from ds_spd.data import segments_for
-    from ds_spd.plan import Plan
     from ds_spd.run import init_data_parallel
     rank, world = init_data_parallel()
     cfg, d = runner.config, runner.config.calibration
@@ -174,12 +247,41 @@ def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progr
         print(f"scan: {method} / {metric}, virtual tp={cfg.tp_size}, {segments.shape[0]} x {d.seq_len} tokens per "
               f"rank on {world} rank(s); activation cache {need / 2**30:.2f} GiB per rank", file=sys.stderr)
     result = scan(runner.hf_model, segments, d.batch_size, method, metric, use_cache=use_cache, progress=progress)
-    plan = Plan.from_blocks(cfg.model, runner.hf_model.config, cfg.tp_size, [], tp_grain_size=cfg.tp_grain_size,
+    return plan_of_scan(cfg, runner.hf_model.config, result, world, {"cached": use_cache}), result
+
+
+def plan_of_scan(cfg, model_config, result: ScanResult, world: int, how: dict):
+    """A plan (no blocks chosen yet) holding a scan's sensitivities and how they were measured."""
+    from ds_spd.plan import Plan
+    d = cfg.calibration
+    plan = Plan.from_blocks(cfg.model, model_config, cfg.tp_size, [], tp_grain_size=cfg.tp_grain_size,
                             data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},
                             seq_len=d.seq_len, segments=d.max_samples, seed=d.seed, dtype=cfg.dtype, ranks=world)
     for b in plan.blocks:
         b.sensitivity = result.sensitivity[b.index]
     plan.scan = {"method": result.method, "metric": result.metric, "baseline": result.baseline,
                  "order": result.order, "after": result.after, "seconds": result.seconds,
-                 "forwards_equivalent": result.forwards_equivalent, "cached": use_cache}
-    return plan, result
+                 "forwards_equivalent": result.forwards_equivalent, **how}
+    return plan
+
+
+def streamed_scan_to_plan(spec, method: str, metric: str, budget_bytes: int | None, spill_dir: str,
+                          last: int | None = None, progress: bool = True):
+    """The ``scan`` stage streamed from the model's safetensors files (nothing of the model loads whole)."""
+    import sys
+
+    from ds_spd.data import segments_for
+    from ds_spd.models.loading import load_tokenizer, local_model_dir
+    from ds_spd.models.sharded import weight_files
+    from ds_spd.run import init_data_parallel
+    from ds_spd.stages.streaming import BlockSource
+    rank, world = init_data_parallel()
+    cfg, d = spec.config, spec.config.calibration
+    source = BlockSource.from_files(spec.model_config, weight_files(local_model_dir(cfg.model)), cfg.torch_dtype,
+                                    cfg.tp_size, cfg.tp_grain_size)
+    segments = segments_for(d, load_tokenizer(cfg.model), rank, world)
+    if progress:
+        print(f"scan: {method} / {metric}, streamed, virtual tp={cfg.tp_size}, {segments.shape[0]} x {d.seq_len} "
+              f"tokens per rank on {world} rank(s)", file=sys.stderr)
+    result = scan_streamed(source, segments, d.batch_size, method, metric, budget_bytes, spill_dir, last, progress)
+    return plan_of_scan(cfg, spec.model_config, result, world, {"cached": True, **result.extra}), result

@@ -1,0 +1,205 @@
+"""Layer-wise B2B distillation: one block resident at a time, for models that do not fit a rank.
+
+The original model is walked block by block, as GPTQ-style calibration pipelines do: the embedding gives
+block 0's inputs; for each block its weights are read from the safetensors files (all virtual-TP shards:
+the student is the plan's tp-size SPD block), the teacher's outputs on the current inputs are the
+targets, a trained block (SB / ESB) is distilled in its own DeepSpeed ZeRO engine, and the teacher's
+outputs become the next block's inputs (``input_source="original"``, the paper's); with ``"prefix"`` the
+next inputs come from the block in its plan form (zero-shot SPD for the plan's SPD blocks). Then the block
+is dropped. Resident at any time: one teacher block, its student and optimizer state, the activations.
+
+Activations beyond ``budget_bytes`` live in files under the work dir (``activations/``), read segment by
+segment (ds_spd.stages.streaming).
+
+Same training as the joint trainer (ds_spd.stages.distill): every block sees the same micro-batches in the
+same order (one DistributedSampler with the same seed per block), AdamW acts per parameter and blocks do
+not share a loss term, so the trained weights agree within float tolerance (tested).
+
+Resume: a finished block is stored in the work dir (``blockNNN.safetensors`` + ``blockNNN.json``) and never
+trained again; an unfinished block resumes from its last epoch (``blockNNN/``, DeepSpeed checkpoints).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ds_spd.core.block import SPDDecoderLayer
+from ds_spd.errors import PlanError
+from ds_spd.plan import Plan
+from ds_spd.stages.distill import (BlockDistiller, DistillResult, DistillSettings, _peak_memory, _Trainer,
+                                  check_epochs, run_epochs)
+from ds_spd.stages.headgroup import HeadGrouping, find_grouping, permute_block
+from ds_spd.stages.streaming import (ActivationBudget, ActivationStore, ActivationStores, BlockSource,
+                                     default_budget_bytes, run_block)
+
+
+class _SegmentPairs(Dataset):
+    """(inputs, targets) of one block per segment, shaped like BlockPairs' items ([1, T, d] each)."""
+
+    def __init__(self, inputs: ActivationStore, targets: ActivationStore):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, n: int):
+        return self.inputs.read(n, n + 1), self.targets.read(n, n + 1)
+
+
+
+# ---------------------------------------------------------------- training one block, resumable
+
+def _done_paths(work_dir: str, i: int) -> tuple[str, str]:
+    return os.path.join(work_dir, f"block{i:03d}.safetensors"), os.path.join(work_dir, f"block{i:03d}.json")
+
+
+def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
+    """A block finished with ``epochs`` epochs: (state, info); None if not finished (or trained fewer epochs:
+    it continues from its last epoch)."""
+    if not work_dir:
+        return None
+    weights, meta = _done_paths(work_dir, i)
+    if not (os.path.isfile(weights) and os.path.isfile(meta)):
+        return None
+    from safetensors.torch import load_file
+    with open(meta) as f:
+        info = json.load(f)
+    if info.get("client") != client:
+        raise PlanError(f"finished block {i} in {work_dir!r} is from another run: use another --work-dir, or --restart")
+    check_epochs(len(info["history"]), epochs, work_dir)
+    return (load_file(weights), info) if len(info["history"]) == epochs else None
+
+
+def _save_done(work_dir: str, i: int, state: dict, info: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ds_spd.outputs import write_atomic
+    weights, meta = _done_paths(work_dir, i)
+    write_atomic(weights, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
+    write_atomic(meta, json.dumps(info))   # written last: its presence marks the block finished
+
+
+def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cls: str, x: ActivationStore,
+                 y: ActivationStore, ds_config: dict, settings: DistillSettings, work_dir: str | None,
+                 client: dict, use_accelerate: bool, progress: bool) -> dict:
+    import torch.distributed as dist
+    student = copy.deepcopy(teacher)
+    student.spd = True
+    grouping = None
+    if cls == "ESB":
+        grouping = find_grouping(student, rotary, x.read(0, min(settings.hg_segments, len(x))), layout)
+        permute_block(student, grouping, layout)
+    distiller = BlockDistiller({i: student}, rotary)
+    mb = min(settings.micro_batch, len(x))
+    with torch.no_grad():
+        _, initial = distiller(x.read(0, mb)[:, None], y.read(0, mb)[:, None])
+    trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
+    block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
+    start_epoch, history = 0, []
+    if block_dir and os.path.isdir(block_dir):
+        found = trainer.load(block_dir)
+        if found is not None:
+            if found.get("client") != client:
+                raise PlanError(f"training state of block {i} in {work_dir!r} is from another run: use another "
+                                "--work-dir, or --restart")
+            start_epoch, history = found["epoch"], found["history"]
+            check_epochs(start_epoch, settings.epochs, work_dir)
+            if progress:
+                print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} (block {i}, {block_dir})",
+                      file=sys.stderr, flush=True)
+
+    def end_of_epoch(epoch: int, mean: list[float]) -> None:
+        history.append(mean[0])
+        if block_dir:
+            trainer.save(block_dir, epoch, {"client": client, "history": history})
+    tokens, seconds = run_epochs(trainer, _SegmentPairs(x, y), settings, start_epoch, f"block {i}", progress,
+                                 end_of_epoch)
+    state = trainer.gathered_state(distiller)[i]
+    info = {"client": client, "history": history, "initial_mse": initial[0].item(), "seconds": seconds,
+            "tokens": tokens, "grouping": None if grouping is None else
+            [list(map(list, grouping.groups)), list(grouping.mlp_slices), list(grouping.mlp_cols)],
+            "zero_stage": trainer.zero_stage}
+    if work_dir and (not dist.is_initialized() or dist.get_rank() == 0):
+        _save_done(work_dir, i, state, info)
+    if dist.is_initialized():
+        dist.barrier()
+    del trainer, distiller, student
+    gc.collect()
+    return {"state": state, **info}
+
+
+def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict,
+                      settings: DistillSettings, work_dir: str | None = None, budget_bytes: int | None = None,
+                      use_accelerate: bool = False, progress: bool = True) -> DistillResult:
+    """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring)."""
+    from ds_spd.stages.distill import plan_digest
+    blocks = [b.index for b in plan.blocks if b.cls in ("SB", "ESB")]
+    if not blocks:
+        return DistillResult({}, {})
+    if source.layout.tp_size != plan.tp_size:
+        raise PlanError(f"the blocks are read for tp size {source.layout.tp_size}, the plan is for {plan.tp_size}")
+    torch.manual_seed(settings.seed)
+    classes = {b.index: b.cls for b in plan.blocks}
+    prefix = set(plan.spd_blocks) if settings.input_source == "prefix" else set()
+    budget = ActivationBudget(default_budget_bytes() if budget_bytes is None else budget_bytes)
+    stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
+                              os.path.join(work_dir, "activations") if work_dir else None)
+    store = stores.new
+    x = store()
+    source.first_inputs(segments, settings.micro_batch, x)
+    done: dict[int, dict] = {}
+    t0 = time.perf_counter()
+    for i in tqdm(range(max(blocks) + 1), desc="layer-wise distill", disable=not progress):
+        teacher = source.block(i)
+        y = None
+        if i in blocks:
+            y = store()
+            run_block(teacher, source.rotary, x, y, settings.micro_batch)
+            client = {"plan": plan_digest(plan), "block": i, "class": classes[i],
+                      "input_source": settings.input_source}
+            found = _load_done(work_dir, i, client, settings.epochs)
+            if found is not None:
+                done[i] = {"state": found[0], **found[1]}
+                if progress:
+                    print(f"distill: block {i} already trained ({work_dir}): not trained again", file=sys.stderr)
+            else:
+                done[i] = _train_block(i, teacher, source.rotary, source.layout, classes[i], x, y, ds_config,
+                                       settings, work_dir, client, use_accelerate, progress)
+        if i < max(blocks):
+            if y is not None and not prefix:
+                nxt = y          # the teacher's outputs are the next block's original inputs
+            else:
+                nxt = store()
+                teacher.spd = i in prefix
+                run_block(teacher, source.rotary, x, nxt, settings.micro_batch)
+                if y is not None:
+                    y.close()
+            x.close()
+            x = nxt
+        elif y is not None:
+            y.close()
+        del teacher
+        gc.collect()
+    x.close()
+    stores.remove_directory()
+    wall = time.perf_counter() - t0
+    train_seconds = sum(d["seconds"] for d in done.values())
+    tokens = sum(d["tokens"] for d in done.values())
+    epochs = max(len(d["history"]) for d in done.values())
+    history = [{"epoch": e + 1, "loss": {i: d["history"][e] for i, d in done.items() if e < len(d["history"])}}
+               for e in range(epochs)]
+    groupings = {i: HeadGrouping(tuple(map(tuple, d["grouping"][0])), tuple(d["grouping"][1]), tuple(d["grouping"][2]))
+                 for i, d in done.items() if d["grouping"] is not None}
+    return DistillResult({i: d["state"] for i, d in done.items()}, groupings, history,
+                         {i: d["initial_mse"] for i, d in done.items()}, train_seconds,
+                         tokens / max(train_seconds, 1e-9), _peak_memory(),
+                         next((d["zero_stage"] for d in done.values()), None), wall, budget.spilled_bytes)
