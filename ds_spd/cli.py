@@ -193,8 +193,11 @@ def cmd_eval(args) -> None:
     from ds_spd.run import build_runner, resolve_run
     runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp, data_section="data"))
     result = evaluate_run(runner, progress=is_main_rank())
+    ci = ((f" [{result['perplexity_ci95'][0]:.3f}, {result['perplexity_ci95'][1]:.3f}]",
+           f" [{result['accuracy_ci95'][0]:.4f}, {result['accuracy_ci95'][1]:.4f}]") if "ci" in result else ("", ""))
     _say(args, f"{runner.mode} tp={runner.config.tp_size} spd_blocks={list(runner.spd_blocks)}: perplexity "
-               f"{result['perplexity']:.3f}, top-1 accuracy {result['accuracy']:.4f} on {result['tokens']} tokens, "
+               f"{result['perplexity']:.3f}{ci[0]}, top-1 accuracy {result['accuracy']:.4f}{ci[1]} on "
+               f"{result['tokens']} tokens{' (95% bootstrap intervals over segments)' if ci[0] else ''}, "
                f"{runner.stats.summary()['allreduce_per_forward']:.0f} all-reduces/forward")
     _report(args, result, runner)
 

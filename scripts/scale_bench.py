@@ -215,15 +215,19 @@ def plot(rows: list[dict], cap_gb: float, path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", required=True, help="comma-separated model directories (make_random_llama.py)")
+    p.add_argument("--models", help="comma-separated model directories (make_random_llama.py)")
     p.add_argument("--cap-gb", type=float, default=21.0, help="memory cap for each whole job (both ranks)")
     p.add_argument("--runs", default=None, help="comma-separated subset of the run names")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", default="docs/results/scale")
     p.add_argument("--work", default="runs/scale", help="plans and checkpoints the runs write")
     p.add_argument("--activation-budget", type=float, default=0.25, help="GB, for the streamed scan and distill")
+    p.add_argument("--render", metavar="SCALE_JSON", help="only re-render the Markdown and plot of a scale.json")
     args = p.parse_args()
     check_output_dir(args.out, "results directory", names=("scale.json", "scale.md", "scale.png"))
+    if args.render:
+        with open(args.render) as f:
+            return render(json.load(f), args.out)
     cap = MemoryCap(f"ds_spd_scale_{os.getpid()}", int(args.cap_gb * GB))
     rows = []
     try:
@@ -250,19 +254,27 @@ def main() -> None:
                                                       "peak_rss_gb_per_rank", "bound_gb")}), flush=True)
     finally:
         cap.remove()
-    meta = {"cap_gb": args.cap_gb, "activation_budget_gb": args.activation_budget, "cpu": os.cpu_count(), "command": " ".join([sys.executable, *sys.argv])}
-    write_json(os.path.join(args.out, "scale.json"), {**meta, "rows": rows}, "scale/1")
-    lines = [MD_MARK, f"Cap: {args.cap_gb:g} GB for each whole job (both ranks); bf16, tp 2, 2 CPU ranks.", "",
+    render({"cap_gb": args.cap_gb, "activation_budget_gb": args.activation_budget, "cpu": os.cpu_count(),
+            "command": " ".join([sys.executable, *sys.argv]), "rows": rows}, args.out)
+
+
+def render(result: dict, out: str) -> None:
+    """scale.json, scale.md and scale.png from the measured rows."""
+    rows = result["rows"]
+    write_json(os.path.join(out, "scale.json"), result, "scale/1")
+    lines = [MD_MARK, f"Cap: {result['cap_gb']:g} GB for each whole job (both ranks); bf16 weights, tp 2, 2 CPU "
+             f"ranks; activation budget {result['activation_budget_gb']:g} GB. Command: `{result['command']}`", "",
              "| model | GB | run | exit | peak RSS rank 0 / 1 (GB) | bound (GB) | within | load (s) | wall (s) |",
              "|---" * 9 + "|"]
     for r in rows:
         peaks = " / ".join(f"{v:.2f}" for v in r["peak_rss_gb_per_rank"].values()) or "—"
         status = "ok" if r["returncode"] == 0 else ("OOM-killed" if r["oom_killed"] else f"rc {r['returncode']}")
-        load = f"{r['result']['load_seconds']:.1f}" if r["result"] else "—"
+        load = (r["result"] or {}).get("load_seconds")
         lines.append(f"| {r['model']} | {r['model_gb']:.2f} | {r['run']} | {status} | {peaks} | {r['bound_gb']:.2f} "
-                     f"| {'yes' if r['within_bound'] else 'no'} | {load} | {r['wall_s']:.0f} |")
-    write_atomic(os.path.join(args.out, "scale.md"), "\n".join(lines) + "\n")
-    plot(rows, args.cap_gb, os.path.join(args.out, "scale.png"))
+                     f"| {'yes' if r['within_bound'] else 'no'} | {'—' if load is None else f'{load:.1f}'} "
+                     f"| {r['wall_s']:.0f} |")
+    write_atomic(os.path.join(out, "scale.md"), "\n".join(lines) + "\n")
+    plot(rows, result["cap_gb"], os.path.join(out, "scale.png"))
     print("\n".join(lines[1:]))
 
 

@@ -5,9 +5,10 @@
 1. Scan: the streamed cumulative scan (one block resident, activations spilled to files: budget 0)
    against the in-memory cached scan; every sensitivity compared.
 2. Distillation: the layer-wise trainer (one block resident, spilled activations) against the joint
-   trainer (every trained block in one DeepSpeed ZeRO-2 engine) on the same plan, data order and seed:
-   per-block, per-epoch losses and final weights compared; training throughput (block-tokens/s of the
-   optimisation steps) and wall time of each, and peak RSS of the process after each stage.
+   trainer (every trained block in one DeepSpeed ZeRO-2 engine) on the same plan, data order and seed,
+   with DeepSpeed's default gradient clipping (1.0: over the joint engine's global norm, over one block's
+   norm layer-wise) and without: per-block, per-epoch losses and final weights compared; training
+   throughput (block-tokens/s of the optimisation steps) and wall time of each; peak RSS of the process.
 Writes streaming.json and streaming.md.
 """
 from __future__ import annotations
@@ -87,41 +88,47 @@ def main() -> None:
     for b in plan.blocks:
         b.cls = "TP" if b.index not in chosen else "ESB" if b.index == esb else "SB"
     settings = DistillSettings(epochs=args.epochs, lr=3e-4, micro_batch=4)
-    t0 = time.perf_counter()
-    joint = distill(virtual, plan, segments, copy.deepcopy(ZERO2), settings, progress=True)
-    t1 = time.perf_counter()
-    rss_joint = peak_rss_gb()
-    with tempfile.TemporaryDirectory() as work:
-        layer = distill_layerwise(source, plan, segments, copy.deepcopy(ZERO2), settings, work_dir=work,
-                                  budget_bytes=0, progress=True)
-    t2 = time.perf_counter()
-    weight_diff = max((layer.block_states[i][k] - v).abs().max().item()
-                      for i, state in joint.block_states.items() for k, v in state.items())
-    loss_diff = max(abs(a["loss"][i] - b["loss"][i]) / a["loss"][i]
-                    for a, b in zip(joint.history, layer.history) for i in a["loss"])
-    out["distill"] = {"blocks": sorted(chosen), "esb": esb, "epochs": args.epochs,
-                      "joint": {"train_seconds": joint.seconds, "block_tokens_per_second": joint.tokens_per_second,
-                                "wall_seconds": t1 - t0},
-                      "layerwise": {"train_seconds": layer.seconds, "block_tokens_per_second": layer.tokens_per_second,
-                                    "wall_seconds": t2 - t1, "spilled_bytes": layer.spilled_bytes},
-                      "throughput_ratio": layer.tokens_per_second / joint.tokens_per_second,
-                      "wall_ratio": (t1 - t0) / (t2 - t1),
-                      "max_abs_weight_diff": weight_diff, "max_rel_loss_diff": loss_diff,
-                      "final_loss": {"joint": joint.history[-1]["loss"], "layerwise": layer.history[-1]["loss"]},
-                      "peak_rss_gb_after_joint": rss_joint, "peak_rss_gb_after_layerwise": peak_rss_gb()}
-    print(json.dumps(out["distill"]), flush=True)
+    out["distill"] = []
+    for clip in (None, 0.0):   # DeepSpeed's default gradient_clipping (1.0), and none
+        ds_config = {**ZERO2, **({} if clip is None else {"gradient_clipping": clip})}
+        t0 = time.perf_counter()
+        joint = distill(virtual, plan, segments, copy.deepcopy(ds_config), settings, progress=True)
+        t1 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            layer = distill_layerwise(source, plan, segments, copy.deepcopy(ds_config), settings, work_dir=work,
+                                      budget_bytes=0, progress=True)
+        t2 = time.perf_counter()
+        weight_diff = max((layer.block_states[i][k] - v).abs().max().item()
+                          for i, state in joint.block_states.items() for k, v in state.items())
+        loss_diff = max(abs(a["loss"][i] - b["loss"][i]) / a["loss"][i]
+                        for a, b in zip(joint.history, layer.history) for i in a["loss"])
+        row = {"gradient_clipping": "DeepSpeed default (1.0)" if clip is None else clip,
+               "blocks": sorted(chosen), "esb": esb, "epochs": args.epochs,
+               "joint": {"train_seconds": joint.seconds, "block_tokens_per_second": joint.tokens_per_second,
+                         "wall_seconds": t1 - t0},
+               "layerwise": {"train_seconds": layer.seconds, "block_tokens_per_second": layer.tokens_per_second,
+                             "wall_seconds": t2 - t1, "spilled_bytes": layer.spilled_bytes},
+               "throughput_ratio": layer.tokens_per_second / joint.tokens_per_second,
+               "wall_ratio": (t1 - t0) / (t2 - t1),
+               "max_abs_weight_diff": weight_diff, "max_rel_loss_diff": loss_diff,
+               "final_loss": {"joint": joint.history[-1]["loss"], "layerwise": layer.history[-1]["loss"]},
+               "peak_rss_gb_after": peak_rss_gb()}
+        out["distill"].append(row)
+        print(json.dumps(row), flush=True)
     write_json(os.path.join(args.out, "streaming.json"), out, "streaming/1")
-    s, d = out["scan"], out["distill"]
+    s = out["scan"]
     lines = [MD_MARK, f"SmolLM2-135M, virtual tp 2, {args.segments} × {args.seq_len} calibration tokens, one process.",
              "", "| stage | in memory | streamed (activations spilled) | agreement |", "|---|---|---|---|",
              f"| cumulative scan | {s['in_memory_seconds']:.0f} s | {s['streamed_seconds']:.0f} s | sensitivities "
              f"max abs diff {s['max_abs_sensitivity_diff']:.2e} (rel {s['max_rel_sensitivity_diff']:.1e}), "
-             f"same ranking: {s['same_order']} |",
-             f"| distill {len(d['blocks'])} blocks ({args.epochs} epochs), joint vs layer-wise | "
-             f"{d['joint']['block_tokens_per_second']:.0f} block-tokens/s, wall {d['joint']['wall_seconds']:.0f} s | "
-             f"{d['layerwise']['block_tokens_per_second']:.0f} block-tokens/s "
-             f"({d['throughput_ratio']:.2f}x), wall {d['layerwise']['wall_seconds']:.0f} s | weights max abs diff "
-             f"{d['max_abs_weight_diff']:.2e}, losses max rel diff {d['max_rel_loss_diff']:.1e} |"]
+             f"same ranking: {s['same_order']} |"]
+    for d in out["distill"]:
+        lines.append(f"| distill {len(d['blocks'])} blocks ({args.epochs} epochs, gradient_clipping "
+                     f"{d['gradient_clipping']}): joint vs layer-wise | {d['joint']['block_tokens_per_second']:.0f} "
+                     f"block-tokens/s, wall {d['joint']['wall_seconds']:.0f} s | "
+                     f"{d['layerwise']['block_tokens_per_second']:.0f} block-tokens/s ({d['throughput_ratio']:.2f}x), "
+                     f"wall {d['layerwise']['wall_seconds']:.0f} s | weights max abs diff "
+                     f"{d['max_abs_weight_diff']:.2e}, losses max rel diff {d['max_rel_loss_diff']:.1e} |")
     write_atomic(os.path.join(args.out, "streaming.md"), "\n".join(lines) + "\n")
     print("\n".join(lines[1:]))
 

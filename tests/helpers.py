@@ -25,6 +25,20 @@ def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
+def independent_split(config, tp: int, grain: int = 64) -> tuple[list[int], list[int]]:
+    """Per-rank o_proj input columns and MLP columns, computed here from the rule DeepSpeed AutoTP documents
+    (not from ds_spd's TPLayout, which the test references must not reuse): whole KV groups per rank, the
+    first ``n_kv % tp`` ranks one group more; MLP columns in units of ``grain``, the first ranks one unit
+    more, the remainder below one unit to the last rank."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_kv, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
+    kv = [n_kv // tp + (r < n_kv % tp) for r in range(tp)]
+    units, rest = divmod(config.intermediate_size, grain)
+    mlp = [(units // tp + (r < units % tp)) * grain for r in range(tp)]
+    mlp[-1] += rest
+    return [k * group * head_dim for k in kv], mlp
+
+
 def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import EVEN, tiny_config, tiny_model
+from helpers import EVEN, independent_split, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.core.block import SPDDecoderLayer
@@ -27,7 +27,9 @@ def reference_logits(model, ids, tp, spd_blocks):
     output by X + sum_r Y_r + b_o + sum_r MLP_r(Norm2(X + Y_r + b_o)) + b_d.
     """
     model = copy.deepcopy(model)
-    layout = TPLayout.for_model(model.config, tp)
+    attn_cols, mlp_cols = independent_split(model.config, tp)
+    assert (attn_cols, mlp_cols) == (list(TPLayout.for_model(model.config, tp).attn_cols),
+                                     list(TPLayout.for_model(model.config, tp).mlp_cols))
     handles = []
     for i, layer in enumerate(model.model.layers):
         if i not in spd_blocks:
@@ -42,7 +44,7 @@ def reference_logits(model, ids, tp, spd_blocks):
             o_b = att.o_proj.bias if att.o_proj.bias is not None else 0
             d_b = mlp.down_proj.bias if mlp.down_proj.bias is not None else 0
             out, a0, m0 = x + o_b + d_b, 0, 0
-            for a, m in zip(layout.attn_cols, layout.mlp_cols):
+            for a, m in zip(attn_cols, mlp_cols):
                 y = heads["h"][..., a0:a0 + a] @ att.o_proj.weight[:, a0:a0 + a].T
                 u = layer.post_attention_layernorm(x + y + o_b)
                 g = u @ mlp.gate_proj.weight[m0:m0 + m].T

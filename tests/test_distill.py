@@ -42,9 +42,12 @@ def test_hg_permutation_keeps_plain_tp_output(overrides, tp):
         permute_block(layer, grouping, layout)
         torch.testing.assert_close(layer(x, **kwargs), before, atol=2e-5, rtol=2e-5)  # same function under TP
         layer.spd = True
-        if grouping.kv_order != list(range(model.config.num_key_value_heads)) or \
-                list(grouping.mlp_slices) != list(range(tp)):
-            assert (layer(x, **kwargs) - spd_before).abs().max() > 1e-4  # but SPD sees other groups
+        # but SPD sees other groups: every case here is built so that the grouping moves something (at tp 3
+        # with one KV head per rank, scattering is the identity and only the MLP matching can act)
+        moved = grouping.kv_order != list(range(model.config.num_key_value_heads)) or \
+            list(grouping.mlp_slices) != list(range(tp))
+        assert moved, grouping
+        assert (layer(x, **kwargs) - spd_before).abs().max() > 1e-4
 
 
 def test_scatter_heads_maximises_within_group_distance():
@@ -61,6 +64,29 @@ def test_scatter_heads_maximises_within_group_distance():
     big = (big + big.T) / 2
     heuristic = scatter_heads(big, (6, 6, 6, 6))  # too many partitions: greedy + swaps
     assert sorted(u for g in heuristic for u in g) == list(range(24))
+
+
+def test_scatter_heads_greedy_path_against_the_exhaustive_optimum(monkeypatch):
+    """The greedy + swaps path (used beyond _EXHAUSTIVE_LIMIT partitions), forced on sizes where the exhaustive
+    search also runs: measured here on 60 random instances it reaches the optimum in 47, worst 94.6%, mean 99.7%."""
+    from ds_spd.stages import headgroup
+
+    def value(dist, gs):
+        return sum(dist[a, b].item() for g in gs for a, b in itertools.combinations(g, 2))
+    ratios = []
+    for seed in range(20):
+        pts = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        dist = torch.cdist(pts, pts)
+        for sizes in ((2, 2, 2, 2), (4, 4), (3, 3, 2)):
+            best = value(dist, scatter_heads(dist, sizes))
+            with monkeypatch.context() as m:
+                m.setattr(headgroup, "_EXHAUSTIVE_LIMIT", 0)
+                greedy = scatter_heads(dist, sizes)
+            assert [len(g) for g in greedy] == list(sizes)
+            ratios.append(value(dist, greedy) / best)
+    assert max(ratios) <= 1 + 1e-12      # the exhaustive search is the optimum
+    assert min(ratios) >= 0.9 and sum(ratios) / len(ratios) >= 0.99
+    assert sum(r >= 1 - 1e-12 for r in ratios) >= 40
 
 
 def _plan(model, classes):
@@ -82,18 +108,35 @@ def test_distilled_block_beats_zero_shot_and_loss_decreases():
         assert last[i] < first[i] < result.initial_mse[i] * 1.5
         assert last[i] < 0.8 * result.initial_mse[i]
     assert isinstance(result.groupings[2], HeadGrouping) and 0 not in result.groupings
-    # the distilled SPD block's MSE to the teacher, measured independently, is below the zero-shot block's
-    pairs = prepare_pairs(model, plan, [0, 2], segments, 4, "original")
-    layer = copy.deepcopy(model.model.layers[0])
-    layer.spd = True
-    x, y = pairs.inputs[0], pairs.targets[0]
-    kwargs = attention_kwargs(model.model.rotary_emb, x)
-    with torch.no_grad():
-        zero_shot = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
-        layer.load_state_dict(result.block_states[0])
-        trained = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
-    assert trained < 0.8 * zero_shot
+    for i in (0, 2):   # final_mse: the same micro-batch and measurement as initial_mse, after training
+        assert result.final_mse[i] < 0.8 * result.initial_mse[i]
     assert ds_spd.get_spd_blocks(model) == ()  # the model itself is untouched
+
+
+def test_distilled_block_generalises_at_the_shipped_settings():
+    """With the shipped defaults (10 epochs, lr 5e-5, micro-batch 4), the distilled SPD block's MSE to the
+    teacher on *held-out* segments, measured outside the trainer, is below that of its starting point (the
+    zero-shot SPD block, head-grouped for the ESB block)."""
+    model = ds_spd.virtualize(tiny_model(), 2)
+    train = torch.randint(0, 384, (16, 24), generator=torch.Generator().manual_seed(1))
+    held_out = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(2))
+    plan = _plan(model, ["SB", "TP", "ESB", "TP"])
+    config = copy.deepcopy(CPU_ZERO2)
+    config["optimizer"]["params"]["lr"] = DistillSettings().lr
+    result = distill(model, plan, train, config, DistillSettings(micro_batch=4), progress=False)
+    pairs = prepare_pairs(model, plan, [0, 2], held_out, 4, "original")
+    for j, i in enumerate((0, 2)):
+        layer = copy.deepcopy(model.model.layers[i])
+        layer.spd = True
+        if i in result.groupings:
+            permute_block(layer, result.groupings[i], model.spd_layout)
+        x, y = pairs.inputs[j], pairs.targets[j]
+        kwargs = attention_kwargs(model.model.rotary_emb, x)
+        with torch.no_grad():
+            zero_shot = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
+            layer.load_state_dict(result.block_states[i])
+            trained = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
+        assert trained < 0.97 * zero_shot, (i, trained, zero_shot)   # measured: 0.94 (block 0), 0.92 (block 2)
 
 
 def _tiny_plan_file(model_dir, tmp_path, classes):

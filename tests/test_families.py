@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import launch, save_tiny, tiny_config, tiny_model
+from helpers import independent_split, launch, save_tiny, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.errors import LayoutError
@@ -55,7 +55,9 @@ def reference_logits(model, ids, tp, blocks):
     pre-norm  out = X + sum_r [Y_r + MLP_r(N2(X + Y_r))];
     sandwich  out = X + Na(sum_r Y_r) + No(sum_r MLP_r(Nf(X + Na(Y_r))))."""
     model = copy.deepcopy(model)
-    layout = TPLayout.for_model(model.config, tp)
+    attn_cols, mlp_cols = independent_split(model.config, tp)
+    assert (attn_cols, mlp_cols) == (list(TPLayout.for_model(model.config, tp).attn_cols),
+                                     list(TPLayout.for_model(model.config, tp).mlp_cols))
     for i, layer in enumerate(model.model.layers):
         if i not in blocks:
             continue
@@ -67,7 +69,7 @@ def reference_logits(model, ids, tp, blocks):
             gate, up, down, act = _mlp(layer.mlp)
             sandwich = hasattr(layer, "pre_feedforward_layernorm")
             ys, zs, a0, m0 = [], [], 0, 0
-            for a, m in zip(layout.attn_cols, layout.mlp_cols):
+            for a, m in zip(attn_cols, mlp_cols):
                 y = heads["h"][..., a0:a0 + a] @ layer.self_attn.o_proj.weight[:, a0:a0 + a].T
                 u = (layer.pre_feedforward_layernorm(x + layer.post_attention_layernorm(y)) if sandwich
                      else layer.post_attention_layernorm(x + y))
@@ -139,8 +141,9 @@ def test_real_tp_matches_virtual(tmp_path):
     for i, family in enumerate(FAMILIES):
         for rank in (0, 1):
             res = json.load(open(f"{prefix}.{i}.rank{rank}.json"))
-            assert res["local_o_proj_cols"] == res["layout_attn_cols"][rank], family   # AutoTP's shards == layout
-            assert res["local_mlp_cols"] == res["layout_mlp_cols"][rank], family
+            # AutoTP's shards, every layer == the layout == the tests' independent split
+            assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][rank]}, family
+            assert set(res["local_mlp_cols_per_layer"]) == {res["layout_mlp_cols"][rank]}, family
             assert res["off_vs_hf"] < 1e-5 and res["real_vs_virtual"] < 1e-5 and res["spd_vs_hf"] > 1e-3, (family, res)
             assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"], family
 

@@ -33,7 +33,25 @@ def test_adapter_scores_the_spd_model(tiny_dir):
     finally:
         os.chdir(cwd)
     acc = res["results"]["ds_spd_tiny_choice"]["acc,none"]
-    assert 0.0 <= acc <= 1.0 and res["n-samples"]["ds_spd_tiny_choice"]["effective"] == 6
+    assert res["n-samples"]["ds_spd_tiny_choice"]["effective"] == 6
+    assert acc == pytest.approx(_independent_accuracy(tok, model))
+
+
+def _independent_accuracy(tok, model) -> float:
+    """The task's accuracy computed without lm_eval: per question, the choice whose continuation tokens have
+    the highest summed log-probability under the SPD model (lm_eval's ``acc``), compared with the label."""
+    docs = [json.loads(line) for line in open(os.path.join(ROOT, "tests/data/lm_eval/tiny_choice.jsonl"))]
+    correct = 0
+    for doc in docs:
+        ctx = tok(doc["question"]).input_ids
+        scores = []
+        for choice in doc["choices"]:
+            full = tok(doc["question"] + choice).input_ids
+            with torch.no_grad():
+                logp = model(torch.tensor([full])).logits.log_softmax(-1)[0, len(ctx) - 1:-1]
+            scores.append(logp.gather(-1, torch.tensor(full[len(ctx):])[:, None]).sum().item())
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["label"])
+    return correct / len(docs)
 
 
 def _request(context, continuation):

@@ -20,8 +20,8 @@ def test_real_tp_matches_hf_and_virtual(which, comm, tiny_dir, tiny_even_dir, tm
     results = _worker(model_dir, tmp_path, blocks, comm)
     for res in results:
         # DeepSpeed AutoTP's own shards agree with the layout the virtual path uses.
-        assert res["local_o_proj_cols"] == res["layout_attn_cols"][res["rank"]]
-        assert res["local_mlp_cols"] == res["layout_mlp_cols"][res["rank"]]
+        assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][res["rank"]]}   # every layer
+        assert set(res["local_mlp_cols_per_layer"]) == {res["layout_mlp_cols"][res["rank"]]}
         assert res["off_vs_hf"] < 1e-5, res        # SPD off == HF model
         assert res["real_vs_virtual"] < 1e-5, res  # virtual TP == real TP, SPD on a mix of blocks
         assert res["spd_vs_hf"] > 1e-3, res        # and SPD really changed the function
@@ -75,7 +75,7 @@ def test_bench_runs_and_counts(tiny_dir, tmp_path):
     out = str(tmp_path / "bench")
     cfg = tmp_path / "grain.json"   # a non-default grain: the AutoTP baseline must be sharded like ds_spd
     cfg.write_text(json.dumps({"spd": {"tp_grain_size": 8}}))
-    launch(["ds_spd", "bench", "--config", str(cfg), "--model", tiny_dir, "--repeats", "1", "--prefill-len", "32",
+    launch(["ds_spd", "bench", "--config", str(cfg), "--model", tiny_dir, "--repeats", "3", "--prefill-len", "32",
             "--decode-tokens", "2", "--decode-batches", "1", "--fractions", "0,0.5,1", "--out", out], module=True)
     result = json.load(open(f"{out}/bench.json"))
     # intermediate 200 at tp 2: grain 8 gives 104 + 96 columns (the default grain 64 gives 128 + 72)
@@ -89,5 +89,10 @@ def test_bench_runs_and_counts(tiny_dir, tmp_path):
             assert rows[("spd100", path, w)]["allreduce_per_forward"] == n + 1
             assert "ideal_ms" in rows[("spd100", path, w)]
     assert rows[("autotp", "autotp (DeepSpeed)", "prefill")]["median_ms"] > 0
+    # paired ratios to the same path's 0%-SPD configuration, with an interval and its verdict
+    spd100 = rows[("spd100", "gloo", "decode_b1")]
+    assert spd100["n_pairs"] == 3 and spd100["ratio_ci95"][0] <= spd100["ratio"] <= spd100["ratio_ci95"][1]
+    assert spd100["effect"] in ("faster", "slower", "no effect") and "ratio" not in rows[("spd0", "gloo", "decode_b1")]
+    assert {"start", "end"} <= set(result["noise"]) and isinstance(result["warnings"], list)
     import os
     assert os.path.isfile(f"{out}/bench.png") and os.path.isfile(f"{out}/bench.md")

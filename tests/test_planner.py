@@ -81,6 +81,7 @@ def test_cli_scan_plan_eval(tiny_dir, tmp_path):
                                 "--out", str(tmp_path / "budget.json"), *data, "--json"]).stdout)
     sel = budget["selection"]
     assert sel["rule"] == "max_increase" and sel["measured_increase"] <= 0.5
+    assert len(budget["spd_blocks"]) > 0 and sel["spd_count"] == len(budget["spd_blocks"])  # not vacuously met
 
 
 @pytest.mark.multirank

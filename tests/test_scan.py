@@ -101,3 +101,13 @@ def test_cli_streamed_scan_equals_in_memory(tiny_dir, tmp_path):
     assert not os.path.exists(str(tmp_path / "s.json.activations"))
     proc = run_cli(["scan", *data, "--out", str(tmp_path / "x.json"), "--in-memory", "--last", "2"], check=False)
     assert proc.returncode == 2 and "--last applies to the streamed scan only" in proc.stderr
+
+
+def test_cli_partial_scan_writes_plan_and_plot(tiny_dir, tmp_path):
+    from helpers import last_json, run_cli
+    from ds_spd.plan import load_plan
+    out = str(tmp_path / "p.json")
+    res = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", "--max-samples", "2", "--seq-len", "16",
+                             "--last", "2", "--out", out, "--json"]).stdout)
+    assert res["scanned_blocks"] == [2, 3] and os.path.isfile(str(tmp_path / "p.png"))
+    assert [b.sensitivity is None for b in load_plan(out).blocks] == [True, True, False, False]

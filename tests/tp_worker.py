@@ -36,9 +36,9 @@ def check(model_dir, out_prefix, blocks, comm):
 
     engine = ds_spd.init_inference(copy.deepcopy(base), {"tp_size": 2, "spd_blocks": blocks, "comm": comm})
     res = {"rank": rank, "n_layers": n_layers}
-    layer0 = engine.module.model.layers[0]
-    res["local_o_proj_cols"] = layer0.self_attn.o_proj.weight.shape[1]
-    res["local_mlp_cols"] = layer0.mlp.down_proj.weight.shape[1]
+    layers = engine.module.model.layers   # AutoTP's actual shards, every layer
+    res["local_o_proj_cols_per_layer"] = [layer.self_attn.o_proj.weight.shape[1] for layer in layers]
+    res["local_mlp_cols_per_layer"] = [layer.mlp.down_proj.weight.shape[1] for layer in layers]
     res["layout_attn_cols"] = list(engine.spd_layout.attn_cols)
     res["layout_mlp_cols"] = list(engine.spd_layout.mlp_cols)
     with torch.no_grad():

@@ -4,10 +4,13 @@ Teacher: the original block (both syncs). Student: the same block in SPD form (v
 size), initialised from the teacher's weights, head-grouped first for ESB blocks. Loss: MSE between the
 student's and the teacher's outputs on the same block inputs; only that block's parameters train.
 
-Blocks are independent, so all of them train together in one DeepSpeed engine: the loss is the sum of
-the per-block MSEs, each block's gradient depends only on its own term, and AdamW updates every
-parameter on its own, so this is the same as training them one by one, in one pass over the data.
-(Global gradient clipping would couple them: leave ``gradient_clipping`` unset.) ZeRO stage 2 or 3
+Two trainers. The default, layer-wise (ds_spd.stages.layerwise), trains one block at a time in its own
+engine. The joint trainer here trains all blocks together in one DeepSpeed engine: the loss is the sum of
+the per-block MSEs, each block's gradient depends only on its own term, and AdamW updates every parameter
+on its own, so it is the same as training them one by one, *except for gradient clipping*: DeepSpeed
+clips at ``gradient_clipping`` (default 1.0 in DeepSpeed 0.19) over the global norm of everything in the
+engine, which couples the blocks once that norm exceeds the threshold. With ``gradient_clipping: 0`` the
+two trainers give bitwise equal weights (tested; measured on SmolLM2 in BENCHMARKS.md). ZeRO stage 2 or 3
 shards optimizer state (and parameters) over the data-parallel ranks, which split the calibration data.
 """
 from __future__ import annotations
@@ -141,7 +144,8 @@ class DistillResult:
     block_states: dict[int, dict[str, torch.Tensor]]
     groupings: dict[int, HeadGrouping]
     history: list[dict] = field(default_factory=list)   # per epoch (all, resumed ones too): mean loss per block
-    initial_mse: dict[int, float] = field(default_factory=dict)   # before training (after HG for ESB)
+    initial_mse: dict[int, float] = field(default_factory=dict)   # first micro-batch, before training (after HG)
+    final_mse: dict[int, float] = field(default_factory=dict)     # the same micro-batch, after training
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
@@ -199,6 +203,11 @@ class _Trainer:
             self.model.backward(loss)
             self.model.step()
         return per_block
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-block MSE of the trained students (the engine's own forward: ZeRO-3 gathers what it needs)."""
+        return self.model(inputs.to(self.device), targets.to(self.device))[1].float().cpu()
 
     def save(self, directory: str, epoch: int, client: dict) -> None:
         tag = f"epoch{epoch}"
@@ -275,9 +284,9 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     pairs = prepare_pairs(model, plan, blocks, segments, settings.micro_batch, settings.input_source)
     students, groupings = build_students(model, plan, blocks, pairs, settings)
     distiller = BlockDistiller(students, model.model.rotary_emb)
+    first = (pairs.inputs[:, :settings.micro_batch].transpose(0, 1), pairs.targets[:, :settings.micro_batch].transpose(0, 1))
     with torch.no_grad():
-        _, initial = distiller(pairs.inputs[:, :settings.micro_batch].transpose(0, 1).to(model_device(model)),
-                                 pairs.targets[:, :settings.micro_batch].transpose(0, 1).to(model_device(model)))
+        _, initial = distiller(first[0].to(model_device(model)), first[1].to(model_device(model)))
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), list(g.mlp_slices)] for i, g in groupings.items()}}
@@ -302,6 +311,8 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
         if checkpoint_dir:
             trainer.save(checkpoint_dir, epoch, {**client, "history": history})
     tokens, seconds = run_epochs(trainer, pairs, settings, start_epoch, "distill", progress, end_of_epoch)
+    final = trainer.evaluate(*first)
     states = trainer.gathered_state(distiller)
-    return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())), seconds,
+    return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())),
+                         dict(zip(blocks, final.tolist())), seconds,
                          tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage)

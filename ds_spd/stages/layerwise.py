@@ -123,8 +123,10 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
             trainer.save(block_dir, epoch, {"client": client, "history": history})
     tokens, seconds = run_epochs(trainer, _SegmentPairs(x, y), settings, start_epoch, f"block {i}", progress,
                                  end_of_epoch)
+    final = trainer.evaluate(x.read(0, mb)[:, None], y.read(0, mb)[:, None])
     state = trainer.gathered_state(distiller)[i]
-    info = {"client": client, "history": history, "initial_mse": initial[0].item(), "seconds": seconds,
+    info = {"client": client, "history": history, "initial_mse": initial[0].item(), "final_mse": final[0].item(),
+            "seconds": seconds,
             "tokens": tokens, "grouping": None if grouping is None else
             [list(map(list, grouping.groups)), list(grouping.mlp_slices), list(grouping.mlp_cols)],
             "zero_stage": trainer.zero_stage}
@@ -200,6 +202,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
     groupings = {i: HeadGrouping(tuple(map(tuple, d["grouping"][0])), tuple(d["grouping"][1]), tuple(d["grouping"][2]))
                  for i, d in done.items() if d["grouping"] is not None}
     return DistillResult({i: d["state"] for i, d in done.items()}, groupings, history,
-                         {i: d["initial_mse"] for i, d in done.items()}, train_seconds,
+                         {i: d["initial_mse"] for i, d in done.items()}, {i: d["final_mse"] for i, d in done.items()},
+                         train_seconds,
                          tokens / max(train_seconds, 1e-9), _peak_memory(),
                          next((d["zero_stage"] for d in done.values()), None), wall, budget.spilled_bytes)

@@ -131,7 +131,8 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     else:
         result = distill(runner.hf_model, run.plan, segments, run.ds_config, run.settings, run.work_dir,
                          run.use_accelerate, progress=progress)
-    final = result.history[-1]["loss"] if result.history else {}
+    last_epoch = result.history[-1]["loss"] if result.history else {}
+    final = result.final_mse
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
                              head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
@@ -143,7 +144,9 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                       "torch": torch.__version__, "settings": run.settings.knobs(), "zero_stage": result.zero_stage,
                       "launcher": "accelerate" if run.use_accelerate else "deepspeed", "ranks": world_size(),
                       "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
-                      "initial_mse": result.initial_mse, "final_mse": final, "history": result.history,
+                      "initial_mse": result.initial_mse, "final_mse": final, "last_epoch_loss": last_epoch,
+                      "mse_measured_on": "the first calibration micro-batch, before and after training",
+                      "history": result.history,
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                       "peak_memory_bytes_rank0": result.peak_memory_bytes, "trainer": run.settings.trainer,
                       "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes}
@@ -153,6 +156,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                 print(f"block {i:3d} ({run.plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}",
                       file=sys.stderr)
     return {"checkpoint": run.out, "initial_mse": result.initial_mse, "final_mse": final,
+            "last_epoch_loss": last_epoch,
             "epochs_trained": [h["epoch"] for h in result.history], "seconds": result.seconds,
             "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
             "zero_stage": result.zero_stage, "trainer": run.settings.trainer, "wall_seconds": result.wall_seconds,

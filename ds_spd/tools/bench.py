@@ -6,13 +6,23 @@ in the same processes, interleaved repeat by repeat (so drift hits all alike), w
 - prefill: one forward of ``batch x prefill_len`` tokens;
 - decode: ms per token of greedy steps with a KV cache after a short prompt, batch 1 and 8.
 
-Per configuration it records the all-reduce count and the time measured inside all-reduce per forward,
-and the *ideal* latency: the 0%-SPD latency minus the measured cost of the all-reduces that SPD drops;
-achieved saving / ideal saving says how much of the possible gain SPD realises.
+Every repeat runs every configuration once, in a freshly shuffled order (seeded, the same on all ranks), so
+slow drift and order effects hit all configurations alike. Each figure is reported as a *paired ratio* to
+its path's 0%-SPD configuration measured in the same repeat (AutoTP: to 0% SPD on the default path), with a
+95% interval (t over the log-ratios of the repeats); a ratio whose interval contains 1 is marked "no
+effect". Noise is detected and reported (a warning line in the report, the Markdown and the JSON): CPU used
+by other processes during the run, and a 0%-SPD spread (max-min over median) above 10%.
+
+Per configuration it records the all-reduce count and the time measured inside all-reduce calls per
+forward, and the *ideal* latency: the 0%-SPD latency minus the measured in-call time of the all-reduces
+that SPD drops. It assumes that time is all a dropped sync costs; it is not an upper bound on the saving:
+on the gloo path the time outside the calls (waiting, copies) also falls as syncs are dropped, so
+achieved/ideal can exceed 1.
 """
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -36,6 +46,7 @@ class BenchSettings:
     decode_tokens: int = 16
     repeats: int = 5
     warmup: int = 1
+    seed: int = 0
 
 
 def _sync():
@@ -125,8 +136,11 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
         workloads[f"decode_b{b}"] = torch.randint(0, vocab, (b, settings.decode_prompt), generator=gen).to(device)
     samples = {(name, path, w): [] for name, path, _ in configs for w in workloads}
     comm = {}
+    noise = NoiseProbe()
     for rep in tqdm(range(settings.warmup + settings.repeats), desc="bench", disable=not progress):
-        for name, path, blocks in configs:
+        order = list(configs)
+        random.Random(settings.seed * 1000 + rep).shuffle(order)   # same order on every rank
+        for name, path, blocks in order:
             target = baseline.module if name == "autotp" else engine.module
             if name != "autotp":
                 for r in reducers:
@@ -140,13 +154,81 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
                     samples[(name, path, w)].append(seconds)
                     if name != "autotp":
                         comm.setdefault((name, path, w), []).append(engine.spd_stats.summary())
-    return {**summarize(configs, workloads, samples, comm, settings, n_layers),
-            "tp_grain_size": cfg.tp_grain_size, "mlp_columns_rank0_layer0": shards}
+    result = summarize(configs, workloads, samples, comm, settings, n_layers)
+    result["noise"] = noise.finish()
+    result["warnings"] = noise_warnings(result)
+    return {**result, "tp_grain_size": cfg.tp_grain_size, "mlp_columns_rank0_layer0": shards}
+
+
+class NoiseProbe:
+    """CPU used by processes other than this run's ranks, sampled at the start and the end of the bench,
+    and the load average (1 min) at both points."""
+
+    def __init__(self):
+        import os
+        self.pids = {os.getpid()}
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, os.getpid())
+            self.pids = set(gathered)
+        self.start = self._sample()
+
+    def _sample(self) -> dict:
+        import os
+
+        import psutil
+        procs = [p for p in psutil.process_iter() if p.pid not in self.pids and p.pid != os.getppid()]
+        for p in procs:
+            try:
+                p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        time.sleep(1.0)
+        used = 0.0
+        for p in procs:
+            try:
+                used += p.cpu_percent(None)
+            except psutil.Error:
+                pass
+        return {"other_processes_cpu_percent": round(used, 1), "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+    def finish(self) -> dict:
+        import os
+        return {"start": self.start, "end": self._sample(), "cpus": os.cpu_count()}
+
+
+def noise_warnings(result: dict) -> list[str]:
+    warnings = []
+    noise = result["noise"]
+    busy = max(noise["start"]["other_processes_cpu_percent"], noise["end"]["other_processes_cpu_percent"])
+    if busy > 20:
+        warnings.append(f"other processes used {busy:.0f}% of a CPU during the run: timings are not from a quiet "
+                        "machine")
+    for r in result["rows"]:
+        if r["config"] == "spd0" and r["spread"] > 0.10:
+            warnings.append(f"{r['workload']} on {r['comm']}: 0%-SPD spread {100 * r['spread']:.0f}% of the median "
+                            "over the repeats: noisy")
+    return warnings
+
+
+def paired_ratio(xs: list[float], base: list[float]) -> dict:
+    """Median ratio of paired repeats and a 95% t-interval of the geometric mean ratio."""
+    import math
+    ratios = [x / b for x, b in zip(xs, base)]
+    out = {"ratio": statistics.median(ratios), "n_pairs": len(ratios)}
+    if len(ratios) >= 2:
+        from scipy import stats
+        logs = [math.log(r) for r in ratios]
+        half = stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+        lo, hi = math.exp(statistics.mean(logs) - half), math.exp(statistics.mean(logs) + half)
+        out.update({"ratio_ci95": [lo, hi], "effect": "no effect" if lo <= 1 <= hi else
+                    ("faster" if hi < 1 else "slower")})
+    return out
 
 
 def _stats(xs: list[float]) -> dict:
     return {"median_ms": 1e3 * statistics.median(xs), "min_ms": 1e3 * min(xs), "max_ms": 1e3 * max(xs),
-            "n": len(xs)}
+            "spread": (max(xs) - min(xs)) / statistics.median(xs), "n": len(xs)}
 
 
 def summarize(configs, workloads, samples, comm, settings, n_layers) -> dict:
@@ -160,6 +242,9 @@ def summarize(configs, workloads, samples, comm, settings, n_layers) -> dict:
                 row["allreduce_per_forward"] = statistics.median(r["allreduce_per_forward"] for r in runs)
                 row["allreduce_ms_per_forward"] = 1e3 * statistics.median(
                     r["allreduce_seconds_per_forward"] for r in runs)
+            base = ("spd0", "auto" if name == "autotp" else path, w)
+            if name != "spd0" and base in samples:
+                row.update(paired_ratio(samples[(name, path, w)], samples[base]))
             rows.append(row)
     _ideal(rows, n_layers)
     return {"settings": vars(settings), "n_layers": n_layers, "rows": rows}
@@ -193,14 +278,19 @@ def write_outputs(result: dict, command: str, out_dir: str) -> None:
 
 
 def markdown(result: dict, command: str) -> str:
-    lines = [MD_MARK, f"Command: `{command}`", "",
-             "| workload | config | all-reduce path | SPD blocks | median ms | min-max ms | all-reduces / fwd "
-             "| all-reduce ms / fwd | ideal ms | achieved / ideal saving |", "|---" * 10 + "|"]
+    lines = [MD_MARK, f"Command: `{command}`", ""]
+    lines += [f"**Warning: {w}**" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
+    lines += ["| workload | config | all-reduce path | SPD blocks | median ms | min-max ms | paired ratio to 0% SPD "
+              "(95% CI) | all-reduces / fwd | all-reduce ms / fwd | ideal ms | achieved / ideal saving |",
+              "|---" * 11 + "|"]
     for r in sorted(result["rows"], key=lambda r: (r["workload"], r["comm"], r["spd_blocks"] or 0)):
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
+        ratio = "-" if "ratio" not in r else f"{r['ratio']:.3f}" + (
+            f" ({r['ratio_ci95'][0]:.3f}-{r['ratio_ci95'][1]:.3f}, {r['effect']})" if "ratio_ci95" in r else "")
         lines.append(f"| {r['workload']} | {r['config']} | {r['comm']} | {f('spd_blocks', 'd')} | "
-                     f"{r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} | {f('allreduce_per_forward', '.0f')} | "
-                     f"{f('allreduce_ms_per_forward', '.2f')} | {f('ideal_ms', '.2f')} | {f('achieved_over_ideal', '.2f')} |")
+                     f"{r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} | {ratio} | "
+                     f"{f('allreduce_per_forward', '.0f')} | {f('allreduce_ms_per_forward', '.2f')} | {f('ideal_ms', '.2f')} "
+                     f"| {f('achieved_over_ideal', '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

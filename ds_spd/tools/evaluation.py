@@ -41,7 +41,7 @@ def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bo
         metric.add_batch(predictions=logits.argmax(-1).flatten().cpu().numpy(),
                          references=targets.flatten().cpu().numpy(),
                          target_logprobs=target_logprobs.double().flatten().cpu().numpy())
-    result = metric.compute()
+    result = metric.compute(tokens_per_segment=int(segments.shape[1]) - 1)
     return {**result, "segments": int(segments.shape[0]), "seq_len": int(segments.shape[1])}
 
 

@@ -16,11 +16,15 @@ def plot_plan(plan: Plan, path: str) -> str:
     scan = plan.scan or {}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     idx = [b.index for b in plan.blocks]
-    ax1.bar(idx, [b.sensitivity for b in plan.blocks], color=[CLASS_COLORS[b.cls] for b in plan.blocks])
+    scanned = [b for b in plan.blocks if b.sensitivity is not None]   # a partial scan (--last N) leaves gaps
+    ax1.bar([b.index for b in scanned], [b.sensitivity for b in scanned], color=[CLASS_COLORS[b.cls] for b in scanned])
+    if len(scanned) < len(idx):
+        ax1.text(0.01, 0.97, f"scanned: last {len(scanned)} of {len(idx)} blocks", transform=ax1.transAxes,
+                 va="top", fontsize=8)
     ax1.set(xlabel="block", ylabel=f"sensitivity (delta {scan.get('metric', 'ppl')})",
             title=f"{plan.model}, tp={plan.tp_size}: block sensitivity ({scan.get('method', '?')} scan)")
     ax1.axhline(0, color="black", lw=0.5)
-    values = sorted(abs(b.sensitivity or 0.0) for b in plan.blocks)
+    values = sorted(abs(b.sensitivity) for b in scanned)
     if values and values[-1] > 20 * max(values[len(values) // 2], 1e-12):  # a few outliers: symmetric log scale
         ax1.set_yscale("symlog", linthresh=max(values[len(values) // 2], 1e-6))
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CLASS_COLORS.values()]
