@@ -284,7 +284,8 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     pairs = prepare_pairs(model, plan, blocks, segments, settings.micro_batch, settings.input_source)
     students, groupings = build_students(model, plan, blocks, pairs, settings)
     distiller = BlockDistiller(students, model.model.rotary_emb)
-    first = (pairs.inputs[:, :settings.micro_batch].transpose(0, 1), pairs.targets[:, :settings.micro_batch].transpose(0, 1))
+    mb = settings.micro_batch
+    first = (pairs.inputs[:, :mb].transpose(0, 1), pairs.targets[:, :mb].transpose(0, 1))
     with torch.no_grad():
         _, initial = distiller(first[0].to(model_device(model)), first[1].to(model_device(model)))
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate)

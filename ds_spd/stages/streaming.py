@@ -211,7 +211,8 @@ class BlockSource:
     def block(self, i: int) -> SPDDecoderLayer:
         """Block ``i`` in TP form (virtual TP, every shard), its weights read now."""
         layer = self._materialise(self.skeleton.model.layers[i], f"model.layers.{i}.").eval()
-        return SPDDecoderLayer(layer, self.layout.attn_cols, self.layout.mlp_cols, VirtualReduce(CommStats(timed=False)),
+        reduce = VirtualReduce(CommStats(timed=False))
+        return SPDDecoderLayer(layer, self.layout.attn_cols, self.layout.mlp_cols, reduce,
                                spd=False, layer_idx=i, adapter=self.adapter)
 
 

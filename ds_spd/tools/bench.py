@@ -289,7 +289,8 @@ def markdown(result: dict, command: str) -> str:
             f" ({r['ratio_ci95'][0]:.3f}-{r['ratio_ci95'][1]:.3f}, {r['effect']})" if "ratio_ci95" in r else "")
         lines.append(f"| {r['workload']} | {r['config']} | {r['comm']} | {f('spd_blocks', 'd')} | "
                      f"{r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} | {ratio} | "
-                     f"{f('allreduce_per_forward', '.0f')} | {f('allreduce_ms_per_forward', '.2f')} | {f('ideal_ms', '.2f')} "
+                     f"{f('allreduce_per_forward', '.0f')} | {f('allreduce_ms_per_forward', '.2f')} | "
+                     f"{f('ideal_ms', '.2f')} "
                      f"| {f('achieved_over_ideal', '.2f')} |")
     return "\n".join(lines) + "\n"
 
