@@ -3,10 +3,22 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ds_spd.tools.evaluation import paired_ratio_ci  # noqa: E402
+
 
 def load(out, name):
     with open(os.path.join(out, name)) as f:
         return json.load(f)
+
+
+def _ci(ci, digits):
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _ratio(r):
+    return f"{r['ratio']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] ({r['verdict']})"
 
 
 def main(out: str) -> None:
@@ -14,7 +26,6 @@ def main(out: str) -> None:
     distill = load(out, "distill.json")
     evals = {k: load(out, f"eval_{k}.json") for k in ("tp", "zero_shot", "distilled")}
     gen = load(out, "generate.json")["generations"][0]
-    base = evals["tp"]["perplexity"]
     lines = ["# ds_spd demo: SmolLM2-135M, tensor parallel on 2 CPU ranks", "",
              "## Sensitivity scan and plan", "", "![plan](plan.png)", "",
              f"SPD blocks ({len(plan['spd_blocks'])}): {plan['spd_blocks']}; classes: {plan['classes']}", "",
@@ -23,13 +34,20 @@ def main(out: str) -> None:
     for i in sorted(distill["final_mse"], key=int):
         lines.append(f"| {i} | {distill['initial_mse'][i]:.4g} | {distill['final_mse'][i]:.4g} |")
     lines += ["", f"{distill['seconds']:.0f} s, {distill['tokens_per_second']:.0f} block-tokens/s, ZeRO stage "
-              f"{distill['zero_stage']}, peak memory {distill['peak_memory_bytes'] / 2**30:.2f} GiB on rank 0", "",
+              f"{distill['zero_stage']}, peak memory {distill['peak_memory_bytes'] / 2**30:.2f} GiB on rank 0 "
+              f"({distill.get('trainer', 'joint')} trainer). MSE on the first calibration micro-batch, before and "
+              "after training.", "",
               "## Tensor-parallel evaluation (2 ranks, held-out text)", "",
-              "| model | SPD blocks | perplexity | vs TP | top-1 accuracy | all-reduces / forward |",
-              "|---|---|---|---|---|---|"]
+              "Intervals: 95% bootstrap over segments; the ratio's interval is paired (the same segment draws for "
+              "both models), so it measures the difference between the models rather than the spread of the text.",
+              "", "| model | SPD blocks | perplexity (95% CI) | ratio to TP (paired 95% CI) | top-1 accuracy (95% CI) "
+              "| all-reduces / forward |", "|---|---|---|---|---|---|"]
     for name, e in evals.items():
-        lines.append(f"| {name} | {len(e['spd_blocks'])} | {e['perplexity']:.3f} | "
-                     f"{100 * (e['perplexity'] / base - 1):+.1f}% | {e['accuracy']:.4f} | {e['allreduce_per_forward']:.0f} |")
+        ratio = "—" if name == "tp" else _ratio(paired_ratio_ci(evals["tp"], e))
+        lines.append(f"| {name} | {len(e['spd_blocks'])} | {e['perplexity']:.3f} {_ci(e['perplexity_ci95'], 2)} | "
+                     f"{ratio} | {e['accuracy']:.4f} {_ci(e['accuracy_ci95'], 4)} | {e['allreduce_per_forward']:.0f} |")
+    d = paired_ratio_ci(evals["zero_shot"], evals["distilled"])
+    lines += ["", f"Distilled vs zero-shot SPD: perplexity ratio {_ratio(d)}."]
     lines += ["", f"Generation with the distilled checkpoint: *{gen['prompt']}*{gen['completion']} "
               f"({gen['ms_per_token']:.1f} ms/token)", "", "## Latency", "", "![bench](bench/bench.png)", ""]
     with open(os.path.join(out, "bench", "bench.md")) as f:

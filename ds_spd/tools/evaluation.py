@@ -45,6 +45,21 @@ def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bo
     return {**result, "segments": int(segments.shape[0]), "seq_len": int(segments.shape[1])}
 
 
+def paired_ratio_ci(a: dict, b: dict, resamples: int = 1000, seed: int = 0) -> dict:
+    """Perplexity ratio b / a of two evaluations on the *same* segments (their ``segment_nll``), with a 95%
+    paired bootstrap interval: both are resampled with the same segment draws, so the interval reflects the
+    difference between the models, not the spread of the text. ``improved`` / ``worse`` only where it holds."""
+    import numpy as np
+    na, nb = np.asarray(a["segment_nll"]), np.asarray(b["segment_nll"])
+    if na.shape != nb.shape or a["tokens"] != b["tokens"]:
+        raise ValueError("a paired comparison needs the same segments in both evaluations")
+    idx = np.random.default_rng(seed).integers(0, na.size, size=(resamples, na.size))
+    ratios = np.exp((nb[idx].sum(1) - na[idx].sum(1)) / a["tokens"])
+    lo, hi = (float(v) for v in np.percentile(ratios, [2.5, 97.5]))
+    ratio = float(np.exp((nb.sum() - na.sum()) / a["tokens"]))
+    return {"ratio": ratio, "ci95": [lo, hi], "verdict": "lower" if hi < 1 else "higher" if lo > 1 else "no difference"}
+
+
 def evaluate_run(runner, progress: bool = True) -> dict:
     """The ``eval`` stage: perplexity and top-1 accuracy of a runner on its ``spd.data`` text."""
     from ds_spd.data import segments_for

@@ -37,7 +37,8 @@ class NextToken(evaluate.Metric):
             n = tokens_per_segment * nll.size
             ppl = np.exp(nll[idx].sum(1) / n)
             acc = hits[idx].sum(1) / n
-            result.update({"perplexity_ci95": [float(v) for v in np.percentile(ppl, [2.5, 97.5])],
+            result.update({"segment_nll": [float(v) for v in nll], "segment_hits": [int(v) for v in hits],
+                           "perplexity_ci95": [float(v) for v in np.percentile(ppl, [2.5, 97.5])],
                            "accuracy_ci95": [float(v) for v in np.percentile(acc, [2.5, 97.5])],
                            "ci": f"95% percentile bootstrap over {nll.size} segments, {resamples} resamples"})
         return result
