@@ -73,3 +73,22 @@ def test_paired_ratio_interval_and_verdict():
     assert faster["ratio_ci95"] == pytest.approx([0.8, 0.8])
     noisy = paired_ratio([0.7, 1.3, 0.8, 1.25, 1.0], [1.0] * 5)   # pairs disagree: no effect can be claimed
     assert noisy["effect"] == "no effect" and noisy["ratio_ci95"][0] < 1 < noisy["ratio_ci95"][1]
+
+
+def test_paired_perplexity_ratio_is_tighter_than_unpaired_intervals():
+    """Two models on the same segments: a uniform 5% NLL increase is 'higher' with a tight paired interval,
+    even though their per-model intervals overlap; different segment sets are refused."""
+    import numpy as np
+
+    from ds_spd.tools.evaluation import paired_ratio_ci
+    rng = np.random.default_rng(0)
+    nll = rng.uniform(200, 900, size=8)            # segments of very different difficulty
+    a = {"segment_nll": list(nll), "tokens": 8 * 255}
+    b = {"segment_nll": list(nll * 1.05), "tokens": 8 * 255}
+    r = paired_ratio_ci(a, b)
+    assert r["verdict"] == "higher" and r["ci95"][0] > 1
+    assert r["ratio"] == pytest.approx(math.exp(0.05 * nll.sum() / (8 * 255)))
+    same = paired_ratio_ci(a, a)
+    assert same["ratio"] == 1 and same["verdict"] == "no difference"
+    with pytest.raises(ValueError, match="same segments"):
+        paired_ratio_ci(a, {"segment_nll": list(nll[:4]), "tokens": 4 * 255})
