@@ -47,6 +47,9 @@ def test_cli_eval_and_generate_real_equals_virtual(tiny_dir):
     assert virtual["allreduce_per_forward"] == 2 * 4 - 2
     assert real["allreduce_per_forward"] == 2 * 4 - 2 + 1  # + lm_head
     assert real["allreduce_seconds_per_forward"] > 0
+    # AutoTP's row-parallel lm_head all-reduce goes through ds_spd's reducer: counted and timed
+    assert real["allreduce_by_kind_per_forward"]["lm_head"] == 1
+    assert real["allreduce_seconds_by_kind_per_forward"]["lm_head"] > 0
 
     gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
     g_real = last_json(launch(["ds_spd", "generate", *gen], module=True).stdout)

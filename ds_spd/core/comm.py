@@ -31,21 +31,25 @@ class CommStats:
     forwards: int = 0
     timed: bool = True
     _by_kind: dict = field(default_factory=dict)
+    _seconds_by_kind: dict = field(default_factory=dict)
 
     def reset(self) -> None:
         self.calls, self.elements, self.seconds, self.forwards = 0, 0, 0.0, 0
         self._by_kind.clear()
+        self._seconds_by_kind.clear()
 
     def record(self, kind: str, numel: int, seconds: float = 0.0) -> None:
         self.calls += 1
         self.elements += numel
         self.seconds += seconds
         self._by_kind[kind] = self._by_kind.get(kind, 0) + 1
+        self._seconds_by_kind[kind] = self._seconds_by_kind.get(kind, 0.0) + seconds
 
     def summary(self) -> dict:
         per = max(self.forwards, 1)
         return {"allreduce_per_forward": self.calls / per, "allreduce_seconds_per_forward": self.seconds / per,
                 "allreduce_by_kind_per_forward": {k: v / per for k, v in sorted(self._by_kind.items())},
+                "allreduce_seconds_by_kind_per_forward": {k: v / per for k, v in sorted(self._seconds_by_kind.items())},
                 "forwards": self.forwards}
 
 

@@ -154,7 +154,7 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     reduce = AllReduce(engine.mp_group, stats, cfg.comm) if cfg.tp_size > 1 else VirtualReduce(stats)
     SPDInjectionPolicy(local, reduce, spec.spd_blocks, spec.adapter).apply(engine.module)
     _attach(engine.module, engine, stats, layout)
-    _count_other_allreduces(engine.module, stats)
+    _route_other_allreduces(engine.module, reduce)
     return engine
 
 
@@ -169,9 +169,33 @@ def _attach(model: nn.Module, owner, stats: CommStats, layout: TPLayout) -> None
     decoder_layers(model)[0].register_forward_pre_hook(lambda *_: setattr(stats, "forwards", stats.forwards + 1))
 
 
-def _count_other_allreduces(model: nn.Module, stats: CommStats) -> None:
-    """Count collectives AutoTP left outside the decoder blocks (e.g. a row-parallel lm_head)."""
+class RoutedRowParallel(nn.Module):
+    """A row-parallel linear AutoTP placed outside the decoder blocks (the lm_head), computing what AutoTP's
+    module computes but with its all-reduce made by ds_spd's reducer: timed and on the run's path like the
+    blocks' (AutoTP's own module always takes DeepSpeed's inference all-reduce, untimed)."""
+
+    def __init__(self, inner: nn.Module, reduce, kind: str):
+        super().__init__()
+        self.inner, self.reduce, self.kind = inner, reduce, kind
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from deepspeed.module_inject.layers import LmHeadLinearAllreduce
+        if isinstance(self.inner, LmHeadLinearAllreduce):   # it holds columns of the full input: cut its share
+            sizes, r = self.inner._partition_sizes, self.inner.tp_index
+            x = x[..., sum(sizes[:r]):sum(sizes[:r + 1])]
+        out = self.reduce(torch.matmul(x, self.inner.weight.transpose(-1, -2))[None], self.kind)
+        return out if self.inner.bias is None else out + self.inner.bias
+
+
+def _route_other_allreduces(model: nn.Module, reduce) -> None:
+    """Route the collectives AutoTP left outside the decoder blocks (a row-parallel lm_head) through ``reduce``."""
     from deepspeed.module_inject.layers import LinearAllreduce
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):
         if isinstance(module, LinearAllreduce) and ".layers." not in f".{name}.":
-            module.register_forward_hook(lambda m, inp, out, _n=name: stats.record(_n, out.numel()))
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, RoutedRowParallel(module, reduce, child))
