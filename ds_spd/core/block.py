@@ -29,6 +29,8 @@ class ShardedOutProj(nn.Module):
         self.weight, self.bias, self.col_sizes = weight, bias, tuple(col_sizes)
 
     def forward(self, heads: torch.Tensor) -> torch.Tensor:
+        if len(self.col_sizes) == 1:   # a real TP rank: one shard, no split/stack copies on the decode path
+            return F.linear(heads, self.weight).unsqueeze(0)
         parts = heads.split(self.col_sizes, dim=-1)
         weights = self.weight.split(self.col_sizes, dim=1)
         return torch.stack([F.linear(p, w) for p, w in zip(parts, weights)])
@@ -97,7 +99,7 @@ class SPDDecoderLayer(nn.Module):
         for s, ((gw, gb, uw, ub), dw) in enumerate(zip(self.adapter.gate_up(self.mlp, cols), downs)):
             x = u[s if u.shape[0] > 1 else 0]
             out.append(F.linear(act(F.linear(x, gw, gb)) * F.linear(x, uw, ub), dw))
-        return torch.stack(out)
+        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args:
