@@ -154,3 +154,26 @@ def test_joint_trainer_flag_and_budget_refusal(lw_setup):
     assert (joint["trainer"], layer["trainer"]) == ("joint", "layerwise")
     for i in ("0", "2", "3"):
         assert layer["final_mse"][i] == pytest.approx(joint["final_mse"][i], rel=1e-5)
+
+
+@pytest.mark.multirank
+def test_two_ranks_layerwise_equals_joint(lw_setup):
+    """Under the launcher each rank computes a share of the activation batches and the owners broadcast them:
+    every rank still trains on exactly the activations the joint trainer captures (bitwise equal weights,
+    gradient clipping off)."""
+    from helpers import launch
+    from safetensors.torch import load_file
+
+    from ds_spd.checkpoint import WEIGHTS
+    args, tmp = lw_setup
+    cfg = tmp / "ds_noclip.json"
+    cfg.write_text(json.dumps({**CPU_ZERO2, "gradient_clipping": 0.0, "spd": {"distill": {"lr": 2e-3}}}))
+    args = [a if a != str(tmp / "ds.json") else str(cfg) for a in args]
+    for trainer in ("joint", "layerwise"):
+        launch(["ds_spd", *args, "--out", str(tmp / trainer), "--epochs", "2", "--trainer", trainer], module=True)
+    a, b = load_file(str(tmp / "joint" / WEIGHTS)), load_file(str(tmp / "layerwise" / WEIGHTS))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    prov = json.load(open(tmp / "layerwise" / "provenance.json"))
+    assert prov["ranks"] == 2 and prov["trainer"] == "layerwise"

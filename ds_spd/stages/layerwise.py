@@ -15,6 +15,10 @@ Same training as the joint trainer (ds_spd.stages.distill): every block sees the
 same order (one DistributedSampler with the same seed per block), AdamW acts per parameter and blocks do
 not share a loss term, so the trained weights agree within float tolerance (tested).
 
+Data-parallel ranks split the teacher walk: each computes every world-th batch of activations and
+broadcasts it (ds_spd.stages.streaming.computed_batches), so each rank holds all of them, as the sampler
+needs, for a 1/world share of the compute.
+
 Resume: a finished block is stored in the work dir (``blockNNN.safetensors`` + ``blockNNN.json``) and never
 trained again; an unfinished block resumes from its last epoch (``blockNNN/``, DeepSpeed checkpoints).
 """
@@ -157,7 +161,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                               os.path.join(work_dir, "activations") if work_dir else None)
     store = stores.new
     x = store()
-    source.first_inputs(segments, settings.micro_batch, x)
+    source.first_inputs(segments, settings.micro_batch, x, shared=True)
     done: dict[int, dict] = {}
     t0 = time.perf_counter()
     for i in tqdm(range(max(blocks) + 1), desc="layer-wise distill", disable=not progress):
@@ -165,7 +169,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
         y = None
         if i in blocks:
             y = store()
-            run_block(teacher, source.rotary, x, y, settings.micro_batch)
+            run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
             client = {"plan": plan_digest(plan), "block": i, "class": classes[i],
                       "input_source": settings.input_source}
             found = _load_done(work_dir, i, client, settings.epochs)
@@ -182,7 +186,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
             else:
                 nxt = store()
                 teacher.spd = i in prefix
-                run_block(teacher, source.rotary, x, nxt, settings.micro_batch)
+                run_block(teacher, source.rotary, x, nxt, settings.micro_batch, shared=True)
                 if y is not None:
                     y.close()
             x.close()

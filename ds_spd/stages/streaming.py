@@ -178,20 +178,23 @@ class BlockSource:
         return real
 
     @torch.no_grad()
-    def first_inputs(self, segments: torch.Tensor, batch_size: int, out: ActivationStore) -> None:
-        """Block 0's inputs for every segment, by the model's own forward (embedding scale etc. included)."""
+    def first_inputs(self, segments: torch.Tensor, batch_size: int, out: ActivationStore, shared: bool = False) -> None:
+        """Block 0's inputs for every segment, by the model's own forward (embedding scale etc. included).
+        ``shared``: every data-parallel rank needs all of them (see :func:`computed_batches`)."""
         inner = self.skeleton.model
         embed, layers = inner.embed_tokens, inner.layers
         inner.embed_tokens = self._materialise(embed, "model.embed_tokens.")
         inner.layers = nn.ModuleList([_Capture()])
+
+        def embed_batch(b0: int, b1: int) -> torch.Tensor:
+            try:
+                self.skeleton(input_ids=segments[b0:b1], use_cache=False)
+            except _Captured as c:
+                return c.hidden
+            raise RuntimeError("the model's forward did not reach its first block")
         try:
-            for b0 in range(0, segments.shape[0], batch_size):
-                try:
-                    self.skeleton(input_ids=segments[b0:b0 + batch_size], use_cache=False)
-                except _Captured as c:
-                    out.write(b0, c.hidden)
-                else:
-                    raise RuntimeError("the model's forward did not reach its first block")
+            for b0, values in computed_batches(segments.shape[0], batch_size, embed_batch, out, shared):
+                out.write(b0, values)
         finally:
             inner.embed_tokens, inner.layers = embed, layers
 
@@ -218,7 +221,31 @@ class BlockSource:
 
 @torch.no_grad()
 def run_block(block: SPDDecoderLayer, rotary: nn.Module, inputs: ActivationStore, out: ActivationStore,
-               batch_size: int) -> None:
-    for b0 in range(0, len(inputs), batch_size):
-        x = inputs.read(b0, min(b0 + batch_size, len(inputs)))
-        out.write(b0, block(x, **attention_kwargs(rotary, x, block)))
+               batch_size: int, shared: bool = False) -> None:
+    """``out`` = ``block`` applied to ``inputs``, batch by batch (``shared``: see :func:`computed_batches`)."""
+    def apply(b0: int, b1: int) -> torch.Tensor:
+        x = inputs.read(b0, b1)
+        return block(x, **attention_kwargs(rotary, x, block))
+    for b0, values in computed_batches(len(inputs), batch_size, apply, out, shared):
+        out.write(b0, values)
+
+
+def computed_batches(n: int, batch_size: int, compute: Callable[[int, int], torch.Tensor], like: ActivationStore,
+                     shared: bool):
+    """(start, values) of every batch of ``n`` segments. With ``shared`` under a data-parallel launcher, where
+    every rank needs every segment's activations (distillation samples all of them), batch k is computed by
+    rank k mod world only and broadcast as raw bytes, so the work is split and every rank holds the very same
+    values; otherwise this rank computes every batch."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if shared and dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    for k, b0 in enumerate(range(0, n, batch_size)):
+        b1 = min(b0 + batch_size, n)
+        if world == 1:
+            yield b0, compute(b0, b1)
+            continue
+        owner = k % world
+        values = (compute(b0, b1).detach().to("cpu", like.dtype).contiguous() if rank == owner else
+                  torch.empty((b1 - b0, *like.shape[1:]), dtype=like.dtype))
+        dist.broadcast(values.view(torch.uint8), src=owner)
+        yield b0, values
