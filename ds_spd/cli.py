@@ -208,9 +208,11 @@ def cmd_scan(args) -> None:
     from ds_spd.stages.scan import scan_to_plan
     cfg = config_from_args(args)
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
-    spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration")
+    in_memory = args.in_memory or args.no_cache
+    spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration",
+                       read_weights=not in_memory)
     runner = None
-    if args.in_memory or args.no_cache:
+    if in_memory:
         runner = build_runner(spec, data_parallel=True)
         plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank())
     else:
@@ -284,7 +286,7 @@ def cmd_bench(args) -> None:
     cfg = config_from_args(args)
     order = ranking(load_plan(cfg.plan)) if cfg.plan else None
     check_output_dir(args.out, "bench output", names=bench.OUTPUT_FILES)
-    spec = resolve_run(cfg.updated(plan=None, spd_blocks=None))
+    spec = resolve_run(cfg.updated(plan=None, spd_blocks=None), read_weights=False)   # bench loads the full model
     settings = bench.BenchSettings(fractions=tuple(float(f) for f in args.fractions.split(",")),
                                    comm_paths=tuple(args.comm_paths.split(",")), prefill_len=args.prefill_len,
                                    decode_batches=tuple(int(b) for b in args.decode_batches.split(",")),

@@ -35,7 +35,7 @@ class RunSpec:
     checkpoint: CheckpointInfo | None
     virtual: bool          # one process holds every shard (virtual TP) or one rank one shard (real TP)
     world: int             # ranks started (data-parallel ranks of a virtual run, TP ranks of a real one)
-    weights: Any = None    # real TP, sharded load: the safetensors files (ds_spd.models.sharded.WeightFiles)
+    weights: Any = None    # stages that read weights from files: ds_spd.models.sharded.WeightFiles
 
     @property
     def tp_size(self) -> int:
@@ -47,12 +47,15 @@ class RunSpec:
 
 
 def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel: bool = False,
-                data_section: str | None = None, model_config=None) -> RunSpec:
+                data_section: str | None = None, model_config=None, read_weights: bool | None = None) -> RunSpec:
     """Resolve and check a run once. ``virtual_tp``: one process simulates that tp size (``data_parallel``
     lets every rank of a launcher do so on its share of the data); ``data_section``: the data config the
-    command reads (checked before the model); ``model_config``: an HF config already in hand (Python API)."""
+    command reads (checked before the model); ``model_config``: an HF config already in hand (Python API);
+    ``read_weights``: the stage reads the weights from the safetensors files (their headers are checked
+    here; default: a real-TP run with sharded loading whose model is not in hand)."""
     world = world_size()
-    model_in_hand = model_config is not None   # the Python API: the caller has the model (or builds it on meta)
+    if read_weights is None:   # with model_config given (Python API) the caller has the model
+        read_weights = virtual_tp is None and cfg.load == "sharded" and model_config is None
     if virtual_tp is not None:
         if world > 1 and not data_parallel:
             raise LaunchError(f"--virtual-tp runs in one process, but {world} ranks were started: "
@@ -81,10 +84,9 @@ def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel:
         blocks = cfg.spd_blocks or ()
     blocks = check_spd_blocks(blocks, model_config.num_hidden_layers)
     weights = None
-    if virtual_tp is None and cfg.load == "sharded" and not model_in_hand:
-        from ds_spd.models.loading import local_model_dir
-        from ds_spd.models.sharded import weight_files
-        weights = weight_files(local_model_dir(cfg.model))   # headers only: missing shards fail here
+    if read_weights:
+        from ds_spd.models.sharded import model_weight_files
+        weights = model_weight_files(cfg.model)   # headers only: missing shards fail here
     return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world, weights)
 
 
@@ -139,7 +141,7 @@ def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
     if data_parallel:
         init_data_parallel()
     start = time.perf_counter()
-    if spec.weights is not None:   # real TP, each rank reads its own slices
+    if spec.weights is not None and not spec.virtual:   # real TP, each rank reads its own slices
         from ds_spd.models.sharded import meta_model
         engine = init_inference(meta_model(spec.model_config, spec.config.torch_dtype), spec)
         model, tok = engine.module, load_tokenizer(spec.config.model)

@@ -134,8 +134,7 @@ def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
     on_meta = model_device(model).type == "meta"
     if on_meta:   # sharded loading: AutoTP shards the meta model, then each rank reads its own slices
         from ds_spd.models import sharded
-        from ds_spd.models.loading import local_model_dir
-        weights = spec.weights or sharded.weight_files(local_model_dir(cfg.model))
+        weights = spec.weights or sharded.model_weight_files(cfg.model)
         sharded.check_weight_files(model, weights)   # headers only, before anything is allocated
         materialising = sharded.materialising(model)
     else:

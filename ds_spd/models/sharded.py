@@ -82,6 +82,12 @@ def weight_files(model_dir: str) -> WeightFiles:
                     "safetensors weights only (load other formats with --load full)")
 
 
+def model_weight_files(name: str) -> WeightFiles:
+    """The safetensors files of a model (``default``, a local directory or a hub id), headers only."""
+    from ds_spd.models.loading import local_model_dir
+    return weight_files(local_model_dir(name))
+
+
 def source_name(name: str, stored: WeightFiles, tied: bool) -> str | None:
     """The stored tensor a model parameter is read from (``lm_head.weight`` of a tied model: the embedding)."""
     if name in stored:

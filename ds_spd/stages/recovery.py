@@ -51,7 +51,6 @@ class DistillRun:
     fingerprint: dict
     work_state: str          # "new", "resume" or "restart"
     use_accelerate: bool
-    weights: object = None   # layerwise: the model's safetensors files (ds_spd.models.sharded.WeightFiles)
 
     @property
     def cfg(self) -> SPDConfig:
@@ -72,7 +71,8 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     from ds_spd.run import resolve_run
     plan = load_plan(plan_path)
     cfg = cfg.updated(model=model or plan.model, tp_size=plan.tp_size, plan=None, spd_blocks=None, checkpoint=None)
-    spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration")
+    spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration",
+                       read_weights=cfg.distill.trainer == "layerwise")   # layer-wise reads blocks from files
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     d = cfg.calibration
     ds_config = deepspeed_config(config_path, cfg.distill.lr)
@@ -88,12 +88,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
                                   calibration=d, settings=settings.knobs(), ds_config=ds_config, ranks=world_size(),
                                   launcher="accelerate" if use_accelerate else "deepspeed")
-    weights = None
-    if settings.trainer == "layerwise":   # headers only: a missing shard or tensor fails before training
-        from ds_spd.models.loading import local_model_dir
-        from ds_spd.models.sharded import weight_files
-        weights = weight_files(local_model_dir(cfg.model))
-    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate, weights)
+    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
     if not run.complete:
         run.work_state = check_work_dir(work_dir, fingerprint, restart)
     return run
@@ -123,7 +118,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     segments = segments_for(d, tokenizer)
     if layerwise:
         from ds_spd.stages.layerwise import BlockSource, distill_layerwise
-        source = BlockSource.from_files(run.spec.model_config, run.weights, run.cfg.torch_dtype, run.plan.tp_size,
+        source = BlockSource.from_files(run.spec.model_config, run.spec.weights, run.cfg.torch_dtype, run.plan.tp_size,
                                         run.cfg.tp_grain_size)
         budget = run.settings.activation_budget_gb
         result = distill_layerwise(source, run.plan, segments, run.ds_config, run.settings, run.work_dir,

@@ -267,18 +267,17 @@ def plan_of_scan(cfg, model_config, result: ScanResult, world: int, how: dict):
 
 def streamed_scan_to_plan(spec, method: str, metric: str, budget_bytes: int | None, spill_dir: str,
                           last: int | None = None, progress: bool = True):
-    """The ``scan`` stage streamed from the model's safetensors files (nothing of the model loads whole)."""
+    """The ``scan`` stage streamed from the model's safetensors files (nothing of the model loads whole);
+    ``spec`` was resolved with ``read_weights=True``."""
     import sys
 
     from ds_spd.data import segments_for
-    from ds_spd.models.loading import load_tokenizer, local_model_dir
-    from ds_spd.models.sharded import weight_files
+    from ds_spd.models.loading import load_tokenizer
     from ds_spd.run import init_data_parallel
     from ds_spd.stages.streaming import BlockSource
     rank, world = init_data_parallel()
     cfg, d = spec.config, spec.config.calibration
-    source = BlockSource.from_files(spec.model_config, weight_files(local_model_dir(cfg.model)), cfg.torch_dtype,
-                                    cfg.tp_size, cfg.tp_grain_size)
+    source = BlockSource.from_files(spec.model_config, spec.weights, cfg.torch_dtype, cfg.tp_size, cfg.tp_grain_size)
     segments = segments_for(d, load_tokenizer(cfg.model), rank, world)
     if progress:
         print(f"scan: {method} / {metric}, streamed, virtual tp={cfg.tp_size}, {segments.shape[0]} x {d.seq_len} "
