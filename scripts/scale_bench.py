@@ -228,6 +228,8 @@ def main() -> None:
     if args.render:
         with open(args.render) as f:
             return render(json.load(f), args.out)
+    if not args.models:
+        p.error("--models is required (unless --render)")
     cap = MemoryCap(f"ds_spd_scale_{os.getpid()}", int(args.cap_gb * GB))
     rows = []
     try:
