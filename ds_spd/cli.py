@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, SCAN_METHODS,
-                            SCAN_METRICS)
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES,
+                            SCAN_METHODS, SCAN_METRICS)
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -131,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "joint: every trained block of the loaded model in one engine (same weights)")
     di.add_argument("--activation-budget", type=float, metavar="GB", dest="activation_budget_gb",
                     help="layerwise: activations kept in RAM per rank; the rest go to files in the work dir")
+    di.add_argument("--schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine: warm-up, then decay to 0)")
+    di.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up")
+    di.add_argument("--val-segments", type=int,
+                    help="calibration segments held out: each block keeps its epoch with the lowest MSE on them")
+    di.add_argument("--patience", type=int, help="stop a block after this many epochs without improving")
+    di.add_argument("--kl-epochs", type=int,
+                    help="end-to-end stage after B2B: epochs of KL to the TP model's next-token distribution")
+    di.add_argument("--kl-lr", type=float, help="learning rate of the end-to-end stage")
     di.add_argument("--restart", action="store_true",
                     help="discard the work dir's training state (of another run) and start over")
     be = sub.add_parser("bench", help="latency: DeepSpeed AutoTP vs ds_spd at SPD fractions, shm and gloo paths")
@@ -212,7 +220,14 @@ def cmd_scan(args) -> None:
     spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration",
                        read_weights=not in_memory)
     runner = None
-    if in_memory:
+    if args.checkpoint is not None:   # distill-aware: each block alone with its distilled weights (in memory)
+        from ds_spd.stages.scan import distilled_scan_to_plan
+        spec = resolve_run(cfg.updated(checkpoint=None), virtual_tp=args.virtual_tp or cfg.tp_size,
+                           data_parallel=True, data_section="calibration", read_weights=False)
+        states = _distilled_states(args.checkpoint, spec)
+        runner = build_runner(spec, data_parallel=True)
+        plan, result = distilled_scan_to_plan(runner, states, args.checkpoint, args.metric, progress=is_main_rank())
+    elif in_memory:
         runner = build_runner(spec, data_parallel=True)
         plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank())
     else:
@@ -230,6 +245,15 @@ def cmd_scan(args) -> None:
                    "streamed": runner is None, **result.extra}, runner)
 
 
+def _distilled_states(checkpoint: str | None, spec) -> dict | None:
+    """The distilled weights of a checkpoint made for this run's model, tp size and grain (checked first)."""
+    if checkpoint is None:
+        return None
+    from ds_spd.checkpoint import open_checkpoint, read_block_states
+    open_checkpoint(checkpoint, spec.model_config, spec.tp_size, spec.config.tp_grain_size)
+    return read_block_states(checkpoint)
+
+
 def cmd_plan(args) -> None:
     from ds_spd.plan import load_plan
     from ds_spd.stages.planner import perplexity_measure, select
@@ -241,8 +265,10 @@ def cmd_plan(args) -> None:
     if args.max_ppl_increase is not None:
         from ds_spd.run import build_runner, resolve_run
         args.split = args.split or "validation"   # validated on text the scan did not calibrate on
+        checkpoint, args.checkpoint = args.checkpoint, None   # read here, not loaded into the model
         cfg = config_from_args(args).updated(model=args.model or plan.model, plan=None)
-        measure = perplexity_measure(build_runner(resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")))
+        spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")
+        measure = perplexity_measure(build_runner(spec), _distilled_states(checkpoint, spec))
     new = select(plan, count=args.spd_count, fraction=args.spd_fraction, thresholds=args.thresholds,
                  max_increase=args.max_ppl_increase, measure=measure)
     new.save(out)
@@ -261,7 +287,10 @@ def cmd_distill(args) -> None:
     from ds_spd.stages import recovery
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
                               ("out", args.out), ("work_dir", args.work_dir), ("trainer", args.trainer),
-                              ("activation_budget_gb", args.activation_budget_gb)) if v is not None}
+                              ("activation_budget_gb", args.activation_budget_gb), ("schedule", args.schedule),
+                              ("warmup", args.warmup), ("val_segments", args.val_segments),
+                              ("patience", args.patience), ("kl_epochs", args.kl_epochs), ("kl_lr", args.kl_lr))
+            if v is not None}
     cfg = config_from_args(args)
     cfg = cfg.updated(distill={**cfg.distill.model_dump(), **over})
     run = recovery.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
@@ -308,10 +337,9 @@ _VIRTUAL_LOAD = "it runs virtual TP in one process, which loads the whole model 
 #: Flags a command accepts through the shared argument groups but cannot honour: refused, never ignored.
 NOT_APPLICABLE = {
     "scan": {"plan": "scan measures every block and writes a plan (see --out)",
-             "spd_blocks": "scan measures every block", "checkpoint": "scan measures the original model's blocks",
-             "load": _VIRTUAL_LOAD},
+             "spd_blocks": "scan measures every block", "load": _VIRTUAL_LOAD},
     "plan": {"spd_blocks": "plan chooses the blocks (--spd-count, --spd-fraction, --max-ppl-increase)",
-             "checkpoint": "plan reads a scanned plan (--plan)", "virtual_tp": "plan uses the plan's tp size",
+             "virtual_tp": "plan uses the plan's tp size",
              "tp_size": "plan uses the plan's tp size", "load": _VIRTUAL_LOAD},
     "distill": {"spd_blocks": "distill trains the plan's SB/ESB blocks", "checkpoint": "distill writes one (--out)",
                 "virtual_tp": "distill simulates the plan's tp size", "tp_size": "distill uses the plan's tp size",
@@ -335,12 +363,17 @@ def refuse_not_applicable(args) -> None:
             raise SPDInputError(why)
     if args.command == "plan" and args.max_ppl_increase is None:   # no model or data without a budget to validate
         unused = [f"--{k.replace('_', '-')}" for k in ("model", "dtype", "text", "dataset", "split", "seq_len",
-                                                      "max_samples", "batch_size", "seed", "config")
+                                                      "max_samples", "batch_size", "seed", "config", "checkpoint")
                   if getattr(args, k, None) is not None]
         if unused:
             raise SPDInputError(f"{', '.join(unused)}: only used to validate a budget (--max-ppl-increase)")
     if getattr(args, "load", None) is not None and getattr(args, "virtual_tp", None) is not None:
         raise SPDInputError(f"--load does not apply with --virtual-tp: {_VIRTUAL_LOAD.replace('it runs', 'that is')}")
+    if args.command == "scan" and args.checkpoint is not None:
+        for flag in ("method", "no_cache", "in_memory", "activation_budget_gb", "last"):
+            if getattr(args, flag) not in (None, False, SCAN_METHODS[0]):
+                raise SPDInputError(f"--{flag.replace('_gb', '').replace('_', '-')} does not apply with --checkpoint: "
+                                    "the distill-aware scan measures each block alone, in memory")
     if args.command == "scan" and (args.in_memory or args.no_cache):
         for flag in ("activation_budget_gb", "last"):
             if getattr(args, flag) is not None:

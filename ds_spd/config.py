@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds_spd.choices import COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES
+from ds_spd.choices import COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES
 from ds_spd.errors import ConfigError
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -28,7 +28,8 @@ class DataConfig(_Strict):
     """Evaluation / calibration text: local files, a shipped corpus, or a hub dataset."""
 
     text: Optional[list[str]] = Field(None, description="local text files, read with datasets' 'text' loader")
-    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare) or hub name[:config]")
+    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare), hub name[:config], or a "
+                         "mixture of them with equal shares (pydoc+shakespeare)")
     split: str = "test"
     seq_len: int = Field(256, ge=2)
     max_samples: int = Field(8, ge=1)
@@ -62,6 +63,16 @@ class DistillConfig(_Strict):
     activation_budget_gb: Optional[float] = Field(None, ge=0, description="layerwise: activations kept in RAM per "
                                                   "rank (GiB); more go to files in the work dir (default: a quarter "
                                                   "of the available memory, shared by the host's ranks)")
+    schedule: str = Field("constant", description=f"learning-rate schedule, one of {LR_SCHEDULES}")
+    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps with a linear learning-rate warm-up")
+    val_segments: int = Field(0, ge=0, description="calibration segments held out of training: each block keeps "
+                              "the weights of its epoch with the lowest MSE on them (0: the last epoch's)")
+    patience: Optional[int] = Field(None, ge=1, description="stop a block after this many epochs without a lower "
+                                    "held-out MSE (needs val_segments)")
+    kl_epochs: int = Field(0, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "
+                           "model's next-token distribution to the TP model's), training only the distilled blocks; "
+                           "needs the whole model in one process")
+    kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
 
     @field_validator("input_source")
     @classmethod
@@ -73,10 +84,17 @@ class DistillConfig(_Strict):
     def _trainer(cls, v: str) -> str:
         return _one_of(v, DISTILL_TRAINERS)
 
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        return _one_of(v, LR_SCHEDULES)
+
     @model_validator(mode="after")
     def _budget_needs_layerwise(self):
         if self.activation_budget_gb is not None and self.trainer != "layerwise":
             raise ValueError("activation_budget_gb applies to the layerwise trainer only")
+        if self.patience is not None and not self.val_segments:
+            raise ValueError("patience needs held-out segments (val_segments > 0) to measure improvement on")
         return self
 
 

@@ -97,8 +97,20 @@ def check_text_file(path: str) -> None:
         raise DataError(f"text file {path!r} is empty (no text to tokenize)")
 
 
+def mixture(dataset: str) -> list[str]:
+    """The datasets of a mixture ``"a+b"`` (equal shares of segments from each), or ``[dataset]``."""
+    parts = [p.strip() for p in dataset.split("+")]
+    if any(not p for p in parts):
+        raise ConfigError(f"bad dataset mixture {dataset!r}: write e.g. pydoc+shakespeare")
+    return parts
+
+
 def check_data_source(text_files: Sequence[str] | None, dataset: str, split: str) -> None:
     """Before any model is loaded: local files readable, a shipped corpus's split valid, a hub dataset reachable."""
+    if not text_files and len(mixture(dataset)) > 1:
+        for part in mixture(dataset):
+            check_data_source(None, part, split)
+        return
     if text_files:
         for path in text_files:
             check_text_file(path)
@@ -136,8 +148,17 @@ def segments_for(data, tokenizer, rank: int = 0, world: int = 1) -> torch.Tensor
 
     The one place commands turn a data config into segments, so ``seed`` means the same everywhere.
     """
-    lines = load_texts(data.text, data.dataset, data.split)
-    return token_segments(lines, tokenizer, data.seq_len, data.max_samples, data.seed)[rank::world]
+    parts = [None] if data.text else mixture(data.dataset)
+    if len(parts) == 1:
+        lines = load_texts(data.text, data.dataset, data.split)
+        return token_segments(lines, tokenizer, data.seq_len, data.max_samples, data.seed)[rank::world]
+    # a mixture: equal shares (the first ones one more), interleaved so that any tail of the segments
+    # (held-out segments of distillation) draws on every dataset
+    shares = [data.max_samples // len(parts) + (k < data.max_samples % len(parts)) for k in range(len(parts))]
+    each = [token_segments(load_texts(None, name, data.split), tokenizer, data.seq_len, n, data.seed)
+            for name, n in zip(parts, shares)]
+    order = sorted(((j, k) for k, seg in enumerate(each) for j in range(seg.shape[0])))
+    return torch.stack([each[k][j] for j, k in order])[rank::world]
 
 
 def token_segments(lines: Sequence[str], tokenizer, seq_len: int, max_samples: int,

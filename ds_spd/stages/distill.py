@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ds_spd.core.block import SPDDecoderLayer
@@ -145,13 +146,14 @@ class DistillResult:
     groupings: dict[int, HeadGrouping]
     history: list[dict] = field(default_factory=list)   # per epoch (all, resumed ones too): mean loss per block
     initial_mse: dict[int, float] = field(default_factory=dict)   # first micro-batch, before training (after HG)
-    final_mse: dict[int, float] = field(default_factory=dict)     # the same micro-batch, after training
+    final_mse: dict[int, float] = field(default_factory=dict)     # the same micro-batch, the returned weights
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
     zero_stage: int | None = None
     wall_seconds: float = 0.0     # layer-wise: the whole walk (activations and block reads included)
     spilled_bytes: int = 0        # layer-wise: activations that went to files (over the budget)
+    best_epoch: dict[int, int] = field(default_factory=dict)     # with held-out segments: the epoch kept
 
 
 def _peak_memory() -> int:
@@ -164,9 +166,15 @@ def _peak_memory() -> int:
 class _Trainer:
     """DeepSpeed engine or accelerate (with its DeepSpeed plugin) behind the same four calls."""
 
-    def __init__(self, distiller: BlockDistiller, ds_config: dict, settings: DistillSettings, use_accelerate: bool):
+    def __init__(self, distiller: nn.Module, ds_config: dict, settings: DistillSettings, use_accelerate: bool,
+                 total_steps: int = 0):
         self.use_accelerate = use_accelerate
+        self.scheduler = None
         params = [p for p in distiller.parameters() if p.requires_grad]
+        lr = settings.lr
+        optimizer = ds_config.get("optimizer", {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}})
+        ds_config = {**ds_config, "optimizer": {**optimizer, "params": {**optimizer.get("params", {}), "lr": lr}}}
+        schedule = lr_schedule(settings, total_steps)
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
         # such parameters on access (declaring SPDDecoderLayer a z3 leaf module broke the backward pass).
         from ds_spd.core.comm import backend, init_comm, prepare_dist_env, release_shm_buffer
@@ -179,8 +187,11 @@ class _Trainer:
             if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.micro_batch
             self.zero_stage = None if plugin is None else plugin.zero_stage
-            optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
             self.model, self.optimizer = self.acc.prepare(distiller, optimizer)
+            if schedule is not None:   # stepped here once per step (a prepared one steps once per process)
+                self.scheduler = schedule(self.optimizer)
+                self.acc.register_for_checkpointing(self.scheduler)
             release_shm_buffer()
             self.rank, self.world = self.acc.process_index, self.acc.num_processes
         else:
@@ -188,16 +199,18 @@ class _Trainer:
 
             init_comm()
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=distiller, model_parameters=params,
-                                                                    config=ds_config)
+                                                                    config=ds_config, lr_scheduler=schedule)
             self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
             self.zero_stage = self.model.zero_optimization_stage()
         self.device = model_device(distiller)
 
-    def step(self, inputs, targets):
-        loss, per_block = self.model(inputs, targets)
+    def step(self, *batch):
+        loss, per_block = self.model(*batch)
         if self.use_accelerate:
             self.acc.backward(loss)
             self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
             self.optimizer.zero_grad()
         else:
             self.model.backward(loss)
@@ -205,9 +218,17 @@ class _Trainer:
         return per_block
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-block MSE of the trained students (the engine's own forward: ZeRO-3 gathers what it needs)."""
-        return self.model(inputs.to(self.device), targets.to(self.device))[1].float().cpu()
+    def evaluate(self, *batch: torch.Tensor) -> torch.Tensor:
+        """Per-block loss of the trained students (the engine's own forward: ZeRO-3 gathers what it needs)."""
+        return self.model(*(t.to(self.device) for t in batch))[1].float().cpu()
+
+    def validate(self, data: Dataset, micro_batch: int) -> list[float]:
+        """Mean per-block loss over ``data`` (every rank the same: all of it), in micro-batches."""
+        total, count = 0, 0
+        for batch in DataLoader(data, batch_size=micro_batch):
+            total = total + self.evaluate(*batch) * batch[0].shape[0]
+            count += batch[0].shape[0]
+        return (total / count).tolist()
 
     def save(self, directory: str, epoch: int, client: dict) -> None:
         tag = f"epoch{epoch}"
@@ -235,14 +256,85 @@ class _Trainer:
         _, client = self.model.load_checkpoint(directory)
         return client
 
-    def gathered_state(self, distiller: BlockDistiller) -> dict[int, dict[str, torch.Tensor]]:
-        """Full (unpartitioned) student weights, by block index."""
+    def gathered_state(self, distiller: nn.Module = None) -> dict[int, dict[str, torch.Tensor]]:
+        """Full (unpartitioned) student weights, by block index (the module's ``indices`` and ``blocks``)."""
         import deepspeed
         module = self.model.module if hasattr(self.model, "module") else self.model
         params = list(module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
             return {i: {k: v.detach().float().cpu().clone() for k, v in block.state_dict().items()}
                     for i, block in zip(module.indices, module.blocks)}
+
+
+def steps_per_epoch(n_items: int, world: int, micro_batch: int) -> int:
+    """Optimizer steps in one epoch of ``n_items`` split by a DistributedSampler (which pads to equal shares)."""
+    return math.ceil(math.ceil(n_items / world) / micro_batch)
+
+
+def lr_schedule(settings: DistillSettings, total_steps: int):
+    """A callable optimizer -> LambdaLR (DeepSpeed's client scheduler form), or None for a flat rate with no
+    warm-up (then a ``scheduler`` of the DeepSpeed config, if any, applies). Cosine decays to 0 at the last
+    step of the asked epochs; early stopping does not shorten it."""
+    warm = int(settings.warmup * total_steps)
+    if settings.schedule == "constant" and warm == 0:
+        return None
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if settings.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class BestEpochs:
+    """Per block, the epoch with the lowest held-out loss so far, that loss and the weights then (early
+    stopping / epoch choice on validation). Saved next to the training state, so a resumed run keeps them."""
+
+    FILES = ("best.safetensors", "best.json")
+
+    def __init__(self, blocks: list[int], patience: int | None):
+        self.blocks, self.patience = list(blocks), patience
+        self.loss: dict[int, float] = {}
+        self.epoch: dict[int, int] = {}
+        self.state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def update(self, epoch: int, losses: list[float], states: Callable[[], dict[int, dict]]) -> list[int]:
+        """Record one epoch's held-out losses; snapshot the improved blocks' weights. Returns those blocks."""
+        better = [i for i, v in zip(self.blocks, losses) if i not in self.loss or v < self.loss[i]]
+        if better:
+            now = states()
+            for i in better:
+                self.loss[i], self.epoch[i], self.state[i] = losses[self.blocks.index(i)], epoch, now[i]
+        return better
+
+    def exhausted(self, epoch: int) -> bool:
+        """Every block went ``patience`` epochs without improving."""
+        return self.patience is not None and all(epoch - self.epoch.get(i, 0) >= self.patience for i in self.blocks)
+
+    def save(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        from ds_spd.outputs import write_atomic
+        os.makedirs(directory, exist_ok=True)
+        tensors = {f"{i}/{k}": v.contiguous() for i, st in self.state.items() for k, v in st.items()}
+        write_atomic(os.path.join(directory, self.FILES[0]), lambda tmp: save_file(tensors, tmp))
+        write_atomic(os.path.join(directory, self.FILES[1]),
+                     json.dumps({"loss": self.loss, "epoch": self.epoch}))
+
+    def load(self, directory: str) -> None:
+        weights, meta = (os.path.join(directory, f) for f in self.FILES)
+        if not os.path.isfile(meta):
+            return
+        from safetensors.torch import load_file
+        with open(meta) as f:
+            info = json.load(f)
+        self.loss = {int(k): v for k, v in info["loss"].items()}
+        self.epoch = {int(k): v for k, v in info["epoch"].items()}
+        for name, t in load_file(weights).items():
+            i, _, k = name.partition("/")
+            self.state.setdefault(int(i), {})[k] = t
 
 
 def check_epochs(trained: int, asked: int, work_dir: str) -> None:
@@ -252,26 +344,48 @@ def check_epochs(trained: int, asked: int, work_dir: str) -> None:
 
 
 def run_epochs(trainer: _Trainer, pairs: Dataset, settings: DistillSettings, start_epoch: int, desc: str,
-               progress: bool, end_of_epoch: Callable[[int, list[float]], None]) -> tuple[int, float]:
-    """The training loop of both trainers: epochs ``start_epoch+1..`` over ``pairs`` split by a seeded
+               progress: bool, end_of_epoch: Callable[[int, list[float], list[float] | None], None],
+               tokens_per_item: int, held_out: Dataset | None = None, best: BestEpochs | None = None
+               ) -> tuple[int, float]:
+    """The training loop of every trainer: epochs ``start_epoch+1..`` over ``pairs`` split by a seeded
     DistributedSampler (so every trainer sees the same micro-batches in the same order); after each epoch
-    ``end_of_epoch(epoch, mean loss per block)``. Returns (tokens stepped, seconds)."""
+    the held-out loss (if ``held_out``) goes to ``best``, then ``end_of_epoch(epoch, mean training loss per
+    block, held-out loss per block or None)``; stops early once ``best`` is exhausted. Returns (tokens
+    stepped, seconds)."""
     sampler = DistributedSampler(pairs, num_replicas=trainer.world, rank=trainer.rank, shuffle=True,
                                  seed=settings.seed)
     loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
     tokens, start = 0, time.perf_counter()
     for epoch in range(start_epoch, settings.epochs):
+        if best is not None and best.exhausted(epoch):
+            break
         sampler.set_epoch(epoch)
         total, count = 0, 0
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{settings.epochs}", disable=not progress, leave=False)
-        for inputs, targets in bar:
-            per_block = trainer.step(inputs.to(trainer.device), targets.to(trainer.device))
+        for batch in bar:
+            per_block = trainer.step(*(t.to(trainer.device) for t in batch))
             total = total + per_block.float().cpu()
             count += 1
-            tokens += inputs.shape[0] * inputs.shape[2]
+            tokens += batch[0].shape[0] * tokens_per_item
             bar.set_postfix(loss=f"{per_block.sum().item():.3g}")
-        end_of_epoch(epoch + 1, (total / max(count, 1)).tolist())
+        val = None
+        if held_out is not None:
+            val = trainer.validate(held_out, settings.micro_batch)
+            if best is not None:
+                best.update(epoch + 1, val, trainer.gathered_state)
+        end_of_epoch(epoch + 1, (total / max(count, 1)).tolist(), val)
     return tokens, time.perf_counter() - start
+
+
+def split_held_out(pairs: Dataset, settings: DistillSettings) -> tuple[Dataset, Dataset | None]:
+    """(training items, held-out items): the last ``val_segments`` calibration segments are held out."""
+    n, v = len(pairs), settings.val_segments
+    if not v:
+        return pairs, None
+    if v >= n:
+        raise PlanError(f"val_segments {v} leaves no calibration segment to train on (there are {n}): "
+                        "raise --max-samples or lower val_segments")
+    return Subset(pairs, range(n - v)), Subset(pairs, range(n - v, n))
 
 
 def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
@@ -288,10 +402,13 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     first = (pairs.inputs[:, :mb].transpose(0, 1), pairs.targets[:, :mb].transpose(0, 1))
     with torch.no_grad():
         _, initial = distiller(first[0].to(model_device(model)), first[1].to(model_device(model)))
-    trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
+    train, held_out = split_held_out(pairs, settings)
+    trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
+                       settings.epochs * steps_per_epoch(len(train), _world(), settings.micro_batch))
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), list(g.mlp_slices)] for i, g in groupings.items()}}
     start_epoch, history = 0, []
+    best = BestEpochs(blocks, settings.patience) if held_out is not None else None
     if checkpoint_dir:  # the work dir's fingerprint was checked before (ds_spd.workdir): only then is it loaded
         found = trainer.load(checkpoint_dir)
         if found is not None:
@@ -300,20 +417,52 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
                 raise PlanError(f"training checkpoint {checkpoint_dir!r} is for another run ({', '.join(mismatch)} "
                                 "differ): use another --work-dir, or --restart")
             start_epoch = found["epoch"]
-            history = [{"epoch": h["epoch"], "loss": {int(k): v for k, v in h["loss"].items()}}
-                       for h in found.get("history", [])]
+            history = [{**h, "loss": {int(k): v for k, v in h["loss"].items()}} for h in found.get("history", [])]
             check_epochs(start_epoch, settings.epochs, checkpoint_dir)
+            if best is not None:
+                best.load(checkpoint_dir)
             if progress:
                 print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} ({checkpoint_dir})",
                       file=sys.stderr, flush=True)
 
-    def end_of_epoch(epoch: int, mean: list[float]) -> None:
-        history.append({"epoch": epoch, "loss": dict(zip(blocks, mean))})
+    def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
+        history.append({"epoch": epoch, "loss": dict(zip(blocks, mean)),
+                        **({"val": dict(zip(blocks, val))} if val is not None else {})})
         if checkpoint_dir:
+            if best is not None and _is_main():
+                best.save(checkpoint_dir)
             trainer.save(checkpoint_dir, epoch, {**client, "history": history})
-    tokens, seconds = run_epochs(trainer, pairs, settings, start_epoch, "distill", progress, end_of_epoch)
-    final = trainer.evaluate(*first)
-    states = trainer.gathered_state(distiller)
+    tokens, seconds = run_epochs(trainer, train, settings, start_epoch, "distill", progress, end_of_epoch,
+                                 pairs.inputs.shape[2], held_out, best)
+    states = best.state if best is not None else trainer.gathered_state()
+    layers = decoder_layers(model)
+    final = block_mse({i: layers[i] for i in blocks}, states, model.model.rotary_emb, *first)
     return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())),
                          dict(zip(blocks, final.tolist())), seconds,
-                         tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage)
+                         tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage,
+                         best_epoch=dict(best.epoch) if best is not None else {})
+
+
+def _world() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def block_mse(templates: dict[int, nn.Module], states: dict[int, dict[str, torch.Tensor]], rotary: nn.Module,
+              inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-block MSE of the weights ``states`` (loaded into SPD copies of ``templates``) on ``inputs``
+    ``[B, n_blocks, T, d]``: the plain forward, outside any engine, as initial_mse is measured."""
+    copies = {}
+    for i, template in templates.items():
+        block = copy.deepcopy(template)
+        block.load_state_dict(states[i])
+        block.spd = True
+        copies[i] = block
+    device = model_device(next(iter(copies.values())))
+    return BlockDistiller(copies, rotary)(inputs.to(device), targets.to(device))[1].float().cpu()

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
-from ds_spd.stages.distill import (BlockDistiller, DistillResult, DistillSettings, _peak_memory, _Trainer,
-                                  check_epochs, run_epochs)
+from ds_spd.stages.distill import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, _peak_memory,
+                                  _Trainer, _world as trainer_world, block_mse, check_epochs, run_epochs,
+                                  split_held_out, steps_per_epoch)
 from ds_spd.stages.headgroup import HeadGrouping, find_grouping, permute_block
 from ds_spd.stages.streaming import (ActivationBudget, ActivationStore, ActivationStores, BlockSource,
                                      default_budget_bytes, run_block)
@@ -81,7 +82,8 @@ def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
     if info.get("client") != client:
         raise PlanError(f"finished block {i} in {work_dir!r} is from another run: use another --work-dir, or --restart")
     check_epochs(len(info["history"]), epochs, work_dir)
-    return (load_file(weights), info) if len(info["history"]) == epochs else None
+    finished = len(info["history"]) == epochs or info.get("stopped_early")
+    return (load_file(weights), info) if finished else None
 
 
 def _save_done(work_dir: str, i: int, state: dict, info: dict) -> None:
@@ -105,32 +107,45 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
         permute_block(student, grouping, layout)
     distiller = BlockDistiller({i: student}, rotary)
     mb = min(settings.micro_batch, len(x))
+    first = (x.read(0, mb)[:, None], y.read(0, mb)[:, None])
     with torch.no_grad():
-        _, initial = distiller(x.read(0, mb)[:, None], y.read(0, mb)[:, None])
-    trainer = _Trainer(distiller, ds_config, settings, use_accelerate)
+        _, initial = distiller(*first)
+    train, held_out = split_held_out(_SegmentPairs(x, y), settings)
+    trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
+                       settings.epochs * steps_per_epoch(len(train), trainer_world(), settings.micro_batch))
     block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
-    start_epoch, history = 0, []
+    best = BestEpochs([i], settings.patience) if held_out is not None else None
+    start_epoch, history, val_history = 0, [], []
     if block_dir and os.path.isdir(block_dir):
         found = trainer.load(block_dir)
         if found is not None:
             if found.get("client") != client:
                 raise PlanError(f"training state of block {i} in {work_dir!r} is from another run: use another "
                                 "--work-dir, or --restart")
-            start_epoch, history = found["epoch"], found["history"]
+            start_epoch, history, val_history = found["epoch"], found["history"], found.get("val", [])
             check_epochs(start_epoch, settings.epochs, work_dir)
+            if best is not None:
+                best.load(block_dir)
             if progress:
                 print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} (block {i}, {block_dir})",
                       file=sys.stderr, flush=True)
 
-    def end_of_epoch(epoch: int, mean: list[float]) -> None:
+    def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
         history.append(mean[0])
+        if val is not None:
+            val_history.append(val[0])
         if block_dir:
-            trainer.save(block_dir, epoch, {"client": client, "history": history})
-    tokens, seconds = run_epochs(trainer, _SegmentPairs(x, y), settings, start_epoch, f"block {i}", progress,
-                                 end_of_epoch)
-    final = trainer.evaluate(x.read(0, mb)[:, None], y.read(0, mb)[:, None])
-    state = trainer.gathered_state(distiller)[i]
-    info = {"client": client, "history": history, "initial_mse": initial[0].item(), "final_mse": final[0].item(),
+            if best is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+                best.save(block_dir)
+            trainer.save(block_dir, epoch, {"client": client, "history": history, "val": val_history})
+    tokens, seconds = run_epochs(trainer, train, settings, start_epoch, f"block {i}", progress, end_of_epoch,
+                                 x.shape[1], held_out, best)
+    state = best.state[i] if best is not None else trainer.gathered_state()[i]
+    final = block_mse({i: teacher}, {i: state}, rotary, *first)
+    info = {"client": client, "history": history, "val_history": val_history,
+            "best_epoch": best.epoch[i] if best is not None else None,
+            "stopped_early": len(history) < settings.epochs,
+            "initial_mse": initial[0].item(), "final_mse": final[0].item(),
             "seconds": seconds,
             "tokens": tokens, "grouping": None if grouping is None else
             [list(map(list, grouping.groups)), list(grouping.mlp_slices), list(grouping.mlp_cols)],
@@ -203,7 +218,9 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
     train_seconds = sum(d["seconds"] for d in done.values())
     tokens = sum(d["tokens"] for d in done.values())
     epochs = max(len(d["history"]) for d in done.values())
-    history = [{"epoch": e + 1, "loss": {i: d["history"][e] for i, d in done.items() if e < len(d["history"])}}
+    history = [{"epoch": e + 1, "loss": {i: d["history"][e] for i, d in done.items() if e < len(d["history"])},
+                **({"val": {i: d["val_history"][e] for i, d in done.items() if e < len(d.get("val_history", []))}}
+                   if settings.val_segments else {})}
                for e in range(epochs)]
     groupings = {i: HeadGrouping(tuple(map(tuple, d["grouping"][0])), tuple(d["grouping"][1]), tuple(d["grouping"][2]))
                  for i, d in done.items() if d["grouping"] is not None}
@@ -211,4 +228,5 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                          {i: d["initial_mse"] for i, d in done.items()}, {i: d["final_mse"] for i, d in done.items()},
                          train_seconds,
                          tokens / max(train_seconds, 1e-9), _peak_memory(),
-                         next((d["zero_stage"] for d in done.values()), None), wall, budget.spilled_bytes)
+                         next((d["zero_stage"] for d in done.values()), None), wall, budget.spilled_bytes,
+                         {i: d["best_epoch"] for i, d in done.items() if d.get("best_epoch") is not None})

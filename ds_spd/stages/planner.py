@@ -13,9 +13,11 @@ costs more than 5% is an outlier: in the SmolLM2 tp-2 cumulative scan blocks 0, 
 and +5.3%); then:
 - ``count`` / ``fraction``: the N least sensitive blocks;
 - thresholds alone: every block with r <= t2 (all that B2B is expected to recover), no ESB;
-- ``max_increase`` (accuracy budget, e.g. 0.01 = +1% perplexity, zero-shot): the largest N whose predicted
-  increase (baseline + sum of the N sensitivities) is within budget, then *validated by evaluating* that
-  set and stepped down one block at a time until the measured increase is within budget too.
+- ``max_increase`` (accuracy budget, e.g. 0.01 = +1% perplexity): start at the largest N whose predicted
+  increase (baseline + sum of the N sensitivities) is within budget, then *validate by evaluating*: step
+  down one block at a time until the measured increase is within budget, then up while the next block
+  still fits. The measure is zero-shot SPD, or (``plan --checkpoint``) SPD with the checkpoint's distilled
+  weights: distillation in the loop, so the budget holds for the distilled model.
 """
 from __future__ import annotations
 
@@ -104,28 +106,39 @@ def _budget(plan: Plan, order: list[int], th, max_increase: float, measure) -> P
         predicted.append(total)
     k = max([j + 1 for j, p in enumerate(predicted) if p <= max_increase], default=0)
     base = measure([])           # on the validation data, which may differ from the calibration data
-    tried = []
-    while k > 0:
-        value = measure(order[:k])
-        tried.append({"spd_count": k, "predicted_increase": predicted[k - 1], "measured": value,
+    tried, fits, failed = [], {0: base}, set()
+
+    def attempt(j: int) -> bool:
+        value = measure(order[:j])
+        tried.append({"spd_count": j, "predicted_increase": predicted[j - 1], "measured": value,
                       "measured_increase": value / base - 1})
         if value <= base * (1 + max_increase):
-            break
+            fits[j] = value
+        else:
+            failed.add(j)
+        return j in fits
+    # from the predicted count down until a count fits, then up while the next count fits too (with
+    # distillation in the loop the measured increase is far below the zero-shot prediction)
+    while k > 0 and not attempt(k):
         k -= 1
-    measured = tried[-1]["measured"] if tried and k > 0 else base
+    while k < len(order) and k + 1 not in failed and attempt(k + 1):
+        k += 1
+    measured = fits[k]
     return _with_selection(plan, order[:k], th, {
         "rule": "max_increase", "max_increase": max_increase, "validation_baseline": base,
         "measured": measured, "measured_increase": measured / base - 1, "tried": tried})
 
 
-def perplexity_measure(runner) -> Callable[[list[int]], float]:
-    """``measure(blocks)`` for a budget: the runner's perplexity on its ``spd.data`` text with those blocks SPD."""
+def perplexity_measure(runner, states: dict | None = None) -> Callable[[list[int]], float]:
+    """``measure(blocks)`` for a budget: the runner's perplexity on its ``spd.data`` text with those blocks SPD,
+    carrying their distilled weights where ``states`` (a checkpoint's, ds_spd.checkpoint.read_block_states)
+    has them: distillation in the loop."""
+    from ds_spd.checkpoint import distilled_in
     from ds_spd.data import segments_for
     from ds_spd.tools.evaluation import evaluate_lm
-    from ds_spd.core.inject import set_spd_blocks
     segments = segments_for(runner.config.data, runner.tokenizer)
 
     def measure(blocks):
-        set_spd_blocks(runner.hf_model, blocks)
-        return evaluate_lm(runner.hf_model, segments, runner.config.data.batch_size, progress=False)["perplexity"]
+        with distilled_in(runner.hf_model, states or {}, blocks):
+            return evaluate_lm(runner.hf_model, segments, runner.config.data.batch_size, progress=False)["perplexity"]
     return measure

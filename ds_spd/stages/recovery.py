@@ -126,6 +126,17 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     else:
         result = distill(runner.hf_model, run.plan, segments, run.ds_config, run.settings, run.work_dir,
                          run.use_accelerate, progress=progress)
+    e2e = None
+    if run.settings.kl_epochs and result.block_states:   # end-to-end KL stage: the whole model, one process
+        from ds_spd.stages.e2e import kl_stage
+        if runner is None:
+            runner = build_runner(run.spec, data_parallel=True)
+        e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), segments, run.ds_config,
+                       run.settings, run.use_accelerate, progress)
+        result.block_states = e2e.pop("states")
+        if progress:
+            print(f"distill: end-to-end KL {e2e['initial_kl']:.4g} -> {e2e['final_kl']:.4g} "
+                  f"(epoch {e2e['best_epoch']} kept, {e2e['measured_on']})", file=sys.stderr)
     last_epoch = result.history[-1]["loss"] if result.history else {}
     final = result.final_mse
     if is_main_rank():
@@ -140,11 +151,12 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                       "launcher": "accelerate" if run.use_accelerate else "deepspeed", "ranks": world_size(),
                       "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
                       "initial_mse": result.initial_mse, "final_mse": final, "last_epoch_loss": last_epoch,
-                      "mse_measured_on": "the first calibration micro-batch, before and after training",
+                      "mse_measured_on": "the first calibration micro-batch, before and after B2B (before any end-to-end stage)",
                       "history": result.history,
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                       "peak_memory_bytes_rank0": result.peak_memory_bytes, "trainer": run.settings.trainer,
-                      "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes}
+                      "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes,
+                      "best_epoch": result.best_epoch, "kl_stage": e2e}
         save_checkpoint(run.out, plan, result.block_states, run.spec.model_config, provenance)
         if progress:
             for i in sorted(final):
@@ -156,4 +168,5 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
             "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
             "zero_stage": result.zero_stage, "trainer": run.settings.trainer, "wall_seconds": result.wall_seconds,
             "spilled_bytes": result.spilled_bytes, "model": run.cfg.model, "tp_size": run.plan.tp_size,
+            "best_epoch": result.best_epoch, "kl_stage": e2e,
             "runner": runner}

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
+from ds_spd.checkpoint import distilled_in
 from ds_spd.tools.evaluation import next_token_logprobs
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 
@@ -159,6 +160,30 @@ def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: 
 
 
 @torch.no_grad()
+@torch.no_grad()
+def scan_distilled(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], segments: torch.Tensor,
+                   batch_size: int = 4, metric: str = "ppl", progress: bool = True) -> ScanResult:
+    """Sensitivity of each block *after* distillation: the metric with block ``i`` alone in SPD form with its
+    distilled weights ``states[i]`` (blocks without weights: zero-shot), minus the TP model's. Block inputs
+    are cached from the original model, so block i's distilled weights act only in block i (isolated scan)."""
+    layers = decoder_layers(model)
+    start_time = time.perf_counter()
+    set_spd_blocks(model, [])
+    cache = BlockInputs.capture(model, segments, batch_size, keep_logprobs=metric == "kl", progress=progress)
+    baseline = score(model, segments, batch_size, metric, cache, 0)
+    n_layers = len(layers)
+    sensitivity, after = [0.0] * n_layers, []
+    order = list(range(n_layers - 1, -1, -1))
+    for i in tqdm(order, desc=f"scan (distilled, {metric})", disable=not progress):
+        with distilled_in(model, states, [i]):
+            value = score(model, segments, batch_size, metric, cache, i)
+        sensitivity[i] = value - baseline
+        after.append(value)
+    cost = 2.0 + sum((n_layers - i) / n_layers for i in order)
+    return ScanResult("isolated-distilled", metric, baseline, sensitivity, order, after,
+                      time.perf_counter() - start_time, cost, {"distilled_blocks": sorted(states)})
+
+
 def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: str = "cumulative",
                   metric: str = "ppl", budget_bytes: int | None = None, spill_dir: str | None = None,
                   last: int | None = None, progress: bool = True) -> ScanResult:
@@ -248,6 +273,19 @@ def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progr
               f"rank on {world} rank(s); activation cache {need / 2**30:.2f} GiB per rank", file=sys.stderr)
     result = scan(runner.hf_model, segments, d.batch_size, method, metric, use_cache=use_cache, progress=progress)
     return plan_of_scan(cfg, runner.hf_model.config, result, world, {"cached": use_cache}), result
+
+
+def distilled_scan_to_plan(runner, states: dict, checkpoint: str, metric: str, progress: bool = True):
+    """The distill-aware ``scan --checkpoint``: :func:`scan_distilled` on this rank's share of the calibration
+    segments, as a plan (no blocks chosen yet) whose ranking knows what distillation recovers."""
+    from ds_spd.data import segments_for
+    from ds_spd.run import init_data_parallel
+    rank, world = init_data_parallel()
+    d = runner.config.calibration
+    segments = segments_for(d, runner.tokenizer, rank, world)
+    result = scan_distilled(runner.hf_model, states, segments, d.batch_size, metric, progress)
+    return plan_of_scan(runner.config, runner.hf_model.config, result, world,
+                        {"cached": True, "checkpoint": checkpoint}), result
 
 
 def plan_of_scan(cfg, model_config, result: ScanResult, world: int, how: dict):

@@ -1,0 +1,99 @@
+"""End-to-end stage after B2B: the distilled blocks trained together on the model's own output.
+
+B2B fits each block to its teacher on the teacher's inputs, alone; the errors of 20 such blocks still add
+up along the residual stream. This stage trains only the distilled (SB / ESB) blocks, in their SPD form,
+to make the SPD model's next-token distribution match the TP model's: loss KL(p_TP || p_SPD) per token,
+on the calibration segments. The whole model is in one process (virtual TP): the TP model is the same
+model with the original blocks swapped back in and every block in TP form, so no second copy is held.
+Every other weight is frozen. Held-out segments (``val_segments``) choose the epoch, as in B2B.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ds_spd.core.inject import decoder_layers, set_spd_blocks
+from ds_spd.stages.distill import (BestEpochs, DistillSettings, _Trainer, _world, run_epochs, split_held_out,
+                                   steps_per_epoch)
+
+
+class EndToEndKL(nn.Module):
+    """Trainable: the students (SPD copies of the distilled blocks). ``forward(input_ids)`` returns the mean
+    per-token KL and, per student, that same value (each block's held-out objective is the joint one)."""
+
+    def __init__(self, model: nn.Module, students: dict[int, nn.Module], spd_blocks: tuple[int, ...]):
+        super().__init__()
+        self.indices = sorted(students)
+        self.blocks = nn.ModuleList([students[i] for i in self.indices])
+        self.spd_blocks = tuple(spd_blocks)
+        self._model = (model,)     # not a submodule: frozen, and not the engine's to partition or cast
+        layers = decoder_layers(model)
+        self._originals = {i: layers[i] for i in self.indices}
+
+    def _use(self, students: bool) -> None:
+        layers = decoder_layers(self._model[0])
+        for i, block in zip(self.indices, self.blocks):
+            layers[i] = block if students else self._originals[i]
+        set_spd_blocks(self._model[0], self.spd_blocks if students else ())
+
+    def forward(self, input_ids: torch.Tensor):
+        model = self._model[0]
+        try:
+            self._use(False)
+            with torch.no_grad():
+                target = F.log_softmax(model(input_ids=input_ids, use_cache=False).logits.float(), -1)
+            self._use(True)
+            logp = F.log_softmax(model(input_ids=input_ids, use_cache=False).logits.float(), -1)
+        finally:
+            self._use(False)
+        kl = F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
+        return kl, kl.detach().repeat(len(self.indices))
+
+
+def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_blocks: tuple[int, ...],
+             segments: torch.Tensor, ds_config: dict, settings: DistillSettings, use_accelerate: bool = False,
+             progress: bool = True) -> dict:
+    """Train the blocks of ``states`` (B2B results, loaded into SPD copies of ``model``'s blocks; ``model``
+    is a virtualized model with its original weights, left as it was) for ``settings.kl_epochs`` epochs at
+    ``settings.kl_lr``. Returns {"states", "history", "initial_kl", "final_kl", "best_epoch", "seconds"}:
+    KL measured on the held-out segments (else the first micro-batch), before and with the returned weights."""
+    kl_settings = settings.model_copy(update={"epochs": settings.kl_epochs, "lr": settings.kl_lr})
+    layers = decoder_layers(model)
+    requires = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    students = {}
+    for i, state in states.items():
+        student = copy.deepcopy(layers[i])
+        student.load_state_dict(state)
+        student.requires_grad_(True)
+        students[i] = student
+    module = EndToEndKL(model, students, spd_blocks)
+    data = TensorDataset(segments)
+    train, held_out = split_held_out(data, kl_settings)
+    probe = held_out if held_out is not None else TensorDataset(segments[:kl_settings.micro_batch])
+    start = time.perf_counter()
+    try:
+        trainer = _Trainer(module, ds_config, kl_settings, use_accelerate,
+                           kl_settings.epochs * steps_per_epoch(len(train), _world(), kl_settings.micro_batch))
+        initial = trainer.validate(probe, kl_settings.micro_batch)[0]
+        best = BestEpochs(module.indices, kl_settings.patience)
+        best.update(0, [initial] * len(module.indices), lambda: states)   # epoch 0: the B2B weights
+        history = []
+
+        def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
+            history.append({"epoch": epoch, "kl": mean[0], **({"val_kl": val[0]} if val is not None else {})})
+        run_epochs(trainer, train, kl_settings, 0, "end-to-end KL", progress, end_of_epoch, segments.shape[1],
+                   probe, best)
+        final = best.loss[module.indices[0]]
+        return {"states": best.state, "history": history, "initial_kl": initial, "final_kl": final,
+                "best_epoch": best.epoch[module.indices[0]], "seconds": time.perf_counter() - start,
+                "measured_on": "held-out calibration segments" if held_out is not None else
+                "the first calibration micro-batch"}
+    finally:
+        for p, r in requires.items():
+            p.requires_grad_(r)

@@ -1,0 +1,242 @@
+"""Recovery recipes on SmolLM2 (issue 12): which distillation recipe, block ranking and end-to-end stage
+recover the most perplexity, chosen on the *validation* splits and reported once on *test*.
+
+Every block is distilled once per recipe from the original model's inputs (so one run covers every count
+and ranking); a curve point loads the distilled weights of its N chosen blocks. Rankings: ``zero_shot``
+(the default scan: cumulative, on the first 16 calibration segments) and ``distilled`` (each distilled
+block alone in SPD form, ds_spd.stages.scan.scan_distilled, on the same segments). ``--kl N:EPOCHS:LR``
+adds the end-to-end KL stage (ds_spd.stages.e2e) on top of the recipe's blocks at count N.
+
+Everything is cached under --out (distilled weights per recipe, scans, KL weights, every evaluation), so a
+killed run resumes and a second call only adds what is new. Perplexities come with 95% bootstrap intervals
+over segments; paired ratios to the TP model are in the JSON.
+
+    OMP_NUM_THREADS=2 python scripts/recovery_recipes.py --tp 2 --recipes paper,readme --split validation
+    python scripts/recovery_recipes.py --tp 2 --render          # table + plot from what is cached
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ds_spd  # noqa: E402
+from ds_spd.config import DataConfig  # noqa: E402
+from ds_spd.core.inject import decoder_layers, set_spd_blocks  # noqa: E402
+from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE  # noqa: E402
+from ds_spd.data import segments_for  # noqa: E402
+from ds_spd.models.loading import load_model  # noqa: E402
+from ds_spd.plan import BlockEntry, Plan  # noqa: E402
+from ds_spd.stages.distill import DistillSettings  # noqa: E402
+from ds_spd.stages.recovery import deepspeed_config  # noqa: E402
+from ds_spd.tools.evaluation import evaluate_lm, paired_ratio_ci  # noqa: E402
+
+# B2B recipes. "paper": the CLI defaults before issue 12 (the paper's lr and epochs on 16 segments);
+# "readme": the settings the README recommended (chosen on the test split, joint-trainer era).
+RECIPES = {
+    "paper": dict(lr=5e-5, epochs=10, calibration="pydoc", samples=16),
+    "readme": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16),
+    "cos16": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=16, val_segments=4),
+    "cos64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64, val_segments=8),
+    "cos64hi": dict(lr=1e-3, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64,
+                    val_segments=8),
+    "mix64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=64,
+                  val_segments=8),
+    "mix128": dict(lr=3e-4, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=128,
+                   val_segments=16),
+    "shak64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="shakespeare", samples=64,
+                   val_segments=8),
+}
+SETTING_KEYS = ("lr", "epochs", "schedule", "warmup", "val_segments", "patience", "input_source")
+EVAL_SETS = {"pydoc": 35, "shakespeare": 32}   # segments of 256 tokens (pydoc validation holds 35, test 32)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Lab:
+    def __init__(self, args):
+        self.args, self.out = args, args.out
+        os.makedirs(os.path.join(self.out, "weights"), exist_ok=True)
+        self.model, self.tok = load_model("default")
+        ds_spd.virtualize(self.model, args.tp)
+        self.base = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.n_layers = len(decoder_layers(self.model))
+        self.results_path = os.path.join(self.out, "results.json")
+        self.results = json.load(open(self.results_path)) if os.path.isfile(self.results_path) else {}
+        self._eval_data = {}
+
+    def save(self):
+        tmp = self.results_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, indent=1)
+        os.replace(tmp, self.results_path)
+
+    def calibration(self, recipe: dict, n: int | None = None) -> torch.Tensor:
+        return segments_for(DataConfig(dataset=recipe["calibration"], split="train", max_samples=n or recipe["samples"],
+                                       seed=0), self.tok)
+
+    def eval_data(self, name: str, split: str) -> torch.Tensor:
+        key = (name, split)
+        if key not in self._eval_data:
+            self._eval_data[key] = segments_for(DataConfig(dataset=name, split=split, max_samples=EVAL_SETS[name],
+                                                           seed=0 if name == "shakespeare" else None), self.tok)
+        return self._eval_data[key]
+
+    # ------------------------------------------------------------------ distillation of every block
+    def distilled(self, name: str) -> dict[int, dict[str, torch.Tensor]]:
+        from safetensors.torch import load_file, save_file
+        path = os.path.join(self.out, "weights", f"{name}.safetensors")
+        if not os.path.isfile(path):
+            from ds_spd.stages.layerwise import distill_layerwise
+            from ds_spd.stages.streaming import BlockSource
+            recipe = RECIPES[name]
+            plan = Plan(model="default", fingerprint={}, tp_size=self.args.tp, tp_grain_size=DEFAULT_TP_GRAIN_SIZE,
+                        blocks=[BlockEntry(index=i, sensitivity=0.0, **{"class": "ESB"}) for i in range(self.n_layers)])
+            settings = DistillSettings(**{k: recipe[k] for k in SETTING_KEYS if k in recipe}, micro_batch=4, seed=0)
+            self.model.load_state_dict(self.base)
+            source = BlockSource.from_model(self.model, self.args.tp, DEFAULT_TP_GRAIN_SIZE)
+            t0 = time.perf_counter()
+            result = distill_layerwise(source, plan, self.calibration(recipe), deepspeed_config(None, settings.lr),
+                                       settings, os.path.join(self.out, "work", name), progress=True)
+            save_file({f"{i}/{k}": v.contiguous() for i, st in result.block_states.items() for k, v in st.items()},
+                      path)
+            self.results.setdefault("distill", {})[name] = {
+                "recipe": recipe, "wall_seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+                "cpu_minutes": resource.getrusage(resource.RUSAGE_SELF).ru_utime / 60,
+                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "best_epoch": result.best_epoch, "initial_mse": result.initial_mse, "final_mse": result.final_mse,
+                "history": result.history, "threads": torch.get_num_threads()}
+            self.save()
+        states = {}
+        for key, t in load_file(path).items():
+            i, _, k = key.partition("/")
+            states.setdefault(int(i), {})[k] = t
+        return states
+
+    # ------------------------------------------------------------------ rankings
+    def ranking(self, kind: str, recipe_name: str) -> list[int]:
+        recipe = RECIPES[recipe_name]
+        key = f"{kind}:{recipe['calibration']}" if kind == "zero_shot" else f"{kind}:{recipe_name}"
+        scans = self.results.setdefault("scans", {})
+        if key not in scans:
+            from ds_spd.stages.scan import scan, scan_distilled
+            self.model.load_state_dict(self.base)
+            segs = self.calibration(recipe, 16)
+            t0 = time.perf_counter()
+            if kind == "zero_shot":
+                res = scan(self.model, segs, 4, "cumulative", "ppl", progress=True)
+            else:
+                res = scan_distilled(self.model, self.distilled(recipe_name), segs, 4, progress=True)
+            scans[key] = {"sensitivity": res.sensitivity, "baseline": res.baseline,
+                          "seconds": time.perf_counter() - t0}
+            self.save()
+        sens = scans[key]["sensitivity"]
+        return sorted(range(self.n_layers), key=lambda i: (sens[i], i))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, key: str, blocks: list[int], states: dict, split: str) -> dict:
+        """Every eval set on ``split`` with ``blocks`` in SPD form carrying ``states``; cached by ``key``."""
+        evals = self.results.setdefault("evals", {})
+        out = {}
+        for name in EVAL_SETS:
+            k = f"{key}|{name}|{split}"
+            if k not in evals:
+                self.model.load_state_dict(self.base)
+                layers = decoder_layers(self.model)
+                for i in blocks:
+                    if i in states:
+                        layers[i].load_state_dict(states[i])
+                set_spd_blocks(self.model, blocks)
+                r = evaluate_lm(self.model, self.eval_data(name, split), 4, progress=False)
+                set_spd_blocks(self.model, [])
+                evals[k] = r
+                self.save()
+            out[name] = evals[k]
+        return out
+
+    def baseline(self, split: str) -> dict:
+        return self.evaluate("tp", [], {}, split)
+
+    def curve(self, recipe_name: str | None, ranking: str, counts: list[int], split: str):
+        rank_recipe = recipe_name or "paper"
+        order = self.ranking(ranking, rank_recipe)
+        states = self.distilled(recipe_name) if recipe_name else {}
+        for n in counts:
+            r = self.evaluate(f"{recipe_name or 'zero_shot'}|{ranking}|{n}", order[:n], states, split)
+            base = self.baseline(split)
+            log(f"{recipe_name or 'zero_shot'} {ranking} {n:2d} {split}: " + ", ".join(
+                f"{name} {100 * (r[name]['perplexity'] / base[name]['perplexity'] - 1):+.2f}%" for name in r))
+
+    def kl(self, recipe_name: str, ranking: str, n: int, epochs: int, lr: float, split: str, val_segments: int):
+        from ds_spd.stages.e2e import kl_stage
+        from safetensors.torch import load_file, save_file
+        order = self.ranking(ranking, recipe_name)
+        blocks = sorted(order[:n])
+        tag = f"{recipe_name}+kl{epochs}@{lr:g}|{ranking}|{n}"
+        path = os.path.join(self.out, "weights", tag.replace("|", "_").replace("@", "_") + ".safetensors")
+        if not os.path.isfile(path):
+            recipe = RECIPES[recipe_name]
+            b2b = self.distilled(recipe_name)
+            settings = DistillSettings(**{k: recipe[k] for k in SETTING_KEYS if k in recipe}, micro_batch=4, seed=0)
+            settings = settings.model_copy(update={"kl_epochs": epochs, "kl_lr": lr, "val_segments": val_segments})
+            self.model.load_state_dict(self.base)
+            t0 = time.perf_counter()
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            r = kl_stage(self.model, {i: b2b[i] for i in blocks}, tuple(blocks), self.calibration(recipe),
+                         deepspeed_config(None, lr), settings, progress=True)
+            save_file({f"{i}/{k}": v.contiguous() for i, st in r["states"].items() for k, v in st.items()}, path)
+            self.results.setdefault("kl", {})[tag] = {
+                "history": r["history"], "initial_kl": r["initial_kl"], "final_kl": r["final_kl"],
+                "best_epoch": r["best_epoch"], "wall_seconds": time.perf_counter() - t0,
+                "cpu_minutes": (resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0) / 60,
+                "measured_on": r["measured_on"]}
+            self.save()
+        states = {}
+        for key, t in load_file(path).items():
+            i, _, k = key.partition("/")
+            states.setdefault(int(i), {})[k] = t
+        r = self.evaluate(tag, blocks, states, split)
+        base = self.baseline(split)
+        log(f"{tag} {split}: " + ", ".join(
+            f"{name} {100 * (r[name]['perplexity'] / base[name]['perplexity'] - 1):+.2f}%" for name in r))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--out", default=None, help="default runs/recipes_tp{tp}")
+    p.add_argument("--recipes", default="", help=f"comma list of {', '.join(RECIPES)}")
+    p.add_argument("--rankings", default="zero_shot,distilled")
+    p.add_argument("--counts", default="10,15,21,25,30")
+    p.add_argument("--split", default="validation", choices=("validation", "test"))
+    p.add_argument("--zero-shot", action="store_true", help="also the zero-shot curve")
+    p.add_argument("--kl", default="", help="RECIPE:RANKING:N:EPOCHS:LR[,...] end-to-end KL stage runs")
+    p.add_argument("--kl-val-segments", type=int, default=8)
+    args = p.parse_args()
+    args.out = args.out or os.path.join("runs", f"recipes_tp{args.tp}")
+    lab = Lab(args)
+    counts = [int(c) for c in args.counts.split(",")]
+    lab.baseline(args.split)
+    if args.zero_shot:
+        lab.curve(None, "zero_shot", counts, args.split)
+    for name in filter(None, args.recipes.split(",")):
+        for ranking in args.rankings.split(","):
+            lab.curve(name, ranking, counts, args.split)
+    for spec in filter(None, args.kl.split(",")):
+        name, ranking, n, epochs, lr = spec.split(":")
+        lab.kl(name, ranking, int(n), int(epochs), float(lr), args.split, args.kl_val_segments)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The recovery recipe's new paths (issue 12): held-out epoch choice / early stopping, learning-rate
+schedule, the end-to-end KL stage, the distill-aware scan and calibration mixtures (tiny models)."""
+import copy
+
+import pytest
+import torch
+from helpers import tiny_model
+from test_distill import CPU_ZERO2, _plan
+
+import ds_spd
+from ds_spd.core.inject import decoder_layers
+from ds_spd.errors import ConfigError
+from ds_spd.stages.distill import DistillSettings, distill, lr_schedule
+from ds_spd.stages.e2e import kl_stage
+from ds_spd.stages.scan import scan, scan_distilled
+
+SEGMENTS = torch.randint(0, 384, (12, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _states(model, blocks):
+    return {i: {k: v.clone() for k, v in decoder_layers(model)[i].state_dict().items()} for i in blocks}
+
+
+def test_held_out_epoch_choice_and_early_stopping():
+    """Each block keeps the weights of its epoch with the lowest held-out MSE: equal, bitwise, to a run of
+    that many epochs (flat learning rate, so the two runs share their trajectory); patience stops the run."""
+    model = ds_spd.virtualize(tiny_model(), 2)
+    plan = _plan(model, ["SB", "TP", "ESB", "TP"])
+
+    def run(epochs, patience=None):
+        settings = DistillSettings(epochs=epochs, lr=2e-2, micro_batch=4, val_segments=4, patience=patience)
+        return distill(model, plan, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings, progress=False)
+    full = run(6)
+    val = {i: [h["val"][i] for h in full.history] for i in (0, 2)}
+    best = {i: 1 + min(range(6), key=lambda e: val[i][e]) for i in (0, 2)}
+    assert full.best_epoch == best
+    assert any(e < 6 for e in best.values()), "the case must over-train some block, else it tests nothing"
+    for i in (0, 2):
+        short = run(best[i])
+        for k, v in full.block_states[i].items():
+            assert torch.equal(v, short.block_states[i][k]), (i, k)
+    stopped = run(6, patience=2)
+    assert len(stopped.history) == max(best.values()) + 2 < 6   # every block went 2 epochs without improving
+    assert stopped.best_epoch == best
+
+
+def test_lr_schedule_warm_up_then_cosine_to_zero():
+    assert lr_schedule(DistillSettings(), 100) is None   # flat, no warm-up: the DeepSpeed config's scheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_schedule(DistillSettings(schedule="cosine", warmup=0.1), 100)(opt)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)   # 10 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                 # then only decays
+    assert lrs[-1] < 0.001 and lrs[40] == pytest.approx(0.75)   # cos(pi * 30/90)
+
+
+def test_kl_stage_lowers_the_kl_and_leaves_the_model_alone():
+    model = ds_spd.virtualize(tiny_model(), 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = list(decoder_layers(model))
+    blocks = (0, 1, 2, 3)
+    settings = DistillSettings(micro_batch=4, kl_epochs=6, kl_lr=2e-3)
+    result = kl_stage(model, _states(model, blocks), blocks, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings,
+                      progress=False)
+    assert result["final_kl"] < 0.7 * result["initial_kl"], result
+    assert result["history"][-1]["kl"] < result["history"][0]["kl"]
+    assert list(decoder_layers(model)) == layers and ds_spd.get_spd_blocks(model) == ()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+    # the returned weights are what the KL was measured on: recompute it independently
+    ids = SEGMENTS[:4]
+    with torch.no_grad():
+        target = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        for i in blocks:
+            layers[i].load_state_dict(result["states"][i])
+        ds_spd.set_spd_blocks(model, blocks)
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean().item()
+    assert kl == pytest.approx(result["final_kl"], rel=1e-4)
+
+
+def test_distill_aware_scan_measures_each_block_with_its_distilled_weights():
+    model = ds_spd.virtualize(tiny_model(), 2)
+    plan = _plan(model, ["SB", "TP", "ESB", "TP"])
+    trained = distill(model, plan, SEGMENTS, copy.deepcopy(CPU_ZERO2),
+                      DistillSettings(epochs=3, lr=2e-3, micro_batch=4), progress=False).block_states
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = scan_distilled(model, trained, SEGMENTS, 4, progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())   # weights restored
+    zero_shot = scan(model, SEGMENTS, 4, "isolated", progress=False)
+    assert result.baseline == pytest.approx(zero_shot.baseline)
+    for i in (1, 3):   # no distilled weights: the zero-shot isolated sensitivity
+        assert result.sensitivity[i] == pytest.approx(zero_shot.sensitivity[i], rel=1e-6)
+    for i in (0, 2):   # full forward, no cache, block i alone in SPD form with its trained weights
+        probe = copy.deepcopy(model)
+        decoder_layers(probe)[i].load_state_dict(trained[i])
+        ds_spd.set_spd_blocks(probe, [i])
+        from ds_spd.tools.evaluation import evaluate_lm
+        ppl = evaluate_lm(probe, SEGMENTS, 4, progress=False)["perplexity"]
+        assert result.baseline + result.sensitivity[i] == pytest.approx(ppl, rel=1e-5)
+        assert result.sensitivity[i] != pytest.approx(zero_shot.sensitivity[i], rel=1e-3)
+
+
+def test_calibration_mixture_interleaves_equal_shares():
+    from ds_spd.config import DataConfig
+    from ds_spd.data import check_data_source, segments_for
+    from ds_spd.models.loading import load_tokenizer
+    tok = load_tokenizer("default")
+    mixed = segments_for(DataConfig(dataset="pydoc+shakespeare", split="validation", max_samples=5, seed=0), tok)
+    pydoc = segments_for(DataConfig(dataset="pydoc", split="validation", max_samples=3, seed=0), tok)
+    plays = segments_for(DataConfig(dataset="shakespeare", split="validation", max_samples=2, seed=0), tok)
+    assert torch.equal(mixed, torch.stack([pydoc[0], plays[0], pydoc[1], plays[1], pydoc[2]]))
+    with pytest.raises(ConfigError, match="mixture"):
+        check_data_source(None, "pydoc+", "train")
+    with pytest.raises(ConfigError, match="split"):
+        check_data_source(None, "pydoc+shakespeare", "dev")
+
+
+def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
+    import json
+    import os
+
+    from helpers import last_json, run_cli
+    from test_distill import DATA, DISTILL_DATA, _tiny_plan_file
+    plan = _tiny_plan_file(tiny_dir, tmp_path, ["SB", "ISB", "ESB", "TP"])
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
+    out = str(tmp_path / "ckpt")
+    args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3",
+            "--schedule", "cosine", "--warmup", "0.2", "--val-segments", "2", "--kl-epochs", "2", "--kl-lr", "1e-3",
+            "--json"]
+    result = last_json(run_cli(args).stdout)
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert sorted(prov["best_epoch"]) == ["0", "2"] and all(1 <= e <= 3 for e in prov["best_epoch"].values())
+    assert all(set(h["val"]) == {"0", "2"} for h in prov["history"])
+    kl = prov["kl_stage"]
+    assert kl["measured_on"] == "held-out calibration segments" and len(kl["history"]) == 2
+    assert kl["final_kl"] <= kl["initial_kl"] and result["kl_stage"]["best_epoch"] == kl["best_epoch"]
+    assert prov["settings"]["kl_epochs"] == 2 and prov["settings"]["schedule"] == "cosine"
+    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA,
+                            "--json"]).stdout)
+    assert ev["spd_blocks"] == [0, 1, 2]
+    again = run_cli(args)
+    assert "already complete" in again.stderr
+    bad = run_cli([*args[:-1], "--patience", "2", "--val-segments", "0"], check=False)
+    assert bad.returncode == 2 and "patience needs held-out segments" in bad.stderr
+
+
+def test_cli_distill_aware_scan_and_budget_with_distillation_in_the_loop(tiny_dir, tmp_path):
+    """Distil every block once, rank the distilled blocks (scan --checkpoint), then a budget validated with
+    the distilled weights (plan --max-ppl-increase --checkpoint): what it measured is what eval measures."""
+    import json
+
+    from helpers import last_json, run_cli
+    from test_distill import DATA, DISTILL_DATA, _tiny_plan_file
+    every = _tiny_plan_file(tiny_dir, tmp_path, ["SB", "SB", "SB", "SB"])
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
+    ckpt = str(tmp_path / "all")
+    run_cli(["distill", "--config", str(cfg), "--plan", every, *DISTILL_DATA, "--out", ckpt, "--epochs", "3"])
+    aware = str(tmp_path / "aware.json")
+    scanned = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *DATA, "--checkpoint", ckpt,
+                                 "--out", aware, "--json"]).stdout)
+    zero = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *DATA, "--method", "isolated",
+                              "--in-memory", "--out", str(tmp_path / "zero.json"), "--json"]).stdout)
+    assert scanned["baseline"] == pytest.approx(zero["baseline"])
+    assert scanned["sensitivity"] != pytest.approx(zero["sensitivity"])   # the distilled weights acted
+    assert json.load(open(aware))["scan"]["checkpoint"] == ckpt
+    budget = last_json(run_cli(["plan", "--plan", aware, "--model", tiny_dir, "--max-ppl-increase", "20%",
+                                "--checkpoint", ckpt, "--out", str(tmp_path / "b.json"), *DATA, "--json"]).stdout)
+    sel = budget["selection"]
+    assert len(budget["spd_blocks"]) > 0 and sel["measured_increase"] <= 0.2
+    blocks = ",".join(map(str, budget["spd_blocks"]))
+    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", ckpt, "--spd-blocks",
+                            blocks, *DATA, "--split", "validation", "--json"]).stdout)
+    assert ev["perplexity"] == pytest.approx(sel["measured"], rel=1e-6)
+    if len(budget["spd_blocks"]) < 4:   # the next block along the ranking would break the budget
+        assert any(t["spd_count"] == len(budget["spd_blocks"]) + 1 and t["measured_increase"] > 0.2
+                   for t in sel["tried"])
+    bad = run_cli(["plan", "--plan", aware, "--spd-count", "2", "--checkpoint", ckpt], check=False)
+    assert bad.returncode == 2 and "--checkpoint: only used to validate a budget" in bad.stderr
