@@ -8,4 +8,5 @@ SCAN_METRICS = ("ppl", "kl")
 INPUT_SOURCES = ("original", "prefix")     # distillation block inputs: original model, or the zero-shot SPD prefix
 LOAD_MODES = ("sharded", "full")         # real TP: each rank reads its slices, or every rank loads the full model
 DISTILL_TRAINERS = ("layerwise", "joint")  # one block resident at a time, or every trained block in one engine
+MLP_MATCHINGS = ("slice", "neuron")          # head grouping's MLP step: whole AutoTP slices (paper), or each neuron
 LR_SCHEDULES = ("constant", "cosine")      # distillation learning rate: flat, or linear warm-up then cosine decay to 0

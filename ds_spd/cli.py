@@ -14,7 +14,7 @@ import os
 import sys
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES,
-                            SCAN_METHODS, SCAN_METRICS)
+                            MLP_MATCHINGS, SCAN_METHODS, SCAN_METRICS)
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "joint: every trained block of the loaded model in one engine (same weights)")
     di.add_argument("--activation-budget", type=float, metavar="GB", dest="activation_budget_gb",
                     help="layerwise: activations kept in RAM per rank; the rest go to files in the work dir")
+    di.add_argument("--mlp-matching", choices=MLP_MATCHINGS,
+                    help="head grouping's MLP step: by AutoTP slice (paper) or by neuron")
     di.add_argument("--schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine: warm-up, then decay to 0)")
     di.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up")
     di.add_argument("--val-segments", type=int,
@@ -288,6 +290,7 @@ def cmd_distill(args) -> None:
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
                               ("out", args.out), ("work_dir", args.work_dir), ("trainer", args.trainer),
                               ("activation_budget_gb", args.activation_budget_gb), ("schedule", args.schedule),
+                              ("mlp_matching", args.mlp_matching),
                               ("warmup", args.warmup), ("val_segments", args.val_segments),
                               ("patience", args.patience), ("kl_epochs", args.kl_epochs), ("kl_lr", args.kl_lr))
             if v is not None}

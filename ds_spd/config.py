@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds_spd.choices import COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES,
+                            MLP_MATCHINGS)
 from ds_spd.errors import ConfigError
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -63,6 +64,9 @@ class DistillConfig(_Strict):
     activation_budget_gb: Optional[float] = Field(None, ge=0, description="layerwise: activations kept in RAM per "
                                                   "rank (GiB); more go to files in the work dir (default: a quarter "
                                                   "of the available memory, shared by the host's ranks)")
+    mlp_matching: str = Field("slice", description=f"head grouping's MLP step, one of {MLP_MATCHINGS}: the MLP "
+                              "slice each head group keeps (paper), or every neuron to the rank where its SPD "
+                              "activation stays closest to its TP one (acts at one KV head per rank too)")
     schedule: str = Field("constant", description=f"learning-rate schedule, one of {LR_SCHEDULES}")
     warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps with a linear learning-rate warm-up")
     val_segments: int = Field(0, ge=0, description="calibration segments held out of training: each block keeps "
@@ -83,6 +87,11 @@ class DistillConfig(_Strict):
     @classmethod
     def _trainer(cls, v: str) -> str:
         return _one_of(v, DISTILL_TRAINERS)
+
+    @field_validator("mlp_matching")
+    @classmethod
+    def _matching(cls, v: str) -> str:
+        return _one_of(v, MLP_MATCHINGS)
 
     @field_validator("schedule")
     @classmethod

@@ -45,18 +45,18 @@ from ds_spd.tools.evaluation import evaluate_lm, paired_ratio_ci  # noqa: E402
 RECIPES = {
     "paper": dict(lr=5e-5, epochs=10, calibration="pydoc", samples=16),
     "readme": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16),
-    "cos16": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=16, val_segments=4),
-    "cos64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64, val_segments=8),
-    "cos64hi": dict(lr=1e-3, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64,
-                    val_segments=8),
-    "mix64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=64,
-                  val_segments=8),
-    "mix128": dict(lr=3e-4, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=128,
-                   val_segments=16),
-    "shak64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="shakespeare", samples=64,
-                   val_segments=8),
+    # issue 12 levers, one at a time from "readme"
+    "neuron16": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16, mlp_matching="neuron"),
+    "n32": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=32, val_segments=4,
+                mlp_matching="neuron"),
+    "n64mix": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=64,
+                   val_segments=8, mlp_matching="neuron"),
+    "n64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64, val_segments=8,
+                mlp_matching="neuron"),
+    "n64shak": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="shakespeare", samples=64,
+                    val_segments=8, mlp_matching="neuron"),
 }
-SETTING_KEYS = ("lr", "epochs", "schedule", "warmup", "val_segments", "patience", "input_source")
+SETTING_KEYS = ("lr", "epochs", "schedule", "warmup", "val_segments", "patience", "input_source", "mlp_matching")
 EVAL_SETS = {"pydoc": 35, "shakespeare": 32}   # segments of 256 tokens (pydoc validation holds 35, test 32)
 
 

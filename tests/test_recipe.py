@@ -183,3 +183,79 @@ def test_cli_distill_aware_scan_and_budget_with_distillation_in_the_loop(tiny_di
                    for t in sel["tried"])
     bad = run_cli(["plan", "--plan", aware, "--spd-count", "2", "--checkpoint", ckpt], check=False)
     assert bad.returncode == 2 and "--checkpoint: only used to validate a budget" in bad.stderr
+
+
+@pytest.mark.parametrize("tp,overrides", [(3, {}), (2, {"model_type": "qwen2"})])
+def test_neuron_matching_permutes_neurons_and_keeps_the_tp_function(tp, overrides):
+    """Neuron matching moves neurons across ranks (tp 3 on 3 KV heads: one per rank, where head scattering is
+    the identity), and plain TP computes the same function afterwards (Qwen2: biases)."""
+    from ds_spd.core.layout import TPLayout
+    from ds_spd.stages.headgroup import attention_kwargs, find_grouping, permute_block
+    model = ds_spd.virtualize(tiny_model(**overrides), tp)
+    layout = TPLayout.for_model(model.config, tp)
+    rotary = model.model.rotary_emb
+    gen = torch.Generator().manual_seed(0)
+    x, held = (torch.randn(4, 16, model.config.hidden_size, generator=gen) for _ in range(2))
+    for layer in decoder_layers(model):
+        kwargs = attention_kwargs(rotary, held, layer)
+        with torch.no_grad():
+            tp_out = layer(held, **kwargs)
+            grouping = find_grouping(layer, rotary, x, layout, "neuron")
+            assert sorted(grouping.mlp_neurons) == list(range(model.config.intermediate_size))
+            assert grouping.mlp_neurons != tuple(range(model.config.intermediate_size))
+            permute_block(layer, grouping, layout)
+            torch.testing.assert_close(layer(held, **kwargs), tp_out, atol=2e-5, rtol=2e-5)
+
+
+def test_neuron_matching_lowers_the_spd_error_of_smollm2_at_one_kv_head_per_rank():
+    """The real model at tp 3 (one KV head per rank, like LLaMA2-70B at tp 8): slice matching can only permute
+    3 slices; neuron matching lowers the zero-shot SPD block's MSE on *held-out* segments well below both
+    (measured: 0.65x at block 3, 0.33x at block 16, 0.39x at block 29 of the unmatched block's)."""
+    import copy
+
+    from ds_spd.config import DataConfig
+    from ds_spd.core.layout import TPLayout
+    from ds_spd.data import segments_for
+    from ds_spd.models.loading import load_model
+    from ds_spd.stages.headgroup import attention_kwargs, find_grouping, permute_block
+    from ds_spd.stages.scan import BlockInputs
+    model, tok = load_model("default")
+    ds_spd.virtualize(model, 3)
+    layout = TPLayout.for_model(model.config, 3)
+    segments = segments_for(DataConfig(dataset="pydoc", split="train", max_samples=8, seed=0), tok)
+    inputs = BlockInputs.capture(model, segments, 4, progress=False).inputs
+    rotary = model.model.rotary_emb
+    for i in (3, 16, 29):
+        x, held = inputs[i][:4], inputs[i][4:]
+        kwargs = attention_kwargs(rotary, held, model.model.layers[i])
+        errors = {}
+        with torch.no_grad():
+            target = model.model.layers[i](held, **kwargs)
+            for matching in (None, "slice", "neuron"):
+                block = copy.deepcopy(model.model.layers[i])
+                if matching:
+                    permute_block(block, find_grouping(block, rotary, x, layout, matching), layout)
+                block.spd = True
+                errors[matching] = torch.nn.functional.mse_loss(block(held, **kwargs), target).item()
+        assert errors["neuron"] < 0.8 * min(errors[None], errors["slice"]), (i, errors)
+
+
+def test_neuron_assignment_is_optimal_and_respects_widths(monkeypatch):
+    import itertools
+
+    from ds_spd.stages import headgroup
+    cost = torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    widths = (3, 2, 1)
+    order = headgroup._assign(cost, widths)
+    bins = [order[:3], order[3:5], order[5:]]
+
+    def total(bs):
+        return sum(cost[i, r].item() for r, b in enumerate(bs) for i in b)
+    best = min(total([p[:3], p[3:5], p[5:]]) for p in itertools.permutations(range(6)))
+    assert sorted(order) == list(range(6)) and total(bins) == pytest.approx(best)
+    big = torch.rand(5000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    greedy = headgroup._assign(big, (2000, 2000, 1000))   # beyond the exact solver's size: greedy by regret
+    assert sorted(greedy) == list(range(5000))
+    chosen = torch.tensor([r for r, w in enumerate((2000, 2000, 1000)) for _ in range(w)])
+    greedy_cost = big[torch.tensor(greedy), chosen].sum().item()
+    assert greedy_cost < 0.8 * big[:, 0].sum().item()   # far below any fixed assignment's expected cost

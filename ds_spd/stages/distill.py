@@ -126,7 +126,7 @@ def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: Block
         student.spd = True
         if classes[i] == "ESB":
             x = pairs.inputs[j, :settings.hg_segments].to(model_device(model))
-            groupings[i] = find_grouping(student, rotary, x, layout)
+            groupings[i] = find_grouping(student, rotary, x, layout, settings.mlp_matching)
             permute_block(student, groupings[i], layout)
         students[i] = student
     return students, groupings
@@ -406,7 +406,7 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
                        settings.epochs * steps_per_epoch(len(train), _world(), settings.micro_batch))
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
-              "groupings": {str(i): [list(g.groups), list(g.mlp_slices)] for i, g in groupings.items()}}
+              "groupings": {str(i): [list(g.groups), g.mlp_permutation] for i, g in groupings.items()}}
     start_epoch, history = 0, []
     best = BestEpochs(blocks, settings.patience) if held_out is not None else None
     if checkpoint_dir:  # the work dir's fingerprint was checked before (ds_spd.workdir): only then is it loaded

@@ -33,6 +33,19 @@ class HeadGrouping:
     groups: tuple[tuple[int, ...], ...]
     mlp_slices: tuple[int, ...]
     mlp_cols: tuple[int, ...] = ()
+    mlp_neurons: tuple[int, ...] = ()   # neuron matching: the original neuron at each position (else by slice)
+
+    @property
+    def mlp_permutation(self) -> list[int]:
+        """What the plan records: the neuron order (neuron matching) or the slice each rank holds."""
+        return list(self.mlp_neurons or self.mlp_slices)
+
+    def to_json(self) -> list:
+        return [list(map(list, self.groups)), list(self.mlp_slices), list(self.mlp_cols), list(self.mlp_neurons)]
+
+    @classmethod
+    def from_json(cls, v: list) -> "HeadGrouping":
+        return cls(tuple(map(tuple, v[0])), tuple(v[1]), tuple(v[2]), tuple(v[3]) if len(v) > 3 else ())
 
     @property
     def kv_order(self) -> list[int]:
@@ -140,6 +153,55 @@ def match_mlp(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, groups, layo
     return tuple(int(c) for _, c in sorted(zip(rows, cols)))
 
 
+@torch.no_grad()
+def match_neurons(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, groups, layout: TPLayout) -> tuple[int, ...]:
+    """Neuron-level MLP matching: every MLP neuron goes to the rank on which its SPD contribution stays
+    closest to its TP one. Neuron j's error on rank r is ``||W_down[:, j]||^2 * mean_t (a_j(u_r) - a_j(u))^2``
+    (a_j: its gated activation; u: the TP block's MLP input, u_r: rank r's SPD MLP input), and neurons are
+    assigned under the ranks' widths to minimise the summed error (a transportation problem: exact by the
+    Hungarian algorithm on neuron x slot, greedy by regret beyond 4096 neurons). Unlike slice matching it
+    acts where every rank holds one KV head (head scattering is then the identity). Returns the original
+    neuron at each position of the new order."""
+    adapter, attn, mlp = _adapter(layer), layer.self_attn, layer.mlp
+    hd, group = attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
+    heads = _head_outputs(layer, rotary, x)
+    (gw, gb, uw, ub), = adapter.gate_up(mlp, (sum(layout.mlp_cols),))
+    act, down = adapter.act(mlp), mlp.down_proj.weight
+
+    def acts(y: torch.Tensor) -> torch.Tensor:
+        if adapter.block == "sandwich":
+            y = layer.post_attention_layernorm(y)
+        u = adapter.ffn_norm(layer)(x + y)
+        return act(F.linear(u, gw, gb)) * F.linear(u, uw, ub)    # [B, T, I]
+    full = acts(heads @ attn.o_proj.weight.T)
+    weight = down.double().pow(2).sum(0)                         # ||W_down[:, j]||^2
+    cost = torch.empty(full.shape[-1], len(groups), dtype=torch.float64)
+    for r, units in enumerate(groups):
+        cols = [c for u in units for h in range(u * group, (u + 1) * group) for c in range(h * hd, (h + 1) * hd)]
+        err = (acts(heads[..., cols] @ attn.o_proj.weight[:, cols].T) - full).double().pow(2).mean((0, 1))
+        cost[:, r] = weight * err
+    return _assign(cost, layout.mlp_cols)
+
+
+def _assign(cost: torch.Tensor, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Items (rows) to bins (columns) with ``widths[r]`` items each, minimising the summed cost; the items
+    of bin 0, then bin 1, ... (each bin's in ascending order)."""
+    n = cost.shape[0]
+    bin_of = [r for r, w in enumerate(widths) for _ in range(w)]
+    if n <= 4096:
+        from scipy.optimize import linear_sum_assignment
+        rows, slots = linear_sum_assignment(cost[:, bin_of].numpy())
+        chosen = {int(i): bin_of[s] for i, s in zip(rows, slots)}
+    else:   # greedy by regret: the items that lose most by not getting their best bin go first
+        best2 = cost.topk(min(2, cost.shape[1]), dim=1, largest=False).values
+        regret = best2[:, -1] - best2[:, 0]
+        left, chosen = list(widths), {}
+        for i in regret.argsort(descending=True).tolist():
+            r = min((r for r in range(len(widths)) if left[r]), key=lambda r: cost[i, r].item())
+            chosen[i], left[r] = r, left[r] - 1
+    return tuple(i for r in range(len(widths)) for i in range(n) if chosen[i] == r)
+
+
 def _head_outputs(layer: nn.Module, rotary: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Concatenated per-head attention outputs (the o_proj input) of ``layer`` on ``x``."""
     captured = {}
@@ -167,13 +229,17 @@ def attention_kwargs(rotary: nn.Module, x: torch.Tensor, layer: nn.Module | None
             "attention_mask": ModelAdapter.causal_mask(t, x.dtype, x.device, window), "position_ids": pos}
 
 
-def find_grouping(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, layout: TPLayout) -> HeadGrouping:
-    """Head scattering then MLP matching for one block on calibration block inputs ``x``."""
+def find_grouping(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, layout: TPLayout,
+                  mlp_matching: str = "slice") -> HeadGrouping:
+    """Head scattering then MLP matching (by slice, the paper's; or by neuron) on calibration block inputs ``x``."""
     maps = attention_maps(layer, rotary, x)                     # [H, T, T]
     group = layout.q_heads[0] // layout.kv_heads[0]
     units = maps.reshape(-1, group * maps.shape[-1] * maps.shape[-2]).double()  # one row per KV unit
     dist = torch.cdist(units, units)
     groups = scatter_heads(dist, layout.kv_heads)
+    if mlp_matching == "neuron":
+        return HeadGrouping(groups, tuple(range(layout.tp_size)), layout.mlp_cols,
+                            match_neurons(layer, rotary, x, groups, layout))
     return HeadGrouping(groups, match_mlp(layer, rotary, x, groups, layout), layout.mlp_cols)
 
 
@@ -188,6 +254,9 @@ def permute_block(layer: nn.Module, grouping: HeadGrouping, layout: TPLayout) ->
     kv_rows = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in grouping.kv_order])
     q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for u in grouping.kv_order
                         for h in range(u * group, (u + 1) * group)])
-    bounds = [0, *itertools.accumulate(layout.mlp_cols)]
-    neurons = torch.cat([torch.arange(bounds[s], bounds[s + 1]) for s in grouping.mlp_slices])
+    if grouping.mlp_neurons:
+        neurons = torch.tensor(grouping.mlp_neurons)
+    else:
+        bounds = [0, *itertools.accumulate(layout.mlp_cols)]
+        neurons = torch.cat([torch.arange(bounds[s], bounds[s + 1]) for s in grouping.mlp_slices])
     _adapter(layer).permute(layer, q_rows, kv_rows, neurons)

@@ -103,7 +103,8 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     student.spd = True
     grouping = None
     if cls == "ESB":
-        grouping = find_grouping(student, rotary, x.read(0, min(settings.hg_segments, len(x))), layout)
+        grouping = find_grouping(student, rotary, x.read(0, min(settings.hg_segments, len(x))), layout,
+                                 settings.mlp_matching)
         permute_block(student, grouping, layout)
     distiller = BlockDistiller({i: student}, rotary)
     mb = min(settings.micro_batch, len(x))
@@ -147,8 +148,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
             "stopped_early": len(history) < settings.epochs,
             "initial_mse": initial[0].item(), "final_mse": final[0].item(),
             "seconds": seconds,
-            "tokens": tokens, "grouping": None if grouping is None else
-            [list(map(list, grouping.groups)), list(grouping.mlp_slices), list(grouping.mlp_cols)],
+            "tokens": tokens, "grouping": None if grouping is None else grouping.to_json(),
             "zero_stage": trainer.zero_stage}
     if work_dir and (not dist.is_initialized() or dist.get_rank() == 0):
         _save_done(work_dir, i, state, info)
@@ -222,8 +222,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                 **({"val": {i: d["val_history"][e] for i, d in done.items() if e < len(d.get("val_history", []))}}
                    if settings.val_segments else {})}
                for e in range(epochs)]
-    groupings = {i: HeadGrouping(tuple(map(tuple, d["grouping"][0])), tuple(d["grouping"][1]), tuple(d["grouping"][2]))
-                 for i, d in done.items() if d["grouping"] is not None}
+    groupings = {i: HeadGrouping.from_json(d["grouping"]) for i, d in done.items() if d["grouping"] is not None}
     return DistillResult({i: d["state"] for i, d in done.items()}, groupings, history,
                          {i: d["initial_mse"] for i, d in done.items()}, {i: d["final_mse"] for i, d in done.items()},
                          train_seconds,

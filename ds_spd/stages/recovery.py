@@ -142,7 +142,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
                              head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
-                             mlp_permutation=list(result.groupings[b.index].mlp_slices)
+                             mlp_permutation=result.groupings[b.index].mlp_permutation
                              if b.index in result.groupings else None)
                   for b in run.plan.blocks]
         plan = run.plan.model_copy(update={"blocks": blocks, "tp_grain_size": run.cfg.tp_grain_size})
