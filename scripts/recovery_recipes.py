@@ -212,6 +212,73 @@ class Lab:
             f"{name} {100 * (r[name]['perplexity'] / base[name]['perplexity'] - 1):+.2f}%" for name in r))
 
 
+def render(out: str, tp: int) -> None:
+    """Markdown tables (paired ratio to TP with its 95% CI, top-1 accuracy with its CI) and a plot, per split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = json.load(open(os.path.join(out, "results.json")))
+    evals = results["evals"]
+    lines = [f"# Recovery recipes, SmolLM2-135M, tp {tp}", "",
+             "Cells: perplexity ratio to the TP model on the same segments (paired bootstrap 95% CI), then top-1 "
+             "accuracy [95% CI]. Rows are `recipe|ranking`; `+klE@LR` adds the end-to-end KL stage.", ""]
+    for split in ("validation", "test"):
+        keys = sorted({k.rsplit("|", 2)[0] for k in evals if k.endswith(f"|{split}") and not k.startswith("tp|")})
+        if not keys:
+            continue
+        rows = {}
+        for key in keys:
+            *name, n = key.split("|")
+            rows.setdefault("|".join(name), {})[int(n)] = key
+        counts = sorted({n for r in rows.values() for n in r})
+        fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(6 * len(EVAL_SETS), 4))
+        for ax, data in zip(axes, EVAL_SETS):
+            base = evals[f"tp|{data}|{split}"]
+            lines += [f"## {split}: {data} ({base['segments']} x {base['seq_len']} tokens; TP perplexity "
+                      f"{base['perplexity']:.3f}, accuracy {base['accuracy']:.4f})", "",
+                      "| recipe | ranking | " + " | ".join(f"{n} SPD" for n in counts) + " |",
+                      "|---|---|" + "---|" * len(counts)]
+            for name, points in rows.items():
+                cells, xs, ys = [], [], []
+                for n in counts:
+                    if n not in points:
+                        cells.append("")
+                        continue
+                    r = evals[f"{points[n]}|{data}|{split}"]
+                    pr = paired_ratio_ci(base, r)
+                    lo, hi = pr["ci95"]
+                    alo, ahi = r["accuracy_ci95"]
+                    cells.append(f"{100 * (pr['ratio'] - 1):+.1f}% [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}], "
+                                 f"{r['accuracy']:.3f} [{alo:.3f}, {ahi:.3f}]")
+                    xs.append(n)
+                    ys.append(100 * (pr["ratio"] - 1))
+                recipe, _, ranking = name.rpartition("|")
+                lines.append(f"| {recipe} | {ranking} | " + " | ".join(cells) + " |")
+                ax.plot(xs, ys, marker="o", label=name)
+            lines.append("")
+            ax.axhline(3, color="gray", ls=":")
+            ax.axhline(5, color="gray", ls="--")
+            ax.set_yscale("symlog", linthresh=10)
+            ax.set_xlabel("SPD blocks")
+            ax.set_ylabel("perplexity increase over TP, %")
+            ax.set_title(f"{data} ({split})")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"SmolLM2-135M, tp {tp}: recovery recipes ({split} split)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"recipes_tp{tp}_{split}.png"), dpi=110)
+        plt.close(fig)
+    lines += ["## Cost", "", "| recipe | wall s (30 blocks) | train s | peak RSS GiB | best epochs |", "|---|---|---|---|---|"]
+    for name, d in results.get("distill", {}).items():
+        epochs = sorted(d["best_epoch"].values()) if d.get("best_epoch") else []
+        lines.append(f"| {name} | {d['wall_seconds']:.0f} | {d['train_seconds']:.0f} | {d['peak_rss_gib']:.1f} | "
+                     f"{'median ' + str(epochs[len(epochs) // 2]) + ', range ' + str(epochs[0]) + '-' + str(epochs[-1]) if epochs else 'last'} |")
+    for tag, d in results.get("kl", {}).items():
+        lines.append(f"| {tag} | {d['wall_seconds']:.0f} | | | KL {d['initial_kl']:.4f} -> {d['final_kl']:.4f}, "
+                     f"epoch {d['best_epoch']} |")
+    with open(os.path.join(out, f"recipes_tp{tp}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=2)
@@ -223,8 +290,11 @@ def main():
     p.add_argument("--zero-shot", action="store_true", help="also the zero-shot curve")
     p.add_argument("--kl", default="", help="RECIPE:RANKING:N:EPOCHS:LR[,...] end-to-end KL stage runs")
     p.add_argument("--kl-val-segments", type=int, default=8)
+    p.add_argument("--render", action="store_true", help="only write the tables and plots from results.json")
     args = p.parse_args()
     args.out = args.out or os.path.join("runs", f"recipes_tp{args.tp}")
+    if args.render:
+        return render(args.out, args.tp)
     lab = Lab(args)
     counts = [int(c) for c in args.counts.split(",")]
     lab.baseline(args.split)

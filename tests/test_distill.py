@@ -215,8 +215,11 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     # persistence threshold 0: ZeRO-3 really partitions even the tiny model's parameters
     cfg.write_text(json.dumps({**CPU_ZERO2, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
     out = str(tmp_path / "ckpt")
+    # with the issue-12 recipe paths: held-out epoch choice, cosine schedule (accelerate steps it itself),
+    # neuron matching and the end-to-end KL stage, under ZeRO-3 (deepspeed) and ZeRO-2 (accelerate)
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3", "--lr", "2e-3",
-            "--json"]
+            "--val-segments", "2", "--schedule", "cosine", "--warmup", "0.2", "--mlp-matching", "neuron",
+            "--kl-epochs", "1", "--json"]
     if launcher == "deepspeed":
         res = last_json(launch(["ds_spd", *args], module=True).stdout)
     else:
@@ -228,5 +231,7 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
         res = last_json(proc.stdout)
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert (prov["launcher"], prov["ranks"], prov["zero_stage"]) == (launcher, 2, stage)
+    assert sorted(prov["best_epoch"]) == ["0", "2"] and len(prov["kl_stage"]["history"]) == 1
+    assert prov["kl_stage"]["final_kl"] <= prov["kl_stage"]["initial_kl"]
     for i in ("0", "2"):
         assert res["final_mse"][i] < res["initial_mse"][i]

@@ -8,7 +8,9 @@ exactly the same function (the permutation only renames heads and MLP neurons):
    Euclidean distance between the heads' attention-score maps inside each rank's group. Under GQA the
    unit is a KV group (a KV head with its query heads): query heads never leave their KV head.
 2. MLP matching: give each head group the MLP slice whose output norm on that group's partial residual
-   is largest: an N x N assignment problem (Hungarian algorithm, scipy's linear_sum_assignment).
+   is largest: an N x N assignment problem (Hungarian algorithm, scipy's linear_sum_assignment). Or, beyond
+   the paper (``mlp_matching="neuron"``, docs/method.md section 6), each neuron to the rank where its SPD
+   activation stays closest to its TP one: it also acts where every rank holds one KV head.
 """
 from __future__ import annotations
 
