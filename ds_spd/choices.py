@@ -9,4 +9,5 @@ INPUT_SOURCES = ("original", "prefix")     # distillation block inputs: original
 LOAD_MODES = ("sharded", "full")         # real TP: each rank reads its slices, or every rank loads the full model
 DISTILL_TRAINERS = ("layerwise", "joint")  # one block resident at a time, or every trained block in one engine
 MLP_MATCHINGS = ("slice", "neuron")          # head grouping's MLP step: whole AutoTP slices (paper), or each neuron
+HEAD_GROUPINGS = ("all", "esb")            # which trained blocks get head grouping first: every one, or ESB (paper)
 LR_SCHEDULES = ("constant", "cosine")      # distillation learning rate: flat, or linear warm-up then cosine decay to 0

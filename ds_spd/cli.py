@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES,
-                            MLP_MATCHINGS, SCAN_METHODS, SCAN_METRICS)
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
+                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_METHODS, SCAN_METRICS)
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--max-ppl-increase", type=parse_fraction, metavar="PCT",
                       help="accuracy budget, e.g. 1%% (validated by evaluation on --split, default validation)")
     pl.add_argument("--thresholds", type=parse_thresholds, metavar="T1,T2",
-                    help="relative sensitivity thresholds ISB|SB|ESB (default 0.01,0.05)")
+                    help="relative sensitivity thresholds ISB|SB|ESB (default 0,0.05: every chosen block with a cost is distilled)")
     pl.add_argument("--out", help="output plan (default: overwrite --plan)")
     pl.add_argument("--plot", help="PNG of the plan (default: next to --out)")
     di = sub.add_parser("distill", help="B2B distillation (ZeRO) of the plan's SB/ESB blocks -> SPD checkpoint")
@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "joint: every trained block of the loaded model in one engine (same weights)")
     di.add_argument("--activation-budget", type=float, metavar="GB", dest="activation_budget_gb",
                     help="layerwise: activations kept in RAM per rank; the rest go to files in the work dir")
+    di.add_argument("--head-grouping", choices=HEAD_GROUPINGS,
+                    help="which trained blocks get head grouping first: all (default) or ESB only (paper)")
     di.add_argument("--mlp-matching", choices=MLP_MATCHINGS,
-                    help="head grouping's MLP step: by AutoTP slice (paper) or by neuron")
+                    help="head grouping's MLP step: by neuron (default) or by AutoTP slice (paper)")
     di.add_argument("--schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine: warm-up, then decay to 0)")
     di.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up")
     di.add_argument("--val-segments", type=int,
@@ -290,7 +292,7 @@ def cmd_distill(args) -> None:
     over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
                               ("out", args.out), ("work_dir", args.work_dir), ("trainer", args.trainer),
                               ("activation_budget_gb", args.activation_budget_gb), ("schedule", args.schedule),
-                              ("mlp_matching", args.mlp_matching),
+                              ("mlp_matching", args.mlp_matching), ("head_grouping", args.head_grouping),
                               ("warmup", args.warmup), ("val_segments", args.val_segments),
                               ("patience", args.patience), ("kl_epochs", args.kl_epochs), ("kl_lr", args.kl_lr))
             if v is not None}

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, INPUT_SOURCES, LOAD_MODES, LR_SCHEDULES,
-                            MLP_MATCHINGS)
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
+                            LR_SCHEDULES, MLP_MATCHINGS)
 from ds_spd.errors import ConfigError
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -64,7 +64,9 @@ class DistillConfig(_Strict):
     activation_budget_gb: Optional[float] = Field(None, ge=0, description="layerwise: activations kept in RAM per "
                                                   "rank (GiB); more go to files in the work dir (default: a quarter "
                                                   "of the available memory, shared by the host's ranks)")
-    mlp_matching: str = Field("slice", description=f"head grouping's MLP step, one of {MLP_MATCHINGS}: the MLP "
+    head_grouping: str = Field("all", description=f"one of {HEAD_GROUPINGS}: which trained blocks get head grouping "
+                               "first (the permutation keeps plain TP's function)")
+    mlp_matching: str = Field("neuron", description=f"head grouping's MLP step, one of {MLP_MATCHINGS}: the MLP "
                               "slice each head group keeps (paper), or every neuron to the rank where its SPD "
                               "activation stays closest to its TP one (acts at one KV head per rank too)")
     schedule: str = Field("constant", description=f"learning-rate schedule, one of {LR_SCHEDULES}")
@@ -87,6 +89,11 @@ class DistillConfig(_Strict):
     @classmethod
     def _trainer(cls, v: str) -> str:
         return _one_of(v, DISTILL_TRAINERS)
+
+    @field_validator("head_grouping")
+    @classmethod
+    def _grouping(cls, v: str) -> str:
+        return _one_of(v, HEAD_GROUPINGS)
 
     @field_validator("mlp_matching")
     @classmethod

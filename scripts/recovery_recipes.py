@@ -46,11 +46,13 @@ RECIPES = {
     "paper": dict(lr=5e-5, epochs=10, calibration="pydoc", samples=16),
     "readme": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16),
     # issue 12 levers, one at a time from "readme"
+    "hg0": dict(epochs=0, calibration="pydoc", samples=16, mlp_matching="slice"),        # initialisations only
+    "neuron0": dict(epochs=0, calibration="pydoc", samples=16, mlp_matching="neuron"),
     "neuron16": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16, mlp_matching="neuron"),
     "n32": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=32, val_segments=4,
                 mlp_matching="neuron"),
-    "n64mix": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=64,
-                   val_segments=8, mlp_matching="neuron"),
+    "n64mix": dict(lr=3e-4, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=64,
+                   val_segments=8, patience=2, mlp_matching="neuron"),
     "n64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64, val_segments=8,
                 mlp_matching="neuron"),
     "n64shak": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="shakespeare", samples=64,
@@ -77,10 +79,18 @@ class Lab:
         self._eval_data = {}
 
     def save(self):
-        tmp = self.results_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.results, f, indent=1)
-        os.replace(tmp, self.results_path)
+        """Merge into the file (another run of this script may have added entries since) and replace it."""
+        import fcntl
+        with open(self.results_path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.load(open(self.results_path)) if os.path.isfile(self.results_path) else {}
+            for section, entries in self.results.items():
+                on_disk.setdefault(section, {}).update(entries)
+            self.results = on_disk
+            tmp = self.results_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.results, f, indent=1)
+            os.replace(tmp, self.results_path)
 
     def calibration(self, recipe: dict, n: int | None = None) -> torch.Tensor:
         return segments_for(DataConfig(dataset=recipe["calibration"], split="train", max_samples=n or recipe["samples"],
@@ -97,6 +107,8 @@ class Lab:
     def distilled(self, name: str) -> dict[int, dict[str, torch.Tensor]]:
         from safetensors.torch import load_file, save_file
         path = os.path.join(self.out, "weights", f"{name}.safetensors")
+        if not os.path.isfile(path) and RECIPES[name].get("epochs") == 0:   # head grouping only, no training
+            self._grouped_only(name, path)
         if not os.path.isfile(path):
             from ds_spd.stages.layerwise import distill_layerwise
             from ds_spd.stages.streaming import BlockSource
@@ -123,6 +135,29 @@ class Lab:
             i, _, k = key.partition("/")
             states.setdefault(int(i), {})[k] = t
         return states
+
+    def _grouped_only(self, name: str, path: str) -> None:
+        """Every block head-grouped on calibration block inputs (the distillation's initialisation), untrained."""
+        from safetensors.torch import save_file
+
+        from ds_spd.core.layout import TPLayout
+        from ds_spd.stages.headgroup import find_grouping, permute_block
+        from ds_spd.stages.scan import BlockInputs
+        recipe = RECIPES[name]
+        self.model.load_state_dict(self.base)
+        segs = self.calibration(recipe)[:DistillSettings().hg_segments]
+        inputs = BlockInputs.capture(self.model, segs, 4, progress=False).inputs
+        layout = TPLayout.for_model(self.model.config, self.args.tp)
+        t0, states = time.perf_counter(), {}
+        for i, layer in enumerate(decoder_layers(self.model)):
+            block = copy.deepcopy(layer)
+            permute_block(block, find_grouping(block, self.model.model.rotary_emb, inputs[i], layout,
+                                               recipe.get("mlp_matching", "slice")), layout)
+            states[i] = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        save_file({f"{i}/{k}": v.contiguous() for i, st in states.items() for k, v in st.items()}, path)
+        self.results.setdefault("distill", {})[name] = {"recipe": recipe, "wall_seconds": time.perf_counter() - t0,
+                                                        "train_seconds": 0.0, "peak_rss_gib": 0.0, "best_epoch": {}}
+        self.save()
 
     # ------------------------------------------------------------------ rankings
     def ranking(self, kind: str, recipe_name: str) -> list[int]:

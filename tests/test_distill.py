@@ -100,7 +100,7 @@ def test_distilled_block_beats_zero_shot_and_loss_decreases():
     model = ds_spd.virtualize(tiny_model(), 2)
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
     plan = _plan(model, ["SB", "TP", "ESB", "TP"])
-    settings = DistillSettings(epochs=6, lr=2e-3, micro_batch=4)
+    settings = DistillSettings(epochs=6, lr=2e-3, micro_batch=4, head_grouping="esb")   # the paper's rule
     result = distill(model, plan, segments, copy.deepcopy(CPU_ZERO2), settings, progress=False)
     assert sorted(result.block_states) == [0, 2]
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
@@ -162,16 +162,21 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     first = last_json(run_cli([*args, "--epochs", "2"]).stdout)
     assert sorted(os.listdir(out)) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
     assert not any(f.endswith(".bin") or f.endswith(".pt") for f in os.listdir(out))
-    # resume: epochs 1-2 are in the ZeRO checkpoint, only epoch 3 runs; the history keeps all three
+    # a finished block's training state is removed (only its weights stay in the work dir); asked for more
+    # epochs, it trains again from the start (resuming mid-block is tested in test_layerwise)
+    assert not [d for d in os.listdir(out + ".work") if os.path.isdir(os.path.join(out + ".work", d))]
     proc = run_cli([*args, "--epochs", "3"])
-    assert "resuming from epoch 2 of 3" in proc.stderr
+    assert "block 0 finished 2 epochs, 3 asked" in proc.stderr
     resumed = last_json(proc.stdout)
     history = json.load(open(os.path.join(out, "provenance.json")))["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert resumed["epochs_trained"] == [1, 2, 3]
     assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
     saved = json.load(open(os.path.join(out, "plan.json")))
-    assert saved["blocks"][2]["head_permutation"] is not None and saved["blocks"][0]["head_permutation"] is None
+    # head grouping (default: every trained block, neuron matching): the plan records both permutations
+    assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))
+    assert saved["blocks"][1]["head_permutation"] is None   # ISB: zero-shot, not trained
+    assert sorted(saved["blocks"][2]["mlp_permutation"]) == list(range(200))   # every neuron, once
     # the checkpoint is rejected for another tp size; evaluation with it works (virtual TP)
     proc = run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA], check=False)
     assert proc.returncode == 2 and "tp size 2, not 3" in proc.stderr

@@ -23,7 +23,8 @@ def scanned_plan():
 def test_count_fraction_and_classes():
     plan = select(scanned_plan(), count=4)
     assert plan.spd_blocks == [1, 2, 3, 4]
-    assert {b.index: b.cls for b in plan.blocks} == {0: "TP", 1: "ISB", 2: "SB", 3: "ISB", 4: "ISB", 5: "TP"}
+    # default thresholds (0, 5%): only blocks whose zero-shot cost is <= 0 stay untrained (ISB)
+    assert {b.index: b.cls for b in plan.blocks} == {0: "TP", 1: "ISB", 2: "SB", 3: "ISB", 4: "SB", 5: "TP"}
     assert select(scanned_plan(), fraction=0.5).spd_blocks == [1, 3, 4]
     everything = select(scanned_plan(), count=6, thresholds=(0.01, 0.05))
     assert [b.cls for b in everything.blocks] == ["ESB", "ISB", "SB", "ISB", "ISB", "SB"]

@@ -244,6 +244,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
     assert _shm_files() <= shm_before, "a SIGKILLed run left DeepSpeed's shm buffer in /dev/shm"
     state = tmp / "a.work" / ("block000" if trainer == "layerwise" else "")   # layer-wise: per block
     assert not (tmp / "a").exists() and (state / "latest").read_text().strip() == "epoch2"
+    assert not (state / "epoch1").exists()   # only the latest epoch's training state is kept
     resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"])
     assert "resuming from epoch 2 of 3" in resumed.stderr
     run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3"])

@@ -124,12 +124,19 @@ def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: Block
         student = copy.deepcopy(layers[i])
         student.reduce = VirtualReduce(CommStats(timed=False))
         student.spd = True
-        if classes[i] == "ESB":
+        if grouped(classes[i], settings):
             x = pairs.inputs[j, :settings.hg_segments].to(model_device(model))
             groupings[i] = find_grouping(student, rotary, x, layout, settings.mlp_matching)
             permute_block(student, groupings[i], layout)
         students[i] = student
     return students, groupings
+
+
+def grouped(cls: str, settings: DistillSettings) -> bool:
+    """Whether a trained block of class ``cls`` gets head grouping first: ESB blocks (the paper), or every
+    trained block (``head_grouping: all``: the permutation leaves plain TP's function unchanged, and neuron
+    matching lowers the SPD error of every block it was measured on)."""
+    return cls == "ESB" or settings.head_grouping == "all"
 
 
 def plan_digest(plan: Plan) -> str:
@@ -231,7 +238,20 @@ class _Trainer:
         return (total / count).tolist()
 
     def save(self, directory: str, epoch: int, client: dict) -> None:
+        """This epoch's training state under ``directory/epoch{N}``; then the earlier epochs' are removed (a
+        resume needs only the latest: 30 blocks x 10 epochs of ZeRO state filled a disk)."""
         tag = f"epoch{epoch}"
+        self._save(directory, epoch, tag, client)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()   # every rank has written its part of this epoch
+        if self.rank == 0:
+            import shutil
+            for name in os.listdir(directory):
+                if name.startswith("epoch") and name[5:].isdigit() and int(name[5:]) < epoch:
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+    def _save(self, directory: str, epoch: int, tag: str, client: dict) -> None:
         if self.use_accelerate:
             path = os.path.join(directory, tag)
             self.acc.save_state(path)

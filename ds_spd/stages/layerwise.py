@@ -42,7 +42,7 @@ from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
 from ds_spd.stages.distill import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, _peak_memory,
-                                  _Trainer, _world as trainer_world, block_mse, check_epochs, run_epochs,
+                                  _Trainer, _world as trainer_world, block_mse, check_epochs, grouped, run_epochs,
                                   split_held_out, steps_per_epoch)
 from ds_spd.stages.headgroup import HeadGrouping, find_grouping, permute_block
 from ds_spd.stages.streaming import (ActivationBudget, ActivationStore, ActivationStores, BlockSource,
@@ -83,6 +83,9 @@ def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
         raise PlanError(f"finished block {i} in {work_dir!r} is from another run: use another --work-dir, or --restart")
     check_epochs(len(info["history"]), epochs, work_dir)
     finished = len(info["history"]) == epochs or info.get("stopped_early")
+    if not finished and not os.path.isdir(os.path.join(work_dir, f"block{i:03d}")):
+        print(f"distill: block {i} finished {len(info['history'])} epochs, {epochs} asked; its training state was "
+              "removed when it finished, so it trains again from the start", file=sys.stderr, flush=True)
     return (load_file(weights), info) if finished else None
 
 
@@ -102,7 +105,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     student = copy.deepcopy(teacher)
     student.spd = True
     grouping = None
-    if cls == "ESB":
+    if grouped(cls, settings):
         grouping = find_grouping(student, rotary, x.read(0, min(settings.hg_segments, len(x))), layout,
                                  settings.mlp_matching)
         permute_block(student, grouping, layout)
@@ -154,6 +157,9 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
         _save_done(work_dir, i, state, info)
     if dist.is_initialized():
         dist.barrier()
+    if block_dir and os.path.isdir(block_dir) and (not dist.is_initialized() or dist.get_rank() == 0):
+        import shutil
+        shutil.rmtree(block_dir)   # the finished block's file supersedes its training state
     del trainer, distiller, student
     gc.collect()
     return {"state": state, **info}
