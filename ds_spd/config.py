@@ -52,8 +52,8 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> str:
 class DistillConfig(_Strict):
     """Block-to-block distillation (paper defaults: 10 epochs, AdamW lr 5e-5, inputs from the original model)."""
 
-    epochs: int = Field(10, ge=1)
-    lr: float = Field(5e-5, gt=0)
+    epochs: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0)
     input_source: str = Field("original", description=f"one of {INPUT_SOURCES}")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
@@ -69,15 +69,17 @@ class DistillConfig(_Strict):
     mlp_matching: str = Field("neuron", description=f"head grouping's MLP step, one of {MLP_MATCHINGS}: the MLP "
                               "slice each head group keeps (paper), or every neuron to the rank where its SPD "
                               "activation stays closest to its TP one (acts at one KV head per rank too)")
-    schedule: str = Field("constant", description=f"learning-rate schedule, one of {LR_SCHEDULES}")
-    warmup: float = Field(0.0, ge=0, lt=1, description="fraction of the steps with a linear learning-rate warm-up")
-    val_segments: int = Field(0, ge=0, description="calibration segments held out of training: each block keeps "
-                              "the weights of its epoch with the lowest MSE on them (0: the last epoch's)")
+    schedule: str = Field("cosine", description=f"learning-rate schedule, one of {LR_SCHEDULES}")
+    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of the steps with a linear learning-rate warm-up")
+    val_segments: Optional[int] = Field(None, ge=0, description="calibration segments held out of training: each "
+                                        "block keeps the weights of its epoch with the lowest MSE on them (0: the "
+                                        "last epoch's; default: an eighth of the segments)")
     patience: Optional[int] = Field(None, ge=1, description="stop a block after this many epochs without a lower "
-                                    "held-out MSE (needs val_segments)")
-    kl_epochs: int = Field(0, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "
+                                    "held-out MSE (needs held-out segments; default 2)")
+    kl_epochs: Optional[int] = Field(None, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "
                            "model's next-token distribution to the TP model's), training only the distilled blocks; "
-                           "needs the whole model in one process")
+                           "needs the whole model in one process: by default 2, skipped with a notice where the "
+                           "model does not fit; asked for explicitly, refused there")
     kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
 
     @field_validator("input_source")
@@ -109,7 +111,7 @@ class DistillConfig(_Strict):
     def _budget_needs_layerwise(self):
         if self.activation_budget_gb is not None and self.trainer != "layerwise":
             raise ValueError("activation_budget_gb applies to the layerwise trainer only")
-        if self.patience is not None and not self.val_segments:
+        if self.patience is not None and self.val_segments == 0:
             raise ValueError("patience needs held-out segments (val_segments > 0) to measure improvement on")
         return self
 
@@ -126,8 +128,10 @@ class SPDConfig(_Strict):
                       "its slices from safetensors (sharded) or loads the full model before AutoTP shards it (full)")
     tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)
     data: DataConfig = Field(default_factory=DataConfig, description="held-out evaluation text (eval)")
-    calibration: DataConfig = Field(default_factory=lambda: DataConfig(split="train", max_samples=16, seed=0),
-                                    description="calibration text (scan, distill)")
+    calibration: DataConfig = Field(default_factory=lambda: DataConfig(dataset="pydoc+shakespeare", split="train",
+                                                                       max_samples=64, seed=0),
+                                    description="calibration text (scan, distill): a mixture, so the distilled blocks "
+                                                "do not fit one corpus")
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @field_validator("comm")

@@ -60,6 +60,24 @@ RECIPES = {
 }
 SETTING_KEYS = ("lr", "epochs", "schedule", "warmup", "val_segments", "patience", "input_source", "mlp_matching")
 EVAL_SETS = {"pydoc": 35, "shakespeare": 32}   # segments of 256 tokens (pydoc validation holds 35, test 32)
+# text neither calibration corpus resembles, for the test split only: the long descriptions (README prose) of
+# the packages installed in this venv, written once to the out dir
+UNSEEN = "readmes"
+
+
+def unseen_text(out: str) -> str:
+    import glob
+    import site
+    path = os.path.join(out, "readmes.txt")
+    if not os.path.isfile(path):
+        parts = []
+        for meta in sorted(glob.glob(os.path.join(site.getsitepackages()[0], "*.dist-info", "METADATA"))):
+            body = open(meta, encoding="utf-8", errors="replace").read().split("\n\n", 1)
+            if len(body) == 2 and len(body[1]) > 2000:
+                parts.append(body[1])
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(parts))
+    return path
 
 
 def log(*a):
@@ -84,9 +102,9 @@ class Lab:
         with open(self.results_path + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = json.load(open(self.results_path)) if os.path.isfile(self.results_path) else {}
-            for section, entries in self.results.items():
-                on_disk.setdefault(section, {}).update(entries)
-            self.results = on_disk
+            for section, entries in on_disk.items():   # in place: callers hold references to the sections
+                for key, value in entries.items():
+                    self.results.setdefault(section, {}).setdefault(key, value)
             tmp = self.results_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(self.results, f, indent=1)
@@ -96,8 +114,14 @@ class Lab:
         return segments_for(DataConfig(dataset=recipe["calibration"], split="train", max_samples=n or recipe["samples"],
                                        seed=0), self.tok)
 
+    def eval_sets(self, split: str) -> list[str]:
+        return [*EVAL_SETS, UNSEEN] if split == "test" else list(EVAL_SETS)
+
     def eval_data(self, name: str, split: str) -> torch.Tensor:
         key = (name, split)
+        if name == UNSEEN and key not in self._eval_data:
+            self._eval_data[key] = segments_for(DataConfig(text=[unseen_text(self.out)], max_samples=32, seed=0),
+                                                self.tok)
         if key not in self._eval_data:
             self._eval_data[key] = segments_for(DataConfig(dataset=name, split=split, max_samples=EVAL_SETS[name],
                                                            seed=0 if name == "shakespeare" else None), self.tok)
@@ -184,7 +208,7 @@ class Lab:
         """Every eval set on ``split`` with ``blocks`` in SPD form carrying ``states``; cached by ``key``."""
         evals = self.results.setdefault("evals", {})
         out = {}
-        for name in EVAL_SETS:
+        for name in self.eval_sets(split):
             k = f"{key}|{name}|{split}"
             if k not in evals:
                 self.model.load_state_dict(self.base)
@@ -266,8 +290,9 @@ def render(out: str, tp: int) -> None:
             *name, n = key.split("|")
             rows.setdefault("|".join(name), {})[int(n)] = key
         counts = sorted({n for r in rows.values() for n in r})
-        fig, axes = plt.subplots(1, len(EVAL_SETS), figsize=(6 * len(EVAL_SETS), 4))
-        for ax, data in zip(axes, EVAL_SETS):
+        sets = [*EVAL_SETS, UNSEEN] if split == "test" else list(EVAL_SETS)
+        fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4))
+        for ax, data in zip(axes, sets):
             base = evals[f"tp|{data}|{split}"]
             lines += [f"## {split}: {data} ({base['segments']} x {base['seq_len']} tokens; TP perplexity "
                       f"{base['perplexity']:.3f}, accuracy {base['accuracy']:.4f})", "",
@@ -276,10 +301,10 @@ def render(out: str, tp: int) -> None:
             for name, points in rows.items():
                 cells, xs, ys = [], [], []
                 for n in counts:
-                    if n not in points:
+                    r = evals.get(f"{points[n]}|{data}|{split}") if n in points else None
+                    if r is None:   # not measured (or still running)
                         cells.append("")
                         continue
-                    r = evals[f"{points[n]}|{data}|{split}"]
                     pr = paired_ratio_ci(base, r)
                     lo, hi = pr["ci95"]
                     alo, ahi = r["accuracy_ci95"]
@@ -302,13 +327,15 @@ def render(out: str, tp: int) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"recipes_tp{tp}_{split}.png"), dpi=110)
         plt.close(fig)
-    lines += ["## Cost", "", "| recipe | wall s (30 blocks) | train s | peak RSS GiB | best epochs |", "|---|---|---|---|---|"]
+    lines += ["## Cost", "", "Wall and training seconds on this 2-core machine while other experiments ran beside them (a "
+              "resumed run's wall covers only the resumed part); training seconds sum every block's own.", "",
+              "| recipe | wall s (30 blocks) | train s | peak RSS GiB | best epochs |", "|---|---|---|---|---|"]
     for name, d in results.get("distill", {}).items():
         epochs = sorted(d["best_epoch"].values()) if d.get("best_epoch") else []
         lines.append(f"| {name} | {d['wall_seconds']:.0f} | {d['train_seconds']:.0f} | {d['peak_rss_gib']:.1f} | "
                      f"{'median ' + str(epochs[len(epochs) // 2]) + ', range ' + str(epochs[0]) + '-' + str(epochs[-1]) if epochs else 'last'} |")
     for tag, d in results.get("kl", {}).items():
-        lines.append(f"| {tag} | {d['wall_seconds']:.0f} | | | KL {d['initial_kl']:.4f} -> {d['final_kl']:.4f}, "
+        lines.append(f"| {tag.replace('|', ' · ')} | {d['wall_seconds']:.0f} | | | KL {d['initial_kl']:.4f} -> {d['final_kl']:.4f}, "
                      f"epoch {d['best_epoch']} |")
     with open(os.path.join(out, f"recipes_tp{tp}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -51,6 +51,10 @@ class DistillSettings(DistillConfig):
     micro_batch: int = Field(4, ge=1)
     seed: int = 0
 
+    @property
+    def stop_patience(self) -> int:
+        return 2 if self.patience is None else self.patience
+
     def knobs(self) -> dict:
         """What determines the trained weights (not where they are written)."""
         return self.model_dump(exclude={"out", "work_dir", "activation_budget_gb"})
@@ -397,9 +401,15 @@ def run_epochs(trainer: _Trainer, pairs: Dataset, settings: DistillSettings, sta
     return tokens, time.perf_counter() - start
 
 
+def held_out_count(n: int, settings: DistillSettings) -> int:
+    """Held-out segments: ``val_segments``, by default an eighth of the ``n`` calibration segments."""
+    return n // 8 if settings.val_segments is None else settings.val_segments
+
+
 def split_held_out(pairs: Dataset, settings: DistillSettings) -> tuple[Dataset, Dataset | None]:
     """(training items, held-out items): the last ``val_segments`` calibration segments are held out."""
-    n, v = len(pairs), settings.val_segments
+    n = len(pairs)
+    v = held_out_count(n, settings)
     if not v:
         return pairs, None
     if v >= n:
@@ -428,7 +438,7 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), g.mlp_permutation] for i, g in groupings.items()}}
     start_epoch, history = 0, []
-    best = BestEpochs(blocks, settings.patience) if held_out is not None else None
+    best = BestEpochs(blocks, settings.stop_patience) if held_out is not None else None
     if checkpoint_dir:  # the work dir's fingerprint was checked before (ds_spd.workdir): only then is it loaded
         found = trainer.load(checkpoint_dir)
         if found is not None:

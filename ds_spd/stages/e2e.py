@@ -81,7 +81,7 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
         trainer = _Trainer(module, ds_config, kl_settings, use_accelerate,
                            kl_settings.epochs * steps_per_epoch(len(train), _world(), kl_settings.micro_batch))
         initial = trainer.validate(probe, kl_settings.micro_batch)[0]
-        best = BestEpochs(module.indices, kl_settings.patience)
+        best = BestEpochs(module.indices, kl_settings.stop_patience)
         best.update(0, [initial] * len(module.indices), lambda: states)   # epoch 0: the B2B weights
         history = []
 

@@ -118,7 +118,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
                        settings.epochs * steps_per_epoch(len(train), trainer_world(), settings.micro_batch))
     block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
-    best = BestEpochs([i], settings.patience) if held_out is not None else None
+    best = BestEpochs([i], settings.stop_patience) if held_out is not None else None
     start_epoch, history, val_history = 0, [], []
     if block_dir and os.path.isdir(block_dir):
         found = trainer.load(block_dir)
@@ -226,7 +226,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
     epochs = max(len(d["history"]) for d in done.values())
     history = [{"epoch": e + 1, "loss": {i: d["history"][e] for i, d in done.items() if e < len(d["history"])},
                 **({"val": {i: d["val_history"][e] for i, d in done.items() if e < len(d.get("val_history", []))}}
-                   if settings.val_segments else {})}
+                   if any(d.get("val_history") for d in done.values()) else {})}
                for e in range(epochs)]
     groupings = {i: HeadGrouping.from_json(d["grouping"]) for i, d in done.items() if d["grouping"] is not None}
     return DistillResult({i: d["state"] for i, d in done.items()}, groupings, history,

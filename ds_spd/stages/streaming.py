@@ -26,6 +26,11 @@ from ds_spd.stages.headgroup import attention_kwargs
 
 def default_budget_bytes() -> int:
     """A quarter of the memory available now, shared by the ranks on this host."""
+    return available_bytes() // 4
+
+
+def available_bytes() -> int:
+    """The memory available now (MemAvailable; 8 GiB if unknown), shared by the ranks on this host."""
     avail = None
     try:
         with open("/proc/meminfo") as f:
@@ -33,7 +38,7 @@ def default_budget_bytes() -> int:
     except (OSError, StopIteration):
         pass
     local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    return (avail or 8 * 2**30) // 4 // local
+    return (avail or 8 * 2**30) // local
 
 
 class ActivationBudget:
