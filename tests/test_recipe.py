@@ -261,3 +261,16 @@ def test_neuron_assignment_is_optimal_and_respects_widths(monkeypatch):
     chosen = torch.tensor([r for r, w in enumerate((2000, 2000, 1000)) for _ in range(w)])
     greedy_cost = big[torch.tensor(greedy), chosen].sum().item()
     assert greedy_cost < 0.8 * big[:, 0].sum().item()   # far below any fixed assignment's expected cost
+
+
+def test_kl_stage_that_would_not_fit_is_refused_before_any_work(monkeypatch, tiny_dir):
+    from ds_spd.config import SPDConfig
+    from ds_spd.errors import SPDInputError
+    from ds_spd.run import resolve_run
+    from ds_spd.stages import recovery, streaming
+    spec = resolve_run(SPDConfig(model=tiny_dir), virtual_tp=2, read_weights=False)
+    recovery.check_kl_fits(DistillSettings(kl_epochs=2), spec)            # the tiny model fits
+    monkeypatch.setattr(streaming, "available_bytes", lambda: 1000)
+    with pytest.raises(SPDInputError, match="needs the whole model in one process"):
+        recovery.check_kl_fits(DistillSettings(kl_epochs=2), spec)
+    recovery.check_kl_fits(DistillSettings(kl_epochs=0), spec)            # off: nothing to check

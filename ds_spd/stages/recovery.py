@@ -36,33 +36,20 @@ def deepspeed_config(config_path: str | None, lr: float) -> dict:
     return ds
 
 
-DEFAULT_KL_EPOCHS = 2
-
-
-def kl_epochs(settings: DistillSettings, spec: RunSpec) -> int:
-    """The end-to-end stage's epochs: as asked, or by default 2 where the whole model fits this rank's share
-    of the available memory twice over (weights, then logits and the trained blocks' state); where it does
-    not, the default skips the stage with a notice and an explicit request is refused before any work."""
-    import sys
-
+def check_kl_fits(settings: DistillSettings, spec: RunSpec) -> None:
+    """The end-to-end stage holds the whole model in one process: refused before any work where it would not
+    fit this rank's share of the available memory twice over (weights, then logits and trained state)."""
     from ds_spd.models.sharded import meta_model
-    from ds_spd.ranks import is_main_rank
     from ds_spd.stages.streaming import available_bytes
-    if settings.kl_epochs == 0:
-        return 0
+    if not settings.kl_epochs:
+        return
     need = 2 * sum(p.numel() * p.element_size() for p in meta_model(spec.model_config, spec.config.torch_dtype)
                    .parameters())
     have = available_bytes()
-    if need <= have:
-        return DEFAULT_KL_EPOCHS if settings.kl_epochs is None else settings.kl_epochs
-    why = (f"the end-to-end KL stage needs the whole model in one process (~{need / 2**30:.1f} GiB), "
-           f"{have / 2**30:.1f} GiB are available per rank")
-    if settings.kl_epochs is not None:
-        raise SPDInputError(f"{why}: set kl_epochs 0 (--kl-epochs 0), or free memory")
-    if is_main_rank():
-        print(f"distill: {why}: the stage is skipped (B2B only); --kl-epochs 0 says so explicitly",
-              file=sys.stderr, flush=True)
-    return 0
+    if need > have:
+        raise SPDInputError(f"the end-to-end KL stage (--kl-epochs {settings.kl_epochs}) needs the whole model in one "
+                            f"process (~{need / 2**30:.1f} GiB), {have / 2**30:.1f} GiB are available per rank: "
+                            "drop --kl-epochs, or free memory")
 
 
 def launched_by_accelerate() -> bool:
@@ -107,7 +94,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     ds_config = deepspeed_config(config_path, cfg.distill.lr)
     settings = DistillSettings(**cfg.distill.model_dump(), micro_batch=ds_config["train_micro_batch_size_per_gpu"],
                                seed=d.seed or 0)
-    settings = settings.model_copy(update={"kl_epochs": kl_epochs(settings, spec)})
+    check_kl_fits(settings, spec)
     use_accelerate = launched_by_accelerate()
     out = cfg.distill.out.rstrip(os.sep)
     work_dir = (cfg.distill.work_dir or out + ".work").rstrip(os.sep)
