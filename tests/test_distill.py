@@ -114,9 +114,10 @@ def test_distilled_block_beats_zero_shot_and_loss_decreases():
 
 
 def test_distilled_block_generalises_at_the_shipped_settings():
-    """With the shipped defaults (10 epochs, lr 5e-5, micro-batch 4), the distilled SPD block's MSE to the
-    teacher on *held-out* segments, measured outside the trainer, is below that of its starting point (the
-    zero-shot SPD block, head-grouped for the ESB block)."""
+    """With the shipped defaults (8 epochs, lr 3e-4 cosine, held-out epoch choice, head grouping with neuron
+    matching for every trained block, micro-batch 4), the distilled SPD block's MSE to the teacher on *held-out*
+    segments, measured outside the trainer, is below that of its starting point (the head-grouped zero-shot
+    SPD block)."""
     model = ds_spd.virtualize(tiny_model(), 2)
     train = torch.randint(0, 384, (16, 24), generator=torch.Generator().manual_seed(1))
     held_out = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(2))
@@ -136,7 +137,7 @@ def test_distilled_block_generalises_at_the_shipped_settings():
             zero_shot = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
             layer.load_state_dict(result.block_states[i])
             trained = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
-        assert trained < 0.97 * zero_shot, (i, trained, zero_shot)   # measured: 0.94 (block 0), 0.92 (block 2)
+        assert trained < 0.97 * zero_shot, (i, trained, zero_shot)   # measured: 0.91 (block 0), 0.91 (block 2)
 
 
 def _tiny_plan_file(model_dir, tmp_path, classes):
