@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
                             LR_SCHEDULES, MLP_MATCHINGS)
@@ -82,30 +82,11 @@ class DistillConfig(_Strict):
                            "off by default: no measurable gain on SmolLM2 (README, recovery)")
     kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
 
-    @field_validator("input_source")
+    @field_validator("input_source", "trainer", "head_grouping", "mlp_matching", "schedule")
     @classmethod
-    def _source(cls, v: str) -> str:
-        return _one_of(v, INPUT_SOURCES)
-
-    @field_validator("trainer")
-    @classmethod
-    def _trainer(cls, v: str) -> str:
-        return _one_of(v, DISTILL_TRAINERS)
-
-    @field_validator("head_grouping")
-    @classmethod
-    def _grouping(cls, v: str) -> str:
-        return _one_of(v, HEAD_GROUPINGS)
-
-    @field_validator("mlp_matching")
-    @classmethod
-    def _matching(cls, v: str) -> str:
-        return _one_of(v, MLP_MATCHINGS)
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        return _one_of(v, LR_SCHEDULES)
+    def _choice(cls, v: str, info: ValidationInfo) -> str:
+        return _one_of(v, {"input_source": INPUT_SOURCES, "trainer": DISTILL_TRAINERS, "head_grouping": HEAD_GROUPINGS,
+                           "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES}[info.field_name])
 
     @model_validator(mode="after")
     def _budget_needs_layerwise(self):
