@@ -41,6 +41,7 @@ from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 from ds_spd.models.adapters import layer_type
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
+from ds_spd.ranks import is_main_rank, world_size
 from ds_spd.stages.scan import BlockInputs
 
 
@@ -174,6 +175,10 @@ def _peak_memory() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+#: The optimizer of a DeepSpeed config without one (ds_spd.stages.recovery.deepspeed_config); lr is settings'.
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}}
+
+
 class _Trainer:
     """DeepSpeed engine or accelerate (with its DeepSpeed plugin) behind the same four calls."""
 
@@ -183,7 +188,7 @@ class _Trainer:
         self.scheduler = None
         params = [p for p in distiller.parameters() if p.requires_grad]
         lr = settings.lr
-        optimizer = ds_config.get("optimizer", {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}})
+        optimizer = ds_config.get("optimizer", DEFAULT_OPTIMIZER)
         ds_config = {**ds_config, "optimizer": {**optimizer, "params": {**optimizer.get("params", {}), "lr": lr}}}
         schedule = lr_schedule(settings, total_steps)
         # ZeRO-3: the SPD block reads the MLP weights without calling the MLP module; DeepSpeed 0.19 fetches
@@ -280,7 +285,7 @@ class _Trainer:
         _, client = self.model.load_checkpoint(directory)
         return client
 
-    def gathered_state(self, distiller: nn.Module = None) -> dict[int, dict[str, torch.Tensor]]:
+    def gathered_state(self) -> dict[int, dict[str, torch.Tensor]]:
         """Full (unpartitioned) student weights, by block index (the module's ``indices`` and ``blocks``)."""
         import deepspeed
         module = self.model.module if hasattr(self.model, "module") else self.model
@@ -434,7 +439,7 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
         _, initial = distiller(first[0].to(model_device(model)), first[1].to(model_device(model)))
     train, held_out = split_held_out(pairs, settings)
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
-                       settings.epochs * steps_per_epoch(len(train), _world(), settings.micro_batch))
+                       settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), g.mlp_permutation] for i, g in groupings.items()}}
     start_epoch, history = 0, []
@@ -459,7 +464,7 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
         history.append({"epoch": epoch, "loss": dict(zip(blocks, mean)),
                         **({"val": dict(zip(blocks, val))} if val is not None else {})})
         if checkpoint_dir:
-            if best is not None and _is_main():
+            if best is not None and is_main_rank():
                 best.save(checkpoint_dir)
             trainer.save(checkpoint_dir, epoch, {**client, "history": history})
     tokens, seconds = run_epochs(trainer, train, settings, start_epoch, "distill", progress, end_of_epoch,
@@ -471,16 +476,6 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
                          dict(zip(blocks, final.tolist())), seconds,
                          tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage,
                          best_epoch=dict(best.epoch) if best is not None else {})
-
-
-def _world() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 @torch.no_grad()

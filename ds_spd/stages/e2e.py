@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ds_spd.core.inject import decoder_layers, set_spd_blocks
-from ds_spd.stages.distill import (BestEpochs, DistillSettings, _Trainer, _world, run_epochs, split_held_out,
+from ds_spd.ranks import world_size
+from ds_spd.stages.distill import (BestEpochs, DistillSettings, _Trainer, run_epochs, split_held_out,
                                    steps_per_epoch)
 
 
@@ -79,7 +80,7 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
     start = time.perf_counter()
     try:
         trainer = _Trainer(module, ds_config, kl_settings, use_accelerate,
-                           kl_settings.epochs * steps_per_epoch(len(train), _world(), kl_settings.micro_batch))
+                           kl_settings.epochs * steps_per_epoch(len(train), world_size(), kl_settings.micro_batch))
         initial = trainer.validate(probe, kl_settings.micro_batch)[0]
         best = BestEpochs(module.indices, kl_settings.stop_patience)
         best.update(0, [initial] * len(module.indices), lambda: states)   # epoch 0: the B2B weights

@@ -41,8 +41,9 @@ from tqdm.auto import tqdm
 from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
+from ds_spd.ranks import world_size
 from ds_spd.stages.distill import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, _peak_memory,
-                                  _Trainer, _world as trainer_world, block_mse, check_epochs, grouped, run_epochs,
+                                  _Trainer, block_mse, check_epochs, grouped, run_epochs,
                                   split_held_out, steps_per_epoch)
 from ds_spd.stages.headgroup import HeadGrouping, find_grouping, permute_block
 from ds_spd.stages.streaming import (ActivationBudget, ActivationStore, ActivationStores, BlockSource,
@@ -116,7 +117,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
         _, initial = distiller(*first)
     train, held_out = split_held_out(_SegmentPairs(x, y), settings)
     trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
-                       settings.epochs * steps_per_epoch(len(train), trainer_world(), settings.micro_batch))
+                       settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
     block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
     best = BestEpochs([i], settings.stop_patience) if held_out is not None else None
     start_epoch, history, val_history = 0, [], []

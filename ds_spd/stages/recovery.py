@@ -8,6 +8,7 @@ swaps the new checkpoint in atomically, with the full history of every epoch in 
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 
 from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
 from ds_spd.config import SPDConfig, load_ds_config
-from ds_spd.stages.distill import DistillSettings, distill, plan_digest
+from ds_spd.stages.distill import DEFAULT_OPTIMIZER, DistillSettings, distill, plan_digest
 from ds_spd.errors import SPDInputError
 from ds_spd.plan import BlockEntry, Plan, load_plan
 from ds_spd.run import RunSpec
@@ -30,7 +31,7 @@ def deepspeed_config(config_path: str | None, lr: float) -> dict:
     ds.setdefault("train_micro_batch_size_per_gpu", 4)
     ds.setdefault("gradient_accumulation_steps", 1)
     ds.setdefault("zero_optimization", {"stage": 2})
-    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}})
+    optimizer = ds.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
     optimizer.setdefault("params", {})["lr"] = lr
     ds.setdefault("steps_per_print", 10**9)
     return ds
