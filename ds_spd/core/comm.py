@@ -82,10 +82,10 @@ class AllReduce:
 
     def __call__(self, partials: torch.Tensor, kind: str) -> torch.Tensor:
         assert partials.shape[0] == 1, "real TP holds exactly one shard per rank"
-        tensor = partials[0].contiguous()
-        if self.stats.timed:
+        if self.stats.timed:   # the whole reduce is timed: everything a dropped sync removes (copy, call, sync)
             self._sync()
         start = time.perf_counter()
+        tensor = partials[0].contiguous()
         if self.path == "auto" and self._group_is_world and tensor.dtype in _SHM_DTYPES:
             import deepspeed.comm as ds_comm
             ds_comm.inference_all_reduce(tensor, group=self.group)

@@ -13,11 +13,12 @@ its path's 0%-SPD configuration measured in the same repeat (AutoTP: to 0% SPD o
 effect". Noise is detected and reported (a warning line in the report, the Markdown and the JSON): CPU used
 by other processes during the run, and a 0%-SPD spread (max-min over median) above 10%.
 
-Per configuration it records the all-reduce count and the time measured inside all-reduce calls per
-forward, and the *ideal* latency: the 0%-SPD latency minus the measured in-call time of the all-reduces
-that SPD drops. It assumes that time is all a dropped sync costs; it is not an upper bound on the saving:
-on the gloo path the time outside the calls (waiting, copies) also falls as syncs are dropped, so
-achieved/ideal can exceed 1.
+Per configuration it records the all-reduce count, the time of the whole reduces per forward (the copy,
+the call and its wait for the other ranks: everything a dropped sync removes from the block), the time
+outside them, the paired saving, and how much of that saving the dropped reduces' own time explains. The
+*ideal* latency (0%-SPD latency minus the dropped reduces' time) assumes a dropped sync saves exactly its
+own time; it is not an upper bound: on the gloo path the time outside the calls also falls as syncs are
+dropped (an explained share below 100%).
 """
 from __future__ import annotations
 
@@ -235,33 +236,43 @@ def summarize(configs, workloads, samples, comm, settings, n_layers) -> dict:
     rows = []
     for name, path, blocks in configs:
         for w in workloads:
+            xs = samples[(name, path, w)]
             row = {"config": name, "comm": "autotp (DeepSpeed)" if name == "autotp" else path, "workload": w,
-                   "spd_blocks": None if blocks is None else len(blocks), **_stats(samples[(name, path, w)])}
+                   "spd_blocks": None if blocks is None else len(blocks), **_stats(xs)}
             if (name, path, w) in comm:
-                runs = comm[(name, path, w)]
+                runs = comm[(name, path, w)]   # one per repeat, paired with xs
                 row["allreduce_per_forward"] = statistics.median(r["allreduce_per_forward"] for r in runs)
                 row["allreduce_ms_per_forward"] = 1e3 * statistics.median(
                     r["allreduce_seconds_per_forward"] for r in runs)
+                row["outside_ms_per_forward"] = 1e3 * statistics.median(
+                    x - r["allreduce_seconds_per_forward"] for x, r in zip(xs, runs))
             base = ("spd0", "auto" if name == "autotp" else path, w)
             if name != "spd0" and base in samples:
-                row.update(paired_ratio(samples[(name, path, w)], samples[base]))
+                row.update(paired_ratio(xs, samples[base]))
+                row["saving_ms"] = 1e3 * statistics.median(b - x for x, b in zip(xs, samples[base]))
             rows.append(row)
-    _ideal(rows, n_layers)
+    _explained(rows)
     return {"settings": vars(settings), "n_layers": n_layers, "rows": rows}
 
 
-def _ideal(rows, n_layers) -> None:
-    """Ideal latency of each SPD row: its path's 0% row minus the dropped all-reduces' measured cost."""
+def _explained(rows) -> None:
+    """What the dropped all-reduces' own time explains of each SPD row's measured saving.
+
+    ``dropped_allreduce_ms``: the dropped syncs times the 0% row's measured cost per whole reduce (copy, call,
+    wait for the other ranks); ``ideal_ms``: the 0% latency minus that, i.e. assuming a dropped sync saves
+    exactly its own time and nothing around it; ``explained_share``: dropped time / measured paired saving,
+    given only where the saving is demonstrated (interval below 1). Above 1: the saving is smaller than the
+    dropped time; below 1: time outside the calls fell too (so the ideal is not an upper bound)."""
     zero = {(r["comm"], r["workload"]): r for r in rows if r["config"] == "spd0"}
     for r in rows:
         z = zero.get((r["comm"], r["workload"]))
         if z is None or r["config"] in ("autotp", "spd0") or "allreduce_ms_per_forward" not in z:
             continue
         per_ar = z["allreduce_ms_per_forward"] / z["allreduce_per_forward"]
-        dropped = z["allreduce_per_forward"] - r["allreduce_per_forward"]
-        r["ideal_ms"] = z["median_ms"] - dropped * per_ar  # a row's time is one forward (prefill or decode step)
-        ideal_saving = z["median_ms"] - r["ideal_ms"]
-        r["achieved_over_ideal"] = (z["median_ms"] - r["median_ms"]) / ideal_saving if ideal_saving > 0 else None
+        r["dropped_allreduce_ms"] = (z["allreduce_per_forward"] - r["allreduce_per_forward"]) * per_ar
+        r["ideal_ms"] = z["median_ms"] - r["dropped_allreduce_ms"]  # a row's time is one forward (prefill or decode step)
+        demonstrated = r.get("effect") == "faster" and r["saving_ms"] > 0
+        r["explained_share"] = r["dropped_allreduce_ms"] / r["saving_ms"] if demonstrated else None
 
 
 OUTPUT_FILES = ("bench.json", "bench.md", "bench.png")
@@ -281,8 +292,9 @@ def markdown(result: dict, command: str) -> str:
     lines = [MD_MARK, f"Command: `{command}`", ""]
     lines += [f"**Warning: {w}**" for w in result.get("warnings", [])] + ([""] if result.get("warnings") else [])
     lines += ["| workload | config | all-reduce path | SPD blocks | median ms | min-max ms | paired ratio to 0% SPD "
-              "(95% CI) | all-reduces / fwd | all-reduce ms / fwd | ideal ms | achieved / ideal saving |",
-              "|---" * 11 + "|"]
+              "(95% CI) | all-reduces / fwd | all-reduce ms / fwd | outside all-reduce ms / fwd | saving ms (paired) "
+              "| dropped all-reduce ms | share of saving explained |",
+              "|---" * 13 + "|"]
     for r in sorted(result["rows"], key=lambda r: (r["workload"], r["comm"], r["spd_blocks"] or 0)):
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
         ratio = "-" if "ratio" not in r else f"{r['ratio']:.3f}" + (
@@ -290,8 +302,8 @@ def markdown(result: dict, command: str) -> str:
         lines.append(f"| {r['workload']} | {r['config']} | {r['comm']} | {f('spd_blocks', 'd')} | "
                      f"{r['median_ms']:.2f} | {r['min_ms']:.2f}-{r['max_ms']:.2f} | {ratio} | "
                      f"{f('allreduce_per_forward', '.0f')} | {f('allreduce_ms_per_forward', '.2f')} | "
-                     f"{f('ideal_ms', '.2f')} "
-                     f"| {f('achieved_over_ideal', '.2f')} |")
+                     f"{f('outside_ms_per_forward', '.2f')} | {f('saving_ms', '.2f')} | "
+                     f"{f('dropped_allreduce_ms', '.2f')} | {f('explained_share', '.0%')} |")
     return "\n".join(lines) + "\n"
 
 
