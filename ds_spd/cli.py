@@ -171,7 +171,8 @@ def config_from_args(args: argparse.Namespace):
 def _report(args, result: dict, runner=None) -> None:
     """With --json, rank 0 prints ``result`` (plus the runner's model, SPD blocks and all-reduce accounting)."""
     if runner is not None:
-        result = {**result, "mode": runner.mode, "model": runner.config.model, "tp_size": runner.config.tp_size,
+        result = {**result, "mode": runner.mode, "model": runner.config.model, "dtype": runner.config.dtype,
+                  "tp_size": runner.config.tp_size,
                   "load": runner.config.load if runner.mode == "tp" else "virtual",
                   "load_seconds": round(runner.load_seconds, 3),
                   "spd_blocks": list(runner.spd_blocks), **runner.stats.summary()}

@@ -21,6 +21,26 @@ def _ratio(r):
     return f"{r['ratio']:.4f} [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}] ({r['verdict']})"
 
 
+def recipe(distill: dict) -> str:
+    """The settings the checkpoint was trained with, from its provenance."""
+    prov = load(distill["checkpoint"], "provenance.json")
+    s, cal = prov["settings"], prov["calibration"]
+    return (f"head grouping: {s.get('head_grouping', '?')}, MLP matching: {s.get('mlp_matching', '?')}; "
+            f"calibration {cal['dataset']} {cal['max_samples']} x {cal['seq_len']} tokens; {s['epochs']} epochs at most, "
+            f"lr {s['lr']:g}")
+
+
+def eval_table(evals: dict) -> list[str]:
+    """Table rows of the three evaluations, then distilled vs zero-shot (paired)."""
+    lines = []
+    for name, e in evals.items():
+        ratio = "—" if name == "tp" else _ratio(paired_ratio_ci(evals["tp"], e))
+        lines.append(f"| {name} | {len(e['spd_blocks'])} | {e['perplexity']:.3f} {_ci(e['perplexity_ci95'], 2)} | "
+                     f"{ratio} | {e['accuracy']:.4f} {_ci(e['accuracy_ci95'], 4)} | {e['allreduce_per_forward']:.0f} |")
+    d = paired_ratio_ci(evals["zero_shot"], evals["distilled"])
+    return lines + ["", f"Distilled vs zero-shot SPD: perplexity ratio {_ratio(d)}."]
+
+
 def main(out: str) -> None:
     plan = load(out, "plan_summary.json")
     distill = load(out, "distill.json")
@@ -29,7 +49,7 @@ def main(out: str) -> None:
     lines = ["# ds_spd demo: SmolLM2-135M, tensor parallel on 2 CPU ranks", "",
              "## Sensitivity scan and plan", "", "![plan](plan.png)", "",
              f"SPD blocks ({len(plan['spd_blocks'])}): {plan['spd_blocks']}; classes: {plan['classes']}", "",
-             "## Distillation (DeepSpeed ZeRO, B2B; head grouping for ESB)", "",
+             f"## Distillation (DeepSpeed ZeRO, B2B; {recipe(distill)})", "",
              "| block | MSE before | MSE after |", "|---|---|---|"]
     for i in sorted(distill["final_mse"], key=int):
         lines.append(f"| {i} | {distill['initial_mse'][i]:.4g} | {distill['final_mse'][i]:.4g} |")
@@ -42,12 +62,13 @@ def main(out: str) -> None:
               "both models), so it measures the difference between the models rather than the spread of the text.",
               "", "| model | SPD blocks | perplexity (95% CI) | ratio to TP (paired 95% CI) | top-1 accuracy (95% CI) "
               "| all-reduces / forward |", "|---|---|---|---|---|---|"]
-    for name, e in evals.items():
-        ratio = "—" if name == "tp" else _ratio(paired_ratio_ci(evals["tp"], e))
-        lines.append(f"| {name} | {len(e['spd_blocks'])} | {e['perplexity']:.3f} {_ci(e['perplexity_ci95'], 2)} | "
-                     f"{ratio} | {e['accuracy']:.4f} {_ci(e['accuracy_ci95'], 4)} | {e['allreduce_per_forward']:.0f} |")
-    d = paired_ratio_ci(evals["zero_shot"], evals["distilled"])
-    lines += ["", f"Distilled vs zero-shot SPD: perplexity ratio {_ratio(d)}."]
+    lines += eval_table(evals)
+    shak = os.path.join(out, "shakespeare")
+    if os.path.isdir(shak):
+        lines += ["", "Shakespeare test split (32 segments; part of the default calibration mixture):", "",
+                  "| model | SPD blocks | perplexity (95% CI) | ratio to TP (paired 95% CI) | top-1 accuracy (95% CI) "
+                  "| all-reduces / forward |", "|---|---|---|---|---|---|"]
+        lines += eval_table({k: load(shak, f"eval_{k}.json") for k in ("tp", "zero_shot", "distilled")})
     lines += ["", f"Generation with the distilled checkpoint: *{gen['prompt']}*{gen['completion']} "
               f"({gen['ms_per_token']:.1f} ms/token)", "", "## Latency", "", "![bench](bench/bench.png)", ""]
     with open(os.path.join(out, "bench", "bench.md")) as f:

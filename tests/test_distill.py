@@ -183,7 +183,7 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "tp size 2, not 3" in proc.stderr
     ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA,
                             "--json"]).stdout)
-    assert ev["spd_blocks"] == [0, 1, 2]
+    assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
     # a training work dir from another plan is refused
     other = _tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
     proc = run_cli(["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"],

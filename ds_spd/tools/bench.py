@@ -295,7 +295,7 @@ def markdown(result: dict, command: str) -> str:
               "(95% CI) | all-reduces / fwd | all-reduce ms / fwd | outside all-reduce ms / fwd | saving ms (paired) "
               "| dropped all-reduce ms | share of saving explained |",
               "|---" * 13 + "|"]
-    for r in sorted(result["rows"], key=lambda r: (r["workload"], r["comm"], r["spd_blocks"] or 0)):
+    for r in sorted(result["rows"], key=lambda r: (_workload_key(r["workload"]), r["comm"], r["spd_blocks"] or 0)):
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
         ratio = "-" if "ratio" not in r else f"{r['ratio']:.3f}" + (
             f" ({r['ratio_ci95'][0]:.3f}-{r['ratio_ci95'][1]:.3f}, {r['effect']})" if "ratio_ci95" in r else "")
@@ -307,24 +307,37 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _workload_key(w: str):
+    return (w == "prefill", int(w.split("_b")[1]) if "_b" in w else 0)
+
+
 def plot(result: dict, path: str) -> str:
+    """Per workload: each path's paired ratio to its 0%-SPD configuration with its 95% interval (the measured
+    effect), the ratio the dropped reduces' own time predicts (dotted), AutoTP's ratio (dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    workloads = sorted({r["workload"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    workloads = sorted({r["workload"] for r in result["rows"]}, key=_workload_key)
+    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 4), squeeze=False)
     for ax, w in zip(axes[0], workloads):
         rows = [r for r in result["rows"] if r["workload"] == w]
-        for path_name in sorted({r["comm"] for r in rows if r["config"] != "autotp"}):
-            pts = sorted((r["spd_blocks"], r) for r in rows if r["comm"] == path_name)
-            ax.plot([p for p, _ in pts], [r["median_ms"] for _, r in pts], marker="o", label=f"ds_spd, {path_name}")
-            ideal = [(p, r["ideal_ms"]) for p, r in pts if "ideal_ms" in r]
+        zero = {r["comm"]: r for r in rows if r["config"] == "spd0"}
+        for path_name in sorted(zero):
+            pts = sorted((r["spd_blocks"], r) for r in rows if r["comm"] == path_name and "ratio_ci95" in r)
+            xs = [0] + [p for p, _ in pts]
+            ys = [1.0] + [r["ratio"] for _, r in pts]
+            err = [[0] + [r["ratio"] - r["ratio_ci95"][0] for _, r in pts],
+                   [0] + [r["ratio_ci95"][1] - r["ratio"] for _, r in pts]]
+            line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"ds_spd, {path_name} (95% CI)")
+            ideal = [(p, r["ideal_ms"] / zero[path_name]["median_ms"]) for p, r in pts if "ideal_ms" in r]
             if ideal:
-                ax.plot(*zip(*ideal), ls=":", color=ax.lines[-1].get_color(), label=f"ideal, {path_name}")
+                ax.plot([0] + [p for p, _ in ideal], [1.0] + [v for _, v in ideal], ls=":",
+                        color=line[0].get_color(), label=f"dropped reduces' own time, {path_name}")
         for r in rows:
-            if r["config"] == "autotp":
-                ax.axhline(r["median_ms"], color="gray", ls="--", label="DeepSpeed AutoTP")
-        ax.set(title=w, xlabel="SPD blocks", ylabel="ms (median)")
+            if r["config"] == "autotp" and "ratio" in r:
+                ax.axhline(r["ratio"], color="gray", ls="--", label="DeepSpeed AutoTP (vs ds_spd 0%, auto)")
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set(title=w, xlabel="SPD blocks", ylabel="latency / 0%-SPD latency (paired)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
