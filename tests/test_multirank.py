@@ -91,7 +91,9 @@ def test_bench_runs_and_counts(tiny_dir, tmp_path):
             assert rows[("spd50", path, w)]["allreduce_per_forward"] == 2 * n + 1 - n // 2
             assert rows[("spd100", path, w)]["allreduce_per_forward"] == n + 1
             assert "ideal_ms" in rows[("spd100", path, w)]
-    assert rows[("autotp", "autotp (DeepSpeed)", "prefill")]["median_ms"] > 0
+    for path in ("auto", "gloo"):   # AutoTP on each path, paired with ds_spd 0% on the same path
+        autotp = rows[("autotp", path, "prefill")]
+        assert autotp["median_ms"] > 0 and autotp["n_pairs"] == 3
     # paired ratios to the same path's 0%-SPD configuration, with an interval and its verdict
     spd100 = rows[("spd100", "gloo", "decode_b1")]
     assert spd100["n_pairs"] == 3 and spd100["ratio_ci95"][0] <= spd100["ratio"] <= spd100["ratio_ci95"][1]

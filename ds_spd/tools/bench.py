@@ -8,10 +8,11 @@ in the same processes, interleaved repeat by repeat (so drift hits all alike), w
 
 Every repeat runs every configuration once, in a freshly shuffled order (seeded, the same on all ranks), so
 slow drift and order effects hit all configurations alike. Each figure is reported as a *paired ratio* to
-its path's 0%-SPD configuration measured in the same repeat (AutoTP: to 0% SPD on the default path), with a
-95% interval (t over the log-ratios of the repeats); a ratio whose interval contains 1 is marked "no
-effect". Noise is detected and reported (a warning line in the report, the Markdown and the JSON): CPU used
-by other processes during the run, and a 0%-SPD spread (max-min over median) above 10%.
+its path's 0%-SPD configuration measured in the same repeat (AutoTP, whose all-reduces follow the path
+too: to ds_spd at 0% SPD on that path), with a 95% interval (t over the log-ratios of the repeats); a ratio
+whose interval contains 1 is marked "no effect". Noise is detected and reported (a warning line in the
+report, the Markdown and the JSON): CPU used by other processes during the run, and a 0%-SPD spread
+(max-min over median) above 10%.
 
 Per configuration it records the all-reduce count, the time of the whole reduces per forward (the copy,
 the call and its wait for the other ranks: everything a dropped sync removes from the block), the time
@@ -22,6 +23,7 @@ dropped (an explained share below 100%).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import statistics
@@ -127,8 +129,8 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     n_layers = len(decoder_layers(engine.module))
     sets = spd_sets(n_layers, settings.fractions, order)
     reducers = {layer.reduce for layer in decoder_layers(engine.module)}
-    configs = [("autotp", "auto", None)] + [(name, path, blocks) for path in settings.comm_paths
-                                             for name, blocks in sets.items()]
+    configs = [("autotp", path, None) for path in settings.comm_paths] + \
+        [(name, path, blocks) for path in settings.comm_paths for name, blocks in sets.items()]
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     device = model_device(engine)
@@ -149,8 +151,9 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
                 set_spd_blocks(engine.module, blocks)
             for w, ids in workloads.items():
                 engine.spd_stats.reset()
-                seconds = time_prefill(target, ids) if w == "prefill" else \
-                    time_decode(target, ids, settings.decode_tokens, engine.spd_stats.reset)
+                with autotp_path(path if name == "autotp" else "auto"):
+                    seconds = time_prefill(target, ids) if w == "prefill" else \
+                        time_decode(target, ids, settings.decode_tokens, engine.spd_stats.reset)
                 if rep >= settings.warmup:
                     samples[(name, path, w)].append(seconds)
                     if name != "autotp":
@@ -159,6 +162,23 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     result["noise"] = noise.finish()
     result["warnings"] = noise_warnings(result)
     return {**result, "tp_grain_size": cfg.tp_grain_size, "mlp_columns_rank0_layer0": shards}
+
+
+@contextlib.contextmanager
+def autotp_path(path: str):
+    """AutoTP's own all-reduces (DeepSpeed's ``inference_all_reduce``, lm_head included) on ``path``: "gloo"
+    switches DeepSpeed's shared-memory kernel off for the duration (its backend then falls back to
+    ``torch.distributed.all_reduce``, as ds_spd arranges across hosts: ds_spd.core.comm.init_comm)."""
+    import deepspeed.comm.comm as ds_comm
+    cdb = ds_comm.cdb
+    if path != "gloo" or cdb is None or not hasattr(cdb, "shm_vector_kernel_level"):
+        yield
+        return
+    saved, cdb.shm_vector_kernel_level = cdb.shm_vector_kernel_level, 0
+    try:
+        yield
+    finally:
+        cdb.shm_vector_kernel_level = saved
 
 
 class NoiseProbe:
@@ -237,7 +257,7 @@ def summarize(configs, workloads, samples, comm, settings, n_layers) -> dict:
     for name, path, blocks in configs:
         for w in workloads:
             xs = samples[(name, path, w)]
-            row = {"config": name, "comm": "autotp (DeepSpeed)" if name == "autotp" else path, "workload": w,
+            row = {"config": name, "comm": path, "workload": w,
                    "spd_blocks": None if blocks is None else len(blocks), **_stats(xs)}
             if (name, path, w) in comm:
                 runs = comm[(name, path, w)]   # one per repeat, paired with xs
@@ -246,7 +266,7 @@ def summarize(configs, workloads, samples, comm, settings, n_layers) -> dict:
                     r["allreduce_seconds_per_forward"] for r in runs)
                 row["outside_ms_per_forward"] = 1e3 * statistics.median(
                     x - r["allreduce_seconds_per_forward"] for x, r in zip(xs, runs))
-            base = ("spd0", "auto" if name == "autotp" else path, w)
+            base = ("spd0", path, w)   # AutoTP too: against ds_spd 0% on the same all-reduce path
             if name != "spd0" and base in samples:
                 row.update(paired_ratio(xs, samples[base]))
                 row["saving_ms"] = 1e3 * statistics.median(b - x for x, b in zip(xs, samples[base]))
@@ -323,7 +343,8 @@ def plot(result: dict, path: str) -> str:
         rows = [r for r in result["rows"] if r["workload"] == w]
         zero = {r["comm"]: r for r in rows if r["config"] == "spd0"}
         for path_name in sorted(zero):
-            pts = sorted((r["spd_blocks"], r) for r in rows if r["comm"] == path_name and "ratio_ci95" in r)
+            pts = sorted((r["spd_blocks"], r) for r in rows
+                         if r["comm"] == path_name and r["config"] != "autotp" and "ratio_ci95" in r)
             xs = [0] + [p for p, _ in pts]
             ys = [1.0] + [r["ratio"] for _, r in pts]
             err = [[0] + [r["ratio"] - r["ratio_ci95"][0] for _, r in pts],
@@ -333,9 +354,10 @@ def plot(result: dict, path: str) -> str:
             if ideal:
                 ax.plot([0] + [p for p, _ in ideal], [1.0] + [v for _, v in ideal], ls=":",
                         color=line[0].get_color(), label=f"dropped reduces' own time, {path_name}")
-        for r in rows:
-            if r["config"] == "autotp" and "ratio" in r:
-                ax.axhline(r["ratio"], color="gray", ls="--", label="DeepSpeed AutoTP (vs ds_spd 0%, auto)")
+            for r in rows:
+                if r["config"] == "autotp" and r["comm"] == path_name and "ratio" in r:
+                    ax.axhline(r["ratio"], color=line[0].get_color(), ls="--", lw=1,
+                               label=f"DeepSpeed AutoTP, {path_name} (vs ds_spd 0%)")
         ax.axhline(1.0, color="black", lw=0.5)
         ax.set(title=w, xlabel="SPD blocks", ylabel="latency / 0%-SPD latency (paired)")
         ax.grid(alpha=0.3)
