@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -116,7 +117,6 @@ def main():
     result["rows"].append({"workload": "prefill_1x2048", "mode": "eager", "median_ms": ms, "min_ms": 1e3 * min(xs),
                            "max_ms": 1e3 * max(xs), "weight_TFLOP_s": flops / (ms * 1e-3) / 1e12})
     result["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    import os
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

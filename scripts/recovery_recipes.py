@@ -65,6 +65,11 @@ EVAL_SETS = {"pydoc": 35, "shakespeare": 32}   # segments of 256 tokens (pydoc v
 UNSEEN = "readmes"
 
 
+def eval_sets(split: str) -> list[str]:
+    """The texts evaluated on ``split``: the unseen one on test only (it is reported once)."""
+    return [*EVAL_SETS, UNSEEN] if split == "test" else list(EVAL_SETS)
+
+
 def unseen_text(out: str) -> str:
     import glob
     import site
@@ -113,9 +118,6 @@ class Lab:
     def calibration(self, recipe: dict, n: int | None = None) -> torch.Tensor:
         return segments_for(DataConfig(dataset=recipe["calibration"], split="train", max_samples=n or recipe["samples"],
                                        seed=0), self.tok)
-
-    def eval_sets(self, split: str) -> list[str]:
-        return [*EVAL_SETS, UNSEEN] if split == "test" else list(EVAL_SETS)
 
     def eval_data(self, name: str, split: str) -> torch.Tensor:
         key = (name, split)
@@ -208,7 +210,7 @@ class Lab:
         """Every eval set on ``split`` with ``blocks`` in SPD form carrying ``states``; cached by ``key``."""
         evals = self.results.setdefault("evals", {})
         out = {}
-        for name in self.eval_sets(split):
+        for name in eval_sets(split):
             k = f"{key}|{name}|{split}"
             if k not in evals:
                 self.model.load_state_dict(self.base)
@@ -290,7 +292,7 @@ def render(out: str, tp: int) -> None:
             *name, n = key.split("|")
             rows.setdefault("|".join(name), {})[int(n)] = key
         counts = sorted({n for r in rows.values() for n in r})
-        sets = [*EVAL_SETS, UNSEEN] if split == "test" else list(EVAL_SETS)
+        sets = eval_sets(split)
         fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4))
         for ax, data in zip(axes, sets):
             base = evals[f"tp|{data}|{split}"]

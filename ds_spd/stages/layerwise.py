@@ -69,6 +69,12 @@ def _done_paths(work_dir: str, i: int) -> tuple[str, str]:
     return os.path.join(work_dir, f"block{i:03d}.safetensors"), os.path.join(work_dir, f"block{i:03d}.json")
 
 
+def _rank0() -> bool:
+    """Rank 0 of the data-parallel group (or the only process): the one that writes the work dir."""
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
     """A block finished with ``epochs`` epochs: (state, info); None if not finished (or trained fewer epochs:
     it continues from its last epoch)."""
@@ -140,7 +146,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
         if val is not None:
             val_history.append(val[0])
         if block_dir:
-            if best is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            if best is not None and _rank0():
                 best.save(block_dir)
             trainer.save(block_dir, epoch, {"client": client, "history": history, "val": val_history})
     tokens, seconds = run_epochs(trainer, train, settings, start_epoch, f"block {i}", progress, end_of_epoch,
@@ -154,11 +160,11 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
             "seconds": seconds,
             "tokens": tokens, "grouping": None if grouping is None else grouping.to_json(),
             "zero_stage": trainer.zero_stage}
-    if work_dir and (not dist.is_initialized() or dist.get_rank() == 0):
+    if work_dir and _rank0():
         _save_done(work_dir, i, state, info)
     if dist.is_initialized():
         dist.barrier()
-    if block_dir and os.path.isdir(block_dir) and (not dist.is_initialized() or dist.get_rank() == 0):
+    if block_dir and os.path.isdir(block_dir) and _rank0():
         import shutil
         shutil.rmtree(block_dir)   # the finished block's file supersedes its training state
     del trainer, distiller, student
