@@ -154,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--prefill-len", type=int, default=512)
     be.add_argument("--decode-batches", default="1,8")
     be.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.png, bench.md")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server on a resident TP + SPD engine (continuous batching)")
+    _common(sv)
+    g = sv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address rank 0 listens on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port, printed at start)")
+    g.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name)")
+    g.add_argument("--max-seqs", type=int, default=8, help="sequences in the running batch (KV-cache slots)")
+    g.add_argument("--max-model-len", type=int,
+                   help="tokens per sequence, prompt and completion (default: 2048 or the model's limit if lower)")
+    g.add_argument("--max-step-tokens", type=int, default=2048,
+                   help="tokens per engine step: one per running sequence, the rest prefill (a longer prompt is "
+                        "prefilled in chunks across steps)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="after SIGTERM / Ctrl-C, seconds running requests may take to finish")
+    g.add_argument("--exit-linger", type=float, default=2.0,
+                   help="after a rank died, seconds rank 0 answers 503 before it exits")
+    g.add_argument("--token-log", metavar="DIR", help="at exit, every rank writes the tokens it ran per sequence")
     prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
     prep.add_argument("--model", default="default")
     return parser
@@ -333,6 +350,16 @@ def cmd_bench(args) -> None:
     _report(args, {"bench": os.path.join(args.out, "bench.json"), "model": cfg.model, "tp_size": cfg.tp_size})
 
 
+def cmd_serve(args) -> None:
+    from ds_spd.run import resolve_run
+    from ds_spd.serve.server import ServeSettings, serve
+    settings = ServeSettings(host=args.host, port=args.port, model_name=args.served_model_name,
+                             max_seqs=args.max_seqs, max_model_len=args.max_model_len,
+                             max_step_tokens=args.max_step_tokens, shutdown_timeout=args.shutdown_timeout,
+                             exit_linger=args.exit_linger, token_log=args.token_log)
+    serve(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp), settings)
+
+
 def cmd_prepare_model(args) -> None:
     from ds_spd.models.loading import resolve_model_path
     print(resolve_model_path(args.model))
@@ -385,13 +412,15 @@ def refuse_not_applicable(args) -> None:
             if getattr(args, flag) is not None:
                 raise SPDInputError(f"--{flag.replace('_gb', '').replace('_', '-')} applies to the streamed scan "
                                     "only (drop --in-memory / --no-cache)")
+    if args.command == "serve" and args.json:
+        raise SPDInputError("--json does not apply here: serve answers over HTTP")
     for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
         if getattr(args, flag, None) is not None:
             raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")
 
 
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan, "distill": cmd_distill,
-            "bench": cmd_bench,
+            "bench": cmd_bench, "serve": cmd_serve,
             "prepare-model": cmd_prepare_model}
 
 

@@ -1,0 +1,379 @@
+"""The OpenAI-compatible HTTP API of rank 0 (FastAPI), as vLLM's server shapes it.
+
+``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's chat template), ``GET /v1/models``,
+``GET /health`` (200 while every rank is alive and serving, 503 while loading, draining or after a rank died),
+``GET /metrics`` (Prometheus). Streaming is Server-Sent Events ending ``data: [DONE]``. Errors are HTTP
+400 (or 503) with ``{"error": {"message", "type", "param", "code"}}``. A field this server cannot honour is
+refused by name, never ignored; an unknown field is refused too.
+
+The HTTP side runs in its own thread with its own event loop; it hands requests to the engine loop (main
+thread) through :class:`ServeState` and reads results from a per-request asyncio queue the loop feeds.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ds_spd.serve.sampling import SamplingParams
+
+
+# ---------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+#: Fields of OpenAI's API this server cannot honour, with the value that means "not used" (accepted as such).
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "echo": (False,), "suffix": (None,),
+               "best_of": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+               "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,), "functions": (None,),
+               "function_call": (None,)}
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: Optional[int] = Field(None, gt=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1, description="vLLM's extension: sample from the k best tokens (0 or -1: all)")
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None   # metadata for the client's own accounting; not used
+    logprobs: Any = None
+    top_logprobs: Any = None
+    echo: Any = False
+    suffix: Any = None
+    best_of: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, unused in UNSUPPORTED.items():
+            if getattr(self, name) not in unused:
+                raise _FieldError(name, f"'{name}' is not supported by this server (it would be ignored)")
+        if self.stream_options is not None and not self.stream:
+            raise _FieldError("stream_options", "'stream_options' needs 'stream': true")
+        return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if any(not s for s in stops) or len(stops) > 4:
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    def params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(self.stop or ()))
+
+
+class CompletionBody(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[dict]]
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise _FieldError("messages", f"content part of type {part.get('type')!r} is not supported (text only)")
+            parts.append(part.get("text", ""))
+        return "".join(parts)
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, gt=0)
+
+
+class _FieldError(ValueError):
+    """A request error that names its field."""
+
+    def __init__(self, param: str, message: str, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.message, self.code, self.status = param, message, code, status
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status == 400 else "service_unavailable" if status == 503 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+
+# ---------------------------------------------------------------- shared state
+@dataclass(eq=False)
+class LiveRequest:
+    """One HTTP request in flight: its sequences' events arrive on ``events`` (from the engine thread)."""
+
+    id: str
+    endpoint: str
+    prompts: list[list[int]]
+    n: int
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.monotonic)
+
+    def push(self, item) -> None:
+        """Called from any thread."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class ServeState:
+    """What the HTTP thread and the engine loop share: the inbox, the live requests, the status."""
+
+    def __init__(self, model_name: str, tokenizer, max_len: int, metrics, info: dict):
+        self.model_name, self.tokenizer, self.max_len, self.metrics, self.info = model_name, tokenizer, max_len, \
+            metrics, info
+        self.status = "loading"          # loading | ready | draining | dead
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.live: dict[str, LiveRequest] = {}
+        self.lock = threading.Lock()
+
+    def submit(self, req: LiveRequest) -> None:
+        with self.lock:
+            self.live[req.id] = req
+        self.inbox.put(("add", req))
+
+    def cancel(self, req: LiveRequest) -> None:
+        with self.lock:
+            live = self.live.pop(req.id, None)
+        if live is not None:
+            self.inbox.put(("cancel", req.id))
+
+    def finish(self, request_id: str) -> None:
+        with self.lock:
+            self.live.pop(request_id, None)
+
+    def fail_all(self, status: int, message: str) -> int:
+        """Fail every request in flight (a rank died, or the server stops): each gets an error event."""
+        with self.lock:
+            live, self.live = list(self.live.values()), {}
+        for req in live:
+            req.push(("error", status, message))
+        return len(live)
+
+
+# ---------------------------------------------------------------- the app
+def build_app(state: ServeState) -> FastAPI:
+    app = FastAPI(title="ds-spd serve", docs_url=None, redoc_url=None)
+    tok = state.tokenizer
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldError):
+            return error_response(400, ctx_err.message, ctx_err.param, ctx_err.code)
+        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
+        param = loc[0] if loc else None
+        if err.get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {err.get('msg')}", None, "invalid_json")
+        if err.get("type") == "extra_forbidden":
+            return error_response(400, f"unknown field '{'.'.join(loc)}'", param, "unknown_field")
+        what = "missing" if err.get("type") == "missing" else err.get("msg", "invalid value")
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {what}", param, err.get("type"))
+
+    @app.exception_handler(_FieldError)
+    async def _field(_request, exc: _FieldError):
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.get("/health")
+    async def health():
+        ok = state.status == "ready"
+        return JSONResponse({"status": state.status}, 200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        state.metrics.waiting.set(state.info.get("waiting", 0))
+        state.metrics.running.set(state.info.get("running", 0))
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                            "owned_by": "ds_spd", "max_model_len": state.max_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        prompts = _completion_prompts(body.prompt, tok)
+        return await _serve(state, request, body, prompts, "completion", body.max_tokens or 16)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        if getattr(tok, "chat_template", None) is None:
+            raise _FieldError("messages", f"model {state.model_name} has no chat template: use /v1/completions")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = list(ids["input_ids"])
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_len - len(ids), 1)
+        return await _serve(state, request, body, [ids], "chat", max_tokens)
+
+    return app
+
+
+def _completion_prompts(prompt, tok) -> list[list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        prompts = [tok(t).input_ids for t in texts]
+    else:
+        prompts = [prompt] if (not prompt or isinstance(prompt[0], int)) else prompt
+        vocab = len(tok)
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise _FieldError("prompt", f"token ids must lie in [0, {vocab})")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise _FieldError("prompt", "prompt is empty (it has no tokens)")
+    return prompts
+
+
+async def _serve(state: ServeState, request: Request, body: _Sampling, prompts: list[list[int]], endpoint: str,
+                 max_tokens: int):
+    if body.model != state.model_name:
+        raise _FieldError("model", f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
+                          "model_not_found")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > state.max_len:
+        raise _FieldError("max_tokens" if body.max_tokens or getattr(body, "max_completion_tokens", None) else
+                          ("messages" if endpoint == "chat" else "prompt"),
+                          f"this model's context is {state.max_len} tokens; the request asks for {longest} prompt "
+                          f"+ {max_tokens} completion tokens", "context_length_exceeded")
+    if state.status != "ready":
+        raise _FieldError(None, f"server is {state.status}", "unavailable", status=503)
+    req = LiveRequest(f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", endpoint, prompts, body.n,
+                      body.params(max_tokens), asyncio.get_running_loop())
+    state.submit(req)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(_stream(state, req, include_usage), media_type="text/event-stream")
+    return await _collect(state, req, request)
+
+
+def _choices_total(req: LiveRequest) -> int:
+    return len(req.prompts) * req.n
+
+
+async def _events(state: ServeState, req: LiveRequest):
+    """The request's events until every choice finished; raises _FieldError on an engine-side failure."""
+    left = _choices_total(req)
+    while left:
+        item = await req.events.get()
+        if item[0] == "error":
+            state.metrics.requests.labels(req.endpoint, "error").inc()
+            raise _FieldError(None, item[2], "engine_error", status=item[1])
+        if item[0] == "first":
+            state.metrics.ttft.observe(item[1] - req.arrival)
+            continue
+        if item[3] is not None:
+            left -= 1
+        yield item
+    state.finish(req.id)
+    state.metrics.requests.labels(req.endpoint, "ok").inc()
+    state.metrics.e2e.observe(time.monotonic() - req.arrival)
+
+
+def _usage(req: LiveRequest, generated: int) -> dict:
+    prompt = sum(len(p) for p in req.prompts) 
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSONResponse:
+    texts, reasons, generated = {}, {}, 0
+    agen = _events(state, req)
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(agen.__anext__(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():   # free the slots of a client that went away
+                    state.cancel(req)
+                    return error_response(499, "client disconnected")
+                continue
+            except StopAsyncIteration:
+                break
+            _, index, delta, reason, tokens = item
+            texts[index] = texts.get(index, "") + delta
+            if reason is not None:
+                reasons[index], generated = reason, generated + tokens
+    except _FieldError as err:
+        return error_response(err.status, err.message, err.param, err.code)
+    created, total = int(time.time()), _choices_total(req)
+    if req.endpoint == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")}, "logprobs": None,
+                    "finish_reason": reasons[i]} for i in range(total)]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons[i]}
+                   for i in range(total)]
+        obj = "text_completion"
+    return JSONResponse({"id": req.id, "object": obj, "created": created, "model": state.model_name,
+                         "choices": choices, "usage": _usage(req, generated)})
+
+
+async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
+    created, chat = int(time.time()), req.endpoint == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        body = {"id": req.id, "object": obj, "created": created, "model": state.model_name, "choices": choices}
+        if include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    generated, finished = 0, False
+    try:
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(_choices_total(req))])
+        async for _, index, delta, reason, tokens in _events(state, req):
+            if reason is not None:
+                generated += tokens
+            if not delta and reason is None:
+                continue
+            if chat:
+                yield chunk([{"index": index, "delta": {"content": delta} if delta else {}, "logprobs": None,
+                              "finish_reason": reason}])
+            else:
+                yield chunk([{"index": index, "text": delta, "logprobs": None, "finish_reason": reason}])
+        if include_usage:
+            yield chunk([], _usage(req, generated))
+        finished = True
+        yield "data: [DONE]\n\n"
+    except _FieldError as err:
+        finished = True
+        yield f"data: {json.dumps({'error': {'message': err.message, 'type': 'service_unavailable', 'param': None, 'code': err.code}})}\n\n"
+    finally:
+        if not finished:   # the client went away mid-stream: free its slots at the next step
+            state.cancel(req)

@@ -1,0 +1,45 @@
+"""Run one step's plan on this rank: the same code on rank 0 and on every other rank (lockstep).
+
+The model is the command's runner model (virtual TP, or the DeepSpeed AutoTP + SPD engine's module), called
+like any HF causal LM with the slot cache, explicit position ids and masks, and ``logits_to_keep=1``: only
+the last position of each row reaches the (vocabulary-sized) head.
+"""
+from __future__ import annotations
+
+import torch
+
+from ds_spd.serve.kv_cache import SlotCache
+
+
+class StepExecutor:
+    def __init__(self, model: torch.nn.Module, device: torch.device, slots: int, max_len: int):
+        config = model.config
+        self.model, self.device = model, device
+        self.cache = SlotCache(config.num_hidden_layers, slots, max_len)
+        self.layer_types = getattr(config, "layer_types", None)
+        self.window = getattr(config, "sliding_window", None)
+        self.fed: dict[str, list[int]] = {}   # tokens fed per sequence (kept only with a token log)
+        self.log_tokens = False
+
+    @torch.no_grad()
+    def forward(self, first_slot: int, offsets: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """Rows ``first_slot ..`` (offsets: their cached lengths) take ``tokens``; last-position logits ``[B, V]``."""
+        ids = torch.tensor(tokens, device=self.device)
+        pos = self.cache.select(first_slot, offsets, ids.shape[1]).to(self.device)
+        mask = self.cache.masks(self.layer_types, self.window)
+        mask = {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def run(self, plan: dict) -> list[torch.Tensor]:
+        """Apply a plan (slot moves, then forwards); the logits of each forward, for rank 0 to sample from."""
+        for src, dst, length in plan["moves"]:
+            self.cache.copy_slot(src, dst, length)
+        out = []
+        for fwd in plan["forwards"]:
+            out.append(self.forward(fwd["slot"], fwd["offsets"], fwd["tokens"]))
+            if self.log_tokens:
+                for sid, toks in zip(fwd["seqs"], fwd["tokens"]):
+                    self.fed.setdefault(sid, []).extend(toks)
+        return out

@@ -1,0 +1,74 @@
+"""A KV cache of fixed slots, one sequence per slot, for a batch whose sequences have different lengths.
+
+HF's ``DynamicCache`` holds one batch whose rows all have the same length; continuous batching needs rows that
+joined at different times. Here every layer holds ``[slots, kv_heads, max_len, head_dim]`` (kv_heads: this
+rank's own, learnt from the first update), each sequence owns one slot and its own length, and a forward
+covers the rows ``slot .. slot + B - 1`` with ``T`` new tokens each, written at every row's own offset. The
+scheduler keeps the running sequences in slots ``0 .. B - 1`` (a finished one is replaced by the last: one
+copy), so a batched decode reads a view of the cache, never a gathered copy.
+
+The attention mask is explicit (``[B, 1, T, kv_len]`` bool, one per layer type where a model has sliding
+layers): key ``j`` is visible to query ``t`` of row ``b`` iff ``j <= offset_b + t`` (and within the window).
+Masked positions get softmax weight exactly 0, so a row's result does not depend on the others' lengths.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotCache(Cache):
+    """Per-slot KV storage, passed to an HF model as its ``cache``; :meth:`select` picks the rows of a forward."""
+
+    def __init__(self, num_layers: int, slots: int, max_len: int):
+        super().__init__(layers=[])
+        self.num_layers, self.slots, self.max_len = num_layers, slots, max_len
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self._first, self._rows, self._pos, self._kv_len = 0, 0, None, 0
+
+    # ---- the rows of the next forward
+    def select(self, first_slot: int, offsets: list[int], q_len: int) -> torch.Tensor:
+        """Rows ``first_slot ..`` with these offsets get ``q_len`` new tokens; returns their position ids ``[B, T]``."""
+        if first_slot + len(offsets) > self.slots:
+            raise ValueError(f"rows {first_slot}..{first_slot + len(offsets) - 1} exceed the {self.slots} slots")
+        if max(offsets) + q_len > self.max_len:
+            raise ValueError(f"{max(offsets) + q_len} tokens exceed the cache length {self.max_len}")
+        self._first, self._rows = first_slot, len(offsets)
+        self._pos = torch.tensor(offsets)[:, None] + torch.arange(q_len)[None, :]
+        self._kv_len = max(offsets) + q_len
+        return self._pos
+
+    def masks(self, layer_types: list[str] | None, sliding_window: int | None) -> torch.Tensor | dict:
+        """The selected rows' attention mask; a dict by layer type where the model has sliding layers."""
+        j = torch.arange(self._kv_len)[None, None, None, :]
+        q = self._pos[:, None, :, None]
+        full = j <= q
+        if not layer_types or "sliding_attention" not in layer_types:
+            return full
+        return {"full_attention": full, "sliding_attention": full & (q - j < sliding_window)}
+
+    # ---- the HF Cache interface the attention modules use
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.keys[layer_idx] is None:   # this rank's KV heads are known only now
+            b, h, _, d = key_states.shape
+            shape = (self.slots, h, self.max_len, d)
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros(shape)
+        rows = torch.arange(self._first, self._first + self._rows)[:, None].expand_as(self._pos)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k[rows, :, self._pos] = key_states.transpose(1, 2)
+        v[rows, :, self._pos] = value_states.transpose(1, 2)
+        sl = slice(self._first, self._first + self._rows)
+        return k[sl, :, :self._kv_len], v[sl, :, :self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len - (0 if self._pos is None else self._pos.shape[1])
+
+    # ---- slot moves the scheduler asks for
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Slot ``dst`` takes slot ``src``'s first ``length`` positions (compaction, or ``n`` > 1 forks)."""
+        for store in (self.keys, self.values):
+            for t in store:
+                if t is not None:
+                    t[dst, :, :length] = t[src, :, :length]

@@ -1,0 +1,193 @@
+"""Continuous batching on rank 0: which sequences run in the next step, and what happens to their tokens.
+
+Each step is one plan, sent to every rank and run by each (ds_spd.serve.executor):
+
+- ``moves``: slot copies that keep the running sequences in slots ``0 .. R-1`` (a finished sequence's slot is
+  filled by the last running one) and the prefilling ones right after them;
+- ``forwards``: one decode forward over every running sequence (one token each), then prefill forwards
+  (one sequence each) for as many queued prompts as the step's token budget leaves room for: a prompt
+  longer than what is left is split across steps (chunked prefill), so a long prompt never stalls the
+  running decodes for more than ``max_step_tokens`` tokens of work;
+- ``done``: sequences that left since the last plan (finished, stopped, or cancelled by their client).
+
+Requests wait in a FIFO queue while ``max_seqs`` sequences hold slots. Rank 0 samples the next tokens
+(:mod:`ds_spd.serve.sampling`), detokenises incrementally, and finishes a sequence on an end-of-sequence
+token, a stop string or ``max_tokens``. A request with ``n`` > 1 is ``n`` sequences.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ds_spd.serve.sampling import SamplingParams, generator_for, sample
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator = None
+    output: list[int] = field(default_factory=list)
+    offset: int = 0                  # tokens in the cache
+    slot: int = -1
+    finish_reason: str | None = None
+    text: str = ""                   # the output text so far, cut before any stop string
+    sent: int = 0                    # characters of ``text`` already delivered
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+    def __post_init__(self):
+        if self.generator is None:
+            self.generator = generator_for(self.params.seed, self.index)
+
+    @property
+    def id(self) -> str:
+        return f"{self.request_id}/{self.index}"
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.offset >= len(self.prompt)
+
+
+@dataclass
+class Event:
+    """What a step did for one sequence: new text (possibly empty) and, at the end, its finish reason."""
+
+    seq: Sequence
+    delta: str
+    token_ids: list[int]
+
+
+class Scheduler:
+    def __init__(self, tokenizer, eos_ids: set[int], max_seqs: int, max_len: int, max_step_tokens: int):
+        if max_step_tokens <= max_seqs:
+            raise ValueError(f"max_step_tokens ({max_step_tokens}) must exceed max_seqs ({max_seqs}): every step "
+                             "decodes one token per running sequence and needs room left for a prefill")
+        self.tokenizer, self.eos_ids = tokenizer, set(eos_ids)
+        self.max_seqs, self.max_len, self.max_step_tokens = max_seqs, max_len, max_step_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []       # slots 0 .. R-1, in slot order
+        self.prefilling: list[Sequence] = []    # slots R .., in slot order; at most the last is part-filled
+        self._done: list[str] = []
+
+    # ---- requests in and out
+    def add(self, seqs: list[Sequence]) -> None:
+        for s in seqs:
+            if len(s.prompt) + s.params.max_tokens > self.max_len:
+                raise ValueError(f"{len(s.prompt)} prompt + {s.params.max_tokens} new tokens exceed {self.max_len}")
+            self.waiting.append(s)
+
+    def cancel(self, request_id: str) -> list[Sequence]:
+        """Finish a request's sequences (its client went away); their slots are freed by the next plan."""
+        hit = [s for s in (*self.waiting, *self.running, *self.prefilling) if s.request_id == request_id]
+        for s in hit:
+            s.finish_reason = s.finish_reason or "cancelled"
+        self.waiting = deque(s for s in self.waiting if not s.finished)
+        self._done += [s.id for s in hit]
+        return hit
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ---- the next step
+    def plan(self) -> dict | None:
+        """The next step's plan (JSON-able), or None if there is nothing to run."""
+        moves = self._compact()
+        forwards = []
+        if self.running:
+            forwards.append({"slot": 0, "offsets": [s.offset for s in self.running],
+                             "tokens": [[s.output[-1]] for s in self.running], "seqs": [s.id for s in self.running]})
+        budget, complete = self.max_step_tokens - len(self.running), True
+        for s in self.prefilling:   # at most one: a prompt part-filled in an earlier step goes on first
+            budget, complete = self._prefill_chunk(s, budget, forwards)
+        while complete and budget > 0 and self.waiting and len(self.running) + len(self.prefilling) < self.max_seqs:
+            s = self.waiting.popleft()
+            s.slot = len(self.running) + len(self.prefilling)
+            self.prefilling.append(s)
+            budget, complete = self._prefill_chunk(s, budget, forwards)
+        done, self._done = self._done, []
+        if not forwards and not moves and not done:
+            return None
+        return {"moves": moves, "forwards": forwards, "done": done}
+
+    def _prefill_chunk(self, s: Sequence, budget: int, forwards: list) -> tuple[int, bool]:
+        """Add up to ``budget`` of ``s``'s prompt tokens; returns the budget left and whether the prompt is in."""
+        n = min(len(s.prompt) - s.offset, budget)
+        if n > 0:
+            forwards.append({"slot": s.slot, "offsets": [s.offset], "tokens": [s.prompt[s.offset:s.offset + n]],
+                             "seqs": [s.id]})
+        return budget - n, s.offset + n == len(s.prompt)
+
+    def _compact(self) -> list[list[int]]:
+        """Drop finished sequences; move the last running ones into the holes, then the prefilling ones after."""
+        for s in (*self.running, *self.prefilling):
+            if s.finished and s.id not in self._done:
+                self._done.append(s.id)
+        self.running = [s for s in self.running if not s.finished]
+        self.prefilling = [s for s in self.prefilling if not s.finished]
+        r, moves = len(self.running), []
+        holes = sorted(set(range(r)) - {s.slot for s in self.running})
+        outside = [s for s in self.running if s.slot >= r]
+        for hole, s in zip(holes, outside):
+            moves.append([s.slot, hole, s.offset])
+            s.slot = hole
+        self.running.sort(key=lambda s: s.slot)
+        for i, s in enumerate(self.prefilling):
+            if s.slot != r + i:
+                moves.append([s.slot, r + i, s.offset])
+                s.slot = r + i
+        return moves
+
+    # ---- after the step: sample, detokenise, finish
+    def complete(self, plan: dict, logits: list[torch.Tensor]) -> list[Event]:
+        """Apply a step's results: ``logits[i]`` holds the last position's logits of forward i's rows."""
+        by_id = {s.id: s for s in (*self.running, *self.prefilling)}
+        events, now = [], time.monotonic()
+        for fwd, rows in zip(plan["forwards"], logits):
+            for sid, toks, row in zip(fwd["seqs"], fwd["tokens"], rows):
+                s = by_id[sid]
+                s.offset += len(toks)
+                if s.finished or not s.prefilled:
+                    continue
+                token = sample(row, s.params, s.generator)
+                s.output.append(token)
+                s.first_token = s.first_token or now
+                events.append(self._advance(s, token))
+        newly = [s for s in self.prefilling if s.prefilled]
+        self.prefilling = [s for s in self.prefilling if not s.prefilled]
+        self.running += newly
+        return events
+
+    def _advance(self, s: Sequence, token: int) -> Event:
+        if token in self.eos_ids:
+            s.finish_reason = "stop"
+        ids = s.output[:-1] if s.finish_reason == "stop" else s.output
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not s.finished:
+            cut = min((i for i in (text.find(stop) for stop in s.params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, s.finish_reason = text[:cut], "stop"
+            elif len(s.output) >= s.params.max_tokens:
+                s.finish_reason = "length"
+        s.text = text
+        if s.finished:
+            ready = len(text)
+        else:   # hold back a partial UTF-8 character and anything that could still grow into a stop string
+            ready = len(text.rstrip("\ufffd"))
+            hold = max((len(stop) - 1 for stop in s.params.stop), default=0)
+            ready = max(s.sent, min(ready, len(text) - hold))
+        delta, s.sent = text[s.sent:ready], max(s.sent, ready)
+        return Event(s, delta, [token])

@@ -1,0 +1,301 @@
+"""``ds-spd serve``: a resident TP + SPD engine behind the OpenAI-compatible API, every rank in lockstep.
+
+One launch starts every rank (deepspeed launcher, torchrun, ``launch/node.sh`` across hosts; or one process in
+virtual TP). Order of events, so that a bad start fails fast and with a message:
+
+1. every rank resolves the run (config, model, plan or checkpoint, tp size: ds_spd.run);
+2. rank 0 binds the HTTP port: a port in use is an error on every rank before any weight loads;
+3. rank 0 starts HTTP at once (``/health`` answers 503 "loading" while the weights load);
+4. every rank builds the same engine as ``eval``/``generate`` (sharded loading, checkpoint overlay, ``--comm``);
+5. rank 0 runs the scheduler and sends one plan per step to the others (ds_spd.serve.channel), which run the
+   same forwards and never sample or wait inside a collective for requests.
+
+Shutdown: SIGTERM or Ctrl-C on rank 0 stops accepting (``/health`` 503 "draining"), lets running requests
+finish for ``--shutdown-timeout`` seconds, cancels the rest, tells the other ranks to stop and exits (a second
+signal cancels at once). The other ranks ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group; rank 0
+decides) and exit on its stop message, or at once if rank 0 disappears. If any other rank dies, rank 0 fails
+every pending request with 503, answers ``/health`` with 503, and exits after ``--exit-linger`` seconds; the
+launcher then ends the rest. Nothing is left in /dev/shm: the shared-memory all-reduce buffers' names are
+removed as soon as every rank has mapped them (ds_spd.core.comm).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from ds_spd.errors import SPDInputError
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None       # served name; default: the model's directory name
+    max_seqs: int = 8                   # sequences holding a cache slot (the running batch)
+    max_model_len: int | None = None    # context per sequence (prompt + completion); default min(2048, model's)
+    max_step_tokens: int = 2048         # tokens per step: one per running sequence, the rest for prefill
+    shutdown_timeout: float = 10.0      # seconds running requests may take to finish after SIGTERM
+    exit_linger: float = 2.0            # seconds rank 0 keeps answering 503 after a rank died
+    token_log: str | None = None        # write each rank's fed tokens per sequence here at exit (tests)
+
+    def __post_init__(self):
+        checks = {"--port": 0 <= self.port <= 65535, "--max-seqs": self.max_seqs >= 1,
+                  "--max-model-len": self.max_model_len is None or self.max_model_len >= 2, "--max-step-tokens": self.max_step_tokens > self.max_seqs,
+                  "--shutdown-timeout": self.shutdown_timeout >= 0, "--exit-linger": self.exit_linger >= 0}
+        bad = [flag for flag, ok in checks.items() if not ok]
+        if bad:
+            raise SPDInputError(f"{bad[0]} is out of range (port 0-65535; --max-seqs >= 1; --max-model-len >= 2; "
+                                "--max-step-tokens > --max-seqs; timeouts >= 0)")
+
+
+def _log(text: str) -> None:
+    print(f"ds-spd serve: {text}", file=sys.stderr, flush=True)
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything heavy: a port in use is a clear error, not a late crash."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SPDInputError(f"cannot listen on {host}:{port}: {err.strerror}: choose another --port "
+                            "(or stop what holds it)") from None
+    sock.listen(2048)
+    return sock
+
+
+def _broadcast_object(obj):
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def served_name(model: str, given: str | None) -> str:
+    if given:
+        return given
+    from ds_spd.models.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+    if model == DEFAULT_MODEL:
+        return DEFAULT_MODEL_NAME
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def serve(spec, settings: ServeSettings) -> None:
+    """Run the server of a resolved run (ds_spd.run.RunSpec) until it is stopped."""
+    from ds_spd.run import build_runner
+    rank = int(os.environ.get("RANK", "0"))
+    world = 1 if spec.virtual else spec.world
+    limit = getattr(spec.model_config, "max_position_embeddings", None) or 2048
+    if settings.max_model_len is None:
+        settings = dataclasses.replace(settings, max_model_len=min(2048, limit))
+    elif settings.max_model_len > limit:
+        raise SPDInputError(f"--max-model-len {settings.max_model_len} exceeds the model's {limit} positions")
+    if world > 1:
+        from ds_spd.core.comm import init_comm
+        init_comm()   # the process group, so every rank learns whether rank 0 could bind
+    sock, err = None, None
+    if rank == 0:
+        try:
+            sock = bind_http(settings.host, settings.port)
+        except SPDInputError as e:
+            err = str(e)
+    if world > 1:
+        err = _broadcast_object(err)
+    if err:
+        raise SPDInputError(err)
+    if rank == 0:
+        _serve_rank0(spec, settings, sock, world, build_runner)
+    else:
+        _serve_other(spec, settings, rank, build_runner)
+
+
+# ---------------------------------------------------------------- rank 0
+def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) -> None:
+    import uvicorn
+
+    from ds_spd.models.loading import load_tokenizer
+    from ds_spd.serve.api import ServeState, build_app
+    from ds_spd.serve.metrics import ServeMetrics
+
+    tokenizer = load_tokenizer(spec.config.model)
+    info: dict = {}
+    metrics = ServeMetrics(len(spec.spd_blocks), spec.model_config.num_hidden_layers, spec.tp_size)
+    state = ServeState(served_name(spec.config.model, settings.model_name), tokenizer, settings.max_model_len,
+                       metrics, info)
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=1))
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ds-spd-http", daemon=True)
+    http.start()
+    host, port = sock.getsockname()[:2]
+    _log(f"listening on http://{host}:{port} (loading the model; /health answers 503 until ready)")
+
+    stop = {"signals": 0, "deadline": None}
+
+    def on_signal(signum, _frame):
+        stop["signals"] += 1
+        now = time.monotonic()
+        stop["deadline"] = now if stop["signals"] > 1 else now + settings.shutdown_timeout
+        if state.status == "ready":
+            state.status = "draining"
+        then = "now" if stop["signals"] > 1 else \
+            f"running requests get {settings.shutdown_timeout:g} s; signal again to stop now"
+        _log(f"{signal.Signals(signum).name}: stopping ({then})")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    runner = build_runner(spec)
+    metrics.comm.stats = runner.stats
+    from ds_spd.serve.executor import StepExecutor
+    from ds_spd.serve.scheduler import Scheduler
+    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)
+    executor.log_tokens = settings.token_log is not None
+    sender = None
+    closing = threading.Event()
+    if world > 1:
+        from ds_spd.serve.channel import PlanSender
+        sender = PlanSender(world, _broadcast_object)
+
+        def on_death(dead_rank: int) -> None:
+            if closing.is_set():
+                return
+            state.status = "dead"
+            failed = state.fail_all(503, f"tensor-parallel rank {dead_rank} died; the server is shutting down")
+            _log(f"rank {dead_rank} died: failed {failed} pending request(s); exiting in {settings.exit_linger:g} s")
+            threading.Timer(settings.exit_linger, lambda: os._exit(1)).start()
+        sender.watch(on_death)
+    eos = _eos_ids(tokenizer, runner.hf_model)
+    sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens)
+    if stop["deadline"] is None:
+        state.status = "ready"
+    mode = "virtual" if spec.virtual else "real"
+    _log(f"ready on http://{host}:{port}: model '{state.model_name}', {mode} TP {spec.tp_size}, "
+         f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
+         f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, loaded in {runner.load_seconds:.1f} s")
+    try:
+        _loop(state, sched, executor, sender, metrics, info, stop)
+    except Exception:
+        if state.status == "dead":   # a peer died mid-step: the monitor is failing requests and exits
+            while True:
+                time.sleep(60)
+        state.fail_all(500, "the engine failed; see the server log")
+        raise
+    finally:
+        closing.set()
+        if state.status != "dead":
+            state.fail_all(503, "the server stopped")
+        server.should_exit = True
+    if sender is not None:
+        sender.broadcast({"stop": True})
+    http.join(timeout=5)
+    _write_token_log(settings, 0, executor)
+    _log("stopped")
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen if isinstance(gen, (list, tuple)) else [] if gen is None else [gen])
+    return ids
+
+
+def _loop(state, sched, executor, sender, metrics, info, stop) -> None:
+    """The engine loop: take requests, plan a step, send it, run it, sample, deliver; until stopped."""
+    from ds_spd.serve.scheduler import Sequence
+    import queue
+    requests: dict[str, object] = {}
+    while True:
+        try:   # wait for requests only when idle; never inside a collective
+            item = state.inbox.get(timeout=0.2) if not sched.has_work() else state.inbox.get_nowait()
+        except queue.Empty:
+            item = None
+        while item is not None:
+            kind, payload = item
+            if kind == "add":
+                req = payload
+                requests[req.id] = req
+                seqs = [Sequence(req.id, p * req.n + i, ids, req.params)
+                        for p, ids in enumerate(req.prompts) for i in range(req.n)]
+                sched.add(seqs)
+                metrics.prompt_tokens.inc(sum(len(s.prompt) for s in seqs))
+            elif kind == "cancel":
+                sched.cancel(payload)
+                requests.pop(payload, None)
+            try:
+                item = state.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        if stop["deadline"] is not None:
+            if state.status == "ready":
+                state.status = "draining"
+            if not sched.has_work():
+                break
+            if time.monotonic() >= stop["deadline"]:
+                for rid in list(requests):
+                    sched.cancel(rid)
+                state.fail_all(503, "the server is shutting down (shutdown timeout reached)")
+                requests.clear()
+        plan = sched.plan()
+        info["running"], info["waiting"] = len(sched.running) + len(sched.prefilling), sched.queue_depth
+        if plan is None:
+            continue
+        if sender is not None:
+            sender.broadcast(plan)
+        logits = executor.run(plan)
+        events = sched.complete(plan, logits)
+        metrics.steps.inc()
+        for ev in events:
+            s, req = ev.seq, requests.get(ev.seq.request_id)
+            metrics.generation_tokens.inc(len(ev.token_ids))
+            if req is None:
+                continue
+            if len(s.output) == 1:
+                req.push(("first", time.monotonic()))
+            if s.finished:
+                if len(s.output) > 1:
+                    metrics.tpot.observe((time.monotonic() - s.first_token) / (len(s.output) - 1))
+            req.push(("delta", s.index, ev.delta, s.finish_reason, len(s.output)))
+        for rid in [r for r, req in requests.items() if r not in state.live]:
+            requests.pop(rid, None)   # finished or failed on the HTTP side
+
+
+# ---------------------------------------------------------------- the other ranks
+def _serve_other(spec, settings: ServeSettings, rank: int, build_runner) -> None:
+    from ds_spd.serve.channel import PlanReceiver
+    from ds_spd.serve.executor import StepExecutor
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # rank 0 decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    runner = build_runner(spec)
+    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)
+    executor.log_tokens = settings.token_log is not None
+
+    def on_death() -> None:
+        if not stopped.is_set():
+            _log(f"rank {rank}: rank 0 is gone; exiting")
+            os._exit(1)
+    stopped = threading.Event()
+    receiver = PlanReceiver(rank, _broadcast_object, on_death)
+    while True:
+        plan = receiver.next()
+        if plan.get("stop"):
+            stopped.set()
+            break
+        executor.run(plan)
+    _write_token_log(settings, rank, executor)
+
+
+def _write_token_log(settings: ServeSettings, rank: int, executor) -> None:
+    if settings.token_log is None:
+        return
+    os.makedirs(settings.token_log, exist_ok=True)
+    with open(os.path.join(settings.token_log, f"tokens_rank{rank}.json"), "w") as f:
+        json.dump(executor.fed, f)
