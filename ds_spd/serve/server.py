@@ -202,10 +202,11 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    """The tokens that end a sequence: the model's generation config's (as ``generate`` uses), else the tokenizer's."""
     gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids |= set(gen if isinstance(gen, (list, tuple)) else [] if gen is None else [gen])
-    return ids
+    if gen is None:
+        gen = tokenizer.eos_token_id
+    return set(gen if isinstance(gen, (list, tuple)) else [] if gen is None else [gen])
 
 
 def _loop(state, sched, executor, sender, metrics, info, stop) -> None:
