@@ -171,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-linger", type=float, default=2.0,
                    help="after a rank died, seconds rank 0 answers 503 before it exits")
     g.add_argument("--token-log", metavar="DIR", help="at exit, every rank writes the tokens it ran per sequence")
+    bs = sub.add_parser("bench-serve", help="serving benchmark (vLLM-style): TP vs SPD servers side by side, or one "
+                                            "running server (--url)")
+    _common(bs)
+    g = bs.add_argument_group("serving benchmark")
+    g.add_argument("--url", help="benchmark this running server instead of starting servers")
+    g.add_argument("--engines", help="servers to start: tp, plan (the --plan/--checkpoint blocks), all (every block "
+                                     "SPD); default tp,plan with a plan or checkpoint, else tp,all")
+    g.add_argument("--paths", default="shm,gloo", help="all-reduce paths: shm, gloo, 2hosts (two simulated hosts)")
+    g.add_argument("--rates", default="1,4,inf", help="request rates (Poisson arrivals per second; inf: all at once)")
+    g.add_argument("--concurrency", default="", help="more loads: all at once with at most this many in flight, e.g. 1,8")
+    g.add_argument("--num-requests", type=int, default=16, help="requests per load")
+    g.add_argument("--prompt-len", default="32,256", help="prompt lengths in tokens, uniform in MIN,MAX")
+    g.add_argument("--output-len", type=int, default=32, help="tokens generated per request (end-of-sequence ignored)")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--bench-seed", type=int, default=0, help="seed of the prompts, their lengths and the arrivals")
+    g.add_argument("--corpus", default="pydoc", help="shipped corpus the prompts are cut from (its test split)")
+    g.add_argument("--out", default="runs/bench_serve", help="directory for bench_serve.json, .md and .png")
     prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
     prep.add_argument("--model", default="default")
     return parser
@@ -360,6 +377,70 @@ def cmd_serve(args) -> None:
     serve(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp), settings)
 
 
+def cmd_bench_serve(args) -> None:
+    import asyncio
+    import math
+
+    from ds_spd.models.loading import load_tokenizer
+    from ds_spd.tools import bench_serve as bs
+    check_output_dir(args.out, "bench-serve output", names=bs.OUTPUT_FILES)
+    try:
+        loads = [bs.Load(float(r)) for r in args.rates.split(",") if r] + \
+            [bs.Load(math.inf, int(c)) for c in args.concurrency.split(",") if c]
+        lo, hi = (int(x) for x in args.prompt_len.split(","))
+    except ValueError:
+        raise SPDInputError("--rates takes numbers or inf, --concurrency and --prompt-len integers "
+                            "(e.g. --rates 1,4,inf --prompt-len 32,256)") from None
+    paths = [p for p in args.paths.split(",") if p]
+    if any(p not in bs.PATHS for p in paths) or not (0 < lo <= hi) or args.output_len < 2 or not loads:
+        raise SPDInputError(f"--paths takes {', '.join(bs.PATHS)}; --prompt-len needs 0 < MIN <= MAX; --output-len "
+                            ">= 2; and at least one load")
+    command = "ds-spd " + " ".join(sys.argv[1:])
+    if args.url:
+        import json as _json
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{args.url}/v1/models", timeout=10) as r:
+                model = _json.load(r)["data"][0]["id"]
+        except OSError as err:
+            raise SPDInputError(f"cannot reach a server at {args.url}: {err}") from None
+        tok = load_tokenizer(args.model or "default")
+        work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
+        runs = []
+        for rep in range(args.repeats):
+            for load in loads:
+                summary = asyncio.run(bs.run_load(args.url, model, work, load.rate, load.concurrency,
+                                                  args.bench_seed + rep))
+                runs.append({"path": "url", "engine": model, "load": {"rate": load.rate, "concurrency": load.concurrency},
+                             "load_name": load.name, "repeat": rep, **summary})
+        result = {"runs": runs, "repeats": args.repeats, "paired": []}
+    else:
+        from ds_spd.run import resolve_run
+        cfg = config_from_args(args)
+        spec = resolve_run(cfg.updated(plan=None, checkpoint=None, spd_blocks=None), virtual_tp=cfg.tp_size,
+                           read_weights=False)
+        if "2hosts" in paths:
+            from ds_spd.tools.serve_process import namespaces_work
+            if not namespaces_work():
+                raise SPDInputError("--paths 2hosts simulates hosts with private mount namespaces: it needs "
+                                    "`unshare -m` and mount (root)")
+        names = args.engines.split(",") if args.engines else (["tp", "plan"] if cfg.plan or cfg.checkpoint
+                                                              else ["tp", "all"])
+        try:
+            engines = bs.engines_for(cfg.plan, cfg.checkpoint, spec.model_config.num_hidden_layers, names)
+        except ValueError as err:
+            raise SPDInputError(str(err)) from None
+        tok = load_tokenizer(cfg.model)
+        work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
+        base = ["--model", cfg.model, "--tp", str(cfg.tp_size), "--dtype", cfg.dtype,
+                "--max-model-len", str(hi + args.output_len)]
+        result = bs.bench_side_by_side(base, engines, paths, loads, work, "bench", args.repeats, cfg.tp_size,
+                                       args.bench_seed, progress=True)
+    bs.write_outputs(result, command, args.out)
+    print(bs.markdown(result, command), flush=True)
+    print(f"wrote {args.out}/bench_serve.json, .md, .png", flush=True)
+
+
 def cmd_prepare_model(args) -> None:
     from ds_spd.models.loading import resolve_model_path
     print(resolve_model_path(args.model))
@@ -378,6 +459,9 @@ NOT_APPLICABLE = {
                 "virtual_tp": "distill simulates the plan's tp size", "tp_size": "distill uses the plan's tp size",
                 "batch_size": "distill's micro-batch is the DeepSpeed config's train_micro_batch_size_per_gpu",
                 "load": _VIRTUAL_LOAD},
+    "bench-serve": {"spd_blocks": "bench-serve starts the engines named by --engines",
+                    "comm": "bench-serve runs each path named by --paths", "load": "the servers load sharded",
+                    "virtual_tp": "bench-serve starts real ranks (--tp)"},
     "bench": {"checkpoint": "bench times the all-reduce paths; weights do not change latency",
               "load": "bench loads the model once, fully, for both engines (AutoTP baseline and ds_spd)",
               "virtual_tp": "bench measures real TP: run it under `deepspeed --num_gpus N --module ds_spd bench`"},
@@ -412,15 +496,16 @@ def refuse_not_applicable(args) -> None:
             if getattr(args, flag) is not None:
                 raise SPDInputError(f"--{flag.replace('_gb', '').replace('_', '-')} applies to the streamed scan "
                                     "only (drop --in-memory / --no-cache)")
-    if args.command == "serve" and args.json:
-        raise SPDInputError("--json does not apply here: serve answers over HTTP")
+    if args.command in ("serve", "bench-serve") and args.json:
+        raise SPDInputError(f"--json does not apply to {args.command}: "
+                            + ("it answers over HTTP" if args.command == "serve" else "it writes bench_serve.json"))
     for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
         if getattr(args, flag, None) is not None:
             raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")
 
 
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan, "distill": cmd_distill,
-            "bench": cmd_bench, "serve": cmd_serve,
+            "bench": cmd_bench, "serve": cmd_serve, "bench-serve": cmd_bench_serve,
             "prepare-model": cmd_prepare_model}
 
 

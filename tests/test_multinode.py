@@ -2,24 +2,18 @@
 private /dev/shm, so DeepSpeed's shared-memory all-reduce cannot see the other node's ranks (as on two
 machines). Without ds_spd's switch (ds_spd.core.comm.init_comm) the first forward died with SIGSEGV."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 from helpers import EVEN, ROOT, clean_env, free_port, last_json, run_cli, save_tiny
 
+from ds_spd.tools.serve_process import namespaces_work
+
 pytestmark = pytest.mark.multirank
 
 
-def _namespaces_work() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
-    return probe.returncode == 0
-
-
-needs_namespaces = pytest.mark.skipif(not _namespaces_work(),
+needs_namespaces = pytest.mark.skipif(not namespaces_work(),
                                       reason="needs `unshare -m` and mount (root) for a private /dev/shm per node")
 
 

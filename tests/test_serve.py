@@ -65,6 +65,16 @@ def test_continuous_batching_greedy_equals_generate(step_tokens):
                                                          SamplingParams(max_tokens=2, temperature=0))])[1]
 
 
+def test_paired_serving_ratios_pair_by_repeat():
+    from ds_spd.tools.bench_serve import paired_table
+    runs = [{"path": "gloo", "load_name": "rate 1", "engine": e, "repeat": k, "output_throughput": 10.0,
+             "tpot": {"p50_ms": base * (0.8 if e == "all" else 1.0)}, "ttft": {"p50_ms": 5.0}, "e2el": {"p50_ms": 9.0}}
+            for k, base in enumerate([50.0, 70.0, 60.0]) for e in ("tp", "all")]
+    (row,) = paired_table(runs)
+    assert row["engine"] == "all" and row["tpot"]["ratio"] == pytest.approx(0.8)
+    assert row["tpot"]["effect"] == "faster" and row["ttft"]["effect"] == "no effect"
+
+
 def test_sampling_is_seeded_per_choice_and_filters():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     hot = SamplingParams(max_tokens=1, temperature=1.0, seed=7)
@@ -114,7 +124,7 @@ def server(chat_dir, tmp_path_factory):
                          "--max-seqs", "8"])
     srv.token_log = str(log)
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 def _client(server):
@@ -319,6 +329,20 @@ def test_soak_mixed_requests_no_failures_flat_rss(server):
 
 
 @pytest.mark.multirank
+def test_bench_serve_against_a_running_server(server, chat_dir, tmp_path):
+    """`ds-spd bench-serve --url`: every request completes, and the client-side figures are consistent."""
+    out = tmp_path / "bs"
+    run_cli(["bench-serve", "--url", server.url, "--model", chat_dir, "--num-requests", "6", "--rates", "inf,20",
+             "--concurrency", "2", "--repeats", "1", "--prompt-len", "8,24", "--output-len", "6", "--out", str(out)])
+    result = json.load(open(out / "bench_serve.json"))
+    assert {r["load_name"] for r in result["runs"]} == {"rate inf", "rate 20", "rate inf, concurrency 2"}
+    for r in result["runs"]:
+        assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 36   # ignore_eos
+        assert 0 < r["ttft"]["p50_ms"] <= r["e2el"]["p50_ms"] and r["tpot"]["p50_ms"] > 0
+    assert (out / "bench_serve.png").stat().st_size > 0 and "TPOT p50" in (out / "bench_serve.md").read_text()
+
+
+@pytest.mark.multirank
 def test_sigterm_drains_and_every_rank_exits(server):
     """Last on this server: SIGTERM to rank 0 mid-generation. /health turns 503, the running request finishes,
     new ones are refused, every rank exits 0 with nothing left in /dev/shm, and every rank ran the same tokens."""
@@ -365,7 +389,7 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
         assert time.monotonic() - start < 30
         wait_gone(pids.values(), 30 - (time.monotonic() - start))
     finally:
-        srv.stop()
+        srv.kill()
 
 
 @pytest.mark.multirank
@@ -382,7 +406,7 @@ def test_ctrl_c_on_the_process_group_stops_every_rank(chat_dir):
         assert "SIGINT: stopping" in srv.output() and "ds-spd serve: stopped" in srv.output()
         assert shm_files() <= shm_before
     finally:
-        srv.stop()
+        srv.kill()
 
 
 @pytest.mark.multirank
@@ -396,7 +420,7 @@ def test_port_in_use_is_refused_before_loading(chat_dir):
         try:
             code = srv.wait_exit(120)
         finally:
-            srv.stop()
+            srv.kill()
     out = srv.output()
     assert code != 0 and f"cannot listen on 127.0.0.1:{port}" in out
     assert "loading" not in out.lower().split("cannot listen")[0].split("ds-spd serve")[-1]

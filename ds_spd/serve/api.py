@@ -51,6 +51,7 @@ class _Sampling(_Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="vLLM's extension: sample from the k best tokens (0 or -1: all)")
+    ignore_eos: bool = Field(False, description="vLLM's extension: go on past end-of-sequence up to max_tokens")
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=16)
@@ -91,7 +92,8 @@ class _Sampling(_Body):
 
     def params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(self.stop or ()))
+                              top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(self.stop or ()),
+                              ignore_eos=self.ignore_eos)
 
 
 class CompletionBody(_Sampling):

@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = 0            # 0: all tokens
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 
     @property
     def greedy(self) -> bool:

@@ -172,7 +172,7 @@ class Scheduler:
         return events
 
     def _advance(self, s: Sequence, token: int) -> Event:
-        if token in self.eos_ids:
+        if token in self.eos_ids and not s.params.ignore_eos:
             s.finish_reason = "stop"
         ids = s.output[:-1] if s.finish_reason == "stop" else s.output
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,282 @@
+"""``ds-spd bench-serve``: the serving benchmark, modelled on vLLM's (``vllm bench serve``).
+
+Requests with prompts cut from a shipped corpus (token-id prompts of random lengths) arrive as a Poisson
+process at each request rate (``inf``: all at once), optionally under a concurrency cap; every request
+streams, so time to first token (TTFT) and inter-token latency (ITL) are measured at the client.
+Reported per load: completed / failed, request and output-token throughput, TTFT, TPOT = (latency - TTFT) /
+(output tokens - 1), ITL and end-to-end latency, each mean / p50 / p90 / p99.
+
+Against one running server (``--url``), or side by side: the benchmark starts one server per engine (TP, the
+plan's SPD blocks, every block SPD) on each all-reduce path (``shm``, ``gloo``, ``2hosts``: two simulated hosts)
+and runs every load on each engine in a shuffled order, repeat after repeat; each SPD engine's median TPOT,
+TTFT and latency are paired with TP's of the same repeat and reported as ratios with 95% intervals (as ``bench``
+does). Outputs: bench_serve.json, bench_serve.md, bench_serve.png.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+OUTPUT_FILES = ("bench_serve.json", "bench_serve.md", "bench_serve.png")
+PATHS = {"shm": dict(hosts=1, comm="auto"), "gloo": dict(hosts=1, comm="gloo"), "2hosts": dict(hosts=2, comm="auto")}
+
+
+@dataclass
+class Record:
+    ok: bool
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.latency - self.ttft) / (self.output_tokens - 1) if self.ok and self.output_tokens > 1 else None
+
+
+def make_workload(tokenizer, n: int, prompt_len: tuple[int, int], output_len: int, seed: int,
+                  dataset: str = "pydoc") -> list[tuple[list[int], int]]:
+    """``n`` (prompt token ids, max_tokens): prompts of uniform random length cut from the corpus's test split."""
+    from ds_spd.data import load_texts, token_segments
+    rng = random.Random(seed)
+    windows = token_segments(load_texts(None, dataset, "test"), tokenizer, prompt_len[1], n, seed)
+    if windows.shape[0] < n:
+        raise ValueError(f"the {dataset} test split has only {windows.shape[0]} prompts of {prompt_len[1]} tokens")
+    return [(w[:rng.randint(*prompt_len)].tolist(), output_len) for w in windows]
+
+
+async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int) -> Record:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    rec, start, last = Record(False, len(prompt)), time.perf_counter(), None
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return rec
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    rec.error = chunk["error"]["message"]
+                    return rec
+                now = time.perf_counter()
+                if chunk.get("usage"):
+                    rec.output_tokens = chunk["usage"]["completion_tokens"]
+                if not chunk["choices"] or not chunk["choices"][0]["text"]:
+                    continue
+                if last is None:
+                    rec.ttft = now - start
+                else:
+                    rec.itl.append(now - last)
+                last = now
+        rec.latency, rec.ok = time.perf_counter() - start, rec.output_tokens > 0
+    except Exception as err:   # a failed request is a result, not a crash of the benchmark
+        rec.error = f"{type(err).__name__}: {err}"
+    return rec
+
+
+async def run_load(url: str, model: str, workload, rate: float, concurrency: int | None, seed: int) -> dict:
+    """Send the workload (Poisson arrivals at ``rate`` per second, at most ``concurrency`` at once); summarise."""
+    import aiohttp
+    rng = random.Random(seed)
+    limit = asyncio.Semaphore(concurrency or len(workload))
+    timeout = aiohttp.ClientTimeout(total=3600)
+
+    async def gated(session, prompt, max_tokens):
+        async with limit:
+            return await _one(session, url, model, prompt, max_tokens)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks, start = [], time.perf_counter()
+        for prompt, max_tokens in workload:
+            tasks.append(asyncio.create_task(gated(session, prompt, max_tokens)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        records = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(records, duration)
+
+
+def _dist(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    s = sorted(xs)
+    pick = lambda q: s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]  # noqa: E731
+    return {"mean_ms": 1e3 * statistics.fmean(s), "p50_ms": 1e3 * statistics.median(s), "p90_ms": 1e3 * pick(0.9),
+            "p99_ms": 1e3 * pick(0.99)}
+
+
+def summarize(records: list[Record], duration: float) -> dict:
+    ok = [r for r in records if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    return {"completed": len(ok), "failed": len(records) - len(ok), "duration_s": duration,
+            "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+            "total_output_tokens": out_tokens, "total_prompt_tokens": sum(r.prompt_tokens for r in ok),
+            "ttft": _dist([r.ttft for r in ok]), "tpot": _dist([r.tpot for r in ok if r.tpot is not None]),
+            "itl": _dist([x for r in ok for x in r.itl]), "e2el": _dist([r.latency for r in ok]),
+            "errors": sorted({r.error for r in records if not r.ok})[:5]}
+
+
+# ---------------------------------------------------------------- side by side, managed servers
+@dataclass(frozen=True)
+class Load:
+    rate: float
+    concurrency: int | None = None
+
+    @property
+    def name(self) -> str:
+        rate = "inf" if math.isinf(self.rate) else f"{self.rate:g}"
+        return f"rate {rate}" + (f", concurrency {self.concurrency}" if self.concurrency else "")
+
+
+def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: list[str]) -> dict[str, list[str]]:
+    """serve arguments of each engine: TP (no SPD block), the plan's (or checkpoint's) blocks, every block."""
+    table = {"tp": ["--spd-blocks", "none"], "all": ["--spd-blocks", f"0-{n_layers - 1}"]}
+    if checkpoint:
+        table["plan"] = ["--checkpoint", checkpoint]
+    elif plan:
+        table["plan"] = ["--plan", plan]
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"engine(s) {missing} need " + ("--plan or --checkpoint" if "plan" in missing else
+                                                          "one of tp, plan, all"))
+    return {n: table[n] for n in names}
+
+
+def bench_side_by_side(base_args: list[str], engines: dict[str, list[str]], paths: list[str], loads: list[Load],
+                       workload, model_name: str, repeats: int, tp: int, seed: int = 0, progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    from ds_spd.tools.serve_process import ServerProcess
+    runs = []
+    total = len(paths) * repeats * len(loads) * len(engines)
+    bar = tqdm(total=total, desc="bench-serve", disable=not progress)
+    for path in paths:
+        spec = PATHS[path]
+        servers = {}
+        try:
+            for name, args in engines.items():
+                bar.set_postfix_str(f"{path}: starting {name}")
+                servers[name] = ServerProcess([*base_args, *args, "--comm", spec["comm"], "--served-model-name",
+                                               model_name], nprocs=tp, hosts=tp if spec["hosts"] > 1 else 1)
+            for name, srv in servers.items():   # warm-up: first-touch of the KV cache and the kernels
+                asyncio.run(run_load(srv.url, model_name, workload[:4], math.inf, None, seed))
+            order_rng = random.Random(seed)
+            for rep in range(repeats):
+                for load in loads:
+                    names = list(servers)
+                    order_rng.shuffle(names)
+                    for name in names:
+                        bar.set_postfix_str(f"{path} {load.name} {name} #{rep}")
+                        summary = asyncio.run(run_load(servers[name].url, model_name, workload, load.rate,
+                                                       load.concurrency, seed + rep))
+                        runs.append({"path": path, "engine": name, "load": asdict(load), "load_name": load.name,
+                                     "repeat": rep, **summary})
+                        bar.update()
+        finally:
+            for srv in servers.values():
+                srv.interrupt()
+    bar.close()
+    return {"runs": runs, "engines": engines, "paths": paths, "repeats": repeats,
+            "loads": [asdict(load) for load in loads], "paired": paired_table(runs)}
+
+
+def paired_table(runs: list[dict]) -> list[dict]:
+    """Each non-TP engine against TP, same path, load and repeat: ratios of the medians with 95% intervals."""
+    from ds_spd.tools.bench import paired_ratio
+    rows = []
+    key = lambda r: (r["path"], r["load_name"])  # noqa: E731
+    for path, load in sorted({key(r) for r in runs}):
+        base = {r["repeat"]: r for r in runs if key(r) == (path, load) and r["engine"] == "tp"}
+        for engine in sorted({r["engine"] for r in runs if r["engine"] != "tp"}):
+            mine = {r["repeat"]: r for r in runs if key(r) == (path, load) and r["engine"] == engine}
+            reps = sorted(set(base) & set(mine))
+            if not reps:
+                continue
+            row = {"path": path, "load": load, "engine": engine}
+            for metric in ("tpot", "ttft", "e2el"):
+                xs = [mine[k][metric].get("p50_ms") for k in reps]
+                bs = [base[k][metric].get("p50_ms") for k in reps]
+                if all(xs) and all(bs):
+                    row[metric] = paired_ratio(xs, bs)
+            row["output_throughput"] = paired_ratio([mine[k]["output_throughput"] for k in reps],
+                                                    [base[k]["output_throughput"] for k in reps])
+            rows.append(row)
+    return rows
+
+
+def _cell(r: dict | None) -> str:
+    if not r:
+        return "-"
+    ci = r.get("ratio_ci95")
+    return f"{r['ratio']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}] {r['effect']}" if ci else "")
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"Command: `{command}`", "", "| path | engine | load | done/failed | req/s | out tok/s | TTFT p50 ms | "
+             "TPOT p50 ms | TPOT p99 ms | ITL p50 ms | E2E p50 ms |", "|" + "---|" * 11]
+    groups: dict = {}
+    for r in result["runs"]:
+        groups.setdefault((r["path"], r["engine"], r["load_name"]), []).append(r)
+    for (path, engine, load), rs in groups.items():
+        med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
+        lines.append(f"| {path} | {engine} | {load} | {sum(r['completed'] for r in rs)}/{sum(r['failed'] for r in rs)}"
+                     f" | {med(lambda r: r['request_throughput']):.2f} | {med(lambda r: r['output_throughput']):.1f}"
+                     f" | {med(lambda r: r['ttft'].get('p50_ms', 0)):.0f} | {med(lambda r: r['tpot'].get('p50_ms', 0)):.1f}"
+                     f" | {med(lambda r: r['tpot'].get('p99_ms', 0)):.1f} | {med(lambda r: r['itl'].get('p50_ms', 0)):.1f}"
+                     f" | {med(lambda r: r['e2el'].get('p50_ms', 0)):.0f} |")
+    if result.get("paired"):
+        lines += ["", f"Paired ratios vs TP (median of {result['repeats']} repeats, 95% interval of the geometric "
+                  "mean; < 1 is faster):", "", "| path | load | engine | TPOT p50 | TTFT p50 | E2E p50 | out tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in result["paired"]:
+            lines.append(f"| {row['path']} | {row['load']} | {row['engine']} | {_cell(row.get('tpot'))} | "
+                         f"{_cell(row.get('ttft'))} | {_cell(row.get('e2el'))} | {_cell(row.get('output_throughput'))} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> str:
+    """TPOT p50 and TTFT p50 against request rate, one line per engine and all-reduce path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rated = [r for r in result["runs"] if not r["load"].get("concurrency")]
+    finite = [r["load"]["rate"] for r in rated if math.isfinite(r["load"]["rate"])]
+    inf_x = (max(finite) * 2) if finite else 1.0
+    for ax, metric, title in ((axes[0], "tpot", "TPOT p50 (ms)"), (axes[1], "ttft", "TTFT p50 (ms)")):
+        for (p, e) in sorted({(r["path"], r["engine"]) for r in rated}):
+            pts: dict = {}
+            for r in rated:
+                if (r["path"], r["engine"]) == (p, e) and r[metric]:
+                    x = r["load"]["rate"] if math.isfinite(r["load"]["rate"]) else inf_x
+                    pts.setdefault(x, []).append(r[metric]["p50_ms"])
+            xs = sorted(pts)
+            ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=f"{e} ({p})")
+        ax.set_xlabel(f"request rate (req/s; {inf_x:g} = all at once)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, command: str, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_serve.json"), "w") as f:
+        json.dump({**result, "command": command}, f, indent=1)
+    with open(os.path.join(out_dir, "bench_serve.md"), "w") as f:
+        f.write(markdown(result, command) + "\n")
+    plot(result, os.path.join(out_dir, "bench_serve.png"))
