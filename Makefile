@@ -1,4 +1,5 @@
 # Two commands on a fresh machine:  make demo  (sets up, runs the TP SPD demo)  and  make test.
+# make serve: the OpenAI-compatible server on 2 TP ranks (SERVE_ARGS adds flags, e.g. --checkpoint DIR --port N).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ TORCH  ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo serve test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +22,9 @@ $(VENV)/.installed: setup.cfg constraints.txt
 
 demo: setup
 	bash scripts/demo.sh
+
+serve: setup
+	launch/tp.sh 2 serve $(SERVE_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

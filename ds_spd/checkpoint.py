@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -169,22 +168,3 @@ def read_block_states(path: str) -> dict[int, dict[str, torch.Tensor]]:
     for name, t in load_file(os.path.join(path, WEIGHTS)).items():
         states.setdefault(block_of(name), {})[name.split(".", 3)[3]] = t
     return states
-
-
-@contextmanager
-def distilled_in(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], blocks):
-    """Within: ``blocks`` in SPD form, those with distilled weights in ``states`` carrying them (a distilled
-    block is trained for SPD form only); after: every block back in TP form with its original weights."""
-    from ds_spd.core.inject import decoder_layers, set_spd_blocks
-    layers = decoder_layers(model)
-    swapped = [i for i in blocks if i in states]
-    originals = {i: {k: v.clone() for k, v in layers[i].state_dict().items()} for i in swapped}
-    try:
-        for i in swapped:
-            layers[i].load_state_dict(states[i])
-        set_spd_blocks(model, blocks)
-        yield model
-    finally:
-        set_spd_blocks(model, [])
-        for i, state in originals.items():
-            layers[i].load_state_dict(state)

@@ -496,6 +496,11 @@ def refuse_not_applicable(args) -> None:
             if getattr(args, flag) is not None:
                 raise SPDInputError(f"--{flag.replace('_gb', '').replace('_', '-')} applies to the streamed scan "
                                     "only (drop --in-memory / --no-cache)")
+    if args.command == "generate":
+        if any(not p.strip() for p in args.prompt):
+            raise SPDInputError("--prompt: an empty prompt has no token to continue from")
+        if args.max_new_tokens < 1:
+            raise SPDInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.command in ("serve", "bench-serve") and args.json:
         raise SPDInputError(f"--json does not apply to {args.command}: "
                             + ("it answers over HTTP" if args.command == "serve" else "it writes bench_serve.json"))

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
                             LR_SCHEDULES, MLP_MATCHINGS)
-from ds_spd.errors import ConfigError
+from ds_spd.errors import ConfigError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
 
@@ -148,7 +148,7 @@ class SPDConfig(_Strict):
         try:
             return SPDConfig.model_validate({**self.model_dump(), **changes})
         except ValidationError as err:
-            raise ConfigError(_format_error(err, "spd")) from None
+            raise ConfigError(describe_validation(err, "config key", "spd")) from None
 
 
 def parse_block_list(text: str) -> list[int]:
@@ -168,20 +168,11 @@ def parse_block_list(text: str) -> list[int]:
     return blocks
 
 
-def _format_error(err: ValidationError, prefix: str) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"config key '{key}': {msg}")
-    return "; ".join(lines)
-
-
 def build_spd_config(section: dict[str, Any], prefix: str = "spd") -> SPDConfig:
     try:
         return SPDConfig(**section)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, prefix)) from None
+        raise ConfigError(describe_validation(err, "config key", prefix)) from None
 
 
 def load_ds_config(path: str) -> dict[str, Any]:

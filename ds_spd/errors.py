@@ -27,3 +27,13 @@ class OutputError(SPDInputError):
 
 class DataError(SPDInputError):
     """Text, dataset or model files that cannot be read as asked (missing, empty, not UTF-8, offline hub)."""
+
+
+def describe_validation(err, what: str = "config key", prefix: str = "") -> str:
+    """A pydantic ValidationError as one line naming each key: ``config key 'spd.tp_size': ...; ...``."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{what} '{key}': {msg}")
+    return "; ".join(parts)

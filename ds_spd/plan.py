@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ds_spd.errors import PlanError
+from ds_spd.errors import PlanError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 from ds_spd.outputs import write_atomic
 
@@ -100,5 +100,7 @@ def load_plan(path: str) -> Plan:
         raise PlanError(f"plan file {path!r} is not UTF-8 text (a binary file?)") from None
     except OSError as err:
         raise PlanError(f"plan file {path!r} cannot be read: {err.strerror}") from None
-    except (json.JSONDecodeError, ValidationError) as err:
-        raise PlanError(f"plan file {path!r} is not a valid ds_spd plan: {err}") from None
+    except json.JSONDecodeError as err:
+        raise PlanError(f"plan file {path!r} is not valid JSON: {err}") from None
+    except ValidationError as err:
+        raise PlanError(f"plan file {path!r} is not a valid ds_spd plan: {describe_validation(err, 'key')}") from None

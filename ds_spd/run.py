@@ -134,19 +134,39 @@ class Runner:
         return model_device(self.hf_model)
 
 
+def init_inference(model: torch.nn.Module, config=None, *, tp_size: int | None = None,
+                   spd_blocks=None, checkpoint: str | None = None, comm: str | None = None, dtype=None, **ds_kwargs):
+    """``deepspeed.init_inference`` with AutoTP, then SPD blocks injected; returns the InferenceEngine.
+
+    ``config`` is a resolved :class:`RunSpec`, or anything :func:`~ds_spd.config.resolve_spd_config` takes (an
+    SPDConfig, the ``"spd"`` dict, a DeepSpeed config dict or JSON path with an ``"spd"`` section), which keyword
+    arguments override and which is resolved against ``model.config`` here. The engine gains ``spd_stats``
+    (all-reduce accounting), ``spd_layout`` and ``set_spd_blocks``.
+    """
+    from ds_spd.core.inject import inject_engine
+    if isinstance(config, RunSpec):
+        spec = config
+    else:
+        from ds_spd.config import resolve_spd_config
+        cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
+                                 dtype=None if dtype is None else str(dtype).replace("torch.", ""))
+        spec = resolve_run(cfg, model_config=model.config)
+    return inject_engine(model, spec, **ds_kwargs)
+
+
 def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
     """Load the model of a resolved run: virtual TP in this process, or a DeepSpeed AutoTP + SPD engine."""
-    from ds_spd.core.inject import init_inference, virtualize_run
+    from ds_spd.core.inject import inject_engine, virtualize_run
     from ds_spd.models.loading import load_model, load_tokenizer
     if data_parallel:
         init_data_parallel()
     start = time.perf_counter()
     if spec.weights is not None and not spec.virtual:   # real TP, each rank reads its own slices
         from ds_spd.models.sharded import meta_model
-        engine = init_inference(meta_model(spec.model_config, spec.config.torch_dtype), spec)
+        engine = inject_engine(meta_model(spec.model_config, spec.config.torch_dtype), spec)
         model, tok = engine.module, load_tokenizer(spec.config.model)
     else:
         model, tok = load_model(spec.config.model, spec.config.torch_dtype, config=spec.model_config)
-        engine = virtualize_run(model, spec) if spec.virtual else init_inference(model, spec)
+        engine = virtualize_run(model, spec) if spec.virtual else inject_engine(model, spec)
         model = model if spec.virtual else engine.module
     return Runner(engine, model, tok, spec, time.perf_counter() - start)

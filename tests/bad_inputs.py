@@ -58,6 +58,18 @@ def _truncated_checkpoint(tmp: str, model_dir: str) -> str:
     return ck
 
 
+def _checkpoint_with_bad_plan(tmp: str) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    from ds_spd.checkpoint import WEIGHTS
+    ck = os.path.join(tmp, "ck_bad_plan")
+    os.makedirs(ck)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2)}, os.path.join(ck, WEIGHTS))
+    _text(ck, "plan.json", json.dumps({"model": 3, "blocks": "all"}))
+    return ck
+
+
 def _work_dir_without_fingerprint(tmp: str) -> str:
     work = os.path.join(tmp, "work")
     os.makedirs(work)
@@ -117,6 +129,15 @@ CASES: list[Case] = [
     ("a flag the command cannot honour (distill --spd-blocks)", "ignored flag",
      lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--spd-blocks", "1", *DISTILL_DATA],
      "--spd-blocks does not apply here"),
+    ("generate with an empty prompt", "bad value",
+     lambda t, m: ["generate", "--prompt", "", "--model", m, *V], "an empty prompt has no token"),
+    ("generate --max-new-tokens -1", "bad value",
+     lambda t, m: ["generate", "--max-new-tokens", "-1", "--model", m, *V], "--max-new-tokens must be at least 1"),
+    ("checkpoint whose plan.json is not a plan", "unreadable file",
+     lambda t, m: ["eval", "--checkpoint", _checkpoint_with_bad_plan(t), "--model", m, *V],
+     "is not a valid ds_spd plan: key 'model': Input should be a valid string; key 'fingerprint': Field required"),
+    ("serve --max-seqs 0", "bad value",
+     lambda t, m: ["serve", "--max-seqs", "0", "--model", m, *V], "--max-seqs is out of range"),
     ("unknown config key", "bad value",
      lambda t, m: ["eval", "--config", _text(t, "k.json", json.dumps({"spd": {"tp_sise": 2}})), "--model", m, *V],
      "config key 'spd.tp_sise': unknown key"),

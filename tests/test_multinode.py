@@ -80,3 +80,25 @@ def test_data_parallel_scan_and_distill_across_hosts(tiny_dir, tmp_path):
     for i in ("0", "2"):
         assert two_hosts["final_mse"][i] == pytest.approx(one_host["final_mse"][i], rel=1e-4)
         assert two_hosts["final_mse"][i] < two_hosts["initial_mse"][i]
+
+
+@needs_namespaces
+def test_serve_across_two_hosts(tiny_dir):
+    """`serve` on two simulated hosts (rank 0's host serves HTTP; the plans cross hosts): greedy text equals
+    `generate` in virtual TP, and Ctrl-C stops both nodes."""
+    import requests
+
+    from ds_spd.tools.serve_process import ServerProcess
+    gen = last_json(run_cli(["generate", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,2", "--prompt",
+                             "def main", "--max-new-tokens", "8", "--json"]).stdout)
+    srv = ServerProcess(["--model", tiny_dir, "--tp", "2", "--spd-blocks", "0,2", "--served-model-name", "tiny"],
+                        hosts=2)
+    try:
+        r = requests.post(f"{srv.url}/v1/completions", timeout=60, json={"model": "tiny", "prompt": "def main",
+                                                                        "max_tokens": 8, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == gen["generations"][0]["completion"]
+        srv.interrupt(timeout=60)
+        assert all(p.returncode is not None for p in srv.procs)
+        assert "ds-spd serve: stopped" in srv.output()
+    finally:
+        srv.kill()

@@ -8,6 +8,7 @@ the engine's TP group. The swap happens after AutoTP, so nothing is sharded twic
 from __future__ import annotations
 
 import contextlib
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -53,6 +54,24 @@ def set_spd_blocks(model: nn.Module, blocks: Iterable[int]) -> tuple[int, ...]:
 
 def get_spd_blocks(model: nn.Module) -> tuple[int, ...]:
     return tuple(i for i, layer in enumerate(spd_layers(model)) if layer.spd)
+
+
+@contextmanager
+def distilled_in(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], blocks):
+    """Within: ``blocks`` in SPD form, those with distilled weights in ``states`` carrying them (a distilled
+    block is trained for SPD form only); after: every block back in TP form with its original weights."""
+    layers = decoder_layers(model)
+    swapped = [i for i in blocks if i in states]
+    originals = {i: {k: v.clone() for k, v in layers[i].state_dict().items()} for i in swapped}
+    try:
+        for i in swapped:
+            layers[i].load_state_dict(states[i])
+        set_spd_blocks(model, blocks)
+        yield model
+    finally:
+        set_spd_blocks(model, [])
+        for i, state in originals.items():
+            layers[i].load_state_dict(state)
 
 
 class SPDInjectionPolicy:
@@ -109,26 +128,12 @@ def virtualize_run(model: nn.Module, spec) -> nn.Module:
     return virtualize(model, spec.tp_size, spec.spd_blocks, tp_grain_size=spec.config.tp_grain_size)
 
 
-def init_inference(model: nn.Module, config=None, *, tp_size: int | None = None,
-                   spd_blocks: Iterable[int] | None = None, checkpoint: str | None = None, comm: str | None = None,
-                   dtype=None, **ds_kwargs):
-    """``deepspeed.init_inference`` with AutoTP, then SPD blocks injected; returns the InferenceEngine.
-
-    ``config`` is a resolved :class:`~ds_spd.run.RunSpec`, or anything :func:`~ds_spd.config.resolve_spd_config`
-    takes (an SPDConfig, the ``"spd"`` dict, a DeepSpeed config dict or JSON path with an ``"spd"``
-    section), which keyword arguments override and which is resolved against ``model.config`` here. The
-    engine gains ``spd_stats`` (all-reduce accounting), ``spd_layout`` and ``set_spd_blocks``.
-    """
+def inject_engine(model: nn.Module, spec, **ds_kwargs):
+    """``deepspeed.init_inference`` with AutoTP for a resolved run (ds_spd.run.RunSpec), then SPD blocks
+    injected; returns the InferenceEngine with ``spd_stats`` (all-reduce accounting), ``spd_layout`` and
+    ``set_spd_blocks``. A model on the meta device is filled from the weight files, each rank its own slices."""
     import deepspeed
 
-    from ds_spd.run import RunSpec, resolve_run
-    if isinstance(config, RunSpec):
-        spec = config
-    else:
-        from ds_spd.config import resolve_spd_config
-        cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
-                                 dtype=None if dtype is None else str(dtype).replace("torch.", ""))
-        spec = resolve_run(cfg, model_config=model.config)
     cfg, layout = spec.config, spec.layout
     init_comm()
     on_meta = model_device(model).type == "meta"

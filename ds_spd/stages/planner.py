@@ -134,7 +134,7 @@ def perplexity_measure(runner, states: dict | None = None) -> Callable[[list[int
     """``measure(blocks)`` for a budget: the runner's perplexity on its ``spd.data`` text with those blocks SPD,
     carrying their distilled weights where ``states`` (a checkpoint's, ds_spd.checkpoint.read_block_states)
     has them: distillation in the loop."""
-    from ds_spd.checkpoint import distilled_in
+    from ds_spd.core.inject import distilled_in
     from ds_spd.data import segments_for
     from ds_spd.tools.evaluation import evaluate_lm
     segments = segments_for(runner.config.data, runner.tokenizer)

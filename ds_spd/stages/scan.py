@@ -25,9 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
-from ds_spd.checkpoint import distilled_in
 from ds_spd.tools.evaluation import next_token_logprobs
-from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
+from ds_spd.core.inject import decoder_layers, distilled_in, model_device, set_spd_blocks
 
 
 def all_reduce_sums(values: list[float]) -> list[float]:

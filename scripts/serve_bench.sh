@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Regenerates docs/results/serve/ (SmolLM2-135M, tp 2, CPU ranks; run it on an otherwise idle machine):
+#   side_by_side/  TP vs the demo checkpoint's SPD blocks vs 100% SPD, on the shm, gloo and two-simulated-host paths
+#   concurrency/   one stream at a time vs 8 concurrent streams (TP, shm)
+#   chunked_*/     prefill in one step vs in 128-token chunks, long prompts arriving while others decode (TP, shm)
+#   overhead/      `ds-spd bench` decode at batch 1 on the same engine, to compare with the server's TPOT
+# Needs the demo's checkpoint (make demo) for the side-by-side run; CKPT=... to use another.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+out=${OUT:-docs/results/serve}
+ckpt=${CKPT:-runs/demo/checkpoint}
+mkdir -p "$out"
+rm -rf "$out"/side_by_side "$out"/concurrency "$out"/chunked_* "$out"/overhead "$out"/*.log  # this script's own
+
+python -m ds_spd bench-serve --checkpoint "$ckpt" --engines tp,plan,all --paths shm,gloo,2hosts \
+  --rates 2,inf --num-requests 16 --prompt-len 32,256 --output-len 32 --repeats 3 --out "$out/side_by_side"
+
+serve_and_bench() {  # NAME SERVE_ARGS -- BENCH_ARGS: one TP server on 2 ranks, bench-serve --url against it
+  local name=$1; shift; local serve=(); while [ "$1" != "--" ]; do serve+=("$1"); shift; done; shift
+  local port=18${RANDOM:0:3}
+  launch/tp.sh 2 serve --port "$port" "${serve[@]}" > "$out/$name.serve.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 600); do curl -sf "localhost:$port/health" > /dev/null && break; sleep 0.5; done
+  python -m ds_spd bench-serve --url "http://localhost:$port" "$@" --out "$out/$name"
+  pkill -TERM -f -- "--local_rank=0 serve --port $port" || true   # rank 0 drains and stops every rank
+  wait "$pid" || true
+}
+serve_and_bench concurrency -- --rates "" --concurrency 1,8 --num-requests 16 --prompt-len 32,256 --output-len 32 \
+  --repeats 3
+serve_and_bench chunked_off --max-step-tokens 2048 -- --rates 2 --num-requests 24 --prompt-len 384,512 \
+  --output-len 32 --repeats 3
+serve_and_bench chunked_128 --max-step-tokens 128 -- --rates 2 --num-requests 24 --prompt-len 384,512 \
+  --output-len 32 --repeats 3
+launch/tp.sh 2 bench --fractions 0 --comm-paths auto --decode-batches 1 --decode-tokens 32 --prefill-len 256 \
+  --repeats 5 --out "$out/overhead" > "$out/overhead.log" 2>&1
+echo "wrote $out"
