@@ -220,6 +220,13 @@ def _say(args, text: str) -> None:
         print(text, flush=True)
 
 
+def _hold(path: str, what: str) -> None:
+    """Rank 0 locks an output for the rest of the command (ds_spd.locks): a second writer is refused."""
+    if is_main_rank():
+        from ds_spd.locks import hold
+        hold(path, what)
+
+
 def _plot_path(args, out: str) -> str:
     return args.plot or os.path.splitext(out)[0] + ".png"
 
@@ -255,6 +262,7 @@ def cmd_scan(args) -> None:
     from ds_spd.stages.scan import scan_to_plan
     cfg = config_from_args(args)
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
+    _hold(args.out, "plan output")
     in_memory = args.in_memory or args.no_cache
     spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration",
                        read_weights=not in_memory)
@@ -300,6 +308,7 @@ def cmd_plan(args) -> None:
     plan = load_plan(args.plan)
     out = check_output_file(args.out or args.plan, "plan output")
     png = check_output_file(_plot_path(args, out), "plot output")
+    _hold(out, "plan output")
     measure = None
     if args.max_ppl_increase is not None:
         from ds_spd.run import build_runner, resolve_run
@@ -355,6 +364,7 @@ def cmd_bench(args) -> None:
     cfg = config_from_args(args)
     order = ranking(load_plan(cfg.plan)) if cfg.plan else None
     check_output_dir(args.out, "bench output", names=bench.OUTPUT_FILES)
+    _hold(args.out, "bench output")
     spec = resolve_run(cfg.updated(plan=None, spd_blocks=None), read_weights=False)   # bench loads the full model
     settings = bench.BenchSettings(fractions=tuple(float(f) for f in args.fractions.split(",")),
                                    comm_paths=tuple(args.comm_paths.split(",")), prefill_len=args.prefill_len,
@@ -384,6 +394,7 @@ def cmd_bench_serve(args) -> None:
     from ds_spd.models.loading import load_tokenizer
     from ds_spd.tools import bench_serve as bs
     check_output_dir(args.out, "bench-serve output", names=bs.OUTPUT_FILES)
+    _hold(args.out, "bench-serve output")
     try:
         loads = [bs.Load(float(r)) for r in args.rates.split(",") if r] + \
             [bs.Load(math.inf, int(c)) for c in args.concurrency.split(",") if c]
@@ -541,4 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     except SPDInputError as err:
         print(f"ds-spd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from ds_spd.locks import release
+        release()
     return 0

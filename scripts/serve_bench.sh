@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Regenerates docs/results/serve/ (SmolLM2-135M, tp 2, CPU ranks; run it on an otherwise idle machine):
 #   side_by_side/  TP vs the demo checkpoint's SPD blocks vs 100% SPD, on the shm, gloo and two-simulated-host paths
-#   concurrency/   one stream at a time vs 8 concurrent streams (TP, shm)
+#   concurrency/   one stream at a time vs 8 concurrent streams (TP, shm): prompts 32-256, 32 tokens out
+#   concurrency_decode/  the same with short prompts (16-64) and 128 tokens out
 #   chunked_*/     prefill in one step vs in 128-token chunks, long prompts arriving while others decode (TP, shm)
-#   overhead/      `ds-spd bench` decode at batch 1 on the same engine, to compare with the server's TPOT
+#   single_stream/ one stream of 16-token prompts and 32 tokens out, through the server (TP, shm)
+#   overhead/      `ds-spd bench` decode at batch 1 on the same engine and workload, to compare with single_stream
 # Needs the demo's checkpoint (make demo) for the side-by-side run; CKPT=... to use another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,10 +30,14 @@ serve_and_bench() {  # NAME SERVE_ARGS -- BENCH_ARGS: one TP server on 2 ranks, 
 }
 serve_and_bench concurrency -- --rates "" --concurrency 1,8 --num-requests 16 --prompt-len 32,256 --output-len 32 \
   --repeats 3
-serve_and_bench chunked_off --max-step-tokens 2048 -- --rates 2 --num-requests 24 --prompt-len 384,512 \
-  --output-len 32 --repeats 3
-serve_and_bench chunked_128 --max-step-tokens 128 -- --rates 2 --num-requests 24 --prompt-len 384,512 \
-  --output-len 32 --repeats 3
+serve_and_bench concurrency_decode -- --rates "" --concurrency 1,8 --num-requests 16 --prompt-len 16,64 \
+  --output-len 128 --repeats 2
+serve_and_bench single_stream -- --rates "" --concurrency 1 --num-requests 16 --prompt-len 16,16 --output-len 32 \
+  --repeats 3   # the workload of `bench`'s decode_b1 below (16-token prompt, 32 steps), through the server
+serve_and_bench chunked_off --max-step-tokens 2048 -- --rates 1 --num-requests 16 --prompt-len 384,512 \
+  --output-len 48 --repeats 3
+serve_and_bench chunked_128 --max-step-tokens 128 -- --rates 1 --num-requests 16 --prompt-len 384,512 \
+  --output-len 48 --repeats 3
 launch/tp.sh 2 bench --fractions 0 --comm-paths auto --decode-batches 1 --decode-tokens 32 --prefill-len 256 \
   --repeats 5 --out "$out/overhead" > "$out/overhead.log" 2>&1
 echo "wrote $out"

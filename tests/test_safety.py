@@ -23,19 +23,36 @@ DATA = ["--max-samples", "8", "--seq-len", "24"]
 
 # ---------------------------------------------------------------- bad input: one clear line, exit 2, no work
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line(case, tiny_dir, tmp_path):
-    name, _, setup, expected = case
-    args = setup(str(tmp_path), tiny_dir)
-    before = _tree(tmp_path)
-    start = time.perf_counter()
-    proc = run_cli(args, check=False, env=ENV)
-    seconds = time.perf_counter() - start
-    assert proc.returncode == 2, (name, proc.stderr[-3000:])
-    assert expected in proc.stderr, (name, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert _tree(tmp_path) == before, f"{name}: files changed"   # nothing written, nothing deleted
-    assert seconds < 60, f"{name}: took {seconds:.0f} s to refuse"
+@pytest.fixture(scope="module")
+def refusals(tiny_dir, tmp_path_factory):
+    """Every bad-input case through the CLI's main, all in one process (tests/cli_batch.py): per case its
+    directory, that directory's files before, and the result."""
+    from helpers import clean_env
+    root = tmp_path_factory.mktemp("bad_inputs")
+    dirs, argvs, before = [], [], []
+    for i, (_, _, setup, _) in enumerate(CASES):
+        d = root / f"case{i}"
+        d.mkdir()
+        argvs.append(setup(str(d), tiny_dir))
+        dirs.append(d)
+        before.append(_tree(d))
+    (root / "cases.json").write_text(json.dumps(argvs))
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_batch.py"), str(root / "cases.json"),
+                    str(root / "results.json")], check=True, cwd=ROOT, timeout=600,
+                   env=clean_env(OMP_NUM_THREADS="2", **ENV))
+    return list(zip(dirs, before, json.loads((root / "results.json").read_text())))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(i, refusals):
+    name, expected = CASES[i][0], CASES[i][3]
+    directory, before, result = refusals[i]
+    assert result["code"] == 2, (name, result["stderr"][-3000:])
+    assert expected in result["stderr"], (name, result["stderr"][-3000:])
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
+    assert len([line for line in result["stderr"].splitlines() if line.startswith("ds-spd")]) == 1, result
+    assert _tree(directory) == before, f"{name}: files changed"   # nothing written, nothing deleted
+    assert result["seconds"] < 60, f"{name}: took {result['seconds']:.0f} s to refuse"
 
 
 def test_output_file_rules(tmp_path):
@@ -310,3 +327,54 @@ def test_reselection_keeps_or_drops_both_permutations():
         if b.index in (1, 2):
             kept = b.cls == "ESB"
             assert (b.head_permutation is not None, b.mlp_permutation is not None) == (kept, kept), b
+
+
+# ---------------------------------------------------------------- one writer per output
+def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(tiny_dir, tmp_path):
+    """Two real `distill` processes into one --out: while the first holds it (frozen with SIGSTOP mid-run), the
+    second, even with --restart, is refused in one line naming the first's pid, and its work dir is untouched;
+    once the first is killed (SIGKILL: its lock file stays behind), a new run takes the lock over and finishes."""
+    import signal
+
+    from test_distill import _tiny_plan_file
+    plan = _tiny_plan_file(tiny_dir, tmp_path, ["SB", "TP", "SB", "TP"])
+    out = str(tmp_path / "ck")
+    args = ["distill", "--plan", plan, "--model", tiny_dir, *DATA, "--epochs", "40", "--out", out]
+    from helpers import clean_env
+    first = subprocess.Popen([sys.executable, "-m", "ds_spd", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=clean_env(OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(out + ".work", "ds_spd_run.json")):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGSTOP)
+        work_before = _tree(out + ".work")
+        second = run_cli([*args, "--restart"], check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = [x for x in second.stderr.splitlines() if "error:" in x]
+        assert len(line) == 1 and f"is being written by another run (pid {first.pid} " in line[0], second.stderr
+        assert "Traceback" not in second.stderr
+        assert _tree(out + ".work") == work_before   # --restart did not wipe the holder's work dir
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert os.path.exists(out + ".lock")          # the dead holder's lock file is left behind ...
+        third = run_cli([*args, "--json"])            # ... and taken over: the OS lock died with its process
+        assert last_json(third.stdout)["checkpoint"] == out
+        assert sorted(os.listdir(out)) == sorted(FILES)
+        assert not os.path.exists(out + ".lock") and not os.path.exists(out + ".work.lock")
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def test_lock_leaves_nothing_when_refused_early(tmp_path):
+    """A lock on a path in directories that do not exist yet creates them for the lock and removes them again
+    if the run wrote nothing there."""
+    from ds_spd import locks
+    target = tmp_path / "a" / "b" / "plan.json"
+    locks.hold(str(target), "plan output")
+    assert (tmp_path / "a" / "b" / "plan.json.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    locks.release()
+    assert list(tmp_path.iterdir()) == []

@@ -339,6 +339,7 @@ def test_bench_serve_against_a_running_server(server, chat_dir, tmp_path):
     for r in result["runs"]:
         assert r["completed"] == 6 and r["failed"] == 0 and r["total_output_tokens"] == 36   # ignore_eos
         assert 0 < r["ttft"]["p50_ms"] <= r["e2el"]["p50_ms"] and r["tpot"]["p50_ms"] > 0
+        assert 0 < r["decode_forward_ms"] < r["e2el"]["p50_ms"]   # the engine's decode forwards, from /metrics
     assert (out / "bench_serve.png").stat().st_size > 0 and "TPOT p50" in (out / "bench_serve.md").read_text()
 
 

@@ -6,14 +6,13 @@ safetensors directory and cached (atomically, under a file lock, so concurrent r
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-from contextlib import contextmanager
 
 import torch
 
 from ds_spd.errors import DataError, SPDInputError
+from ds_spd.locks import waiting_lock
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -24,23 +23,12 @@ def cache_dir() -> str:
     return os.environ.get("DS_SPD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ds_spd"))
 
 
-@contextmanager
-def _file_lock(path: str):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def default_model_dir() -> str:
     """Path of the converted default model, converting it from the packaged GGUF on first use."""
     target = os.path.join(cache_dir(), "models", DEFAULT_MODEL_NAME)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
-    with _file_lock(target + ".lock"):
+    with waiting_lock(target):
         if not os.path.isfile(os.path.join(target, "config.json")):
             _convert_gguf(target)
     return target

@@ -6,6 +6,8 @@ the last position of each row reaches the (vocabulary-sized) head.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ds_spd.serve.kv_cache import SlotCache
@@ -20,6 +22,7 @@ class StepExecutor:
         self.window = getattr(config, "sliding_window", None)
         self.fed: dict[str, list[int]] = {}   # tokens fed per sequence (kept only with a token log)
         self.log_tokens = False
+        self.seconds: list[float] = []        # wall time of each forward of the last plan
 
     @torch.no_grad()
     def forward(self, first_slot: int, offsets: list[int], tokens: list[list[int]]) -> torch.Tensor:
@@ -36,9 +39,11 @@ class StepExecutor:
         """Apply a plan (slot moves, then forwards); the logits of each forward, for rank 0 to sample from."""
         for src, dst, length in plan["moves"]:
             self.cache.copy_slot(src, dst, length)
-        out = []
+        out, self.seconds = [], []
         for fwd in plan["forwards"]:
+            start = time.perf_counter()
             out.append(self.forward(fwd["slot"], fwd["offsets"], fwd["tokens"]))
+            self.seconds.append(time.perf_counter() - start)
             if self.log_tokens:
                 for sid, toks in zip(fwd["seqs"], fwd["tokens"]):
                     self.fed.setdefault(sid, []).extend(toks)

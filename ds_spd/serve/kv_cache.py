@@ -37,6 +37,9 @@ class SlotCache(Cache):
         self._first, self._rows = first_slot, len(offsets)
         self._pos = torch.tensor(offsets)[:, None] + torch.arange(q_len)[None, :]
         self._kv_len = max(offsets) + q_len
+        self._rows_idx = torch.arange(first_slot, first_slot + len(offsets))[:, None].expand_as(self._pos)
+        # one row: a plain slice write (what every layer's update does; no index tensors)
+        self._one = (first_slot, offsets[0], offsets[0] + q_len) if len(offsets) == 1 else None
         return self._pos
 
     def masks(self, layer_types: list[str] | None, sliding_window: int | None) -> torch.Tensor | dict:
@@ -55,10 +58,14 @@ class SlotCache(Cache):
             shape = (self.slots, h, self.max_len, d)
             self.keys[layer_idx] = key_states.new_zeros(shape)
             self.values[layer_idx] = value_states.new_zeros(shape)
-        rows = torch.arange(self._first, self._first + self._rows)[:, None].expand_as(self._pos)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[rows, :, self._pos] = key_states.transpose(1, 2)
-        v[rows, :, self._pos] = value_states.transpose(1, 2)
+        if self._one is not None:
+            slot, start, end = self._one
+            k[slot, :, start:end] = key_states[0]
+            v[slot, :, start:end] = value_states[0]
+        else:
+            k[self._rows_idx, :, self._pos] = key_states.transpose(1, 2)
+            v[self._rows_idx, :, self._pos] = value_states.transpose(1, 2)
         sl = slice(self._first, self._first + self._rows)
         return k[sl, :, :self._kv_len], v[sl, :, :self._kv_len]
 

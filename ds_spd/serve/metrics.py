@@ -35,6 +35,9 @@ class ServeMetrics:
         self.running = Gauge("ds_spd:num_requests_running", "Sequences holding a cache slot", registry=r)
         self.waiting = Gauge("ds_spd:num_requests_waiting", "Sequences queued for a slot (queue depth)", registry=r)
         self.steps = Counter("ds_spd:steps", "Engine steps (one plan each)", registry=r)
+        self.forward = Histogram("ds_spd:model_forward_seconds", "Model forwards on rank 0 by kind (decode: one "
+                                 "token for every running sequence; prefill: one prompt chunk)", ["kind"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("ds_spd:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
                               registry=r)
         self.tpot = Histogram("ds_spd:time_per_output_token_seconds", "Time per output token after the first",

@@ -108,7 +108,7 @@ class Scheduler:
         moves = self._compact()
         forwards = []
         if self.running:
-            forwards.append({"slot": 0, "offsets": [s.offset for s in self.running],
+            forwards.append({"kind": "decode", "slot": 0, "offsets": [s.offset for s in self.running],
                              "tokens": [[s.output[-1]] for s in self.running], "seqs": [s.id for s in self.running]})
         budget, complete = self.max_step_tokens - len(self.running), True
         for s in self.prefilling:   # at most one: a prompt part-filled in an earlier step goes on first
@@ -127,7 +127,8 @@ class Scheduler:
         """Add up to ``budget`` of ``s``'s prompt tokens; returns the budget left and whether the prompt is in."""
         n = min(len(s.prompt) - s.offset, budget)
         if n > 0:
-            forwards.append({"slot": s.slot, "offsets": [s.offset], "tokens": [s.prompt[s.offset:s.offset + n]],
+            forwards.append({"kind": "prefill", "slot": s.slot, "offsets": [s.offset],
+                             "tokens": [s.prompt[s.offset:s.offset + n]],
                              "seqs": [s.id]})
         return budget - n, s.offset + n == len(s.prompt)
 

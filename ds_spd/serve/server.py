@@ -254,6 +254,8 @@ def _loop(state, sched, executor, sender, metrics, info, stop) -> None:
         logits = executor.run(plan)
         events = sched.complete(plan, logits)
         metrics.steps.inc()
+        for fwd, seconds in zip(plan["forwards"], executor.seconds):
+            metrics.forward.labels(fwd["kind"]).observe(seconds)
         for ev in events:
             s, req = ev.seq, requests.get(ev.seq.request_id)
             metrics.generation_tokens.inc(len(ev.token_ids))

@@ -84,7 +84,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
             restart: bool = False) -> DistillRun:
     """Every check of a distill run that reads no weights (see the module docstring); the model is ``model``
     (the --model flag) or the plan's."""
-    from ds_spd.ranks import world_size
+    from ds_spd.ranks import is_main_rank, world_size
     from ds_spd.run import resolve_run
     plan = load_plan(plan_path)
     cfg = cfg.updated(model=model or plan.model, tp_size=plan.tp_size, plan=None, spd_blocks=None, checkpoint=None)
@@ -102,6 +102,10 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     if os.path.abspath(work_dir) == os.path.abspath(out):
         raise SPDInputError(f"the work dir and the checkpoint output are the same directory {out!r}")
     check_checkpoint_target(out)
+    if is_main_rank():   # one writer per checkpoint and work dir, for the whole run
+        from ds_spd.locks import hold
+        hold(out, "checkpoint output")
+        hold(work_dir, "work dir")
     fingerprint = run_fingerprint(model=cfg.model, model_fingerprint=plan.fingerprint, plan_digest=plan_digest(plan),
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
                                   calibration=d, settings=settings.knobs(), ds_config=ds_config, ranks=world_size(),

@@ -224,17 +224,22 @@ def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: s
     nll = {k: 0.0 for k in [None, *streams]}
     kl = {k: 0.0 for k in streams}
     count = 0.0
-    with source.head() as logits_of:
-        for b0 in range(0, segments.shape[0], batch_size):
+    starts = range(0, segments.shape[0], batch_size)
+    bar = tqdm(total=len(starts) * (len(streams) + 1), desc=f"scan: scoring {len(streams) + 1} streams with the head",
+               unit="batch", disable=not progress)
+    with source.head() as logits_of, bar:
+        for b0 in starts:
             targets = segments[b0:b0 + batch_size, 1:]
             base = logits_of(unmodified.read(b0, b0 + targets.shape[0]))[:, :-1].float()
             nll[None] -= next_token_logprobs(base, targets).double().sum().item()
+            bar.update()
             base_lp = F.log_softmax(base, -1)
             for k, stream in streams.items():
                 logits = logits_of(stream.read(b0, b0 + targets.shape[0]))[:, :-1].float()
                 nll[k] -= next_token_logprobs(logits, targets).double().sum().item()
                 if metric == "kl":
                     kl[k] += F.kl_div(F.log_softmax(logits, -1), base_lp, log_target=True, reduction="sum").item()
+                bar.update()
             count += targets.numel()
     for store in [unmodified, *streams.values()]:
         store.close()

@@ -49,7 +49,9 @@ def make_workload(tokenizer, n: int, prompt_len: tuple[int, int], output_len: in
     rng = random.Random(seed)
     windows = token_segments(load_texts(None, dataset, "test"), tokenizer, prompt_len[1], n, seed)
     if windows.shape[0] < n:
-        raise ValueError(f"the {dataset} test split has only {windows.shape[0]} prompts of {prompt_len[1]} tokens")
+        from ds_spd.errors import DataError
+        raise DataError(f"the {dataset} test split has only {windows.shape[0]} prompts of {prompt_len[1]} tokens: "
+                        "ask for fewer requests or shorter prompts")
     return [(w[:rng.randint(*prompt_len)].tolist(), output_len) for w in windows]
 
 
@@ -86,6 +88,22 @@ async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int
     return rec
 
 
+def decode_forward_totals(url: str) -> tuple[float, float]:
+    """(seconds, count) of the server's decode forwards so far, from its /metrics (0, 0 if it has none)."""
+    import urllib.request
+    seconds = count = 0.0
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('ds_spd:model_forward_seconds_sum{kind="decode"}'):
+                    seconds = float(line.rsplit(" ", 1)[1])
+                elif line.startswith('ds_spd:model_forward_seconds_count{kind="decode"}'):
+                    count = float(line.rsplit(" ", 1)[1])
+    except OSError:
+        pass
+    return seconds, count
+
+
 async def run_load(url: str, model: str, workload, rate: float, concurrency: int | None, seed: int) -> dict:
     """Send the workload (Poisson arrivals at ``rate`` per second, at most ``concurrency`` at once); summarise."""
     import aiohttp
@@ -96,6 +114,7 @@ async def run_load(url: str, model: str, workload, rate: float, concurrency: int
     async def gated(session, prompt, max_tokens):
         async with limit:
             return await _one(session, url, model, prompt, max_tokens)
+    fwd_before = decode_forward_totals(url)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks, start = [], time.perf_counter()
         for prompt, max_tokens in workload:
@@ -104,7 +123,10 @@ async def run_load(url: str, model: str, workload, rate: float, concurrency: int
                 await asyncio.sleep(rng.expovariate(rate))
         records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return summarize(records, duration)
+    fwd_after = decode_forward_totals(url)
+    n = fwd_after[1] - fwd_before[1]
+    # the engine's own decode forward time in this load: TPOT over it is what the server adds per token
+    return {**summarize(records, duration), "decode_forward_ms": 1e3 * (fwd_after[0] - fwd_before[0]) / n if n else None}
 
 
 def _dist(xs: list[float]) -> dict:
@@ -209,8 +231,11 @@ def paired_table(runs: list[dict]) -> list[dict]:
                 bs = [base[k][metric].get("p50_ms") for k in reps]
                 if all(xs) and all(bs):
                     row[metric] = paired_ratio(xs, bs)
-            row["output_throughput"] = paired_ratio([mine[k]["output_throughput"] for k in reps],
-                                                    [base[k]["output_throughput"] for k in reps])
+            tput = paired_ratio([mine[k]["output_throughput"] for k in reps],
+                                [base[k]["output_throughput"] for k in reps])
+            if "effect" in tput:   # for a throughput, above 1 is better
+                tput["effect"] = {"faster": "lower", "slower": "higher"}.get(tput["effect"], tput["effect"])
+            row["output_throughput"] = tput
             rows.append(row)
     return rows
 
@@ -222,9 +247,15 @@ def _cell(r: dict | None) -> str:
     return f"{r['ratio']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}] {r['effect']}" if ci else "")
 
 
+def _fwd(rs: list[dict]) -> str:
+    """Median over the repeats of the engine's mean decode forward (ms), or - where not measured."""
+    xs = [r["decode_forward_ms"] for r in rs if r.get("decode_forward_ms")]
+    return f"{statistics.median(xs):.1f}" if xs else "-"
+
+
 def markdown(result: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "", "| path | engine | load | done/failed | req/s | out tok/s | TTFT p50 ms | "
-             "TPOT p50 ms | TPOT p99 ms | ITL p50 ms | E2E p50 ms |", "|" + "---|" * 11]
+             "TPOT p50 ms | TPOT p99 ms | ITL p50 ms | E2E p50 ms | decode forward ms |", "|" + "---|" * 12]
     groups: dict = {}
     for r in result["runs"]:
         groups.setdefault((r["path"], r["engine"], r["load_name"]), []).append(r)
@@ -234,10 +265,10 @@ def markdown(result: dict, command: str) -> str:
                      f" | {med(lambda r: r['request_throughput']):.2f} | {med(lambda r: r['output_throughput']):.1f}"
                      f" | {med(lambda r: r['ttft'].get('p50_ms', 0)):.0f} | {med(lambda r: r['tpot'].get('p50_ms', 0)):.1f}"
                      f" | {med(lambda r: r['tpot'].get('p99_ms', 0)):.1f} | {med(lambda r: r['itl'].get('p50_ms', 0)):.1f}"
-                     f" | {med(lambda r: r['e2el'].get('p50_ms', 0)):.0f} |")
+                     f" | {med(lambda r: r['e2el'].get('p50_ms', 0)):.0f} | {_fwd(rs)} |")
     if result.get("paired"):
         lines += ["", f"Paired ratios vs TP (median of {result['repeats']} repeats, 95% interval of the geometric "
-                  "mean; < 1 is faster):", "", "| path | load | engine | TPOT p50 | TTFT p50 | E2E p50 | out tok/s |",
+                  "mean; latencies: < 1 is faster; throughput: > 1 is higher):", "", "| path | load | engine | TPOT p50 | TTFT p50 | E2E p50 | out tok/s |",
                   "|---|---|---|---|---|---|---|"]
         for row in result["paired"]:
             lines.append(f"| {row['path']} | {row['load']} | {row['engine']} | {_cell(row.get('tpot'))} | "
@@ -246,24 +277,40 @@ def markdown(result: dict, command: str) -> str:
 
 
 def plot(result: dict, path: str) -> str:
-    """TPOT p50 and TTFT p50 against request rate, one line per engine and all-reduce path."""
+    """TPOT and TTFT p50 against request rate (or output throughput and TPOT against concurrency, for loads
+    that only cap concurrency): colour by engine, line style by all-reduce path; medians over the repeats."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    runs = result["runs"]
+    rated = [r for r in runs if not r["load"].get("concurrency")]
+    if rated:
+        finite = [r["load"]["rate"] for r in rated if math.isfinite(r["load"]["rate"])]
+        inf_x = (max(finite) * 2) if finite else 1.0
+        xs_of = lambda r: r["load"]["rate"] if math.isfinite(r["load"]["rate"]) else inf_x  # noqa: E731
+        panels = (("tpot", "TPOT p50 (ms)"), ("ttft", "TTFT p50 (ms)"))
+        xlabel, chosen = f"request rate (req/s; {inf_x:g} = all at once)", rated
+    else:
+        xs_of = lambda r: r["load"]["concurrency"]  # noqa: E731
+        panels = (("output_throughput", "output tokens/s"), ("tpot", "TPOT p50 (ms)"))
+        xlabel, chosen = "concurrent requests", runs
+    value = lambda r, m: r[m] if m == "output_throughput" else r[m].get("p50_ms")  # noqa: E731
+    engines = sorted({r["engine"] for r in chosen})
+    paths = sorted({r["path"] for r in chosen})
+    colours = {e: f"C{i}" for i, e in enumerate(engines)}
+    styles = {p: s for p, s in zip(paths, ("-", "--", ":", "-."))}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rated = [r for r in result["runs"] if not r["load"].get("concurrency")]
-    finite = [r["load"]["rate"] for r in rated if math.isfinite(r["load"]["rate"])]
-    inf_x = (max(finite) * 2) if finite else 1.0
-    for ax, metric, title in ((axes[0], "tpot", "TPOT p50 (ms)"), (axes[1], "ttft", "TTFT p50 (ms)")):
-        for (p, e) in sorted({(r["path"], r["engine"]) for r in rated}):
-            pts: dict = {}
-            for r in rated:
-                if (r["path"], r["engine"]) == (p, e) and r[metric]:
-                    x = r["load"]["rate"] if math.isfinite(r["load"]["rate"]) else inf_x
-                    pts.setdefault(x, []).append(r[metric]["p50_ms"])
-            xs = sorted(pts)
-            ax.plot(xs, [statistics.median(pts[x]) for x in xs], marker="o", label=f"{e} ({p})")
-        ax.set_xlabel(f"request rate (req/s; {inf_x:g} = all at once)")
+    for ax, (metric, title) in zip(axes, panels):
+        for p in paths:
+            for e in engines:
+                pts: dict = {}
+                for r in chosen:
+                    if (r["path"], r["engine"]) == (p, e) and value(r, metric):
+                        pts.setdefault(xs_of(r), []).append(value(r, metric))
+                xs = sorted(pts)
+                ax.plot(xs, [statistics.median(pts[x]) for x in xs], styles[p], color=colours[e], marker="o",
+                        label=f"{e} ({p})")
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
