@@ -4,7 +4,7 @@
 #   concurrency/   one stream at a time vs 8 concurrent streams (TP, shm): prompts 32-256, 32 tokens out
 #   concurrency_decode/  the same with short prompts (16-64) and 128 tokens out
 #   chunked_*/     prefill in one step vs in 128-token chunks, long prompts arriving while others decode (TP, shm)
-#   single_stream/ one stream of 16-token prompts and 32 tokens out, through the server (TP, shm)
+#   single_stream/ 16-token prompts, 32 tokens out, 1 and 8 at a time, through the server (TP, shm)
 #   overhead/      `ds-spd bench` decode at batch 1 on the same engine and workload, to compare with single_stream
 # Needs the demo's checkpoint (make demo) for the side-by-side run; CKPT=... to use another.
 set -euo pipefail
@@ -32,8 +32,8 @@ serve_and_bench concurrency -- --rates "" --concurrency 1,8 --num-requests 16 --
   --repeats 3
 serve_and_bench concurrency_decode -- --rates "" --concurrency 1,8 --num-requests 16 --prompt-len 16,64 \
   --output-len 128 --repeats 2
-serve_and_bench single_stream -- --rates "" --concurrency 1 --num-requests 16 --prompt-len 16,16 --output-len 32 \
-  --repeats 3   # the workload of `bench`'s decode_b1 below (16-token prompt, 32 steps), through the server
+serve_and_bench single_stream -- --rates "" --concurrency 1,8 --num-requests 16 --prompt-len 16,16 --output-len 32 \
+  --repeats 3   # at concurrency 1 the workload of `bench`'s decode_b1 below (16-token prompt, 32 steps)
 serve_and_bench chunked_off --max-step-tokens 2048 -- --rates 1 --num-requests 16 --prompt-len 384,512 \
   --output-len 48 --repeats 3
 serve_and_bench chunked_128 --max-step-tokens 128 -- --rates 1 --num-requests 16 --prompt-len 384,512 \
