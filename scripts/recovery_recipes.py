@@ -1,4 +1,4 @@
-"""Recovery recipes on SmolLM2 (issue 12): which distillation recipe, block ranking and end-to-end stage
+"""Recovery recipes on SmolLM2: which distillation recipe, block ranking and end-to-end stage
 recover the most perplexity, chosen on the *validation* splits and reported once on *test*.
 
 Every block is distilled once per recipe from the original model's inputs (so one run covers every count
@@ -40,12 +40,12 @@ from ds_spd.stages.distill import DistillSettings  # noqa: E402
 from ds_spd.stages.recovery import deepspeed_config  # noqa: E402
 from ds_spd.tools.evaluation import evaluate_lm, paired_ratio_ci  # noqa: E402
 
-# B2B recipes. "paper": the CLI defaults before issue 12 (the paper's lr and epochs on 16 segments);
+# B2B recipes. "paper": the CLI defaults before the current recipe (the paper's lr and epochs on 16 segments);
 # "readme": the settings the README recommended (chosen on the test split, joint-trainer era).
 RECIPES = {
     "paper": dict(lr=5e-5, epochs=10, calibration="pydoc", samples=16),
     "readme": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16),
-    # issue 12 levers, one at a time from "readme"
+    # the recovery levers, one at a time from "readme"
     "hg0": dict(epochs=0, calibration="pydoc", samples=16, mlp_matching="slice"),        # initialisations only
     "neuron0": dict(epochs=0, calibration="pydoc", samples=16, mlp_matching="neuron"),
     "neuron16": dict(lr=3e-4, epochs=6, calibration="pydoc", samples=16, mlp_matching="neuron"),

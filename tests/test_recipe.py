@@ -1,4 +1,4 @@
-"""The recovery recipe's new paths (issue 12): held-out epoch choice / early stopping, learning-rate
+"""The recovery recipe's new paths: held-out epoch choice / early stopping, learning-rate
 schedule, the end-to-end KL stage, the distill-aware scan and calibration mixtures (tiny models)."""
 import copy
 

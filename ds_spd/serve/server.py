@@ -142,6 +142,9 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
     stop = {"signals": 0, "deadline": None}
 
     def on_signal(signum, _frame):
+        if state.status == "loading":   # nothing to drain: do not make the user wait for the weights
+            _log(f"{signal.Signals(signum).name} while loading: exiting")
+            raise SystemExit(128 + signum)
         stop["signals"] += 1
         now = time.monotonic()
         stop["deadline"] = now if stop["signals"] > 1 else now + settings.shutdown_timeout
@@ -153,7 +156,7 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    runner = build_runner(spec)
+    runner = build_runner(spec)   # a signal meanwhile exits at once (on_signal)
     metrics.comm.stats = runner.stats
     from ds_spd.serve.executor import StepExecutor
     from ds_spd.serve.scheduler import Scheduler
@@ -175,8 +178,7 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
         sender.watch(on_death)
     eos = _eos_ids(tokenizer, runner.hf_model)
     sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens)
-    if stop["deadline"] is None:
-        state.status = "ready"
+    state.status = "ready"
     mode = "virtual" if spec.virtual else "real"
     _log(f"ready on http://{host}:{port}: model '{state.model_name}', {mode} TP {spec.tp_size}, "
          f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
