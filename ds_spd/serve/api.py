@@ -129,9 +129,14 @@ class _FieldError(ValueError):
         self.param, self.message, self.code, self.status = param, message, code, status
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
     kind = "invalid_request_error" if status == 400 else "service_unavailable" if status == 503 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status)
 
 
 # ---------------------------------------------------------------- shared state
@@ -156,9 +161,8 @@ class LiveRequest:
 class ServeState:
     """What the HTTP thread and the engine loop share: the inbox, the live requests, the status."""
 
-    def __init__(self, model_name: str, tokenizer, max_len: int, metrics, info: dict):
-        self.model_name, self.tokenizer, self.max_len, self.metrics, self.info = model_name, tokenizer, max_len, \
-            metrics, info
+    def __init__(self, model_name: str, tokenizer, max_len: int, metrics):
+        self.model_name, self.tokenizer, self.max_len, self.metrics = model_name, tokenizer, max_len, metrics
         self.status = "loading"          # loading | ready | draining | dead
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, LiveRequest] = {}
@@ -220,8 +224,6 @@ def build_app(state: ServeState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        state.metrics.waiting.set(state.info.get("waiting", 0))
-        state.metrics.running.set(state.info.get("running", 0))
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -307,7 +309,7 @@ async def _events(state: ServeState, req: LiveRequest):
 
 
 def _usage(req: LiveRequest, generated: int) -> dict:
-    prompt = sum(len(p) for p in req.prompts) 
+    prompt = sum(len(p) for p in req.prompts)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
@@ -375,7 +377,7 @@ async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
         yield "data: [DONE]\n\n"
     except _FieldError as err:
         finished = True
-        yield f"data: {json.dumps({'error': {'message': err.message, 'type': 'service_unavailable', 'param': None, 'code': err.code}})}\n\n"
+        yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.code))}\n\n"
     finally:
         if not finished:   # the client went away mid-stream: free its slots at the next step
             state.cancel(req)

@@ -15,7 +15,8 @@ class _CommCollector:
     def collect(self):
         if self.stats is None:
             return
-        calls = CounterMetricFamily("ds_spd:allreduce_calls", "All-reduces made by the engine, by kind", labels=["kind"])
+        calls = CounterMetricFamily("ds_spd:allreduce_calls", "All-reduces made by the engine, by kind",
+                                    labels=["kind"])
         secs = CounterMetricFamily("ds_spd:allreduce_seconds", "Wall time in all-reduces, by kind", labels=["kind"])
         for kind, n in sorted(dict(self.stats._by_kind).items()):
             calls.add_metric([kind], n)

@@ -47,7 +47,8 @@ class ServeSettings:
 
     def __post_init__(self):
         checks = {"--port": 0 <= self.port <= 65535, "--max-seqs": self.max_seqs >= 1,
-                  "--max-model-len": self.max_model_len is None or self.max_model_len >= 2, "--max-step-tokens": self.max_step_tokens > self.max_seqs,
+                  "--max-model-len": self.max_model_len is None or self.max_model_len >= 2,
+                  "--max-step-tokens": self.max_step_tokens > self.max_seqs,
                   "--shutdown-timeout": self.shutdown_timeout >= 0, "--exit-linger": self.exit_linger >= 0}
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
@@ -92,7 +93,6 @@ def served_name(model: str, given: str | None) -> str:
 
 def serve(spec, settings: ServeSettings) -> None:
     """Run the server of a resolved run (ds_spd.run.RunSpec) until it is stopped."""
-    from ds_spd.run import build_runner
     rank = int(os.environ.get("RANK", "0"))
     world = 1 if spec.virtual else spec.world
     limit = getattr(spec.model_config, "max_position_embeddings", None) or 2048
@@ -114,13 +114,23 @@ def serve(spec, settings: ServeSettings) -> None:
     if err:
         raise SPDInputError(err)
     if rank == 0:
-        _serve_rank0(spec, settings, sock, world, build_runner)
+        _serve_rank0(spec, settings, sock, world)
     else:
-        _serve_other(spec, settings, rank, build_runner)
+        _serve_other(spec, settings, rank)
 
 
 # ---------------------------------------------------------------- rank 0
-def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) -> None:
+def _engine(spec, settings: ServeSettings):
+    """The run's engine (the same as eval's and generate's) and the step executor over it, on any rank."""
+    from ds_spd.run import build_runner
+    from ds_spd.serve.executor import StepExecutor
+    runner = build_runner(spec)
+    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)
+    executor.log_tokens = settings.token_log is not None
+    return runner, executor
+
+
+def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     import uvicorn
 
     from ds_spd.models.loading import load_tokenizer
@@ -128,10 +138,9 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
     from ds_spd.serve.metrics import ServeMetrics
 
     tokenizer = load_tokenizer(spec.config.model)
-    info: dict = {}
     metrics = ServeMetrics(len(spec.spd_blocks), spec.model_config.num_hidden_layers, spec.tp_size)
     state = ServeState(served_name(spec.config.model, settings.model_name), tokenizer, settings.max_model_len,
-                       metrics, info)
+                       metrics)
     server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=1))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ds-spd-http", daemon=True)
@@ -156,12 +165,9 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    runner = build_runner(spec)   # a signal meanwhile exits at once (on_signal)
+    runner, executor = _engine(spec, settings)   # a signal meanwhile exits at once (on_signal)
     metrics.comm.stats = runner.stats
-    from ds_spd.serve.executor import StepExecutor
     from ds_spd.serve.scheduler import Scheduler
-    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)
-    executor.log_tokens = settings.token_log is not None
     sender = None
     closing = threading.Event()
     if world > 1:
@@ -184,7 +190,7 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int, build_runner) 
          f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
          f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, loaded in {runner.load_seconds:.1f} s")
     try:
-        _loop(state, sched, executor, sender, metrics, info, stop)
+        _loop(state, sched, executor, sender, metrics, stop)
     except Exception:
         if state.status == "dead":   # a peer died mid-step: the monitor is failing requests and exits
             while True:
@@ -211,10 +217,11 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return set(gen if isinstance(gen, (list, tuple)) else [] if gen is None else [gen])
 
 
-def _loop(state, sched, executor, sender, metrics, info, stop) -> None:
+def _loop(state, sched, executor, sender, metrics, stop) -> None:
     """The engine loop: take requests, plan a step, send it, run it, sample, deliver; until stopped."""
-    from ds_spd.serve.scheduler import Sequence
     import queue
+
+    from ds_spd.serve.scheduler import Sequence
     requests: dict[str, object] = {}
     while True:
         try:   # wait for requests only when idle; never inside a collective
@@ -248,7 +255,8 @@ def _loop(state, sched, executor, sender, metrics, info, stop) -> None:
                 state.fail_all(503, "the server is shutting down (shutdown timeout reached)")
                 requests.clear()
         plan = sched.plan()
-        info["running"], info["waiting"] = len(sched.running) + len(sched.prefilling), sched.queue_depth
+        metrics.running.set(len(sched.running) + len(sched.prefilling))
+        metrics.waiting.set(sched.queue_depth)
         if plan is None:
             continue
         if sender is not None:
@@ -274,14 +282,11 @@ def _loop(state, sched, executor, sender, metrics, info, stop) -> None:
 
 
 # ---------------------------------------------------------------- the other ranks
-def _serve_other(spec, settings: ServeSettings, rank: int, build_runner) -> None:
+def _serve_other(spec, settings: ServeSettings, rank: int) -> None:
     from ds_spd.serve.channel import PlanReceiver
-    from ds_spd.serve.executor import StepExecutor
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # rank 0 decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    runner = build_runner(spec)
-    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)
-    executor.log_tokens = settings.token_log is not None
+    _, executor = _engine(spec, settings)
 
     def on_death() -> None:
         if not stopped.is_set():

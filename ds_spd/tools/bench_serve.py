@@ -126,7 +126,8 @@ async def run_load(url: str, model: str, workload, rate: float, concurrency: int
     fwd_after = decode_forward_totals(url)
     n = fwd_after[1] - fwd_before[1]
     # the engine's own decode forward time in this load: TPOT over it is what the server adds per token
-    return {**summarize(records, duration), "decode_forward_ms": 1e3 * (fwd_after[0] - fwd_before[0]) / n if n else None}
+    forward_ms = 1e3 * (fwd_after[0] - fwd_before[0]) / n if n else None
+    return {**summarize(records, duration), "decode_forward_ms": forward_ms}
 
 
 def _dist(xs: list[float]) -> dict:
@@ -261,15 +262,16 @@ def markdown(result: dict, command: str) -> str:
         groups.setdefault((r["path"], r["engine"], r["load_name"]), []).append(r)
     for (path, engine, load), rs in groups.items():
         med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
-        lines.append(f"| {path} | {engine} | {load} | {sum(r['completed'] for r in rs)}/{sum(r['failed'] for r in rs)}"
-                     f" | {med(lambda r: r['request_throughput']):.2f} | {med(lambda r: r['output_throughput']):.1f}"
-                     f" | {med(lambda r: r['ttft'].get('p50_ms', 0)):.0f} | {med(lambda r: r['tpot'].get('p50_ms', 0)):.1f}"
-                     f" | {med(lambda r: r['tpot'].get('p99_ms', 0)):.1f} | {med(lambda r: r['itl'].get('p50_ms', 0)):.1f}"
-                     f" | {med(lambda r: r['e2el'].get('p50_ms', 0)):.0f} | {_fwd(rs)} |")
+        p50 = lambda m, q="p50_ms": med(lambda r: r[m].get(q, 0))  # noqa: E731
+        cells = [path, engine, load, f"{sum(r['completed'] for r in rs)}/{sum(r['failed'] for r in rs)}",
+                 f"{med(lambda r: r['request_throughput']):.2f}", f"{med(lambda r: r['output_throughput']):.1f}",
+                 f"{p50('ttft'):.0f}", f"{p50('tpot'):.1f}", f"{p50('tpot', 'p99_ms'):.1f}", f"{p50('itl'):.1f}",
+                 f"{p50('e2el'):.0f}", _fwd(rs)]
+        lines.append("| " + " | ".join(cells) + " |")
     if result.get("paired"):
         lines += ["", f"Paired ratios vs TP (median of {result['repeats']} repeats, 95% interval of the geometric "
-                  "mean; latencies: < 1 is faster; throughput: > 1 is higher):", "", "| path | load | engine | TPOT p50 | TTFT p50 | E2E p50 | out tok/s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "mean; latencies: < 1 is faster; throughput: > 1 is higher):", "",
+                  "| path | load | engine | TPOT p50 | TTFT p50 | E2E p50 | out tok/s |", "|---|---|---|---|---|---|---|"]
         for row in result["paired"]:
             lines.append(f"| {row['path']} | {row['load']} | {row['engine']} | {_cell(row.get('tpot'))} | "
                          f"{_cell(row.get('ttft'))} | {_cell(row.get('e2el'))} | {_cell(row.get('output_throughput'))} |")
