@@ -65,6 +65,30 @@ def test_continuous_batching_greedy_equals_generate(step_tokens):
                                                          SamplingParams(max_tokens=2, temperature=0))])[1]
 
 
+def test_choices_of_one_prompt_share_its_prefill():
+    """n > 1: the other choices copy the first one's prompt cache and prefill only the last prompt token; greedy,
+    every choice still equals HF generate's tokens."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    prompt = tok(PROMPTS[3]).input_ids
+    ids = torch.tensor([prompt])
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(prompt):]
+    ex = StepExecutor(model, torch.device("cpu"), 4, 256)
+    sched = Scheduler(tok, set(), 4, 256, 2048)
+    seqs = [Sequence("r", i, prompt, SamplingParams(max_tokens=10, temperature=0)) for i in range(3)]
+    sched.add(seqs)
+    prefilled, forks = 0, 0
+    while sched.has_work():
+        plan = sched.plan()
+        if plan is None:
+            break
+        forks += sum(length == len(prompt) - 1 for _, _, length in plan["moves"])
+        prefilled += sum(len(f["tokens"][0]) for f in plan["forwards"] if f["kind"] == "prefill")
+        sched.complete(plan, ex.run(plan))
+    assert [s.output for s in seqs] == [ref.tolist()] * 3
+    assert forks == 2 and prefilled == len(prompt) + 2
+
+
 def test_paired_serving_ratios_pair_by_repeat():
     from ds_spd.tools.bench_serve import paired_table
     runs = [{"path": "gloo", "load_name": "rate 1", "engine": e, "repeat": k, "output_throughput": 10.0,

@@ -241,8 +241,11 @@ def build_app(state: ServeState) -> FastAPI:
         if getattr(tok, "chat_template", None) is None:
             raise _FieldError("messages", f"model {state.model_name} has no chat template: use /v1/completions")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-        ids = list(ids["input_ids"])
+        try:
+            ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"])
+        except Exception as err:   # the template's own checks (e.g. roles out of order) are the caller's error
+            raise _FieldError("messages", f"the chat template refused these messages: {err}") from None
         max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_len - len(ids), 1)
         return await _serve(state, request, body, [ids], "chat", max_tokens)
 

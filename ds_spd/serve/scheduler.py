@@ -12,7 +12,9 @@ Each step is one plan, sent to every rank and run by each (ds_spd.serve.executor
 
 Requests wait in a FIFO queue while ``max_seqs`` sequences hold slots. Rank 0 samples the next tokens
 (:mod:`ds_spd.serve.sampling`), detokenises incrementally, and finishes a sequence on an end-of-sequence
-token, a stop string or ``max_tokens``. A request with ``n`` > 1 is ``n`` sequences.
+token, a stop string or ``max_tokens``. A request with ``n`` > 1 is ``n`` sequences sharing one prompt list: the
+first is prefilled, the others copy its prompt's cache (all but the last position, which each prefills itself to
+get its first logits).
 """
 from __future__ import annotations
 
@@ -114,9 +116,16 @@ class Scheduler:
         for s in self.prefilling:   # at most one: a prompt part-filled in an earlier step goes on first
             budget, complete = self._prefill_chunk(s, budget, forwards)
         while complete and budget > 0 and self.waiting and len(self.running) + len(self.prefilling) < self.max_seqs:
-            s = self.waiting.popleft()
+            s = self.waiting[0]
+            if any(t.prompt is s.prompt for t in self.prefilling):
+                break   # another choice of its prompt is being prefilled: fork from it next step
+            self.waiting.popleft()
             s.slot = len(self.running) + len(self.prefilling)
             self.prefilling.append(s)
+            twin = next((t for t in self.running if t.prompt is s.prompt), None)
+            if twin is not None and len(s.prompt) > 1:   # n > 1: copy the prompt's cache, prefill its last token
+                moves.append([twin.slot, s.slot, len(s.prompt) - 1])
+                s.offset = len(s.prompt) - 1
             budget, complete = self._prefill_chunk(s, budget, forwards)
         done, self._done = self._done, []
         if not forwards and not moves and not done:
