@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	touch $@
 
 demo: setup
-	bash scripts/demo.sh
+	bash scripts/tools/demo.sh
 
 serve: setup
 	launch/tp.sh 2 serve $(SERVE_ARGS)

@@ -1,6 +1,6 @@
 """Bad input a user may give, as CLI cases: each must be one clear line, exit 2, before any work.
 
-Shared by tests/test_safety.py (which asserts each) and scripts/bad_input_table.py (which measures them all
+Shared by tests/test_safety.py (which asserts each) and scripts/benchmarks/bad_input_table.py (which measures them all
 and writes the table in BENCHMARKS.md). A case is (name, class, setup(tmp, model_dir) -> argv, expected text).
 """
 from __future__ import annotations

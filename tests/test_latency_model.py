@@ -1,11 +1,11 @@
-"""scripts/latency_model.py on a synthetic bench that follows the alpha-beta model exactly: held-out
+"""scripts/benchmarks/latency_model.py on a synthetic bench that follows the alpha-beta model exactly: held-out
 predictions reproduce it, a row that breaks the model is the one flagged, and the paper check's arithmetic."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("latency_model", Path(__file__).parents[1] / "scripts" / "latency_model.py")
+spec = importlib.util.spec_from_file_location("latency_model", Path(__file__).parents[1] / "scripts" / "benchmarks" / "latency_model.py")
 lm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lm)
 

@@ -18,6 +18,6 @@ for ds in pydoc shakespeare; do
   done
 done
 for ds in pydoc shakespeare; do
-  for src in original prefix; do python scripts/paired_eval.py $o/eval_${ds}_tp.json $o/eval_${ds}_$src.json --out $o/ratio_${ds}_${src}_vs_tp.json; done
-  python scripts/paired_eval.py $o/eval_${ds}_original.json $o/eval_${ds}_prefix.json --out $o/ratio_${ds}_prefix_vs_original.json
+  for src in original prefix; do python scripts/tools/paired_eval.py $o/eval_${ds}_tp.json $o/eval_${ds}_$src.json --out $o/ratio_${ds}_${src}_vs_tp.json; done
+  python scripts/tools/paired_eval.py $o/eval_${ds}_original.json $o/eval_${ds}_prefix.json --out $o/ratio_${ds}_prefix_vs_original.json
 done

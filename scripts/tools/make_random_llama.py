@@ -1,6 +1,6 @@
 """Write a random-weight LLaMA-shaped model as an HF-sharded bf16 safetensors directory, streaming.
 
-    python scripts/make_random_llama.py --shape 7b --out /data/llama7b-random
+    python scripts/tools/make_random_llama.py --shape 7b --out /data/llama7b-random
 
 Tensors are generated one at a time and written in shard files of at most ``--shard-gb``, so memory stays
 near one shard whatever the model size (never the whole model). Weights ~ N(0, 0.02), norms 1: the model
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 

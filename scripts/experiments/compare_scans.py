@@ -3,7 +3,7 @@
 Scans the calibration text (pydoc train split) with each method, then for N SPD blocks takes each method's
 N least sensitive blocks and measures perplexity on held-out text (pydoc test split), zero-shot.
 
-    OMP_NUM_THREADS=2 python scripts/compare_scans.py --tp 2 --out runs/scan_compare_tp2
+    OMP_NUM_THREADS=2 python scripts/experiments/compare_scans.py --tp 2 --out runs/scan_compare_tp2
 """
 import argparse
 import json

@@ -1,6 +1,6 @@
 """Try every bad-input class of tests/bad_inputs.py through the CLI and record what a user sees.
 
-    python scripts/bad_input_table.py --out docs/results
+    python scripts/benchmarks/bad_input_table.py --out docs/results
 
 Per case: exit code, the error line, seconds until refused, whether a traceback was printed, and whether any
 file in the case's directory changed (written, replaced or deleted). Writes bad_input.json and bad_input.md.
@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from bad_inputs import CASES, ENV  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
     ok = [r for r in rows if r["exit_code"] == 2 and not r["traceback"] and r["files_unchanged"]
           and r["expected_text_found"]]
     summary = {"cases": len(rows), "clear_error_nothing_changed": len(ok),
-               "command": "python scripts/bad_input_table.py --out " + args.out}
+               "command": "python scripts/benchmarks/bad_input_table.py --out " + args.out}
     write_json(os.path.join(args.out, "bad_input.json"), {"summary": summary, "rows": rows}, "bad_input/1")
     lines = [MD_MARK, f"Command: `{summary['command']}`", "",
              "| bad input | class | exit | refused after | traceback | files unchanged | error line |", "|---" * 7 + "|"]

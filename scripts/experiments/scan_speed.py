@@ -1,6 +1,6 @@
 """Scan time with cached block inputs vs the naive L + 1 full evaluations, on the same data.
 
-    OMP_NUM_THREADS=2 python scripts/scan_speed.py --virtual-tp 2 --max-samples 16 --out runs/scan_speed.json
+    OMP_NUM_THREADS=2 python scripts/experiments/scan_speed.py --virtual-tp 2 --max-samples 16 --out runs/scan_speed.json
 """
 import argparse
 import json

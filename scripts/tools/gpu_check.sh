@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One CUDA GPU (or CPU, for a dry run): a sensitivity scan and a distillation step in virtual TP, a tp=1
 # DeepSpeed engine (eval + generate, with the distilled checkpoint), and a bf16 eval; prints timings.
-#   MODEL=default OUT=runs/gpu_check bash scripts/gpu_check.sh
+#   MODEL=default OUT=runs/gpu_check bash scripts/tools/gpu_check.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 MODEL=${MODEL:-default}; OUT=${OUT:-runs/gpu_check}; PY=${PY:-python3}
 mkdir -p "$OUT"
 export TOKENIZERS_PARALLELISM=false

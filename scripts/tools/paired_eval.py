@@ -1,14 +1,14 @@
 """Perplexity ratio B / A of two `ds-spd eval --json` outputs on the same segments, with its paired 95% bootstrap
 interval (ds_spd.tools.evaluation.paired_ratio_ci).
 
-    python scripts/paired_eval.py runs/bf16/eval_fp32.json runs/bf16/eval_bf16.json [--out ratio.json]
+    python scripts/tools/paired_eval.py runs/bf16/eval_fp32.json runs/bf16/eval_bf16.json [--out ratio.json]
 """
 import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ds_spd.tools.evaluation import paired_ratio_ci  # noqa: E402
 

@@ -17,7 +17,7 @@ so the saving is k * t / T(0) = f_comm * k / (2L + e), f_comm being the share of
 3. Projected (NOT measured): LLaMA2-70B on 8 GPUs from assumed constants (ASSUMED, with sources), and the
    paper's 19.7% at 70% SPD turned into the all-reduce share it implies, f_comm = 0.197 / 0.35.
 
-    python scripts/latency_model.py runs/bench_quiet/bench.json --out runs/latency_model
+    python scripts/benchmarks/latency_model.py runs/bench_quiet/bench.json --out runs/latency_model
 """
 from __future__ import annotations
 

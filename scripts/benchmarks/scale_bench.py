@@ -1,7 +1,7 @@
 """Per-rank peak memory and wall time of TP runs on large random LLaMA-shaped models, both loaders.
 
-    python scripts/make_random_llama.py --shape 7b --out /work/scale/llama7b     # and 1.1b, 3b
-    python scripts/scale_bench.py --models /work/scale/llama1.1b,/work/scale/llama3b,/work/scale/llama7b \\
+    python scripts/tools/make_random_llama.py --shape 7b --out /work/scale/llama7b     # and 1.1b, 3b
+    python scripts/benchmarks/scale_bench.py --models /work/scale/llama1.1b,/work/scale/llama3b,/work/scale/llama7b \\
         --cap-gb 21 --out docs/results/scale
 
 Each run is a real ``deepspeed --num_gpus 2 --module ds_spd ...`` command (bf16, tp 2) started inside a
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ds_spd.outputs import MD_MARK, check_output_dir, write_atomic, write_json  # noqa: E402
 

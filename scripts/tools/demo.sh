@@ -3,7 +3,7 @@
 # scan -> plan -> ZeRO distillation -> re-injection for TP inference -> eval + generate -> bench -> report.
 # Everything lands in runs/demo/ (report.md with PNGs). DEMO_FULL=1 uses larger settings.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 cfg=configs/spd_smollm2_tp2.json
 out=runs/demo; mkdir -p "$out"
@@ -48,5 +48,5 @@ echo "== 6. latency benchmark (AutoTP vs SPD 0/50/100%, shm and gloo all-reduce 
 step bench_summary launch/tp.sh 2 bench --config "$cfg" --plan "$out/plan.json" --fractions 0,0.5,1 \
   --repeats "$repeats" --decode-batches 1 --decode-tokens 8 --prefill-len 256 --out "$out/bench"
 
-python scripts/demo_report.py "$out"
+python scripts/tools/demo_report.py "$out"
 echo "== report: $out/report.md"

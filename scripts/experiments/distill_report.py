@@ -6,7 +6,7 @@ Blocks distilled from the original model's inputs do not depend on which other b
 block is distilled once per variant (one ZeRO engine, `ds-spd distill`) and each curve point loads the
 distilled weights of its N least sensitive blocks.
 
-    OMP_NUM_THREADS=2 python scripts/distill_report.py --tp 2 --plan runs/scan_compare_tp2/plan_cumulative-ppl.json \
+    OMP_NUM_THREADS=2 python scripts/experiments/distill_report.py --tp 2 --plan runs/scan_compare_tp2/plan_cumulative-ppl.json \
         --out runs/distill_tp2 --compare-input-source 15
 """
 import argparse

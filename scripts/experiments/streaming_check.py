@@ -1,6 +1,6 @@
 """On SmolLM2: the streamed stages against the in-memory ones, in one process, same data and seed.
 
-    OMP_NUM_THREADS=2 python scripts/streaming_check.py --out docs/results/streaming
+    OMP_NUM_THREADS=2 python scripts/experiments/streaming_check.py --out docs/results/streaming
 
 1. Scan: the streamed cumulative scan (one block resident, activations spilled to files: budget 0)
    against the in-memory cached scan; every sensitivity compared.
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 

@@ -11,8 +11,8 @@ Everything is cached under --out (distilled weights per recipe, scans, KL weight
 killed run resumes and a second call only adds what is new. Perplexities come with 95% bootstrap intervals
 over segments; paired ratios to the TP model are in the JSON.
 
-    OMP_NUM_THREADS=2 python scripts/recovery_recipes.py --tp 2 --recipes paper,readme --split validation
-    python scripts/recovery_recipes.py --tp 2 --render          # table + plot from what is cached
+    OMP_NUM_THREADS=2 python scripts/experiments/recovery_recipes.py --tp 2 --recipes paper,readme --split validation
+    python scripts/experiments/recovery_recipes.py --tp 2 --render          # table + plot from what is cached
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import ds_spd  # noqa: E402

@@ -1,9 +1,9 @@
-"""Assemble runs/demo/report.md from the demo's JSON outputs (see scripts/demo.sh)."""
+"""Assemble runs/demo/report.md from the demo's JSON outputs (see scripts/tools/demo.sh)."""
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ds_spd.tools.evaluation import paired_ratio_ci  # noqa: E402
 

@@ -8,7 +8,7 @@
 #   overhead/      `ds-spd bench` decode at batch 1 on the same engine and workload, to compare with single_stream
 # Needs the demo's checkpoint (make demo) for the side-by-side run; CKPT=... to use another.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 out=${OUT:-docs/results/serve}
 ckpt=${CKPT:-runs/demo/checkpoint}

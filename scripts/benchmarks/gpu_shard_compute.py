@@ -1,10 +1,10 @@
 """Measure, on one CUDA GPU, the compute time of one tensor-parallel rank's share of a LLaMA2-70B forward
 (TP 8: 8 query heads, 1 KV head, 3584 MLP columns per block, 80 blocks, bf16, random weights), with the
-all-reduces left out: the C of scripts/latency_model.py, which the projection otherwise *assumes* from the
+all-reduces left out: the C of scripts/benchmarks/latency_model.py, which the projection otherwise *assumes* from the
 A100's datasheet bandwidth. Decode steps are captured in a CUDA graph (as serving engines run them) and
 timed eagerly too; prefill runs eagerly.
 
-    python scripts/gpu_shard_compute.py --out runs/gpu_shard/compute.json
+    python scripts/benchmarks/gpu_shard_compute.py --out runs/gpu_shard/compute.json
 """
 from __future__ import annotations
 

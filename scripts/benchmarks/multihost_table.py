@@ -1,6 +1,6 @@
 """Compare `ds-spd bench` runs within one host and across (simulated) hosts: all-reduce cost and SPD saving.
 
-    python scripts/multihost_table.py --one-host runs/bench_onehost/bench.json \\
+    python scripts/benchmarks/multihost_table.py --one-host runs/bench_onehost/bench.json \\
         --two-hosts runs/bench_twohosts/bench.json --out docs/results/multihost
 
 Each bench.json must hold the spd0 and spd100 rows of its paths; writes multihost.json and multihost.md.
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from ds_spd.outputs import MD_MARK, write_atomic, write_json  # noqa: E402
 
