@@ -89,6 +89,32 @@ def test_choices_of_one_prompt_share_its_prefill():
     assert forks == 2 and prefilled == len(prompt) + 2
 
 
+def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
+    """The non-streamed path polls for a gone client once a second; a first token that takes longer (a queue, a
+    long prefill) must not end the answer early."""
+    import asyncio
+
+    from ds_spd.serve.api import LiveRequest, ServeState, _collect
+    from ds_spd.serve.metrics import ServeMetrics
+
+    class StillConnected:
+        async def is_disconnected(self):
+            return False
+
+    async def main():
+        state = ServeState("tiny", None, 64, ServeMetrics(0, 4, 2))
+        req = LiveRequest("cmpl-1", "completion", [[1, 2]], 1, SamplingParams(max_tokens=2),
+                          asyncio.get_running_loop())
+        state.live[req.id] = req
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.6, req.push, ("delta", 0, "ab", None, 1))
+        loop.call_later(1.7, req.push, ("delta", 0, "c", "length", 2))
+        return json.loads((await _collect(state, req, StillConnected())).body)
+    body = asyncio.run(main())
+    assert body["choices"][0]["text"] == "abc" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 2
+
+
 def test_paired_serving_ratios_pair_by_repeat():
     from ds_spd.tools.bench_serve import paired_table
     runs = [{"path": "gloo", "load_name": "rate 1", "engine": e, "repeat": k, "output_throughput": 10.0,

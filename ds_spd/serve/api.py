@@ -321,13 +321,16 @@ async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSO
     agen = _events(state, req)
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(agen.__anext__(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():   # free the slots of a client that went away
+            # wait without cancelling the generator (a cancelled __anext__ would close it): poll for a client
+            # that went away once a second, and free its slots
+            step = asyncio.ensure_future(agen.__anext__())
+            while not (await asyncio.wait({step}, timeout=1.0))[0]:
+                if await request.is_disconnected():
+                    step.cancel()
                     state.cancel(req)
                     return error_response(499, "client disconnected")
-                continue
+            try:
+                item = step.result()
             except StopAsyncIteration:
                 break
             _, index, delta, reason, tokens = item
