@@ -92,3 +92,19 @@ def test_paired_perplexity_ratio_is_tighter_than_unpaired_intervals():
     assert same["ratio"] == 1 and same["verdict"] == "no difference"
     with pytest.raises(ValueError, match="same segments"):
         paired_ratio_ci(a, {"segment_nll": list(nll[:4]), "tokens": 4 * 255})
+
+
+def test_token_cache_equals_tokenizing_and_misses_on_any_change(tmp_path, monkeypatch):
+    from ds_spd.data import token_ids
+    monkeypatch.setenv("DS_SPD_CACHE", str(tmp_path))
+    tok = tiny_tokenizer()
+    text = "\n".join(load_texts(dataset="pydoc", split="validation"))
+    direct = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    assert torch.equal(token_ids(text, tok), direct)                  # computed, then written
+    entries = list((tmp_path / "tokens").iterdir())
+    assert len(entries) == 1
+    assert torch.equal(token_ids(text, tok), direct)                  # read back
+    assert token_ids(text + " x", tok).numel() > direct.numel()       # other text: another entry
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
+    entries[0].write_bytes(b"damaged")                                # a damaged entry is recomputed
+    assert torch.equal(token_ids(text, tok), direct)
