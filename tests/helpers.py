@@ -19,6 +19,14 @@ EVEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_atte
             num_key_value_heads=4, head_dim=8)
 
 
+# One KV head, 4 query heads: tp 2 and 4 need KV-head replication (Gemma 3 270M's shape).
+KV1 = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=1, head_dim=16)
+# SmolLM2's head shape (9 query / 3 KV heads): tp 6 replicates each KV head on 2 ranks (2 + 1 query heads).
+SMOL_HEADS = dict(hidden_size=72, intermediate_size=384, num_hidden_layers=3, num_attention_heads=9,
+                  num_key_value_heads=3, head_dim=8)
+
+
 def tiny_config(model_type: str = "llama", vocab_size: int = 384, **overrides):
     from transformers import AutoConfig
     kwargs = {**UNEVEN, "vocab_size": vocab_size, "max_position_embeddings": 512, **overrides}
@@ -32,10 +40,14 @@ def independent_split(config, tp: int, grain: int = 64) -> tuple[list[int], list
     more, the remainder below one unit to the last rank."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     n_kv, group = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
-    kv = [n_kv // tp + (r < n_kv % tp) for r in range(tp)]
     units, rest = divmod(config.intermediate_size, grain)
     mlp = [(units // tp + (r < units % tp)) * grain for r in range(tp)]
     mlp[-1] += rest
+    if tp > n_kv:   # vLLM's replication: tp/n_kv consecutive ranks share a KV head and split its query heads
+        share = tp // n_kv
+        heads = [group // share + (r % share < group % share) for r in range(tp)]
+        return [h * head_dim for h in heads], mlp
+    kv = [n_kv // tp + (r < n_kv % tp) for r in range(tp)]
     return [k * group * head_dim for k in kv], mlp
 
 

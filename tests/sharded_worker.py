@@ -1,4 +1,4 @@
-"""Run under ``deepspeed --num_gpus 2``: sharded loading (meta model, each rank reads its slices) against the
+"""Run under ``deepspeed --num_gpus N`` (tp N): sharded loading (meta model, each rank reads its slices) against the
 full load (every rank loads the model, AutoTP shards it). Writes OUT_PREFIX.<i>.rank<r>.json per model dir.
 
 Usage: sharded_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS [CHECKPOINT_DIR]
@@ -24,8 +24,8 @@ def main():
 
 
 def check(model_dir, out_prefix, blocks, checkpoint):
-    rank = int(os.environ["RANK"])
-    config = {"model": model_dir, "tp_size": 2}
+    rank, tp = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    config = {"model": model_dir, "tp_size": tp}
     config.update({"checkpoint": checkpoint} if checkpoint else {"spd_blocks": blocks})
     full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = torch.randint(0, full.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -46,7 +46,7 @@ def check(model_dir, out_prefix, blocks, checkpoint):
         res["local_shapes"] = {n: list(p.shape) for n, p in sharded_engine.module.named_parameters()
                                if ".layers.0." in n or "lm_head" in n}
         if checkpoint:   # the distilled weights really changed the function (the overlay is not a no-op)
-            same_blocks = {"model": model_dir, "tp_size": 2, "spd_blocks": sharded_engine.get_spd_blocks()}
+            same_blocks = {"model": model_dir, "tp_size": tp, "spd_blocks": sharded_engine.get_spd_blocks()}
             plain = ds_spd.init_inference(meta_model(full.config, torch.float32), same_blocks)
             res["overlay_effect"] = (plain(ids).logits - b).abs().max().item()
         g_full = full_engine.module.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)

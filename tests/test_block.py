@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import EVEN, independent_split, tiny_config, tiny_model
+from helpers import EVEN, KV1, SMOL_HEADS, independent_split, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.core.block import SPDDecoderLayer
@@ -70,13 +70,39 @@ def test_layout_matches_deepspeed_split():
 
 
 def test_layout_errors():
-    with pytest.raises(LayoutError, match="3 KV heads"):
+    with pytest.raises(LayoutError, match="3 KV heads, so tp must be at most 3 .* or a multiple of 3"):
         TPLayout.for_model(tiny_config(), 4)
+    with pytest.raises(LayoutError, match="4 query heads, fewer than the 8 ranks"):
+        TPLayout.for_model(tiny_config(**KV1), 8)
     with pytest.raises(LayoutError, match="positive"):
         TPLayout.for_model(tiny_config(), 0)
     from transformers import GPT2Config
     with pytest.raises(LayoutError, match="unsupported architecture.*GPT2"):
         TPLayout.for_model(GPT2Config(architectures=["GPT2LMHeadModel"]), 2)
+
+
+def test_layout_replicates_kv_heads_beyond_their_count():
+    one = TPLayout.for_model(tiny_config(**KV1), 4)
+    assert (one.q_heads, one.kv_heads, one.kv_replicas) == ((1, 1, 1, 1), (1, 1, 1, 1), 4)
+    assert [one.kv_head_range(r) for r in range(4)] == [(0, 1)] * 4
+    smol = TPLayout.for_model(tiny_config(**SMOL_HEADS), 6)   # each KV head's 3 query heads: 2 + 1
+    assert (smol.q_heads, smol.kv_replicas) == ((2, 1, 2, 1, 2, 1), 2)
+    assert [smol.kv_head_range(r) for r in range(6)] == [(0, 1), (0, 1), (1, 2), (1, 2), (2, 3), (2, 3)]
+    assert [smol.q_head_range(r) for r in (0, 1, 2)] == [(0, 2), (2, 3), (3, 5)]
+    assert TPLayout.for_model(tiny_config(**SMOL_HEADS), 3).kv_replicas == 1   # not used: AutoTP's split
+
+
+@pytest.mark.parametrize("shape,tp", [("kv1", 2), ("kv1", 4), ("smol", 6)])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_kv_replication_off_equals_hf_and_spd_matches_reference(shape, tp, model_type):
+    model = tiny_model(model_type, **(KV1 if shape == "kv1" else SMOL_HEADS))
+    ids, blocks = _ids(), [0, 2]
+    virtual = ds_spd.virtualize(copy.deepcopy(model), tp)
+    torch.testing.assert_close(_logits(virtual, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    ds_spd.set_spd_blocks(virtual, blocks)
+    out = _logits(virtual, ids)
+    torch.testing.assert_close(out, reference_logits(model, ids, tp, blocks), atol=1e-5, rtol=1e-5)
+    assert (out - _logits(model, ids)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])

@@ -1,4 +1,5 @@
 """Evaluation through the offline `evaluate` module, and data loading through `datasets`."""
+import copy
 import math
 
 import pytest
@@ -108,3 +109,38 @@ def test_token_cache_equals_tokenizing_and_misses_on_any_change(tmp_path, monkey
     assert len(list((tmp_path / "tokens").iterdir())) == 2
     entries[0].write_bytes(b"damaged")                                # a damaged entry is recomputed
     assert torch.equal(token_ids(text, tok), direct)
+
+
+@pytest.mark.parametrize("budget", [None, 4 * 384 * 5])   # the whole batch at once; 5 tokens per chunk
+def test_head_in_chunks_equals_whole_logits(budget, monkeypatch):
+    """Scores and the KL (value and gradient) from the head applied chunk by chunk == from the model's whole
+    logits; Gemma 2 also soft-caps its final logits."""
+    from ds_spd.models import head
+    if budget:
+        monkeypatch.setattr(head, "LOGITS_BYTES", budget)
+    assert len(head.token_chunks(2 * 11, 384)) == (1 if budget is None else 5)
+    model = tiny_model("gemma2", sliding_window=8, query_pre_attn_scalar=16, final_logit_softcapping=5.0)
+    other = copy.deepcopy(model)   # the base: another block, the same head (as the scan's and KL stage's bases)
+    with torch.no_grad():
+        for p in other.model.layers[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = ids[:, 1:]
+    with torch.no_grad():
+        logits, base_logits = model(ids).logits[:, :-1], other(ids).logits[:, :-1]
+        h, base_h = head.final_hidden(model, input_ids=ids)[:, :-1], head.final_hidden(other, input_ids=ids)[:, :-1]
+    lp, base_lp = F.log_softmax(logits, -1), F.log_softmax(base_logits, -1)
+    scores = head.score_tokens(model, h, targets, base_h)
+    torch.testing.assert_close(scores.logprobs, lp.gather(-1, targets[..., None])[..., 0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(scores.top1, logits.argmax(-1))
+    assert scores.kl_sum == pytest.approx(F.kl_div(lp, base_lp, log_target=True, reduction="sum").item(), rel=1e-5)
+    # differentiable KL: the same value and gradient as the whole-logits computation
+    h1 = h.clone().requires_grad_(True)
+    h2 = h.clone().requires_grad_(True)
+    chunked = head.kl_to(model, h1, base_h)
+    whole = F.kl_div(F.log_softmax(head.head_logits(model, h2), -1), base_lp, log_target=True,
+                     reduction="none").sum(-1).mean()
+    chunked.backward()
+    whole.backward()
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-4)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import independent_split, launch, save_tiny, tiny_config, tiny_model
+from helpers import KV1, independent_split, launch, save_tiny, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.errors import LayoutError
@@ -28,9 +28,13 @@ FAMILIES = {
 SANDWICH = ("gemma2", "gemma3")
 
 
-def _model(family):
+def _model(family, **shape):
     model_type, overrides = FAMILIES[family]
-    return tiny_model(model_type, **overrides)
+    return tiny_model(model_type, **{**overrides, **shape})
+
+
+#: One KV head, 4 query heads, 4 blocks: tp 2 and 4 replicate the KV head (Gemma 3 270M's shape).
+KV1_SHAPE = {**KV1, "num_hidden_layers": 4}
 
 
 def _ids(shape=(2, 12)):
@@ -112,6 +116,32 @@ def test_head_grouping_keeps_tp_function(family):
         grouping = find_grouping(layer, model.model.rotary_emb, x, layout)
         permute_block(layer, grouping, layout)
         torch.testing.assert_close(layer(x, **kwargs), before, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_replication_per_family(family, tp):
+    """tp above the KV-head count, every family: SPD off == HF; SPD == the independent reference; head grouping
+    (query heads scattered among the ranks sharing their KV head, MLP matched) keeps the TP function."""
+    from ds_spd.stages.headgroup import attention_kwargs, find_grouping, permute_block
+    model, ids, blocks = _model(family, **KV1_SHAPE), _ids(), [0, 1, 3]
+    virtual = ds_spd.virtualize(copy.deepcopy(model), tp)
+    assert virtual.spd_layout.kv_replicas == tp
+    torch.testing.assert_close(_logits(virtual, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    ds_spd.set_spd_blocks(virtual, blocks)
+    torch.testing.assert_close(_logits(virtual, ids), reference_logits(model, ids, tp, blocks), atol=1e-5, rtol=1e-5)
+    ds_spd.set_spd_blocks(virtual, [])
+    layer, rotary = virtual.model.layers[1], virtual.model.rotary_emb
+    x = torch.randn(4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    kwargs = attention_kwargs(rotary, x, layer)
+    with torch.no_grad():
+        before = layer(x, **kwargs)
+        for matching in ("slice", "neuron"):
+            grouping = find_grouping(layer, rotary, x, virtual.spd_layout, mlp_matching=matching)
+            assert sorted(h for g in grouping.groups for h in g) == [0, 1, 2, 3]
+            assert [len(g) for g in grouping.groups] == list(virtual.spd_layout.q_heads)
+            permute_block(layer, grouping, virtual.spd_layout)
+            torch.testing.assert_close(layer(x, **kwargs), before, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("family", ["phi3", "gemma2"])

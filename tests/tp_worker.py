@@ -1,4 +1,4 @@
-"""Run under ``deepspeed --num_gpus 2``: compares real TP against HF and virtual TP; writes one JSON per rank.
+"""Run under ``deepspeed --num_gpus N``: compares real TP (tp N) against HF and virtual TP; one JSON per rank.
 
 Usage: tp_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS(comma list) COMM
 (several model dirs: one launch checks them all, writing OUT_PREFIX.<i>.rank<r>.json for the i-th)
@@ -24,18 +24,18 @@ def main():
 
 
 def check(model_dir, out_prefix, blocks, comm):
-    rank = int(os.environ["RANK"])
+    rank, tp = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     n_layers = base.config.num_hidden_layers
     torch.manual_seed(1)
     ids = torch.randint(0, base.config.vocab_size, (2, 12))
     with torch.no_grad():
         hf_logits = base(ids).logits
-        virtual = ds_spd.virtualize(copy.deepcopy(base), 2, blocks)
+        virtual = ds_spd.virtualize(copy.deepcopy(base), tp, blocks)
         virtual_logits = virtual(ids).logits
 
-    engine = ds_spd.init_inference(copy.deepcopy(base), {"tp_size": 2, "spd_blocks": blocks, "comm": comm})
-    res = {"rank": rank, "n_layers": n_layers}
+    engine = ds_spd.init_inference(copy.deepcopy(base), {"tp_size": tp, "spd_blocks": blocks, "comm": comm})
+    res = {"rank": rank, "tp": tp, "n_layers": n_layers}
     layers = engine.module.model.layers   # AutoTP's actual shards, every layer
     res["local_o_proj_cols_per_layer"] = [layer.self_attn.o_proj.weight.shape[1] for layer in layers]
     res["local_mlp_cols_per_layer"] = [layer.mlp.down_proj.weight.shape[1] for layer in layers]

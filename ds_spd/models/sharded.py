@@ -123,8 +123,11 @@ def meta_model(model_config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _rank_slices(meta: dict | None, tp_rank: int) -> tuple[int, list[tuple[int, int]]]:
-    """(dim, [(start, stop), ...]) of the stored tensor that this rank holds; dim -1: the whole tensor."""
+def _rank_slices(meta: dict | tuple | None, tp_rank: int) -> tuple[int, list[tuple[int, int]]]:
+    """(dim, [(start, stop), ...]) of the stored tensor that this rank holds; dim -1: the whole tensor. ``meta``:
+    AutoTP's record, or the slices ds_spd cut itself (ds_spd.core.replicate)."""
+    if isinstance(meta, tuple):
+        return meta
     if not meta or meta.get("replicated") or meta.get("partition_dim") is None:
         return -1, []
     dim = meta["partition_dim"]
@@ -189,7 +192,7 @@ def checkpoint_overlay(info) -> WeightFiles:
     return WeightFiles({k: path for k in shapes}, shapes)
 
 
-def fill_from_files(module: nn.Module, stored: WeightFiles, tp_rank: int, layouts: dict[str, dict | None],
+def fill_from_files(module: nn.Module, stored: WeightFiles, tp_rank: int, layouts: dict[str, dict | tuple | None],
                     overlay: WeightFiles | None = None, progress: bool = False) -> int:
     """Fill every parameter of an AutoTP-sharded, materialised model with this rank's slices (``layouts``:
     from :func:`materialising`); returns the bytes read. ``overlay`` (distilled SPD checkpoint tensors)

@@ -85,9 +85,9 @@ def _broadcast_object(obj):
 def served_name(model: str, given: str | None) -> str:
     if given:
         return given
-    from ds_spd.models.loading import DEFAULT_MODEL, DEFAULT_MODEL_NAME
-    if model == DEFAULT_MODEL:
-        return DEFAULT_MODEL_NAME
+    from ds_spd.models.loading import embedded
+    if embedded(model) is not None:
+        return embedded(model).name
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 

@@ -13,7 +13,6 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -43,16 +42,16 @@ class EndToEndKL(nn.Module):
         set_spd_blocks(self._model[0], self.spd_blocks if students else ())
 
     def forward(self, input_ids: torch.Tensor):
+        from ds_spd.models.head import final_hidden, kl_to
         model = self._model[0]
         try:
             self._use(False)
             with torch.no_grad():
-                target = F.log_softmax(model(input_ids=input_ids, use_cache=False).logits.float(), -1)
+                target = final_hidden(model, input_ids=input_ids)
             self._use(True)
-            logp = F.log_softmax(model(input_ids=input_ids, use_cache=False).logits.float(), -1)
+            kl = kl_to(model, final_hidden(model, input_ids=input_ids), target)   # the head in chunks of tokens
         finally:
             self._use(False)
-        kl = F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
         return kl, kl.detach().repeat(len(self.indices))
 
 

@@ -6,7 +6,9 @@ exactly the same function (the permutation only renames heads and MLP neurons):
 
 1. head scattering: heads on one rank should be as *different* as possible: maximise the summed pairwise
    Euclidean distance between the heads' attention-score maps inside each rank's group. Under GQA the
-   unit is a KV group (a KV head with its query heads): query heads never leave their KV head.
+   unit is a KV group (a KV head with its query heads): query heads never leave their KV head. Where ranks
+   share a replicated KV head (tp above the KV-head count), the unit is one query head, scattered among the
+   ranks that hold its KV head; K/V are never split or moved.
 2. MLP matching: give each head group the MLP slice whose output norm on that group's partial residual
    is largest: an N x N assignment problem (Hungarian algorithm, scipy's linear_sum_assignment). Or, beyond
    the paper (``mlp_matching="neuron"``, docs/method.md section 6), each neuron to the rank where its SPD
@@ -133,7 +135,7 @@ def match_mlp(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, groups, layo
     on rank r's SPD MLP input (pre-norm: Norm2(X + Y_r); sandwich: Nf(X + Na(Y_r)))."""
     from scipy.optimize import linear_sum_assignment
     adapter, attn, mlp = _adapter(layer), layer.self_attn, layer.mlp
-    hd, group = attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
+    hd, group = attn.head_dim, layout.unit_heads
     heads = _head_outputs(layer, rotary, x)  # [B, T, H*hd] before o_proj
     n = layout.tp_size
     slices = adapter.gate_up(mlp, layout.mlp_cols)
@@ -165,7 +167,7 @@ def match_neurons(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, groups, 
     acts where every rank holds one KV head (head scattering is then the identity). Returns the original
     neuron at each position of the new order."""
     adapter, attn, mlp = _adapter(layer), layer.self_attn, layer.mlp
-    hd, group = attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
+    hd, group = attn.head_dim, layout.unit_heads
     heads = _head_outputs(layer, rotary, x)
     (gw, gb, uw, ub), = adapter.gate_up(mlp, (sum(layout.mlp_cols),))
     act, down = adapter.act(mlp), mlp.down_proj.weight
@@ -235,10 +237,17 @@ def find_grouping(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, layout: 
                   mlp_matching: str = "slice") -> HeadGrouping:
     """Head scattering then MLP matching (by slice, the paper's; or by neuron) on calibration block inputs ``x``."""
     maps = attention_maps(layer, rotary, x)                     # [H, T, T]
-    group = layout.q_heads[0] // layout.kv_heads[0]
-    units = maps.reshape(-1, group * maps.shape[-1] * maps.shape[-2]).double()  # one row per KV unit
+    units = maps.reshape(-1, layout.unit_heads * maps.shape[-1] * maps.shape[-2]).double()  # one row per unit
     dist = torch.cdist(units, units)
-    groups = scatter_heads(dist, layout.kv_heads)
+    if layout.kv_replicas > 1:   # each KV head's query heads, scattered among the ranks sharing that head
+        rep, groups = layout.kv_replicas, []
+        for first in range(0, layout.tp_size, rep):
+            heads = list(range(layout.q_head_range(first)[0], layout.q_head_range(first + rep - 1)[1]))
+            local = scatter_heads(dist[heads][:, heads], layout.q_heads[first:first + rep])
+            groups += [tuple(heads[u] for u in g) for g in local]
+        groups = tuple(groups)
+    else:
+        groups = scatter_heads(dist, layout.kv_heads)
     if mlp_matching == "neuron":
         return HeadGrouping(groups, tuple(range(layout.tp_size)), layout.mlp_cols,
                             match_neurons(layer, rotary, x, groups, layout))
@@ -252,8 +261,11 @@ def permute_block(layer: nn.Module, grouping: HeadGrouping, layout: TPLayout) ->
     if tuple(held) != layout.mlp_cols or (grouping.mlp_cols and grouping.mlp_cols != layout.mlp_cols):
         raise ValueError(f"head grouping for MLP slices {grouping.mlp_cols or layout.mlp_cols} applied to a block "
                          f"whose ranks hold {tuple(held)} columns: build both from one TPLayout")
-    hd, group = layer.self_attn.head_dim, layout.q_heads[0] // layout.kv_heads[0]
-    kv_rows = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in grouping.kv_order])
+    hd, group = layer.self_attn.head_dim, layout.unit_heads
+    if layout.kv_replicas > 1:   # units are query heads; the shared KV heads stay where they are
+        kv_rows = torch.arange(sum(layout.kv_heads) // layout.kv_replicas * hd)
+    else:
+        kv_rows = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in grouping.kv_order])
     q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for u in grouping.kv_order
                         for h in range(u * group, (u + 1) * group)])
     if grouping.mlp_neurons:

@@ -10,7 +10,8 @@ That costs sum_i (L-i)/L ~ (L+1)/2 full forwards instead of the naive L+1 (``use
 Cache memory: L x segments x seq_len x hidden x bytes (SmolLM2, 16 x 256 tokens, fp32: 0.45 GB).
 
 Metrics: ``ppl`` (perplexity, the paper's) and ``kl`` (mean KL divergence of the next-token distribution
-from the unmodified model's; it needs the baseline log-probabilities: segments x seq_len x vocab x 2 bytes).
+from the unmodified model's; the base distribution is recomputed from the unmodified model's final hidden
+states, cached like a block input). Both apply the head in chunks of tokens (ds_spd.models.head).
 """
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
-from ds_spd.tools.evaluation import next_token_logprobs
+from ds_spd.models.head import final_hidden, score_tokens
 from ds_spd.core.inject import decoder_layers, distilled_in, model_device, set_spd_blocks
 
 
@@ -52,26 +52,26 @@ def suffix_of(model: nn.Module, start: int):
 
 
 def cache_bytes(model_config, n_segments: int, seq_len: int, dtype=torch.float32, metric: str = "ppl") -> int:
-    size = model_config.num_hidden_layers * n_segments * seq_len * model_config.hidden_size * dtype.itemsize
-    if metric == "kl":
-        size += n_segments * seq_len * model_config.vocab_size * 2
-    return size
+    blocks = model_config.num_hidden_layers + (metric == "kl")   # KL: the final hidden states too
+    return blocks * n_segments * seq_len * model_config.hidden_size * dtype.itemsize
 
 
 @dataclass
 class BlockInputs:
-    """The unmodified model's input to every block, for every calibration segment (and its log-probs for KL)."""
+    """The unmodified model's input to every block, for every calibration segment (and, for the KL metric,
+    its final hidden states: the base distribution is recomputed from them by the head, chunk by chunk, instead
+    of held as [N, T, vocab] log-probs)."""
 
     inputs: list[torch.Tensor]              # L tensors [N, T, d]
-    base_logprobs: torch.Tensor | None = None  # [N, T-1, V] fp16, for the KL metric
+    base_hidden: torch.Tensor | None = None  # [N, T-1, d], for the KL metric
 
     @classmethod
     @torch.no_grad()
-    def capture(cls, model: nn.Module, segments: torch.Tensor, batch_size: int, keep_logprobs: bool = False,
+    def capture(cls, model: nn.Module, segments: torch.Tensor, batch_size: int, keep_base: bool = False,
                 progress: bool = True) -> "BlockInputs":
         layers = decoder_layers(model)
         inputs: list[list[torch.Tensor]] = [[] for _ in layers]
-        logprobs = []
+        finals = []
         hooks = [layer.register_forward_pre_hook(
             lambda m, args, kwargs, i=i: inputs[i].append(
                 (args[0] if args else kwargs["hidden_states"]).detach().cpu()), with_kwargs=True)
@@ -79,13 +79,13 @@ class BlockInputs:
         try:
             for batch in tqdm(segments.split(batch_size), desc="caching block inputs", disable=not progress,
                               leave=False):
-                logits = model(input_ids=batch.to(model_device(model)), use_cache=False).logits[:, :-1]
-                if keep_logprobs:
-                    logprobs.append(F.log_softmax(logits.float(), -1).half().cpu())
+                hidden = final_hidden(model, input_ids=batch.to(model_device(model)))
+                if keep_base:
+                    finals.append(hidden[:, :-1].cpu())
         finally:
             for h in hooks:
                 h.remove()
-        return cls([torch.cat(x) for x in inputs], torch.cat(logprobs) if keep_logprobs else None)
+        return cls([torch.cat(x) for x in inputs], torch.cat(finals) if keep_base else None)
 
 
 @torch.no_grad()
@@ -98,15 +98,14 @@ def score(model: nn.Module, segments: torch.Tensor, batch_size: int, metric: str
         ids = segments[b0:b0 + batch_size].to(device)
         if start is not None:
             with suffix_of(model, start):
-                logits = model(inputs_embeds=cache.inputs[start][b0:b0 + batch_size].to(device),
-                               use_cache=False).logits[:, :-1].float()
+                hidden = final_hidden(model, inputs_embeds=cache.inputs[start][b0:b0 + batch_size].to(device))
         else:
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            hidden = final_hidden(model, input_ids=ids)
         targets = ids[:, 1:]
-        nll -= next_token_logprobs(logits, targets).double().sum().item()
-        if metric == "kl":
-            base = cache.base_logprobs[b0:b0 + batch_size].to(device).float()
-            kl += F.kl_div(F.log_softmax(logits, -1), base, log_target=True, reduction="sum").item()
+        base = cache.base_hidden[b0:b0 + batch_size].to(device) if metric == "kl" else None
+        scores = score_tokens(model, hidden[:, :-1], targets, base)
+        nll -= scores.logprobs.double().sum().item()
+        kl += scores.kl_sum or 0.0
         count += targets.numel()
     nll, kl, count = all_reduce_sums([nll, kl, count])
     return math.exp(nll / count) if metric == "ppl" else kl / count
@@ -140,7 +139,7 @@ def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: 
     set_spd_blocks(model, [])
     cache = None
     if use_cache or metric == "kl":
-        cache = BlockInputs.capture(model, segments, batch_size, keep_logprobs=metric == "kl", progress=progress)
+        cache = BlockInputs.capture(model, segments, batch_size, keep_base=metric == "kl", progress=progress)
     baseline = score(model, segments, batch_size, metric, cache, 0 if use_cache else None)
     order = list(range(n_layers - 1, -1, -1))
     sensitivity, after = [0.0] * n_layers, []
@@ -168,7 +167,7 @@ def scan_distilled(model: nn.Module, states: dict[int, dict[str, torch.Tensor]],
     layers = decoder_layers(model)
     start_time = time.perf_counter()
     set_spd_blocks(model, [])
-    cache = BlockInputs.capture(model, segments, batch_size, keep_logprobs=metric == "kl", progress=progress)
+    cache = BlockInputs.capture(model, segments, batch_size, keep_base=metric == "kl", progress=progress)
     baseline = score(model, segments, batch_size, metric, cache, 0)
     n_layers = len(layers)
     sensitivity, after = [0.0] * n_layers, []
@@ -227,18 +226,17 @@ def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: s
     starts = range(0, segments.shape[0], batch_size)
     bar = tqdm(total=len(starts) * (len(streams) + 1), desc=f"scan: scoring {len(streams) + 1} streams with the head",
                unit="batch", disable=not progress)
-    with source.head() as logits_of, bar:
+    with source.head() as head, bar:   # the model with no blocks: final norm and head
         for b0 in starts:
             targets = segments[b0:b0 + batch_size, 1:]
-            base = logits_of(unmodified.read(b0, b0 + targets.shape[0]))[:, :-1].float()
-            nll[None] -= next_token_logprobs(base, targets).double().sum().item()
+            base = final_hidden(head, inputs_embeds=unmodified.read(b0, b0 + targets.shape[0]))[:, :-1]
+            nll[None] -= score_tokens(head, base, targets).logprobs.double().sum().item()
             bar.update()
-            base_lp = F.log_softmax(base, -1)
             for k, stream in streams.items():
-                logits = logits_of(stream.read(b0, b0 + targets.shape[0]))[:, :-1].float()
-                nll[k] -= next_token_logprobs(logits, targets).double().sum().item()
-                if metric == "kl":
-                    kl[k] += F.kl_div(F.log_softmax(logits, -1), base_lp, log_target=True, reduction="sum").item()
+                hidden = final_hidden(head, inputs_embeds=stream.read(b0, b0 + targets.shape[0]))[:, :-1]
+                scores = score_tokens(head, hidden, targets, base if metric == "kl" else None)
+                nll[k] -= scores.logprobs.double().sum().item()
+                kl[k] += scores.kl_sum or 0.0
                 bar.update()
             count += targets.numel()
     for store in [unmodified, *streams.values()]:

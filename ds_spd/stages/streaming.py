@@ -204,15 +204,15 @@ class BlockSource:
             inner.embed_tokens, inner.layers = embed, layers
 
     @contextmanager
-    def head(self) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """Logits from the last block's outputs, by the model's own forward with no blocks (final norm,
-        lm_head, soft-capping), its weights read for the duration."""
+    def head(self) -> Iterator[nn.Module]:
+        """The model with no blocks (final norm, lm_head, soft-capping), its weights read for the duration: fed
+        the last block's outputs as ``inputs_embeds`` (ds_spd.models.head scores them)."""
         inner = self.skeleton.model
         norm, lm_head, layers = inner.norm, self.skeleton.lm_head, inner.layers
         inner.norm, inner.layers = self._materialise(norm, "model.norm."), nn.ModuleList()
         self.skeleton.lm_head = self._materialise(lm_head, "lm_head.")
         try:
-            yield lambda h: self.skeleton(inputs_embeds=h, use_cache=False).logits
+            yield self.skeleton
         finally:
             inner.norm, inner.layers, self.skeleton.lm_head = norm, layers, lm_head
 

@@ -20,6 +20,9 @@ outside them, the paired saving, and how much of that saving the dropped reduces
 *ideal* latency (0%-SPD latency minus the dropped reduces' time) assumes a dropped sync saves exactly its
 own time; it is not an upper bound: on the gloo path the time outside the calls also falls as syncs are
 dropped (an explained share below 100%).
+
+Above the model's KV-head count the AutoTP baseline gets ds_spd's attention split (KV heads replicated,
+ds_spd.core.replicate): stock AutoTP would hand some ranks empty attention shards there.
 """
 from __future__ import annotations
 
@@ -117,15 +120,21 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     from ds_spd.core.comm import init_comm
     cfg = spec.config
     init_comm()   # before the first engine: DeepSpeed's CPU comm reads the environment
-    baseline = deepspeed.init_inference(copy.deepcopy(model), tensor_parallel={"tp_size": cfg.tp_size,
-                                                                               "tp_grain_size": cfg.tp_grain_size},
+    base_model = copy.deepcopy(model)
+    if spec.layout.kv_replicas > 1:   # stock AutoTP would give empty attention shards: replicate KV heads as ds_spd does
+        from ds_spd.core.replicate import shard_attention
+        shard_attention(base_model, spec.layout, torch.distributed.get_rank(), spec.adapter)
+    baseline = deepspeed.init_inference(base_model, tensor_parallel={"tp_size": cfg.tp_size,
+                                                                     "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
     engine = inject_engine(model, spec)
     # both engines must hold the same shards, or the comparison is not like for like (the grain sets the MLP split)
-    shards = {name: [decoder_layers(e.module)[0].mlp.down_proj.weight.shape[1]]
-              for name, e in (("autotp", baseline), ("ds_spd", engine))}
-    if shards["autotp"] != shards["ds_spd"]:
-        raise RuntimeError(f"AutoTP baseline and ds_spd engine shard the MLP differently: {shards}")
+    shards, attn_shards = ({name: [decoder_layers(e.module)[0].get_submodule(part).weight.shape[1]]
+                            for name, e in (("autotp", baseline), ("ds_spd", engine))}
+                           for part in ("mlp.down_proj", "self_attn.o_proj"))
+    if shards["autotp"] != shards["ds_spd"] or attn_shards["autotp"] != attn_shards["ds_spd"]:
+        raise RuntimeError(f"AutoTP baseline and ds_spd engine shard differently: MLP columns {shards}, "
+                           f"attention columns {attn_shards}")
     n_layers = len(decoder_layers(engine.module))
     sets = spd_sets(n_layers, settings.fractions, order)
     reducers = {layer.reduce for layer in decoder_layers(engine.module)}
@@ -161,7 +170,8 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     result = summarize(configs, workloads, samples, comm, settings, n_layers)
     result["noise"] = noise.finish()
     result["warnings"] = noise_warnings(result)
-    return {**result, "tp_grain_size": cfg.tp_grain_size, "mlp_columns_rank0_layer0": shards}
+    return {**result, "tp_grain_size": cfg.tp_grain_size, "mlp_columns_rank0_layer0": shards,
+            "attention_columns_rank0_layer0": attn_shards}
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ds_spd.core.inject import model_device
@@ -21,26 +20,20 @@ def next_token_metric():
     return evaluate.load(METRIC_DIR, keep_in_memory=True)
 
 
-def next_token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position: the one per-token score behind every perplexity ds_spd reports (eval, the
-    budget check and the sensitivity scan)."""
-    return F.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
 @torch.no_grad()
 def evaluate_lm(model, segments: torch.Tensor, batch_size: int = 4, progress: bool = True,
                 desc: str = "eval") -> dict:
-    """``model`` is an HF causal LM or a DeepSpeed engine around one; every token but the first is scored."""
+    """``model`` is an HF causal LM or a DeepSpeed engine around one; every token but the first is scored
+    (the head applied in chunks of tokens: ds_spd.models.head)."""
+    from ds_spd.models.head import final_hidden, score_tokens
     metric = next_token_metric()
     device = model_device(model)
     for batch in tqdm(segments.split(batch_size), desc=desc, disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
-        target_logprobs = next_token_logprobs(logits, targets)
-        metric.add_batch(predictions=logits.argmax(-1).flatten().cpu().numpy(),
-                         references=targets.flatten().cpu().numpy(),
-                         target_logprobs=target_logprobs.double().flatten().cpu().numpy())
+        scores = score_tokens(model, final_hidden(model, input_ids=batch)[:, :-1], targets)
+        metric.add_batch(predictions=scores.top1.flatten().numpy(), references=targets.flatten().cpu().numpy(),
+                         target_logprobs=scores.logprobs.double().flatten().numpy())
     result = metric.compute(tokens_per_segment=int(segments.shape[1]) - 1)
     return {**result, "segments": int(segments.shape[0]), "seq_len": int(segments.shape[1])}
 

@@ -1,0 +1,89 @@
+"""Scores from the LM head, a chunk of tokens at a time.
+
+Every score ds_spd computes is per token: log p(target) and top-1 (eval, the scan's perplexity), the KL to the
+unmodified model (the scan's KL metric, the end-to-end KL stage). A model's forward makes fp32 logits of
+``[tokens, vocab]`` for a whole batch at once; with Gemma 3's 262,144-token vocabulary that is 1 GiB for 4 x 256
+tokens, and log-softmax makes another. So the model runs up to its final norm (its own forward, stopped before
+the head) and the head is applied to at most :data:`LOGITS_BYTES` of logits at a time. A batch whose logits fit
+(SmolLM2's 49k vocabulary at 4 x 256 tokens) is one chunk, so its head runs once per forward as before.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Most fp32 logits bytes one head call makes (``DS_SPD_LOGITS_MB`` overrides, in MiB).
+LOGITS_BYTES = int(float(os.environ.get("DS_SPD_LOGITS_MB", "256")) * 2**20)
+
+
+def _hf(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)   # a DeepSpeed engine wraps the HF model
+
+
+def final_hidden(model: nn.Module, **inputs) -> torch.Tensor:
+    """The last hidden states, after the final norm: the HF model's own trunk (``model.model``) on ``inputs``
+    (``input_ids`` or ``inputs_embeds``), without the head."""
+    return _hf(model).model(**inputs, use_cache=False).last_hidden_state
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of final hidden states: the head and, where the family has it, final soft-capping."""
+    hf = _hf(model)
+    logits = hf.lm_head(hidden).float()
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def token_chunks(n_tokens: int, vocab: int, budget: int | None = None) -> list[slice]:
+    """Slices of ``n_tokens`` whose fp32 logits stay within ``budget`` bytes (default :data:`LOGITS_BYTES`; at
+    least one token each)."""
+    step = max(1, (budget or LOGITS_BYTES) // (4 * vocab))
+    return [slice(a, min(a + step, n_tokens)) for a in range(0, n_tokens, step)]
+
+
+@dataclass
+class TokenScores:
+    logprobs: torch.Tensor          # log p(target) per token, fp32, the shape of ``targets``
+    top1: torch.Tensor              # argmax token per position
+    kl_sum: float | None = None     # sum over tokens of KL(base || model), when a base was given
+
+
+@torch.no_grad()
+def score_tokens(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 base_hidden: torch.Tensor | None = None) -> TokenScores:
+    """Per-token scores of final hidden states ``[..., d]`` against ``targets`` ``[...]``, chunk by chunk; with
+    ``base_hidden`` (the unmodified model's final hidden states), also the summed KL(p_base || p_model)."""
+    d = hidden.shape[-1]
+    h, t = hidden.reshape(-1, d), targets.reshape(-1)
+    b = None if base_hidden is None else base_hidden.reshape(-1, d)
+    logprobs, top1, kl = torch.empty(t.shape, dtype=torch.float32), torch.empty(t.shape, dtype=torch.long), 0.0
+    for part in token_chunks(t.numel(), _hf(model).config.vocab_size):
+        logits = head_logits(model, h[part])
+        lp = F.log_softmax(logits, -1)
+        logprobs[part] = lp.gather(-1, t[part].unsqueeze(-1)).squeeze(-1).cpu()
+        top1[part] = logits.argmax(-1).cpu()
+        if b is not None:
+            kl += F.kl_div(lp, F.log_softmax(head_logits(model, b[part]), -1), log_target=True,
+                           reduction="sum").item()
+    return TokenScores(logprobs.view(targets.shape), top1.view(targets.shape), kl if b is not None else None)
+
+
+def kl_to(model: nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean per-token KL(p_base || p_model), differentiable in ``hidden``, chunk by chunk: each chunk's logits are
+    recomputed in the backward pass (activation checkpointing) instead of kept, so no [tokens, vocab] tensor
+    outlives its chunk."""
+    from torch.utils.checkpoint import checkpoint
+    d = hidden.shape[-1]
+    h, b = hidden.reshape(-1, d), base_hidden.reshape(-1, d).detach()
+
+    def chunk_kl(h_part: torch.Tensor, b_part: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = F.log_softmax(head_logits(model, b_part), -1)
+        return F.kl_div(F.log_softmax(head_logits(model, h_part), -1), target, log_target=True, reduction="sum")
+    total = sum(checkpoint(chunk_kl, h[part], b[part], use_reentrant=False)
+                for part in token_chunks(h.shape[0], _hf(model).config.vocab_size))
+    return total / h.shape[0]
