@@ -27,8 +27,9 @@ demo: setup
 serve: setup
 	launch/tp.sh 2 serve $(SERVE_ARGS)
 
+# one pytest worker per core, a test file's tests on one worker (they share its model and server fixtures)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank and not real_model"

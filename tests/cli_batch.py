@@ -3,7 +3,8 @@ tests/bad_inputs.py: one interpreter start instead of one per case (each costs s
 
     python tests/cli_batch.py CASES.json RESULTS.json     # CASES.json: [[arg, ...], ...]
 
-RESULTS.json: per case its exit code, what it printed to stderr (a traceback if it raised) and its seconds.
+RESULTS.json: per case its exit code, what it printed to stdout and stderr (a traceback if it raised) and its
+seconds.
 """
 import contextlib
 import io
@@ -19,8 +20,8 @@ def main() -> None:
         cases = json.load(f)
     results = []
     for argv in cases:
-        err, start = io.StringIO(), time.perf_counter()
-        with contextlib.redirect_stderr(err):
+        out, err, start = io.StringIO(), io.StringIO(), time.perf_counter()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
                 code = cli(argv)
             except SystemExit as exc:   # argparse's own errors
@@ -28,7 +29,8 @@ def main() -> None:
             except BaseException:
                 traceback.print_exc()
                 code = 1
-        results.append({"code": code, "stderr": err.getvalue(), "seconds": time.perf_counter() - start})
+        results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                        "seconds": time.perf_counter() - start})
     with open(sys.argv[2], "w") as f:
         json.dump(results, f)
 

@@ -126,6 +126,19 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True, env: dict |
     return proc
 
 
+def run_cli_batch(argvs: list[list[str]], workdir: str, env: dict | None = None) -> list[dict]:
+    """Several ``ds-spd`` command lines through the CLI's main in one process (tests/cli_batch.py: one
+    interpreter start instead of one per command); per command its code, stdout, stderr and seconds."""
+    cases, results = os.path.join(workdir, "cases.json"), os.path.join(workdir, "results.json")
+    with open(cases, "w") as f:
+        json.dump(argvs, f)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_batch.py"), cases, results], check=True,
+                   cwd=ROOT, timeout=600, env=clean_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+                                                        **(env or {})))
+    with open(results) as f:
+        return json.load(f)
+
+
 def file_tree(path: str) -> dict:
     """Every file and folder under ``path`` with its bytes: a snapshot to prove nothing changed."""
     snap = {}
@@ -136,3 +149,19 @@ def file_tree(path: str) -> dict:
             with open(os.path.join(root, f), "rb") as fh:
                 snap[os.path.relpath(os.path.join(root, f), path)] = fh.read()
     return snap
+
+
+def shm_buffers() -> set[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (ds_spd unlinks each once every rank has mapped it)."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")} \
+        if os.path.isdir("/dev/shm") else set()
+
+
+def assert_no_shm_left(before: set[str], what: str, wait: float = 20.0) -> None:
+    """No buffer that was not there before persists: one another test's launch is creating right now (tests
+    may run in parallel) is unlinked within seconds, a leaked one stays."""
+    import time
+    end = time.monotonic() + wait
+    while (left := shm_buffers() - before) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not left, f"{what} left DeepSpeed's shm all-reduce buffer in /dev/shm: {sorted(left)}"

@@ -24,5 +24,3 @@ def wait_gone(pids, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def shm_files() -> set[str]:
-    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")}

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 from bad_inputs import CASES, ENV, TINY_DATA
-from helpers import ROOT, file_tree as _tree, last_json, run_cli, tiny_config, tiny_model
+from helpers import (ROOT, assert_no_shm_left, file_tree as _tree, last_json, run_cli, run_cli_batch, shm_buffers,
+                     tiny_config, tiny_model)
 
 import ds_spd
 from ds_spd import outputs
@@ -27,7 +28,6 @@ DATA = ["--max-samples", "8", "--seq-len", "24"]
 def refusals(tiny_dir, tmp_path_factory):
     """Every bad-input case through the CLI's main, all in one process (tests/cli_batch.py): per case its
     directory, that directory's files before, and the result."""
-    from helpers import clean_env
     root = tmp_path_factory.mktemp("bad_inputs")
     dirs, argvs, before = [], [], []
     for i, (_, _, setup, _) in enumerate(CASES):
@@ -36,11 +36,7 @@ def refusals(tiny_dir, tmp_path_factory):
         argvs.append(setup(str(d), tiny_dir))
         dirs.append(d)
         before.append(_tree(d))
-    (root / "cases.json").write_text(json.dumps(argvs))
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "cli_batch.py"), str(root / "cases.json"),
-                    str(root / "results.json")], check=True, cwd=ROOT, timeout=600,
-                   env=clean_env(OMP_NUM_THREADS="2", **ENV))
-    return list(zip(dirs, before, json.loads((root / "results.json").read_text())))
+    return list(zip(dirs, before, run_cli_batch(argvs, str(root), ENV)))
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
@@ -217,32 +213,26 @@ def distill_setup(tiny_dir, tmp_path):
     return ["distill", "--config", str(cfg), "--plan", plan_path, "--model", tiny_dir, *DATA, "--json"], tmp_path
 
 
-def _shm_files():
-    return {f for f in os.listdir("/dev/shm") if f.startswith("deepspeed_allreduce_buffer")} \
-        if os.path.isdir("/dev/shm") else set()
-
-
 def test_distill_complete_resume_and_fingerprint(distill_setup):
     args, tmp = distill_setup
     out = str(tmp / "ck")
-    shm_before = _shm_files()
+    shm_before = shm_buffers()
     first = last_json(run_cli([*args, "--out", out, "--epochs", "2"]).stdout)
     assert first["epochs_trained"] == [1, 2]
-    assert _shm_files() <= shm_before, "DeepSpeed's shm all-reduce buffer was left in /dev/shm"
+    assert_no_shm_left(shm_before, "distill")
     snapshot = _tree(out)
-    # a finished run is recognised: nothing rewritten
-    proc = run_cli([*args, "--out", out, "--epochs", "2"])
-    assert "already complete" in proc.stderr and last_json(proc.stdout)["already_complete"]
+    # in one process (tests/cli_batch.py): a finished run is recognised and nothing rewritten; another lr or
+    # other calibration data refused, naming the keys, before any training state is loaded; fewer epochs than
+    # the work dir holds refused
+    done, lr, data, fewer = run_cli_batch([[*args, "--out", out, "--epochs", "2"],
+                                           [*args, "--out", out, "--epochs", "3", "--lr", "1e-2"],
+                                           [*args, "--out", out, "--epochs", "3", "--max-samples", "4"],
+                                           [*args, "--out", out, "--epochs", "1"]], str(tmp))
+    assert done["code"] == 0 and "already complete" in done["stderr"] and last_json(done["stdout"])["already_complete"]
+    assert lr["code"] == 2 and "settings.lr: 0.002 -> 0.01" in lr["stderr"] and "--restart" in lr["stderr"]
+    assert data["code"] == 2 and "calibration.max_samples: 8 -> 4" in data["stderr"]
+    assert fewer["code"] == 2 and "holds 2 trained epochs" in fewer["stderr"]
     assert _tree(out) == snapshot
-    # another lr or other calibration data: refused, naming the keys, before any training state is loaded
-    proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2"], check=False)
-    assert proc.returncode == 2 and "settings.lr: 0.002 -> 0.01" in proc.stderr and "--restart" in proc.stderr
-    proc = run_cli([*args, "--out", out, "--epochs", "3", "--max-samples", "4"], check=False)
-    assert proc.returncode == 2 and "calibration.max_samples: 8 -> 4" in proc.stderr
-    assert _tree(out) == snapshot
-    # fewer epochs than the work dir holds: refused
-    proc = run_cli([*args, "--out", out, "--epochs", "1"], check=False)
-    assert proc.returncode == 2 and "holds 2 trained epochs" in proc.stderr
     # --restart starts over with the new lr
     proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"])
     assert "resuming" not in proc.stderr
@@ -254,11 +244,11 @@ def test_distill_complete_resume_and_fingerprint(distill_setup):
 def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
     args, tmp = distill_setup
     args = [*args, "--trainer", trainer]
-    shm_before = _shm_files()
+    shm_before = shm_buffers()
     killed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"], check=False,
                      runner=[sys.executable, os.path.join(ROOT, "tests", "kill_after_epoch.py"), "2"])
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert _shm_files() <= shm_before, "a SIGKILLed run left DeepSpeed's shm buffer in /dev/shm"
+    assert_no_shm_left(shm_before, "a SIGKILLed run")
     state = tmp / "a.work" / ("block000" if trainer == "layerwise" else "")   # layer-wise: per block
     assert not (tmp / "a").exists() and (state / "latest").read_text().strip() == "epoch2"
     assert not (state / "epoch1").exists()   # only the latest epoch's training state is kept

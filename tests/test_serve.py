@@ -13,7 +13,8 @@ import requests
 import pytest
 import torch
 from helpers import last_json, run_cli, save_tiny, tiny_model, tiny_tokenizer
-from serve_helpers import ServerProcess, shm_files, wait_gone
+from helpers import assert_no_shm_left, shm_buffers
+from serve_helpers import ServerProcess, wait_gone
 
 from ds_spd.serve.executor import StepExecutor
 from ds_spd.serve.sampling import SamplingParams, generator_for, sample
@@ -397,7 +398,7 @@ def test_bench_serve_against_a_running_server(server, chat_dir, tmp_path):
 def test_sigterm_drains_and_every_rank_exits(server):
     """Last on this server: SIGTERM to rank 0 mid-generation. /health turns 503, the running request finishes,
     new ones are refused, every rank exits 0 with nothing left in /dev/shm, and every rank ran the same tokens."""
-    shm_before = shm_files()
+    shm_before = shm_buffers()
     pids = server.rank_pids()
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", _post(server, "/v1/completions", {
@@ -412,7 +413,7 @@ def test_sigterm_drains_and_every_rank_exits(server):
     t.join()
     assert result["r"].status_code == 200 and result["r"].json()["choices"][0]["finish_reason"] == "length"
     assert server.wait_exit(60) == 0, server.output()[-3000:]
-    assert shm_files() <= shm_before
+    assert_no_shm_left(shm_before, "a drained server")
     logs = [json.load(open(os.path.join(server.token_log, f"tokens_rank{r}.json"))) for r in (0, 1)]
     assert logs[0] == logs[1] and len(logs[0]) > 300   # the other rank ran exactly rank 0's tokens, every sequence
 
@@ -446,7 +447,7 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
 @pytest.mark.multirank
 def test_ctrl_c_on_the_process_group_stops_every_rank(chat_dir):
     """Ctrl-C in a terminal reaches the launcher and every rank: rank 0 decides, all exit, /dev/shm is clean."""
-    shm_before = shm_files()
+    shm_before = shm_buffers()
     srv = ServerProcess(["--model", chat_dir, "--served-model-name", "tiny"])
     try:
         pids = srv.rank_pids()
@@ -455,7 +456,7 @@ def test_ctrl_c_on_the_process_group_stops_every_rank(chat_dir):
         srv.wait_exit(60)
         wait_gone(pids.values(), 40)
         assert "SIGINT: stopping" in srv.output() and "ds-spd serve: stopped" in srv.output()
-        assert shm_files() <= shm_before
+        assert_no_shm_left(shm_before, "a server stopped by Ctrl-C")
     finally:
         srv.kill()
 

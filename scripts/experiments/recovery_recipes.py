@@ -1,5 +1,6 @@
-"""Recovery recipes on SmolLM2: which distillation recipe, block ranking and end-to-end stage
-recover the most perplexity, chosen on the *validation* splits and reported once on *test*.
+"""Recovery recipes on an embedded model (SmolLM2, or Gemma 3 270M with ``--model gemma3-270m``): which
+distillation recipe, block ranking and end-to-end stage recover the most perplexity, chosen on the *validation*
+splits and reported once on *test*.
 
 Every block is distilled once per recipe from the original model's inputs (so one run covers every count
 and ranking); a curve point loads the distilled weights of its N chosen blocks. Rankings: ``zero_shot``
@@ -13,6 +14,8 @@ over segments; paired ratios to the TP model are in the JSON.
 
     OMP_NUM_THREADS=2 python scripts/experiments/recovery_recipes.py --tp 2 --recipes paper,readme --split validation
     python scripts/experiments/recovery_recipes.py --tp 2 --render          # table + plot from what is cached
+    OMP_NUM_THREADS=2 python scripts/experiments/recovery_recipes.py --model gemma3-270m --tp 4 --zero-shot \
+        --recipes neuron0,n64mix --rankings zero_shot --counts 5,9,13,18 --out runs/gemma_tp4
 """
 from __future__ import annotations
 
@@ -93,7 +96,7 @@ class Lab:
     def __init__(self, args):
         self.args, self.out = args, args.out
         os.makedirs(os.path.join(self.out, "weights"), exist_ok=True)
-        self.model, self.tok = load_model("default")
+        self.model, self.tok = load_model(args.model)
         ds_spd.virtualize(self.model, args.tp)
         self.base = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.n_layers = len(decoder_layers(self.model))
@@ -108,6 +111,9 @@ class Lab:
             fcntl.flock(lock, fcntl.LOCK_EX)
             on_disk = json.load(open(self.results_path)) if os.path.isfile(self.results_path) else {}
             for section, entries in on_disk.items():   # in place: callers hold references to the sections
+                if not isinstance(entries, dict):          # a plain value ("model")
+                    self.results.setdefault(section, entries)
+                    continue
                 for key, value in entries.items():
                     self.results.setdefault(section, {}).setdefault(key, value)
             tmp = self.results_path + ".tmp"
@@ -139,7 +145,7 @@ class Lab:
             from ds_spd.stages.layerwise import distill_layerwise
             from ds_spd.stages.streaming import BlockSource
             recipe = RECIPES[name]
-            plan = Plan(model="default", fingerprint={}, tp_size=self.args.tp, tp_grain_size=DEFAULT_TP_GRAIN_SIZE,
+            plan = Plan(model=self.args.model, fingerprint={}, tp_size=self.args.tp, tp_grain_size=DEFAULT_TP_GRAIN_SIZE,
                         blocks=[BlockEntry(index=i, sensitivity=0.0, **{"class": "ESB"}) for i in range(self.n_layers)])
             settings = DistillSettings(**{k: recipe[k] for k in SETTING_KEYS if k in recipe}, micro_batch=4, seed=0)
             self.model.load_state_dict(self.base)
@@ -280,7 +286,8 @@ def render(out: str, tp: int) -> None:
     import matplotlib.pyplot as plt
     results = json.load(open(os.path.join(out, "results.json")))
     evals = results["evals"]
-    lines = [f"# Recovery recipes, SmolLM2-135M, tp {tp}", "",
+    model = results.get("model", "SmolLM2-135M")
+    lines = [f"# Recovery recipes, {model}, tp {tp}", "",
              "Cells: perplexity ratio to the TP model on the same segments (paired bootstrap 95% CI), then top-1 "
              "accuracy [95% CI]. Rows are `recipe|ranking`; `+klE@LR` adds the end-to-end KL stage.", ""]
     for split in ("validation", "test"):
@@ -325,13 +332,13 @@ def render(out: str, tp: int) -> None:
             ax.set_ylabel("perplexity increase over TP, %")
             ax.set_title(f"{data} ({split})")
             ax.legend(fontsize=7)
-        fig.suptitle(f"SmolLM2-135M, tp {tp}: recovery recipes ({split} split)")
+        fig.suptitle(f"{model}, tp {tp}: recovery recipes ({split} split)")
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"recipes_tp{tp}_{split}.png"), dpi=110)
         plt.close(fig)
     lines += ["## Cost", "", "Wall and training seconds on this 2-core machine while other experiments ran beside them (a "
               "resumed run's wall covers only the resumed part); training seconds sum every block's own.", "",
-              "| recipe | wall s (30 blocks) | train s | peak RSS GiB | best epochs |", "|---|---|---|---|---|"]
+              "| recipe | wall s (all blocks) | train s | peak RSS GiB | best epochs |", "|---|---|---|---|---|"]
     for name, d in results.get("distill", {}).items():
         epochs = sorted(d["best_epoch"].values()) if d.get("best_epoch") else []
         lines.append(f"| {name} | {d['wall_seconds']:.0f} | {d['train_seconds']:.0f} | {d['peak_rss_gib']:.1f} | "
@@ -345,6 +352,7 @@ def render(out: str, tp: int) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="an embedded model: default (SmolLM2) or gemma3-270m")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--out", default=None, help="default runs/recipes_tp{tp}")
     p.add_argument("--recipes", default="", help=f"comma list of {', '.join(RECIPES)}")
@@ -360,6 +368,7 @@ def main():
     if args.render:
         return render(args.out, args.tp)
     lab = Lab(args)
+    lab.results["model"] = {"default": "SmolLM2-135M"}.get(args.model, args.model)
     counts = [int(c) for c in args.counts.split(",")]
     lab.baseline(args.split)
     if args.zero_shot:
