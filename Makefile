@@ -27,9 +27,10 @@ demo: setup
 serve: setup
 	launch/tp.sh 2 serve $(SERVE_ARGS)
 
-# one pytest worker per core, a test file's tests on one worker (they share its model and server fixtures)
+# one pytest worker per core; tests that share a costly fixture (the 2-rank server, the bad-input batch) carry
+# an xdist_group mark and run on one worker
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank and not real_model"

@@ -234,7 +234,13 @@ def _plot_path(args, out: str) -> str:
 def cmd_generate(args) -> None:
     from ds_spd.tools.evaluation import generate_texts
     from ds_spd.run import build_runner, resolve_run
-    runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp))
+    spec = resolve_run(config_from_args(args), virtual_tp=args.virtual_tp)
+    if args.chat:   # before any weights load: the tokenizer alone says
+        from ds_spd.models.loading import load_tokenizer
+        if not getattr(load_tokenizer(spec.config.model), "chat_template", None):
+            raise SPDInputError(f"--chat: model {spec.config.model!r} has no chat template (a base model): "
+                                "drop --chat to continue the prompt as text")
+    runner = build_runner(spec)
     outputs = generate_texts(runner, args.prompt, args.max_new_tokens, args.chat)
     for o in outputs:
         _say(args, f"{o['prompt']}{o['completion']}\n  [{o['new_tokens']} tokens, {o['ms_per_token']:.1f} ms/token, "

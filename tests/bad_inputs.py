@@ -131,6 +131,8 @@ CASES: list[Case] = [
      "--spd-blocks does not apply here"),
     ("generate with an empty prompt", "bad value",
      lambda t, m: ["generate", "--prompt", "", "--model", m, *V], "an empty prompt has no token"),
+    ("generate --chat with a base model (no chat template)", "bad value",
+     lambda t, m: ["generate", "--chat", "--prompt", "hi", "--model", m, *V], "has no chat template (a base model)"),
     ("generate --max-new-tokens -1", "bad value",
      lambda t, m: ["generate", "--max-new-tokens", "-1", "--model", m, *V], "--max-new-tokens must be at least 1"),
     ("checkpoint whose plan.json is not a plan", "unreadable file",
