@@ -90,14 +90,16 @@ def test_scatter_heads_greedy_path_against_the_exhaustive_optimum(monkeypatch):
 
 
 def _plan(model, classes):
-    plan = Plan.from_blocks("tiny", model.config, 2, [])
+    plan = Plan.from_blocks("tiny", model.config, model.spd_layout.tp_size, [])
     for b, c in zip(plan.blocks, classes):
         b.cls, b.sensitivity = c, 0.1
     return plan
 
 
-def test_distilled_block_beats_zero_shot_and_loss_decreases():
-    model = ds_spd.virtualize(tiny_model(), 2)
+@pytest.mark.parametrize("shape,tp", [("uneven", 2), ("kv1", 4)])   # kv1 at tp 4: the KV head replicated
+def test_distilled_block_beats_zero_shot_and_loss_decreases(shape, tp):
+    from helpers import KV1
+    model = ds_spd.virtualize(tiny_model(**({} if shape == "uneven" else {**KV1, "num_hidden_layers": 4})), tp)
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
     plan = _plan(model, ["SB", "TP", "ESB", "TP"])
     settings = DistillSettings(epochs=6, lr=2e-3, micro_batch=4, head_grouping="esb")   # the paper's rule

@@ -148,10 +148,14 @@ def test_resume_after_kill_between_blocks_continues_with_the_next(lw_setup):
 
 def test_joint_trainer_flag_and_budget_refusal(lw_setup):
     args, tmp = lw_setup
-    proc = run_cli([*args, "--out", str(tmp / "j"), "--trainer", "joint", "--activation-budget", "1"], check=False)
-    assert proc.returncode == 2 and "activation_budget_gb applies to the layerwise trainer only" in proc.stderr
-    joint = last_json(run_cli([*args, "--out", str(tmp / "j"), "--trainer", "joint", "--epochs", "1"]).stdout)
-    layer = last_json(run_cli([*args, "--out", str(tmp / "l"), "--epochs", "1"]).stdout)
+    from helpers import run_cli_batch
+    refused, joint, layer = run_cli_batch([   # one process (tests/cli_batch.py)
+        [*args, "--out", str(tmp / "j"), "--trainer", "joint", "--activation-budget", "1"],
+        [*args, "--out", str(tmp / "j"), "--trainer", "joint", "--epochs", "1"],
+        [*args, "--out", str(tmp / "l"), "--epochs", "1"]], str(tmp))
+    assert refused["code"] == 2 and "activation_budget_gb applies to the layerwise trainer only" in refused["stderr"]
+    assert joint["code"] == 0 and layer["code"] == 0, (joint["stderr"][-2000:], layer["stderr"][-2000:])
+    joint, layer = last_json(joint["stdout"]), last_json(layer["stdout"])
     assert (joint["trainer"], layer["trainer"]) == ("joint", "layerwise")
     for i in ("0", "2", "3"):
         assert layer["final_mse"][i] == pytest.approx(joint["final_mse"][i], rel=1e-5)

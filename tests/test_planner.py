@@ -64,22 +64,25 @@ def test_selection_errors():
 
 
 def test_cli_scan_plan_eval(tiny_dir, tmp_path):
+    from helpers import run_cli_batch
     out = str(tmp_path / "plan.json")
     data = ["--max-samples", "4", "--seq-len", "32", "--batch-size", "2"]
-    scan = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *data, "--out", out,
-                              "--json"]).stdout)
-    assert os.path.isfile(out) and os.path.isfile(str(tmp_path / "plan.png"))
+    # four commands in one process (tests/cli_batch.py), in order: each reads what the one before wrote
+    results = run_cli_batch([
+        ["scan", "--model", tiny_dir, "--virtual-tp", "2", *data, "--out", out, "--json"],
+        ["plan", "--plan", out, "--spd-count", "2", "--json"],
+        ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--plan", out, *data, "--json"],
+        ["plan", "--plan", out, "--model", tiny_dir, "--max-ppl-increase", "50%", "--out",
+         str(tmp_path / "budget.json"), *data, "--json"]], str(tmp_path))
+    assert [r["code"] for r in results] == [0, 0, 0, 0], [r["stderr"][-2000:] for r in results]
+    scan, chosen, ev, budget = (last_json(r["stdout"]) for r in results)
+    assert os.path.isfile(str(tmp_path / "plan.png"))
     plan = load_plan(out)
-    assert plan.tp_size == 2 and plan.scan["method"] == "cumulative" and plan.spd_blocks == []
+    assert plan.tp_size == 2 and plan.scan["method"] == "cumulative"
     assert [b.sensitivity for b in plan.blocks] == pytest.approx(scan["sensitivity"])
-    chosen = last_json(run_cli(["plan", "--plan", out, "--spd-count", "2", "--json"]).stdout)
     least = sorted(range(4), key=lambda i: (scan["sensitivity"][i], -i))[:2]
-    assert chosen["spd_blocks"] == sorted(least)
-    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--plan", out, *data,
-                            "--json"]).stdout)
+    assert chosen["spd_blocks"] == sorted(least) and plan.spd_blocks == sorted(least)
     assert ev["spd_blocks"] == sorted(least)
-    budget = last_json(run_cli(["plan", "--plan", out, "--model", tiny_dir, "--max-ppl-increase", "50%",
-                                "--out", str(tmp_path / "budget.json"), *data, "--json"]).stdout)
     sel = budget["selection"]
     assert sel["rule"] == "max_increase" and sel["measured_increase"] <= 0.5
     assert len(budget["spd_blocks"]) > 0 and sel["spd_count"] == len(budget["spd_blocks"])  # not vacuously met
