@@ -180,17 +180,20 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))
     assert saved["blocks"][1]["head_permutation"] is None   # ISB: zero-shot, not trained
     assert sorted(saved["blocks"][2]["mlp_permutation"]) == list(range(200))   # every neuron, once
-    # the checkpoint is rejected for another tp size; evaluation with it works (virtual TP)
-    proc = run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA], check=False)
-    assert proc.returncode == 2 and "tp size 2, not 3" in proc.stderr
-    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA,
-                            "--json"]).stdout)
-    assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
-    # a training work dir from another plan is refused
+    # in one process (tests/cli_batch.py): the checkpoint is rejected for another tp size; evaluation with it
+    # works (virtual TP); a training work dir from another plan is refused
+    from helpers import run_cli_batch
     other = _tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
-    proc = run_cli(["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"],
-                   check=False)
-    assert proc.returncode == 2 and "holds training state of another run" in proc.stderr and "plan:" in proc.stderr
+    wrong_tp, ev, foreign = run_cli_batch([
+        ["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA],
+        ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"],
+        ["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"]],
+        str(tmp_path))
+    assert wrong_tp["code"] == 2 and "tp size 2, not 3" in wrong_tp["stderr"]
+    ev = last_json(ev["stdout"])
+    assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
+    assert foreign["code"] == 2 and "holds training state of another run" in foreign["stderr"] \
+        and "plan:" in foreign["stderr"]
 
 
 @pytest.mark.multirank
@@ -198,13 +201,17 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     plan = _tiny_plan_file(tiny_dir, tmp_path, ["ESB", "SB", "TP", "SB"])
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps(CPU_ZERO2))
+    from helpers import run_cli_batch
     out = str(tmp_path / "ckpt")
-    run_cli(["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2"])
     common = ["--model", tiny_dir, "--checkpoint", out, *DATA, "--json"]
+    # distill, then both virtual evaluations, in one process (tests/cli_batch.py)
+    runs = run_cli_batch([["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2"],
+                          ["eval", "--virtual-tp", "2", *common],
+                          ["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3", *DATA, "--json"]],
+                         str(tmp_path))
+    assert [r["code"] for r in runs] == [0, 0, 0], [r["stderr"][-2000:] for r in runs]
+    virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
-    virtual = last_json(run_cli(["eval", "--virtual-tp", "2", *common]).stdout)
-    zero_shot = last_json(run_cli(["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3",
-                                   *DATA, "--json"]).stdout)
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
     assert real["spd_blocks"] == virtual["spd_blocks"] == [0, 1, 3]
     assert virtual["perplexity"] != pytest.approx(zero_shot["perplexity"], rel=1e-4)  # the weights were loaded

@@ -132,10 +132,13 @@ def test_resume_after_kill_between_blocks_continues_with_the_next(lw_setup):
     work = tmp / "a.work"
     assert (work / "block000.json").is_file() and not (work / "block002.json").exists()
     stamp = os.stat(work / "block000.safetensors").st_mtime_ns
-    resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "2"])
-    assert "block 0 already trained" in resumed.stderr
+    from helpers import run_cli_batch
+    resumed, uninterrupted = run_cli_batch([[*args, "--out", str(tmp / "a"), "--epochs", "2"],   # one process
+                                            [*args, "--out", str(tmp / "b"), "--epochs", "2", "--activation-budget", "0"]],
+                                           str(tmp))
+    assert resumed["code"] == 0 and uninterrupted["code"] == 0, (resumed["stderr"][-2000:], uninterrupted["stderr"][-2000:])
+    assert "block 0 already trained" in resumed["stderr"]
     assert os.stat(work / "block000.safetensors").st_mtime_ns == stamp        # never trained again
-    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "2", "--activation-budget", "0"])
     from safetensors.torch import load_file
     from ds_spd.checkpoint import WEIGHTS
     a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))

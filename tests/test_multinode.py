@@ -38,16 +38,18 @@ def run_nodes(args: list[str], nnodes: int = 2, nproc: int = 1, timeout: int = 6
 
 
 @needs_namespaces
-def test_two_hosts_equal_virtual_tp(tiny_dir):
+def test_two_hosts_equal_virtual_tp(tiny_dir, tmp_path):
+    from helpers import run_cli_batch
     common = ["--model", tiny_dir, "--spd-blocks", "1,3", "--max-samples", "4", "--seq-len", "32", "--json"]
+    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
+    references = run_cli_batch([["eval", "--virtual-tp", "2", *common], ["generate", "--virtual-tp", "2", *gen]],
+                               str(tmp_path))   # both virtual references in one process
+    virtual, g_virtual = (last_json(r["stdout"]) for r in references)
     node0 = last_json(run_nodes(["eval", "--tp", "2", *common])[0])
-    virtual = last_json(run_cli(["eval", "--virtual-tp", "2", *common]).stdout)
     assert node0["mode"] == "tp" and node0["spd_blocks"] == [1, 3]
     assert node0["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
     assert node0["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-9)
-    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
     g_nodes = last_json(run_nodes(["generate", "--tp", "2", *gen])[0])
-    g_virtual = last_json(run_cli(["generate", "--virtual-tp", "2", *gen]).stdout)
     assert g_nodes["generations"][0]["token_ids"] == g_virtual["generations"][0]["token_ids"]
 
 

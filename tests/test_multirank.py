@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from helpers import launch, last_json, run_cli, tiny_config
+from helpers import launch, last_json, tiny_config
 
 pytestmark = pytest.mark.multirank
 
@@ -78,10 +78,14 @@ def test_kv_replication_real_ranks_equal_hf_virtual_and_full_load(tp, models, kv
                 [32, 16]   # 2 + 1 query heads on the KV head's two replicas
 
 
-def test_cli_eval_and_generate_real_equals_virtual(tiny_dir):
+def test_cli_eval_and_generate_real_equals_virtual(tiny_dir, tmp_path):
+    from helpers import run_cli_batch
     common = ["--model", tiny_dir, "--spd-blocks", "1,3", "--max-samples", "4", "--seq-len", "32", "--json"]
+    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
+    references = run_cli_batch([["eval", "--virtual-tp", "2", *common], ["generate", "--virtual-tp", "2", *gen]],
+                               str(tmp_path))   # both virtual references in one process
+    virtual, g_virtual = (last_json(r["stdout"]) for r in references)
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
-    virtual = last_json(run_cli(["eval", "--virtual-tp", "2", *common]).stdout)
     assert real["mode"] == "tp" and virtual["mode"] == "virtual"
     assert real["spd_blocks"] == virtual["spd_blocks"] == [1, 3]
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
@@ -93,9 +97,7 @@ def test_cli_eval_and_generate_real_equals_virtual(tiny_dir):
     assert real["allreduce_by_kind_per_forward"]["lm_head"] == 1
     assert real["allreduce_seconds_by_kind_per_forward"]["lm_head"] > 0
 
-    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
     g_real = last_json(launch(["ds_spd", "generate", *gen], module=True).stdout)
-    g_virtual = last_json(run_cli(["generate", "--virtual-tp", "2", *gen]).stdout)
     assert g_real["generations"][0]["token_ids"] == g_virtual["generations"][0]["token_ids"]
     assert len(g_real["generations"][0]["token_ids"]) == 8
 

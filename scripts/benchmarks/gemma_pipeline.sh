@@ -20,7 +20,7 @@ step() {  # NAME COMMAND...: run it with --json, keep its JSON line in $out/NAME
 }
 rm -f "$out/plan.json" "$out/plan.png"
 OMP_NUM_THREADS=2 step scan python -m ds_spd scan "${model[@]}" "${data[@]}" --out "$out/plan.json"
-step plan python -m ds_spd plan --plan "$out/plan.json" --spd-fraction 0.7
+step plan_summary python -m ds_spd plan --plan "$out/plan.json" --spd-fraction 0.7
 step distill launch/tp.sh 2 distill --model gemma3-270m --plan "$out/plan.json" --max-samples 16 --epochs 2 \
   --out "$out/checkpoint" --restart
 step eval_tp launch/tp.sh "$tp" eval "${model[@]}" "${data[@]}" --spd-blocks none
@@ -37,7 +37,7 @@ rm -rf "$out/checkpoint"   # 1 GB of weights: the JSON records what it held
 python - "$out" "$tp" <<'EOF'
 import json, sys
 out, tp = sys.argv[1], sys.argv[2]
-r = {k: json.load(open(f"{out}/{k}.json")) for k in ("plan", "distill", "eval_tp", "eval_real", "eval_virtual",
+r = {k: json.load(open(f"{out}/{k}.json")) for k in ("plan_summary", "distill", "eval_tp", "eval_real", "eval_virtual",
                                                      "generate_real", "generate_virtual")}
 real, virt = r["eval_real"], r["eval_virtual"]
 g_real, g_virt = r["generate_real"]["generations"][0], r["generate_virtual"]["generations"][0]
@@ -47,7 +47,7 @@ assert same_tokens, (g_real["token_ids"], g_virt["token_ids"])
 lines = ["<!-- written by ds_spd -->", f"# Gemma 3 270M, tp {tp} (KV head replicated on {tp} ranks), quick preset", "",
          f"`bash scripts/benchmarks/gemma_pipeline.sh {tp}` (pydoc test, {real['segments']} x {real['seq_len']} tokens)", "",
          "| step | result |", "|---|---|",
-         f"| plan | {len(r['plan']['spd_blocks'])} of 18 blocks SPD: {r['plan']['spd_blocks']} |",
+         f"| plan | {len(r['plan_summary']['spd_blocks'])} of 18 blocks SPD: {r['plan_summary']['spd_blocks']} |",
          f"| distill | {len(r['distill']['final_mse'])} blocks, epochs {r['distill']['epochs_trained']}, "
          f"{r['distill']['wall_seconds']:.0f} s |",
          f"| eval TP ({tp} real ranks) | perplexity {r['eval_tp']['perplexity']:.3f}, "
