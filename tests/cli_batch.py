@@ -4,7 +4,8 @@ tests/bad_inputs.py: one interpreter start instead of one per case (each costs s
     python tests/cli_batch.py CASES.json RESULTS.json     # CASES.json: [[arg, ...], ...]
 
 RESULTS.json: per case its exit code, what it printed to stdout and stderr (a traceback if it raised) and its
-seconds.
+seconds. At most one command per batch may train (distill): DeepSpeed's process groups do not survive a
+second training engine in one process.
 """
 import contextlib
 import io

@@ -253,10 +253,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
     state = tmp / "a.work" / ("block000" if trainer == "layerwise" else "")   # layer-wise: per block
     assert not (tmp / "a").exists() and (state / "latest").read_text().strip() == "epoch2"
     assert not (state / "epoch1").exists()   # only the latest epoch's training state is kept
-    resumed, uninterrupted = run_cli_batch([[*args, "--out", str(tmp / "a"), "--epochs", "3"],   # one process
-                                            [*args, "--out", str(tmp / "b"), "--epochs", "3"]], str(tmp))
-    assert resumed["code"] == 0 and uninterrupted["code"] == 0, (resumed["stderr"][-2000:], uninterrupted["stderr"][-2000:])
-    assert "resuming from epoch 2 of 3" in resumed["stderr"]
+    resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"])
+    assert "resuming from epoch 2 of 3" in resumed.stderr
+    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3"])
     from safetensors.torch import load_file
     a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
     assert sorted(a) == sorted(b)
