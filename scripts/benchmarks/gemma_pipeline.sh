@@ -33,7 +33,7 @@ OMP_NUM_THREADS=2 step generate_virtual python -m ds_spd generate "${model[@]}" 
   --max-new-tokens 16 --prompt "The capital of France is" --virtual-tp "$tp"
 step bench launch/tp.sh "$tp" bench "${model[@]}" --plan "$out/plan.json" --fractions 0,0.7,1 --repeats 3 \
   --decode-batches 1 --decode-tokens 8 --prefill-len 64 --comm-paths auto --out "$out/bench"
-rm -rf "$out/checkpoint"   # 1 GB of weights: the JSON records what it held
+rm -rf "$out/checkpoint" "$out/checkpoint.work"   # weights and training state: the JSON records what they held
 python - "$out" "$tp" <<'EOF'
 import json, sys
 out, tp = sys.argv[1], sys.argv[2]
