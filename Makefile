@@ -27,10 +27,10 @@ demo: setup
 serve: setup
 	launch/tp.sh 2 serve $(SERVE_ARGS)
 
-# one pytest worker per core; tests that share a costly fixture (the 2-rank server, the bad-input batch) carry
-# an xdist_group mark and run on one worker
+# one pytest worker per core; a test file's tests run on one worker, in order (they share its module fixtures:
+# the 2-rank server, the bad-input batch, the sharded model directories)
 test: setup
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank and not real_model"

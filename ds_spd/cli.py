@@ -48,7 +48,8 @@ def parse_thresholds(text: str) -> tuple[float, float]:
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and SPD (override the config file)")
     g.add_argument("--config", help="DeepSpeed JSON config with an \"spd\" section")
-    g.add_argument("--model", help="'default' (embedded SmolLM2-135M), a local HF directory or a hub id")
+    g.add_argument("--model", help="'default' (embedded SmolLM2-135M), 'gemma3-270m' (embedded Gemma 3 270M), "
+                                   "a local HF directory or a hub id")
     g.add_argument("--tp", type=int, dest="tp_size", help="tensor-parallel size (must equal the ranks started)")
     g.add_argument("--spd-blocks", type=parse_blocks, help="blocks in SPD form, e.g. 3,4,27 or 15-29")
     g.add_argument("--plan", help="plan.json choosing the SPD blocks")

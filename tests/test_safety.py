@@ -39,7 +39,6 @@ def refusals(tiny_dir, tmp_path_factory):
     return list(zip(dirs, before, run_cli_batch(argvs, str(root), ENV)))
 
 
-@pytest.mark.xdist_group("bad_inputs")   # one worker: the cases share one batch process
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
 def test_bad_input_is_one_clear_line(i, refusals):
     name, expected = CASES[i][0], CASES[i][3]

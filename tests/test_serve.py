@@ -16,9 +16,6 @@ from helpers import last_json, run_cli, save_tiny, tiny_model, tiny_tokenizer
 from helpers import assert_no_shm_left, shm_buffers
 from serve_helpers import ServerProcess, wait_gone
 
-# one worker runs this file (pytest -n): its tests share one 2-rank server
-pytestmark = pytest.mark.xdist_group("serve")
-
 from ds_spd.serve.executor import StepExecutor
 from ds_spd.serve.sampling import SamplingParams, generator_for, sample
 from ds_spd.serve.scheduler import Scheduler, Sequence

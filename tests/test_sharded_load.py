@@ -18,9 +18,6 @@ MODELS = {   # name: (model type, overrides, max shard size; None: one model.saf
     "mistral-tied": ("mistral", dict(tie_word_embeddings=True), None),
 }
 
-# one worker runs this file (pytest -n): its tests share the sharded model directories
-pytestmark = pytest.mark.xdist_group("sharded")
-
 
 def _save(path, model_type, overrides, shard_size, seed=0):
     model = tiny_model(model_type, seed=seed, **overrides)
