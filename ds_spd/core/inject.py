@@ -149,7 +149,7 @@ def inject_engine(model: nn.Module, spec, **ds_kwargs):
     if layout.kv_replicas > 1:   # KV heads replicated: ds_spd cuts attention, AutoTP never sees that split
         from ds_spd.core.replicate import shard_attention
         # DeepSpeed's TP group is ranks 0..tp-1 (and the run starts exactly tp ranks: ds_spd.run)
-        own_slices = shard_attention(model, layout, torch.distributed.get_rank(), spec.adapter)
+        own_slices = shard_attention(decoder_layers(model), layout, torch.distributed.get_rank(), spec.adapter)
     with materialising as layouts:
         engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size,
                                                                   "tp_grain_size": cfg.tp_grain_size},

@@ -59,16 +59,15 @@ def attention_slices(adapter, layout: TPLayout, rank: int) -> dict[str, Slices]:
     return out
 
 
-def shard_attention(model: nn.Module, layout: TPLayout, rank: int, adapter) -> dict[str, Slices]:
+def shard_attention(layers: nn.ModuleList, layout: TPLayout, rank: int, adapter,
+                    prefix: str = "model.layers") -> dict[str, Slices]:
     """Cut every decoder block's attention to ``rank``'s part (in place; weights may be on the meta device) and
-    return {parameter name: slices of the stored tensor} for the sharded loader."""
-    from ds_spd.core.inject import decoder_layers
+    return {parameter name (under ``prefix``): slices of the stored tensor} for the sharded loader."""
     slices = attention_slices(adapter, layout, rank)
     q_local = layout.q_heads[rank]
     kv_local = layout.kv_head_range(rank)[1] - layout.kv_head_range(rank)[0]
     record: dict[str, Slices] = {}
-    prefix = "model.layers" if hasattr(getattr(model, "model", None), "layers") else "layers"
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(layers):
         attn = layer.self_attn
         for name, (dim, ranges) in slices.items():
             lin = getattr(attn, name)

@@ -123,7 +123,7 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     base_model = copy.deepcopy(model)
     if spec.layout.kv_replicas > 1:   # stock AutoTP would give empty attention shards: replicate KV heads as ds_spd does
         from ds_spd.core.replicate import shard_attention
-        shard_attention(base_model, spec.layout, torch.distributed.get_rank(), spec.adapter)
+        shard_attention(decoder_layers(base_model), spec.layout, torch.distributed.get_rank(), spec.adapter)
     baseline = deepspeed.init_inference(base_model, tensor_parallel={"tp_size": cfg.tp_size,
                                                                      "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
