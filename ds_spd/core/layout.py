@@ -43,11 +43,6 @@ class TPLayout:
         rank holds its own KV heads, one query head when ranks share a replicated KV head."""
         return 1 if self.kv_replicas > 1 else self.q_heads[0] // self.kv_heads[0]
 
-    @property
-    def units(self) -> tuple[int, ...]:
-        """Regrouping units per rank (see :attr:`unit_heads`)."""
-        return self.q_heads if self.kv_replicas > 1 else self.kv_heads
-
     def q_head_range(self, rank: int) -> tuple[int, int]:
         """The query heads [start, stop) rank ``rank`` holds."""
         start = sum(self.q_heads[:rank])
