@@ -22,24 +22,25 @@ def _states(model, blocks):
 
 
 def test_held_out_epoch_choice_and_early_stopping():
-    """Each block keeps the weights of its epoch with the lowest held-out MSE: equal, bitwise, to a run of
-    that many epochs (flat learning rate, so the two runs share their trajectory); patience stops the run."""
+    """Each block keeps the weights of its epoch with the lowest held-out MSE, epoch 0 being its starting
+    weights: equal, bitwise, to a run of that many epochs (flat learning rate, so the two runs share their
+    trajectory), or the start itself where training only made it worse; patience stops the run."""
     model = ds_spd.virtualize(tiny_model(), 2)
     plan = _plan(model, ["SB", "TP", "ESB", "TP"])
 
     def run(epochs, patience=6):   # 6: no early stop within 6 epochs
-        settings = DistillSettings(epochs=epochs, lr=2e-2, micro_batch=4, val_segments=4, patience=patience,
+        settings = DistillSettings(epochs=epochs, lr=3e-3, micro_batch=4, val_segments=4, patience=patience,
                                    schedule="constant", warmup=0.0)
         return distill(model, plan, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings, progress=False)
     full = run(6)
-    val = {i: [h["val"][i] for h in full.history] for i in (0, 2)}
-    best = {i: 1 + min(range(6), key=lambda e: val[i][e]) for i in (0, 2)}
+    val = {i: [full.start_val[i]] + [h["val"][i] for h in full.history] for i in (0, 2)}   # epoch 0: the start
+    best = {i: min(range(7), key=lambda e: val[i][e]) for i in (0, 2)}
     assert full.best_epoch == best
-    assert any(e < 6 for e in best.values()), "the case must over-train some block, else it tests nothing"
-    for i in (0, 2):
-        short = run(best[i])
-        for k, v in full.block_states[i].items():
-            assert torch.equal(v, short.block_states[i][k]), (i, k)
+    assert 0 < best[0] < 6 and best[2] == 0, "the case must over-train block 0 and only worsen block 2"
+    short = run(best[0])
+    for k, v in full.block_states[0].items():
+        assert torch.equal(v, short.block_states[0][k]), k
+    assert full.final_mse[2] == full.initial_mse[2]   # block 2 kept its starting (head-grouped) weights
     stopped = run(6, patience=2)
     assert len(stopped.history) == max(best.values()) + 2 < 6   # every block went 2 epochs without improving
     assert stopped.best_epoch == best
@@ -137,8 +138,11 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
             "--json"]
     result = last_json(run_cli(args).stdout)
     prov = json.load(open(os.path.join(out, "provenance.json")))
-    assert sorted(prov["best_epoch"]) == ["0", "2"] and all(1 <= e <= 3 for e in prov["best_epoch"].values())
-    assert all(set(h["val"]) == {"0", "2"} for h in prov["history"])
+    assert sorted(prov["best_epoch"]) == ["0", "2"] and all(0 <= e <= 3 for e in prov["best_epoch"].values())
+    assert set(prov["history"][0]["val"]) == {"0", "2"}   # (a block stopped early has no later entries)
+    for i, e in prov["best_epoch"].items():   # the kept epoch is the best held-out one, the start included
+        curve = [prov["held_out_start"][i]] + [h["val"][i] for h in prov["history"] if i in h["val"]]
+        assert curve[e] == min(curve), (i, curve, e)
     kl = prov["kl_stage"]
     assert kl["measured_on"] == "held-out calibration segments" and len(kl["history"]) == 2
     assert kl["final_kl"] <= kl["initial_kl"] and result["kl_stage"]["best_epoch"] == kl["best_epoch"]

@@ -165,7 +165,8 @@ class DistillResult:
     zero_stage: int | None = None
     wall_seconds: float = 0.0     # layer-wise: the whole walk (activations and block reads included)
     spilled_bytes: int = 0        # layer-wise: activations that went to files (over the budget)
-    best_epoch: dict[int, int] = field(default_factory=dict)     # with held-out segments: the epoch kept
+    best_epoch: dict[int, int] = field(default_factory=dict)     # with held-out segments: the epoch kept (0: start)
+    start_val: dict[int, float] = field(default_factory=dict)    # held-out loss of the starting weights
 
 
 def _peak_memory() -> int:
@@ -319,7 +320,8 @@ def lr_schedule(settings: DistillSettings, total_steps: int):
 
 class BestEpochs:
     """Per block, the epoch with the lowest held-out loss so far, that loss and the weights then (early
-    stopping / epoch choice on validation). Saved next to the training state, so a resumed run keeps them."""
+    stopping / epoch choice on validation); epoch 0 is the starting weights. Saved next to the training state,
+    so a resumed run keeps them."""
 
     FILES = ("best.safetensors", "best.json")
 
@@ -328,9 +330,12 @@ class BestEpochs:
         self.loss: dict[int, float] = {}
         self.epoch: dict[int, int] = {}
         self.state: dict[int, dict[str, torch.Tensor]] = {}
+        self.start: dict[int, float] = {}   # the starting weights' held-out loss (epoch 0)
 
     def update(self, epoch: int, losses: list[float], states: Callable[[], dict[int, dict]]) -> list[int]:
         """Record one epoch's held-out losses; snapshot the improved blocks' weights. Returns those blocks."""
+        if epoch == 0:
+            self.start = dict(zip(self.blocks, losses))
         better = [i for i, v in zip(self.blocks, losses) if i not in self.loss or v < self.loss[i]]
         if better:
             now = states()
@@ -350,7 +355,7 @@ class BestEpochs:
         tensors = {f"{i}/{k}": v.contiguous() for i, st in self.state.items() for k, v in st.items()}
         write_atomic(os.path.join(directory, self.FILES[0]), lambda tmp: save_file(tensors, tmp))
         write_atomic(os.path.join(directory, self.FILES[1]),
-                     json.dumps({"loss": self.loss, "epoch": self.epoch}))
+                     json.dumps({"loss": self.loss, "epoch": self.epoch, "start": self.start}))
 
     def load(self, directory: str) -> None:
         weights, meta = (os.path.join(directory, f) for f in self.FILES)
@@ -361,6 +366,7 @@ class BestEpochs:
             info = json.load(f)
         self.loss = {int(k): v for k, v in info["loss"].items()}
         self.epoch = {int(k): v for k, v in info["epoch"].items()}
+        self.start = {int(k): v for k, v in info.get("start", {}).items()}
         for name, t in load_file(weights).items():
             i, _, k = name.partition("/")
             self.state.setdefault(int(i), {})[k] = t
@@ -385,6 +391,10 @@ def run_epochs(trainer: _Trainer, pairs: Dataset, settings: DistillSettings, sta
                                  seed=settings.seed)
     loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
     tokens, start = 0, time.perf_counter()
+    if best is not None and held_out is not None and start_epoch == 0 and not best.loss:
+        # the starting weights (zero-shot SPD, or head grouping's) are epoch 0's candidate: a block that training
+        # makes worse on the held-out segments keeps them (seen on Gemma 3 with few steps per block)
+        best.update(0, trainer.validate(held_out, settings.micro_batch), trainer.gathered_state)
     for epoch in range(start_epoch, settings.epochs):
         if best is not None and best.exhausted(epoch):
             break
@@ -475,7 +485,8 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())),
                          dict(zip(blocks, final.tolist())), seconds,
                          tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage,
-                         best_epoch=dict(best.epoch) if best is not None else {})
+                         best_epoch=dict(best.epoch) if best is not None else {},
+                         start_val=dict(best.start) if best is not None else {})
 
 
 @torch.no_grad()

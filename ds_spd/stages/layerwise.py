@@ -155,6 +155,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     final = block_mse({i: teacher}, {i: state}, rotary, *first)
     info = {"client": client, "history": history, "val_history": val_history,
             "best_epoch": best.epoch[i] if best is not None else None,
+            "start_val": best.start.get(i) if best is not None else None,
             "stopped_early": len(history) < settings.epochs,
             "initial_mse": initial[0].item(), "final_mse": final[0].item(),
             "seconds": seconds,
@@ -241,4 +242,5 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                          train_seconds,
                          tokens / max(train_seconds, 1e-9), _peak_memory(),
                          next((d["zero_stage"] for d in done.values()), None), wall, budget.spilled_bytes,
-                         {i: d["best_epoch"] for i, d in done.items() if d.get("best_epoch") is not None})
+                         {i: d["best_epoch"] for i, d in done.items() if d.get("best_epoch") is not None},
+                         {i: d["start_val"] for i, d in done.items() if d.get("start_val") is not None})

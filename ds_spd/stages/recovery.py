@@ -178,7 +178,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                       "peak_memory_bytes_rank0": result.peak_memory_bytes, "trainer": run.settings.trainer,
                       "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes,
-                      "best_epoch": result.best_epoch, "kl_stage": e2e}
+                      "best_epoch": result.best_epoch, "held_out_start": result.start_val, "kl_stage": e2e}
         save_checkpoint(run.out, plan, result.block_states, run.spec.model_config, provenance)
         if progress:
             for i in sorted(final):
@@ -190,5 +190,5 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
             "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
             "zero_stage": result.zero_stage, "trainer": run.settings.trainer, "wall_seconds": result.wall_seconds,
             "spilled_bytes": result.spilled_bytes, "model": run.cfg.model, "tp_size": run.plan.tp_size,
-            "best_epoch": result.best_epoch, "kl_stage": e2e,
+            "best_epoch": result.best_epoch, "held_out_start": result.start_val, "kl_stage": e2e,
             "runner": runner}

@@ -56,6 +56,10 @@ RECIPES = {
                 mlp_matching="neuron"),
     "n64mix": dict(lr=3e-4, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare", samples=64,
                    val_segments=8, patience=2, mlp_matching="neuron"),
+    # the same at Gemma 3's weight scale (weights ~6x smaller in RMS than SmolLM2's; Adam's step is absolute):
+    # the lr chosen on held-out calibration MSE (docs/results/gemma_recovery/lr_probe.md)
+    "n64mix_lr5e-5": dict(lr=5e-5, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare",
+                          samples=64, val_segments=8, patience=2, mlp_matching="neuron"),
     "n64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64, val_segments=8,
                 mlp_matching="neuron"),
     "n64shak": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="shakespeare", samples=64,
@@ -194,6 +198,8 @@ class Lab:
     # ------------------------------------------------------------------ rankings
     def ranking(self, kind: str, recipe_name: str) -> list[int]:
         recipe = RECIPES[recipe_name]
+        if kind == "zero_shot" and self.args.rank_on:   # one ranking for every row: the same blocks at each count
+            recipe = {**recipe, "calibration": self.args.rank_on}
         key = f"{kind}:{recipe['calibration']}" if kind == "zero_shot" else f"{kind}:{recipe_name}"
         scans = self.results.setdefault("scans", {})
         if key not in scans:
@@ -360,6 +366,8 @@ def main():
     p.add_argument("--counts", default="10,15,21,25,30")
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--zero-shot", action="store_true", help="also the zero-shot curve")
+    p.add_argument("--rank-on", default=None, help="the zero-shot ranking's calibration corpus for every recipe "
+                   "(default: each recipe's own)")
     p.add_argument("--kl", default="", help="RECIPE:RANKING:N:EPOCHS:LR[,...] end-to-end KL stage runs")
     p.add_argument("--kl-val-segments", type=int, default=8)
     p.add_argument("--render", action="store_true", help="only write the tables and plots from results.json")
