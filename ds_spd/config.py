@@ -72,8 +72,9 @@ class DistillConfig(_Strict):
     schedule: str = Field("cosine", description=f"learning-rate schedule, one of {LR_SCHEDULES}")
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of the steps with a linear learning-rate warm-up")
     val_segments: Optional[int] = Field(None, ge=0, description="calibration segments held out of training: each "
-                                        "block keeps the weights of its epoch with the lowest MSE on them (0: the "
-                                        "last epoch's; default: an eighth of the segments)")
+                                        "block keeps the weights of its epoch with the lowest MSE on them, its "
+                                        "starting weights included (0: the last epoch's; default: an eighth of the "
+                                        "segments)")
     patience: Optional[int] = Field(None, ge=1, description="stop a block after this many epochs without a lower "
                                     "held-out MSE (needs held-out segments; default 2)")
     kl_epochs: int = Field(0, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "

@@ -24,3 +24,24 @@ def tiny_even_dir(tmp_path_factory):
 def kv1_dir(tmp_path_factory):
     """A tiny random LLaMA with one KV head and 4 query heads (tp 2 and 4 replicate the KV head)."""
     return save_tiny(str(tmp_path_factory.mktemp("tiny_llama_kv1")), **KV1)
+
+
+# DS_SPD_TEST_CPU=FILE: per test, the CPU seconds of this process and of the processes it waited for (launchers
+# and their ranks included), appended as JSON lines: a cost that, unlike wall time, does not depend on what ran
+# beside the test (docs/testing.md).
+if os.environ.get("DS_SPD_TEST_CPU"):
+    import json
+    import resource
+    import time
+
+    def _cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        cpu, wall = _cpu(), time.monotonic()
+        yield
+        with open(os.environ["DS_SPD_TEST_CPU"], "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "cpu": round(_cpu() - cpu, 2),
+                                "wall": round(time.monotonic() - wall, 2)}) + "\n")

@@ -129,6 +129,7 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True, env: dict |
 def run_cli_batch(argvs: list[list[str]], workdir: str, env: dict | None = None) -> list[dict]:
     """Several ``ds-spd`` command lines through the CLI's main in one process (tests/cli_batch.py: one
     interpreter start instead of one per command); per command its code, stdout, stderr and seconds."""
+    os.makedirs(workdir, exist_ok=True)
     cases, results = os.path.join(workdir, "cases.json"), os.path.join(workdir, "results.json")
     with open(cases, "w") as f:
         json.dump(argvs, f)

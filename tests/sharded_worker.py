@@ -1,7 +1,8 @@
 """Run under ``deepspeed --num_gpus N`` (tp N): sharded loading (meta model, each rank reads its slices) against the
 full load (every rank loads the model, AutoTP shards it). Writes OUT_PREFIX.<i>.rank<r>.json per model dir.
 
-Usage: sharded_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS [CHECKPOINT_DIR]
+Usage: sharded_worker.py MODEL_DIR[@CHECKPOINT_DIR][,...] OUT_PREFIX SPD_BLOCKS
+(a model with @CHECKPOINT_DIR runs with that SPD checkpoint overlaid instead of SPD_BLOCKS)
 """
 import json
 import os
@@ -16,11 +17,11 @@ from ds_spd.models.sharded import meta_model
 
 def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
-    model_dirs, out_prefix, blocks = args[:3]
-    checkpoint = args[3] if len(args) > 3 else None
+    model_dirs, out_prefix, blocks = args
     blocks = [int(b) for b in blocks.split(",") if b]
-    for i, model_dir in enumerate(model_dirs.split(",")):
-        check(model_dir, f"{out_prefix}.{i}", blocks, checkpoint)
+    for i, entry in enumerate(model_dirs.split(",")):
+        model_dir, _, checkpoint = entry.partition("@")
+        check(model_dir, f"{out_prefix}.{i}", blocks, checkpoint or None)
 
 
 def check(model_dir, out_prefix, blocks, checkpoint):

@@ -76,27 +76,26 @@ def test_parse_blocks():
         parse_blocks("1,x")
 
 
-def _fails(args, *patterns):
-    proc = run_cli(args, check=False)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    for p in patterns:
-        assert p in proc.stderr, proc.stderr[-3000:]
-
-
 def test_cli_errors_before_work(tiny_dir, tmp_path):
-    _fails(["eval", "--model", tiny_dir, "--tp", "2"], "tp size 2 needs 2 ranks", "deepspeed --num_gpus 2")
-    _fails(["eval", "--model", tiny_dir, "--virtual-tp", "4"], "3 KV heads")
-    _fails(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--spd-blocks", "0,9"], "out of range")
+    from helpers import run_cli_batch
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"spd": {"modle": "x"}}))
-    _fails(["eval", "--config", str(bad)], "config key 'spd.modle': unknown key")
     other = Plan.from_blocks("other", tiny_config(num_hidden_layers=6), 2, [1])
     other.save(str(tmp_path / "plan.json"))
-    _fails(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--plan", str(tmp_path / "plan.json")],
-           "plan was made for another model")
     from transformers import GPT2Config
     GPT2Config(n_layer=1, n_embd=32, n_head=2, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path / "gpt2")
-    _fails(["eval", "--model", str(tmp_path / "gpt2"), "--virtual-tp", "2"], "unsupported architecture 'GPT2LMHeadModel'")
+    cases = [(["eval", "--model", tiny_dir, "--tp", "2"], ("tp size 2 needs 2 ranks", "deepspeed --num_gpus 2")),
+             (["eval", "--model", tiny_dir, "--virtual-tp", "4"], ("3 KV heads",)),
+             (["eval", "--model", tiny_dir, "--virtual-tp", "2", "--spd-blocks", "0,9"], ("out of range",)),
+             (["eval", "--config", str(bad)], ("config key 'spd.modle': unknown key",)),
+             (["eval", "--model", tiny_dir, "--virtual-tp", "2", "--plan", str(tmp_path / "plan.json")],
+              ("plan was made for another model",)),
+             (["eval", "--model", str(tmp_path / "gpt2"), "--virtual-tp", "2"],
+              ("unsupported architecture 'GPT2LMHeadModel'",))]
+    for (args, patterns), res in zip(cases, run_cli_batch([c[0] for c in cases], str(tmp_path))):   # one process
+        assert res["code"] == 2, (args, res["stderr"][-3000:])
+        for p in patterns:
+            assert p in res["stderr"], (args, res["stderr"][-3000:])
 
 
 def test_help_and_config_load_no_torch():

@@ -103,7 +103,8 @@ def test_distilled_block_beats_zero_shot_and_loss_decreases(shape, tp):
     model = ds_spd.virtualize(tiny_model(**({} if shape == "uneven" else {**KV1, "num_hidden_layers": 4})), tp)
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
     plan = _plan(model, ["SB", "TP", "ESB", "TP"])
-    settings = DistillSettings(epochs=6, lr=2e-3, micro_batch=4, head_grouping="esb")   # the paper's rule
+    settings = DistillSettings(epochs=6, lr=2e-3, micro_batch=4, head_grouping="esb",   # the paper's rule
+                               val_segments=0)   # the last epoch's weights (held-out choice: tests/test_recipe.py)
     result = distill(model, plan, segments, copy.deepcopy(CPU_ZERO2), settings, progress=False)
     assert sorted(result.block_states) == [0, 2]
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
@@ -234,7 +235,7 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     # with the issue-12 recipe paths: held-out epoch choice, cosine schedule (accelerate steps it itself),
     # neuron matching and the end-to-end KL stage, under ZeRO-3 (deepspeed) and ZeRO-2 (accelerate)
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3", "--lr", "2e-3",
-            "--val-segments", "2", "--schedule", "cosine", "--warmup", "0.2", "--mlp-matching", "neuron",
+            "--val-segments", "2", "--patience", "3", "--schedule", "cosine", "--warmup", "0.2", "--mlp-matching", "neuron",
             "--kl-epochs", "1", "--json"]
     if launcher == "deepspeed":
         res = last_json(launch(["ds_spd", *args], module=True).stdout)
@@ -249,5 +250,5 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     assert (prov["launcher"], prov["ranks"], prov["zero_stage"]) == (launcher, 2, stage)
     assert sorted(prov["best_epoch"]) == ["0", "2"] and len(prov["kl_stage"]["history"]) == 1
     assert prov["kl_stage"]["final_kl"] <= prov["kl_stage"]["initial_kl"]
-    for i in ("0", "2"):
-        assert res["final_mse"][i] < res["initial_mse"][i]
+    for i in ("0", "2"):   # trained (the weights kept are the held-out choice, possibly the start)
+        assert res["last_epoch_loss"][i] < res["initial_mse"][i] and res["final_mse"][i] <= res["initial_mse"][i] * (1 + 1e-6)

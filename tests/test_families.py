@@ -163,19 +163,31 @@ def test_moe_refused_by_name():
 
 
 @pytest.mark.multirank
-def test_real_tp_matches_virtual(tmp_path):
-    """Every family in one launch of 2 CPU ranks (tests/tp_worker.py checks each model in turn)."""
-    dirs = [save_tiny(str(tmp_path / f), model_type=t, **o) for f, (t, o) in FAMILIES.items()]
-    prefix = str(tmp_path / "res")
-    launch(["tests/tp_worker.py", ",".join(dirs), prefix, "0,2", "auto"], timeout=900)
-    for i, family in enumerate(FAMILIES):
-        for rank in (0, 1):
-            res = json.load(open(f"{prefix}.{i}.rank{rank}.json"))
+def test_real_tp_matches_virtual(tiny_dir, tmp_path):
+    """Every family, and LLaMA with an uneven split (6/3 heads: 4 + 2 query heads), in one launch of 2 CPU ranks
+    (tests/tp_worker.py checks each model in turn, on the shm path; tests/test_multirank.py has gloo)."""
+    models = {"llama-uneven": tiny_dir, **{f: save_tiny(str(tmp_path / f), model_type=t, **o)
+                                           for f, (t, o) in FAMILIES.items()}}
+    prefix, blocks = str(tmp_path / "res"), [0, 2]
+    launch(["tests/tp_worker.py", ",".join(models.values()), prefix, ",".join(map(str, blocks)), "auto"],
+           timeout=900)
+    for i, family in enumerate(models):
+        results = [json.load(open(f"{prefix}.{i}.rank{rank}.json")) for rank in (0, 1)]
+        for rank, res in enumerate(results):
             # AutoTP's shards, every layer == the layout == the tests' independent split
             assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][rank]}, family
             assert set(res["local_mlp_cols_per_layer"]) == {res["layout_mlp_cols"][rank]}, family
+            # SPD off == HF; virtual == real with SPD on a mix of blocks; SPD really changed the function
             assert res["off_vs_hf"] < 1e-5 and res["real_vs_virtual"] < 1e-5 and res["spd_vs_hf"] > 1e-3, (family, res)
+            # 2 all-reduces per non-SPD block, 1 per SPD block, +1 for AutoTP's row-parallel lm_head
+            n = res["n_layers"]
+            assert res["off_allreduce"]["allreduce_per_forward"] == 2 * n + 1, family
+            assert res["spd_allreduce"]["allreduce_per_forward"] == 2 * n - len(blocks) + 1, family
+            assert res["all_spd_allreduce"]["allreduce_per_forward"] == n + 1, family
             assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"], family
+        assert results[0]["gen_real"] == results[1]["gen_real"], family
+    uneven = json.load(open(f"{prefix}.0.rank0.json"))["layout_attn_cols"]
+    assert uneven == [64, 32]   # 4 + 2 query heads of 16
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,11 +13,11 @@ def _worker(model_dir, tmp_path, blocks, comm="auto"):
     return [json.load(open(f"{prefix}.rank{r}.json")) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("which,comm", [("uneven", "auto"), ("even", "gloo")])
-def test_real_tp_matches_hf_and_virtual(which, comm, tiny_dir, tiny_even_dir, tmp_path):
-    model_dir = tiny_dir if which == "uneven" else tiny_even_dir
+def test_real_tp_matches_hf_and_virtual_on_gloo(tiny_even_dir, tmp_path):
+    """An even split on the gloo path (the shm path and the uneven split: every family in
+    tests/test_families.py::test_real_tp_matches_virtual)."""
     blocks = [0, 2]
-    results = _worker(model_dir, tmp_path, blocks, comm)
+    results = _worker(tiny_even_dir, tmp_path, blocks, "gloo")
     for res in results:
         # DeepSpeed AutoTP's own shards agree with the layout the virtual path uses.
         assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][res["rank"]]}   # every layer
@@ -31,8 +31,6 @@ def test_real_tp_matches_hf_and_virtual(which, comm, tiny_dir, tiny_even_dir, tm
         assert res["spd_allreduce"]["allreduce_per_forward"] == 2 * n - len(blocks) + 1
         assert res["all_spd_allreduce"]["allreduce_per_forward"] == n + 1
         assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"]
-    if which == "uneven":
-        assert results[0]["layout_attn_cols"] != results[0]["layout_attn_cols"][::-1]
     assert results[0]["gen_real"] == results[1]["gen_real"]
 
 
@@ -79,6 +77,8 @@ def test_kv_replication_real_ranks_equal_hf_virtual_and_full_load(tp, models, kv
 
 
 def test_cli_eval_and_generate_real_equals_virtual(tiny_dir, tmp_path):
+    """eval under the deepspeed launcher (sharded loading == full load), generate under torchrun: both equal
+    virtual TP."""
     from helpers import run_cli_batch
     common = ["--model", tiny_dir, "--spd-blocks", "1,3", "--max-samples", "4", "--seq-len", "32", "--json"]
     gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
@@ -86,6 +86,10 @@ def test_cli_eval_and_generate_real_equals_virtual(tiny_dir, tmp_path):
                                str(tmp_path))   # both virtual references in one process
     virtual, g_virtual = (last_json(r["stdout"]) for r in references)
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
+    # each rank read only its slices (sharded loading, the default), the same numbers as the full load
+    full = last_json(launch(["ds_spd", "eval", *common, "--load", "full"], module=True).stdout)
+    assert (real["load"], full["load"]) == ("sharded", "full")
+    assert real["perplexity"] == full["perplexity"] and real["accuracy"] == full["accuracy"]
     assert real["mode"] == "tp" and virtual["mode"] == "virtual"
     assert real["spd_blocks"] == virtual["spd_blocks"] == [1, 3]
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
@@ -97,25 +101,22 @@ def test_cli_eval_and_generate_real_equals_virtual(tiny_dir, tmp_path):
     assert real["allreduce_by_kind_per_forward"]["lm_head"] == 1
     assert real["allreduce_seconds_by_kind_per_forward"]["lm_head"] > 0
 
-    g_real = last_json(launch(["ds_spd", "generate", *gen], module=True).stdout)
-    assert g_real["generations"][0]["token_ids"] == g_virtual["generations"][0]["token_ids"]
-    assert len(g_real["generations"][0]["token_ids"]) == 8
-
-
-def test_torchrun_without_local_size(tiny_dir):
-    """torchrun sets LOCAL_WORLD_SIZE but not LOCAL_SIZE; DeepSpeed's CPU path crashed without it."""
+    # generate under torchrun, which sets LOCAL_WORLD_SIZE but not LOCAL_SIZE (DeepSpeed's CPU path crashed
+    # without it): the same tokens as virtual TP
     import os
     import subprocess
     import sys
 
     from helpers import ROOT, clean_env, free_port
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = clean_env(OMP_NUM_THREADS="1")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_spd", "eval",
-           "--model", tiny_dir, "--spd-blocks", "2", "--max-samples", "2", "--seq-len", "32", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_spd",
+                           "generate", *gen], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=clean_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert last_json(proc.stdout)["mode"] == "tp"
+    g_real = last_json(proc.stdout)
+    assert g_real["mode"] == "tp"
+    assert g_real["generations"][0]["token_ids"] == g_virtual["generations"][0]["token_ids"]
+    assert len(g_real["generations"][0]["token_ids"]) == 8
 
 
 def test_bench_runs_and_counts(tiny_dir, tmp_path):

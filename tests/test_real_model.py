@@ -1,14 +1,15 @@
 """The embedded SmolLM2-135M (9 heads / 3 KV heads: uneven at tp 2), where results must mean something."""
 import pytest
-from helpers import launch, last_json, run_cli
+from helpers import launch, last_json, run_cli_batch
 
 pytestmark = [pytest.mark.real_model, pytest.mark.multirank]
 
 
-def test_smollm2_real_tp_equals_virtual_and_spd_costs_accuracy():
+def test_smollm2_real_tp_equals_virtual_and_spd_costs_accuracy(tmp_path):
     common = ["--max-samples", "2", "--seq-len", "128", "--batch-size", "2", "--json"]
-    base = last_json(run_cli(["eval", "--virtual-tp", "2", "--spd-blocks", "none", *common]).stdout)
-    virtual = last_json(run_cli(["eval", "--virtual-tp", "2", "--spd-blocks", "0,15,29", *common]).stdout)
+    base, virtual = (last_json(r["stdout"]) for r in run_cli_batch(   # both virtual runs in one process
+        [["eval", "--virtual-tp", "2", "--spd-blocks", "none", *common],
+         ["eval", "--virtual-tp", "2", "--spd-blocks", "0,15,29", *common]], str(tmp_path)))
     real = last_json(launch(["ds_spd", "eval", "--spd-blocks", "0,15,29", *common], module=True).stdout)
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-4)
     assert real["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-3)

@@ -127,7 +127,7 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     import json
     import os
 
-    from helpers import last_json, run_cli
+    from helpers import last_json, run_cli_batch
     from test_distill import DATA, DISTILL_DATA, _tiny_plan_file
     plan = _tiny_plan_file(tiny_dir, tmp_path, ["SB", "ISB", "ESB", "TP"])
     cfg = tmp_path / "ds.json"
@@ -136,7 +136,12 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3",
             "--schedule", "cosine", "--warmup", "0.2", "--val-segments", "2", "--kl-epochs", "2", "--kl-lr", "1e-3",
             "--json"]
-    result = last_json(run_cli(args).stdout)
+    # one process (tests/cli_batch.py): the training run, then eval, a re-run and a refusal, none of which trains
+    run, ev, again, bad = run_cli_batch([
+        args, ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"], args,
+        [*args[:-1], "--patience", "2", "--val-segments", "0"]], str(tmp_path))
+    assert run["code"] == 0, run["stderr"][-3000:]
+    result = last_json(run["stdout"])
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert sorted(prov["best_epoch"]) == ["0", "2"] and all(0 <= e <= 3 for e in prov["best_epoch"].values())
     assert set(prov["history"][0]["val"]) == {"0", "2"}   # (a block stopped early has no later entries)
@@ -147,13 +152,9 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     assert kl["measured_on"] == "held-out calibration segments" and len(kl["history"]) == 2
     assert kl["final_kl"] <= kl["initial_kl"] and result["kl_stage"]["best_epoch"] == kl["best_epoch"]
     assert prov["settings"]["kl_epochs"] == 2 and prov["settings"]["schedule"] == "cosine"
-    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA,
-                            "--json"]).stdout)
-    assert ev["spd_blocks"] == [0, 1, 2]
-    again = run_cli(args)
-    assert "already complete" in again.stderr
-    bad = run_cli([*args[:-1], "--patience", "2", "--val-segments", "0"], check=False)
-    assert bad.returncode == 2 and "patience needs held-out segments" in bad.stderr
+    assert last_json(ev["stdout"])["spd_blocks"] == [0, 1, 2]
+    assert again["code"] == 0 and "already complete" in again["stderr"]
+    assert bad["code"] == 2 and "patience needs held-out segments" in bad["stderr"]
 
 
 def test_cli_distill_aware_scan_and_budget_with_distillation_in_the_loop(tiny_dir, tmp_path):
@@ -161,34 +162,39 @@ def test_cli_distill_aware_scan_and_budget_with_distillation_in_the_loop(tiny_di
     the distilled weights (plan --max-ppl-increase --checkpoint): what it measured is what eval measures."""
     import json
 
-    from helpers import last_json, run_cli
+    from helpers import last_json, run_cli_batch
     from test_distill import DATA, DISTILL_DATA, _tiny_plan_file
     every = _tiny_plan_file(tiny_dir, tmp_path, ["SB", "SB", "SB", "SB"])
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
-    ckpt = str(tmp_path / "all")
-    run_cli(["distill", "--config", str(cfg), "--plan", every, *DISTILL_DATA, "--out", ckpt, "--epochs", "3"])
-    aware = str(tmp_path / "aware.json")
-    scanned = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *DATA, "--checkpoint", ckpt,
-                                 "--out", aware, "--json"]).stdout)
-    zero = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", *DATA, "--method", "isolated",
-                              "--in-memory", "--out", str(tmp_path / "zero.json"), "--json"]).stdout)
+    ckpt, aware = str(tmp_path / "all"), str(tmp_path / "aware.json")
+    # one process (tests/cli_batch.py) for the training run and the commands after it, a second for the eval
+    # of the plan's blocks
+    runs = run_cli_batch([
+        ["distill", "--config", str(cfg), "--plan", every, *DISTILL_DATA, "--out", ckpt, "--epochs", "3"],
+        ["scan", "--model", tiny_dir, "--virtual-tp", "2", *DATA, "--checkpoint", ckpt, "--out", aware, "--json"],
+        ["scan", "--model", tiny_dir, "--virtual-tp", "2", *DATA, "--method", "isolated", "--in-memory", "--out",
+         str(tmp_path / "zero.json"), "--json"],
+        ["plan", "--plan", aware, "--model", tiny_dir, "--max-ppl-increase", "20%", "--checkpoint", ckpt, "--out",
+         str(tmp_path / "b.json"), *DATA, "--json"],
+        ["plan", "--plan", aware, "--spd-count", "2", "--checkpoint", ckpt]], str(tmp_path))
+    assert all(r["code"] == 0 for r in runs[:4]), [r["stderr"][-2000:] for r in runs[:4]]
+    scanned, zero, budget = (last_json(r["stdout"]) for r in runs[1:4])
     assert scanned["baseline"] == pytest.approx(zero["baseline"])
     assert scanned["sensitivity"] != pytest.approx(zero["sensitivity"])   # the distilled weights acted
     assert json.load(open(aware))["scan"]["checkpoint"] == ckpt
-    budget = last_json(run_cli(["plan", "--plan", aware, "--model", tiny_dir, "--max-ppl-increase", "20%",
-                                "--checkpoint", ckpt, "--out", str(tmp_path / "b.json"), *DATA, "--json"]).stdout)
     sel = budget["selection"]
     assert len(budget["spd_blocks"]) > 0 and sel["measured_increase"] <= 0.2
     blocks = ",".join(map(str, budget["spd_blocks"]))
-    ev = last_json(run_cli(["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", ckpt, "--spd-blocks",
-                            blocks, *DATA, "--split", "validation", "--json"]).stdout)
+    (ev,) = run_cli_batch([["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", ckpt, "--spd-blocks",
+                            blocks, *DATA, "--split", "validation", "--json"]], str(tmp_path / "ev"))
+    ev = last_json(ev["stdout"])
     assert ev["perplexity"] == pytest.approx(sel["measured"], rel=1e-6)
     if len(budget["spd_blocks"]) < 4:   # the next block along the ranking would break the budget
         assert any(t["spd_count"] == len(budget["spd_blocks"]) + 1 and t["measured_increase"] > 0.2
                    for t in sel["tried"])
-    bad = run_cli(["plan", "--plan", aware, "--spd-count", "2", "--checkpoint", ckpt], check=False)
-    assert bad.returncode == 2 and "--checkpoint: only used to validate a budget" in bad.stderr
+    bad = runs[4]
+    assert bad["code"] == 2 and "--checkpoint: only used to validate a budget" in bad["stderr"]
 
 
 @pytest.mark.parametrize("tp,overrides", [(3, {}), (2, {"model_type": "qwen2"})])

@@ -210,7 +210,8 @@ def distill_setup(tiny_dir, tmp_path):
     open(plan_path, "w").write(json.dumps(plan))
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({**ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
-    return ["distill", "--config", str(cfg), "--plan", plan_path, "--model", tiny_dir, *DATA, "--json"], tmp_path
+    return ["distill", "--config", str(cfg), "--plan", plan_path, "--model", tiny_dir, *DATA, "--patience", "3",
+            "--json"], tmp_path
 
 
 def test_distill_complete_resume_and_fingerprint(distill_setup):

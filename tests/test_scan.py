@@ -90,24 +90,38 @@ def test_partial_streamed_scan_and_plan(tmp_path):
         select(plan, count=3)
 
 
-def test_cli_streamed_scan_equals_in_memory(tiny_dir, tmp_path):
-    from helpers import last_json, run_cli
+@pytest.fixture(scope="module")
+def cli_scans(tiny_dir, tmp_path_factory):
+    """The CLI scans of the tests below, in one process (tests/cli_batch.py): streamed (spilling), in memory,
+    a refused flag mix, and a partial scan of the last 2 blocks."""
+    from helpers import run_cli_batch
+    tmp = tmp_path_factory.mktemp("cli_scans")
     data = ["--model", tiny_dir, "--virtual-tp", "2", "--max-samples", "4", "--seq-len", "32", "--batch-size", "2",
             "--json"]
-    streamed = last_json(run_cli(["scan", *data, "--out", str(tmp_path / "s.json"), "--activation-budget", "0"]).stdout)
-    loaded = last_json(run_cli(["scan", *data, "--out", str(tmp_path / "m.json"), "--in-memory"]).stdout)
+    names = ("streamed", "loaded", "refused", "partial")
+    runs = run_cli_batch([
+        ["scan", *data, "--out", str(tmp / "s.json"), "--activation-budget", "0"],
+        ["scan", *data, "--out", str(tmp / "m.json"), "--in-memory"],
+        ["scan", *data, "--out", str(tmp / "x.json"), "--in-memory", "--last", "2"],
+        ["scan", "--model", tiny_dir, "--virtual-tp", "2", "--max-samples", "2", "--seq-len", "16", "--last", "2",
+         "--out", str(tmp / "p.json"), "--json"]], str(tmp))
+    return tmp, dict(zip(names, runs))
+
+
+def test_cli_streamed_scan_equals_in_memory(cli_scans):
+    from helpers import last_json
+    tmp, runs = cli_scans
+    streamed, loaded = last_json(runs["streamed"]["stdout"]), last_json(runs["loaded"]["stdout"])
     assert streamed["streamed"] and not loaded["streamed"] and streamed["spilled_bytes"] > 0
     assert streamed["sensitivity"] == pytest.approx(loaded["sensitivity"], rel=1e-6)
-    assert not os.path.exists(str(tmp_path / "s.json.activations"))
-    proc = run_cli(["scan", *data, "--out", str(tmp_path / "x.json"), "--in-memory", "--last", "2"], check=False)
-    assert proc.returncode == 2 and "--last applies to the streamed scan only" in proc.stderr
+    assert not os.path.exists(str(tmp / "s.json.activations"))
+    assert runs["refused"]["code"] == 2 and "--last applies to the streamed scan only" in runs["refused"]["stderr"]
 
 
-def test_cli_partial_scan_writes_plan_and_plot(tiny_dir, tmp_path):
-    from helpers import last_json, run_cli
+def test_cli_partial_scan_writes_plan_and_plot(cli_scans):
+    from helpers import last_json
     from ds_spd.plan import load_plan
-    out = str(tmp_path / "p.json")
-    res = last_json(run_cli(["scan", "--model", tiny_dir, "--virtual-tp", "2", "--max-samples", "2", "--seq-len", "16",
-                             "--last", "2", "--out", out, "--json"]).stdout)
-    assert res["scanned_blocks"] == [2, 3] and os.path.isfile(str(tmp_path / "p.png"))
-    assert [b.sensitivity is None for b in load_plan(out).blocks] == [True, True, False, False]
+    tmp, runs = cli_scans
+    res = last_json(runs["partial"]["stdout"])
+    assert res["scanned_blocks"] == [2, 3] and os.path.isfile(str(tmp / "p.png"))
+    assert [b.sensitivity is None for b in load_plan(str(tmp / "p.json")).blocks] == [True, True, False, False]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import EVEN, last_json, launch, run_cli, tiny_model, tiny_tokenizer
+from helpers import EVEN, launch, run_cli, tiny_model, tiny_tokenizer
 
 from ds_spd.errors import DataError
 from ds_spd.models.sharded import check_weight_files, meta_model, weight_files
@@ -56,12 +56,11 @@ def _spd_checkpoint(model_dir, path, block):
 def test_sharded_load_equals_full_load(model_dirs, tmp_path):
     assert len([f for f in os.listdir(model_dirs["llama-uneven"]) if f.endswith(".safetensors")]) > 3
     prefix = str(tmp_path / "res")
-    launch(["tests/sharded_worker.py", ",".join(model_dirs.values()), prefix, "1,2"], timeout=900)
     ck = _spd_checkpoint(model_dirs["llama-uneven"], str(tmp_path / "ck"), 1)
-    launch(["tests/sharded_worker.py", model_dirs["llama-uneven"], prefix + "_ck", "", ck], timeout=900)
+    entries = [*model_dirs.values(), f"{model_dirs['llama-uneven']}@{ck}"]   # the last with the overlay
+    launch(["tests/sharded_worker.py", ",".join(entries), prefix, "1,2"], timeout=900)   # one launch
     for i, name in enumerate([*MODELS, "llama+checkpoint"]):
-        results = [json.load(open(f"{prefix}{'_ck.0' if i == len(MODELS) else f'.{i}'}.rank{r}.json"))
-                   for r in (0, 1)]
+        results = [json.load(open(f"{prefix}.{i}.rank{r}.json")) for r in (0, 1)]
         for res in results:
             assert res["max_diff"] <= 1e-6 * max(1.0, res["logit_scale"]), (name, res["max_diff"])
             assert all(v == 0 for v in res["param_diffs"].values()), (name, res["param_diffs"])  # bitwise
@@ -76,15 +75,6 @@ def test_sharded_load_equals_full_load(model_dirs, tmp_path):
             assert shapes[0][q][0] != shapes[1][q][0]            # uneven GQA split: 4 + 2 heads
         if name == "qwen2-bias-even":
             assert "model.layers.0.self_attn.q_proj.bias" in shapes[0]
-
-
-@pytest.mark.multirank
-def test_cli_eval_sharded_equals_full(model_dirs):
-    common = ["eval", "--model", model_dirs["llama-uneven"], "--spd-blocks", "1,3", "--max-samples", "4",
-              "--seq-len", "32", "--json"]
-    sharded = last_json(launch(["ds_spd", *common], module=True).stdout)
-    full = last_json(launch(["ds_spd", *common, "--load", "full"], module=True).stdout)
-    assert sharded["perplexity"] == full["perplexity"] and sharded["accuracy"] == full["accuracy"]
 
 
 def test_missing_shard_file_refused_before_loading(model_dirs, tmp_path):
@@ -135,10 +125,10 @@ def test_no_safetensors_is_a_clear_error(tmp_path):
         weight_files(str(tmp_path))
 
 
-def test_load_flag_refused_where_it_cannot_apply(model_dirs):
-    proc = run_cli(["eval", "--model", model_dirs["llama-uneven"], "--virtual-tp", "2", "--load", "full"],
-                   check=False)
-    assert proc.returncode == 2 and "--load does not apply with --virtual-tp" in proc.stderr
-    proc = run_cli(["scan", "--model", model_dirs["llama-uneven"], "--virtual-tp", "2", "--load", "full"],
-                   check=False)
-    assert proc.returncode == 2 and "--load" in proc.stderr
+def test_load_flag_refused_where_it_cannot_apply(model_dirs, tmp_path):
+    from helpers import run_cli_batch
+    ev, scan = run_cli_batch([["eval", "--model", model_dirs["llama-uneven"], "--virtual-tp", "2", "--load", "full"],
+                              ["scan", "--model", model_dirs["llama-uneven"], "--virtual-tp", "2", "--load", "full"]],
+                             str(tmp_path))
+    assert ev["code"] == 2 and "--load does not apply with --virtual-tp" in ev["stderr"]
+    assert scan["code"] == 2 and "--load" in scan["stderr"]
