@@ -70,6 +70,23 @@ def _checkpoint_with_bad_plan(tmp: str) -> str:
     return ck
 
 
+def _checkpoint_of_block_1(tmp: str, model_dir: str) -> str:
+    """An SPD checkpoint with block 1 distilled (its weights: the model's own)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from ds_spd.checkpoint import save_checkpoint
+    from ds_spd.plan import Plan
+    cfg = AutoConfig.from_pretrained(model_dir)
+    plan = Plan.from_blocks(model_dir, cfg, 2, [1])
+    plan.blocks[1].cls = "SB"
+    prefix = "model.layers.1."
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    ck = os.path.join(tmp, "ck_block1")
+    save_checkpoint(ck, plan, {1: {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}}, cfg, {})
+    return ck
+
+
 def _work_dir_without_fingerprint(tmp: str) -> str:
     work = os.path.join(tmp, "work")
     os.makedirs(work)
@@ -124,6 +141,9 @@ CASES: list[Case] = [
     ("distill work dir that ds_spd did not write", "trusted input",
      lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", os.path.join(t, "ck"),
                    "--work-dir", _work_dir_without_fingerprint(t), *DISTILL_DATA], "has no ds_spd_run.json"),
+    ("eval --spd-blocks outside the checkpoint's SPD blocks", "plan mismatch",
+     lambda t, m: ["eval", "--checkpoint", _checkpoint_of_block_1(t, m), "--spd-blocks", "2,3", "--model", m, *V,
+                   *TINY_DATA], "blocks [2, 3] are not SPD blocks of checkpoint"),
     ("plan for another tp_grain_size", "plan mismatch",
      lambda t, m: ["eval", "--plan", _plan(t, m, tp_grain_size=32), "--model", m, *V], "tp_grain_size 32, not 64"),
     ("a flag the command cannot honour (distill --spd-blocks)", "ignored flag",

@@ -170,9 +170,18 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     # a finished block's training state is removed (only its weights stay in the work dir); asked for more
     # epochs, it trains again from the start (resuming mid-block is tested in test_layerwise)
     assert not [d for d in os.listdir(out + ".work") if os.path.isdir(os.path.join(out + ".work", d))]
-    proc = run_cli([*args, "--epochs", "3"])
-    assert "block 0 finished 2 epochs, 3 asked" in proc.stderr
-    resumed = last_json(proc.stdout)
+    # in one process (tests/cli_batch.py): the second training run (one per process at most), then the checkpoint
+    # rejected for another tp size, evaluation with it (virtual TP), a work dir from another plan refused
+    from helpers import run_cli_batch
+    other = _tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
+    proc, wrong_tp, ev, foreign = run_cli_batch([
+        [*args, "--epochs", "3"],
+        ["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA],
+        ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"],
+        ["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"]],
+        str(tmp_path))
+    assert proc["code"] == 0 and "block 0 finished 2 epochs, 3 asked" in proc["stderr"]
+    resumed = last_json(proc["stdout"])
     history = json.load(open(os.path.join(out, "provenance.json")))["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert resumed["epochs_trained"] == [1, 2, 3]
@@ -182,15 +191,6 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
     assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))
     assert saved["blocks"][1]["head_permutation"] is None   # ISB: zero-shot, not trained
     assert sorted(saved["blocks"][2]["mlp_permutation"]) == list(range(200))   # every neuron, once
-    # in one process (tests/cli_batch.py): the checkpoint is rejected for another tp size; evaluation with it
-    # works (virtual TP); a training work dir from another plan is refused
-    from helpers import run_cli_batch
-    other = _tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
-    wrong_tp, ev, foreign = run_cli_batch([
-        ["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA],
-        ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"],
-        ["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"]],
-        str(tmp_path))
     assert wrong_tp["code"] == 2 and "tp size 2, not 3" in wrong_tp["stderr"]
     ev = last_json(ev["stdout"])
     assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
@@ -206,13 +206,13 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     from helpers import run_cli_batch
     out = str(tmp_path / "ckpt")
     common = ["--model", tiny_dir, "--checkpoint", out, *DATA, "--json"]
-    run_cli(["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2"])
-    # both virtual evaluations in one process (tests/cli_batch.py; a training run needs a process of its own)
-    runs = run_cli_batch([["eval", "--virtual-tp", "2", *common],
+    # the training run and both virtual evaluations in one process (tests/cli_batch.py)
+    runs = run_cli_batch([["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2"],
+                          ["eval", "--virtual-tp", "2", *common],
                           ["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3", *DATA, "--json"]],
                          str(tmp_path))
-    assert [r["code"] for r in runs] == [0, 0], [r["stderr"][-2000:] for r in runs]
-    virtual, zero_shot = last_json(runs[0]["stdout"]), last_json(runs[1]["stdout"])
+    assert [r["code"] for r in runs] == [0, 0, 0], [r["stderr"][-2000:] for r in runs]
+    virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
     assert real["spd_blocks"] == virtual["spd_blocks"] == [0, 1, 3]
