@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, last_json, run_cli, tiny_model
+from helpers import ROOT, run_cli, tiny_model
 
 import ds_spd
 from ds_spd.plan import Plan
@@ -146,26 +146,11 @@ def test_resume_after_kill_between_blocks_continues_with_the_next(lw_setup):
     assert prov["trainer"] == "layerwise" and [h["epoch"] for h in prov["history"]] == [1, 2]
 
 
-def test_joint_trainer_flag_and_budget_refusal(lw_setup):
-    args, tmp = lw_setup
-    from helpers import run_cli_batch
-    refused, joint = run_cli_batch([   # one process (tests/cli_batch.py): the refusal, then one training run
-        [*args, "--out", str(tmp / "j"), "--trainer", "joint", "--activation-budget", "1"],
-        [*args, "--out", str(tmp / "j"), "--trainer", "joint", "--epochs", "1"]], str(tmp))
-    assert refused["code"] == 2 and "activation_budget_gb applies to the layerwise trainer only" in refused["stderr"]
-    assert joint["code"] == 0, joint["stderr"][-2000:]
-    joint = last_json(joint["stdout"])
-    layer = last_json(run_cli([*args, "--out", str(tmp / "l"), "--epochs", "1"]).stdout)
-    assert (joint["trainer"], layer["trainer"]) == ("joint", "layerwise")
-    for i in ("0", "2", "3"):
-        assert layer["final_mse"][i] == pytest.approx(joint["final_mse"][i], rel=1e-5)
-
-
 @pytest.mark.multirank
 def test_two_ranks_layerwise_equals_joint(lw_setup):
-    """Under the launcher each rank computes a share of the activation batches and the owners broadcast them:
-    every rank still trains on exactly the activations the joint trainer captures (bitwise equal weights,
-    gradient clipping off)."""
+    """`--trainer joint` and `--trainer layerwise` under the launcher: each rank computes a share of the activation
+    batches and the owners broadcast them, so every rank still trains on exactly the activations the joint
+    trainer captures (bitwise equal weights, gradient clipping off)."""
     from helpers import launch
     from safetensors.torch import load_file
 
@@ -180,5 +165,6 @@ def test_two_ranks_layerwise_equals_joint(lw_setup):
     assert sorted(a) == sorted(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    prov = json.load(open(tmp / "layerwise" / "provenance.json"))
-    assert prov["ranks"] == 2 and prov["trainer"] == "layerwise"
+    for trainer in ("joint", "layerwise"):   # the --trainer flag chose the trainer
+        prov = json.load(open(tmp / trainer / "provenance.json"))
+        assert prov["ranks"] == 2 and prov["trainer"] == trainer
