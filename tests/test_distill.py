@@ -232,7 +232,7 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     # persistence threshold 0: ZeRO-3 really partitions even the tiny model's parameters
     cfg.write_text(json.dumps({**CPU_ZERO2, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}))
     out = str(tmp_path / "ckpt")
-    # with the issue-12 recipe paths: held-out epoch choice, cosine schedule (accelerate steps it itself),
+    # with the recovery recipe's paths: held-out epoch choice, cosine schedule (accelerate steps it itself),
     # neuron matching and the end-to-end KL stage, under ZeRO-3 (deepspeed) and ZeRO-2 (accelerate)
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3", "--lr", "2e-3",
             "--val-segments", "2", "--patience", "3", "--schedule", "cosine", "--warmup", "0.2", "--mlp-matching", "neuron",

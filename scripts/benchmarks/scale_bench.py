@@ -144,7 +144,7 @@ def block_fp32_bytes(cfg: dict) -> int:
 
 
 def commands(model_dir: str, cfg: dict, work: str, budget_gb: float) -> dict[str, tuple[list[str], float]]:
-    """run name -> (command, the issue's per-rank bound in GB)."""
+    """run name -> (command, its per-rank memory bound in GB)."""
     python = [sys.executable, "-m", "ds_spd"]
     launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--module", "ds_spd"]
     common = ["--model", model_dir, "--tp", "2", "--dtype", "bfloat16", "--json"]
