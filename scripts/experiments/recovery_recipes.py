@@ -14,8 +14,8 @@ over segments; paired ratios to the TP model are in the JSON.
 
     OMP_NUM_THREADS=2 python scripts/experiments/recovery_recipes.py --tp 2 --recipes paper,readme --split validation
     python scripts/experiments/recovery_recipes.py --tp 2 --render          # table + plot from what is cached
-    OMP_NUM_THREADS=2 python scripts/experiments/recovery_recipes.py --model gemma3-270m --tp 4 --zero-shot \
-        --recipes neuron0,n64mix --rankings zero_shot --counts 5,9,13,18 --out runs/gemma_tp4
+    OMP_NUM_THREADS=2 python scripts/experiments/recovery_recipes.py --model gemma3-270m --tp 2 --zero-shot \
+        --recipes neuron0,n64mix_lr5e-5 --rankings zero_shot --rank-on pydoc --counts 5,9,13,18 --out runs/gemma_tp2
 """
 from __future__ import annotations
 
