@@ -392,8 +392,8 @@ def run_epochs(trainer: _Trainer, pairs: Dataset, settings: DistillSettings, sta
     loader = DataLoader(pairs, batch_size=settings.micro_batch, sampler=sampler)
     tokens, start = 0, time.perf_counter()
     if best is not None and held_out is not None and start_epoch == 0 and not best.loss:
-        # the starting weights (zero-shot SPD, or head grouping's) are epoch 0's candidate: a block that training
-        # makes worse on the held-out segments keeps them (seen on Gemma 3 with few steps per block)
+        # the starting weights (zero-shot SPD or head grouping's; the end-to-end stage's B2B weights) are epoch
+        # 0's candidate: a block that training makes worse on the held-out segments keeps them
         best.update(0, trainer.validate(held_out, settings.micro_batch), trainer.gathered_state)
     for epoch in range(start_epoch, settings.epochs):
         if best is not None and best.exhausted(epoch):

@@ -80,16 +80,14 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
     try:
         trainer = _Trainer(module, ds_config, kl_settings, use_accelerate,
                            kl_settings.epochs * steps_per_epoch(len(train), world_size(), kl_settings.micro_batch))
-        initial = trainer.validate(probe, kl_settings.micro_batch)[0]
-        best = BestEpochs(module.indices, kl_settings.stop_patience)
-        best.update(0, [initial] * len(module.indices), lambda: states)   # epoch 0: the B2B weights
+        best = BestEpochs(module.indices, kl_settings.stop_patience)   # epoch 0 (run_epochs): the B2B weights
         history = []
 
         def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
             history.append({"epoch": epoch, "kl": mean[0], **({"val_kl": val[0]} if val is not None else {})})
         run_epochs(trainer, train, kl_settings, 0, "end-to-end KL", progress, end_of_epoch, segments.shape[1],
                    probe, best)
-        final = best.loss[module.indices[0]]
+        initial, final = best.start[module.indices[0]], best.loss[module.indices[0]]
         return {"states": best.state, "history": history, "initial_kl": initial, "final_kl": final,
                 "best_epoch": best.epoch[module.indices[0]], "seconds": time.perf_counter() - start,
                 "measured_on": "held-out calibration segments" if held_out is not None else
