@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from helpers import ROOT, run_cli, tiny_config
+from helpers import ROOT, tiny_config
 
 from ds_spd.cli import parse_blocks
 from ds_spd.config import ConfigError, resolve_spd_config

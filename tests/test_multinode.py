@@ -1,7 +1,6 @@
 """Tensor parallelism across hosts, simulated: each "node" is a torchrun in its own mount namespace with a
 private /dev/shm, so DeepSpeed's shared-memory all-reduce cannot see the other node's ranks (as on two
 machines). Without ds_spd's switch (ds_spd.core.comm.init_comm) the first forward died with SIGSEGV."""
-import os
 import subprocess
 import sys
 
