@@ -166,3 +166,20 @@ def assert_no_shm_left(before: set[str], what: str, wait: float = 20.0) -> None:
     while (left := shm_buffers() - before) and time.monotonic() < end:
         time.sleep(0.5)
     assert not left, f"{what} left DeepSpeed's shm all-reduce buffer in /dev/shm: {sorted(left)}"
+
+
+def check_tp_worker(results: list[dict], blocks: list[int], name: str) -> None:
+    """The per-rank results of tests/tp_worker.py for one model: AutoTP's shards on every layer == the layout;
+    SPD off == HF, real == virtual with SPD on ``blocks``, SPD really changed the function; 2 all-reduces per
+    non-SPD block, 1 per SPD block, +1 for AutoTP's row-parallel lm_head; generation identical on every path
+    and every rank."""
+    for rank, res in enumerate(results):
+        assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][rank]}, name
+        assert set(res["local_mlp_cols_per_layer"]) == {res["layout_mlp_cols"][rank]}, name
+        assert res["off_vs_hf"] < 1e-5 and res["real_vs_virtual"] < 1e-5 and res["spd_vs_hf"] > 1e-3, (name, res)
+        n = res["n_layers"]
+        assert res["off_allreduce"]["allreduce_per_forward"] == 2 * n + 1, name
+        assert res["spd_allreduce"]["allreduce_per_forward"] == 2 * n - len(blocks) + 1, name
+        assert res["all_spd_allreduce"]["allreduce_per_forward"] == n + 1, name
+        assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"], name
+    assert results[0]["gen_real"] == results[1]["gen_real"], name
