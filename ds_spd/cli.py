@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(di)
     _data(di, "calibration")
     di.add_argument("--epochs", type=int)
-    di.add_argument("--lr", type=float)
+    di.add_argument("--lr", type=float, help="AdamW learning rate (default: 1.5e-3 x the trained blocks' weight "
+                    "RMS, one digit: 3e-4 on SmolLM2, 5e-5 on Gemma 3 270M)")
     di.add_argument("--input-source", choices=INPUT_SOURCES,
                     help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
     di.add_argument("--out", help="SPD checkpoint directory to write")

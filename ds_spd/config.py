@@ -53,7 +53,8 @@ class DistillConfig(_Strict):
     """Block-to-block distillation (paper defaults: 10 epochs, AdamW lr 5e-5, inputs from the original model)."""
 
     epochs: int = Field(8, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate (default: scaled to the trained blocks' "
+                                "weights, ds_spd.stages.lr: 3e-4 on SmolLM2, 5e-5 on Gemma 3 270M)")
     input_source: str = Field("original", description=f"one of {INPUT_SOURCES}")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")

@@ -182,8 +182,9 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
         str(tmp_path))
     assert proc["code"] == 0 and "block 0 finished 2 epochs, 3 asked" in proc["stderr"]
     resumed = last_json(proc["stdout"])
-    history = json.load(open(os.path.join(out, "provenance.json")))["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert [h["epoch"] for h in prov["history"]] == [1, 2, 3]
+    assert prov["settings"]["lr"] == 2e-3 and prov["lr_rule"] == "set by the user"
     assert resumed["epochs_trained"] == [1, 2, 3]
     assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
     saved = json.load(open(os.path.join(out, "plan.json")))
@@ -212,6 +213,12 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
                           ["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3", *DATA, "--json"]],
                          str(tmp_path))
     assert [r["code"] for r in runs] == [0, 0, 0], [r["stderr"][-2000:] for r in runs]
+    # no lr in the config: scaled to the trained blocks' weights (ds_spd.stages.lr), said and recorded
+    from ds_spd.models.sharded import weight_files
+    from ds_spd.stages.lr import default_lr
+    lr, note = default_lr(weight_files(tiny_dir), [0, 1, 3])
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert prov["settings"]["lr"] == lr and prov["lr_rule"] == note and f"distill: {note}" in runs[0]["stderr"]
     virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)

@@ -49,6 +49,7 @@ class DistillSettings(DistillConfig):
     """The ``spd.distill`` knobs (declared once, in DistillConfig) plus what a run derives: the DeepSpeed
     micro-batch and the calibration seed."""
 
+    lr: float = Field(3e-4, gt=0)   # resolved: a run's config may leave it to ds_spd.stages.lr
     micro_batch: int = Field(4, ge=1)
     seed: int = 0
 

@@ -37,18 +37,36 @@ def deepspeed_config(config_path: str | None, lr: float) -> dict:
     return ds
 
 
-def check_kl_fits(settings: DistillSettings, spec: RunSpec) -> None:
+def resolve_lr(cfg: SPDConfig, spec: RunSpec, plan: Plan) -> tuple[float, str | None]:
+    """``spd.distill.lr`` if set, else the lr scaled to the trained blocks' weights (ds_spd.stages.lr), read
+    from the safetensors headers the layer-wise trainer checked (the joint trainer: the model's files)."""
+    from ds_spd.errors import DataError
+    from ds_spd.models.sharded import model_weight_files
+    from ds_spd.stages.lr import default_lr
+    if cfg.distill.lr is not None:
+        return cfg.distill.lr, None
+    weights = spec.weights
+    if weights is None:
+        try:
+            weights = model_weight_files(cfg.model)
+        except DataError:   # e.g. a .bin model for the joint trainer's full load
+            weights = None
+    trained = [b.index for b in plan.blocks if b.cls in ("SB", "ESB")] or plan.spd_blocks
+    return default_lr(weights, trained)
+
+
+def check_kl_fits(kl_epochs: int, spec: RunSpec) -> None:
     """The end-to-end stage holds the whole model in one process: refused before any work where it would not
     fit this rank's share of the available memory twice over (weights, then logits and trained state)."""
     from ds_spd.models.sharded import meta_model
     from ds_spd.stages.streaming import available_bytes
-    if not settings.kl_epochs:
+    if not kl_epochs:
         return
     need = 2 * sum(p.numel() * p.element_size() for p in meta_model(spec.model_config, spec.config.torch_dtype)
                    .parameters())
     have = available_bytes()
     if need > have:
-        raise SPDInputError(f"the end-to-end KL stage (--kl-epochs {settings.kl_epochs}) needs the whole model in one "
+        raise SPDInputError(f"the end-to-end KL stage (--kl-epochs {kl_epochs}) needs the whole model in one "
                             f"process (~{need / 2**30:.1f} GiB), {have / 2**30:.1f} GiB are available per rank: "
                             "drop --kl-epochs, or free memory")
 
@@ -68,6 +86,7 @@ class DistillRun:
     fingerprint: dict
     work_state: str          # "new", "resume" or "restart"
     use_accelerate: bool
+    lr_note: str | None = None   # how the default lr was chosen (None: set by the user)
 
     @property
     def cfg(self) -> SPDConfig:
@@ -92,10 +111,7 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
                        read_weights=cfg.distill.trainer == "layerwise")   # layer-wise reads blocks from files
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     d = cfg.calibration
-    ds_config = deepspeed_config(config_path, cfg.distill.lr)
-    settings = DistillSettings(**cfg.distill.model_dump(), micro_batch=ds_config["train_micro_batch_size_per_gpu"],
-                               seed=d.seed or 0)
-    check_kl_fits(settings, spec)
+    check_kl_fits(cfg.distill.kl_epochs, spec)
     use_accelerate = launched_by_accelerate()
     out = cfg.distill.out.rstrip(os.sep)
     work_dir = (cfg.distill.work_dir or out + ".work").rstrip(os.sep)
@@ -106,11 +122,15 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
         from ds_spd.locks import hold
         hold(out, "checkpoint output")
         hold(work_dir, "work dir")
+    lr, lr_note = resolve_lr(cfg, spec, plan)   # reads a few blocks' weights: after the output checks
+    ds_config = deepspeed_config(config_path, lr)
+    settings = DistillSettings(**{**cfg.distill.model_dump(), "lr": lr},
+                               micro_batch=ds_config["train_micro_batch_size_per_gpu"], seed=d.seed or 0)
     fingerprint = run_fingerprint(model=cfg.model, model_fingerprint=plan.fingerprint, plan_digest=plan_digest(plan),
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
                                   calibration=d, settings=settings.knobs(), ds_config=ds_config, ranks=world_size(),
                                   launcher="accelerate" if use_accelerate else "deepspeed")
-    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate)
+    run = DistillRun(spec, plan, ds_config, settings, out, work_dir, fingerprint, "new", use_accelerate, lr_note)
     if not run.complete:
         run.work_state = check_work_dir(work_dir, fingerprint, restart)
     return run
@@ -125,6 +145,8 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     from ds_spd.ranks import is_main_rank, world_size
     from ds_spd.run import build_runner, init_data_parallel
     layerwise = run.settings.trainer == "layerwise"
+    if progress and run.lr_note:
+        print(f"distill: {run.lr_note}", file=sys.stderr)
     if layerwise:   # nothing of the model loads here: blocks are read one at a time
         from ds_spd.models.loading import load_tokenizer
         init_data_parallel()
@@ -174,7 +196,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                       "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
                       "initial_mse": result.initial_mse, "final_mse": final, "last_epoch_loss": last_epoch,
                       "mse_measured_on": "the first calibration micro-batch, before and after B2B (before any end-to-end stage)",
-                      "history": result.history,
+                      "lr_rule": run.lr_note or "set by the user", "history": result.history,
                       "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                       "peak_memory_bytes_rank0": result.peak_memory_bytes, "trainer": run.settings.trainer,
                       "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes,

@@ -1,0 +1,55 @@
+"""The distillation learning rate a model needs, from the scale of its weights.
+
+Adam moves every weight by about ``lr`` per step whatever the weight's size, so the same ``lr`` is a larger
+*relative* step on a model with smaller weights. The default recipe's lr 3e-4 was chosen on SmolLM2-135M
+(linear weights' RMS 0.19-0.20); on Gemma 3 270M (RMS 0.033-0.036) lr 5e-5 gave the lowest held-out MSE on
+every block probed (docs/recovery.md). Both are ``RELATIVE_STEP * RMS`` rounded to one significant digit,
+so that is the default for any model: the RMS of the trained blocks' matrices, read from the safetensors
+files (a few blocks, spread over the trained ones; per-block RMS varies by a few percent in both models).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+RELATIVE_STEP = 1.5e-3   # lr / weight RMS: 3e-4 on SmolLM2 (RMS 0.19-0.20), 5e-5 on Gemma 3 270M (0.033-0.036)
+FALLBACK_LR = 3e-4       # models without safetensors weights (read only by the joint trainer's full load)
+SAMPLED_BLOCKS = 4
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def weight_rms(weights, blocks: Sequence[int]) -> float:
+    """RMS over the 2-D weights (projections; norms and biases are 1-D) of up to SAMPLED_BLOCKS of ``blocks``,
+    spread evenly; ``weights``: ds_spd.models.sharded.WeightFiles (headers), tensors read one at a time."""
+    from safetensors import safe_open
+    blocks = sorted(blocks)
+    n = min(SAMPLED_BLOCKS, len(blocks))
+    picked = {blocks[round(k * (len(blocks) - 1) / max(n - 1, 1))] for k in range(n)}
+    names = [n for n, shape in weights.shapes.items() if len(shape) == 2 and n.endswith("weight")
+             and (m := _LAYER.search(n)) and int(m.group(1)) in picked]
+    if not names:
+        raise ValueError(f"no 2-D weights of blocks {sorted(picked)} in the model's safetensors files")
+    squares, count = 0.0, 0
+    for name in names:
+        with safe_open(weights.files[name], "pt") as f:
+            t = f.get_tensor(name).float()
+        squares += float(t.pow(2).sum())
+        count += t.numel()
+    return (squares / count) ** 0.5
+
+
+def scaled_lr(rms: float) -> float:
+    """``RELATIVE_STEP * rms`` to one significant digit (3e-4, 5e-5, ...)."""
+    return float(f"{RELATIVE_STEP * rms:.0e}")
+
+
+def default_lr(weights, blocks: Sequence[int]) -> tuple[float, str]:
+    """The lr for distilling ``blocks`` and how it was chosen (one line for the log and the provenance);
+    ``weights`` None (no safetensors files): FALLBACK_LR."""
+    if weights is None or not blocks:
+        return FALLBACK_LR, f"lr {FALLBACK_LR:g} (no safetensors weights to scale it to)"
+    rms = weight_rms(weights, blocks)
+    lr = scaled_lr(rms)
+    return lr, f"lr {lr:g} = {RELATIVE_STEP:g} x the trained blocks' weight RMS {rms:.4f} (--lr sets it)"
