@@ -60,6 +60,8 @@ RECIPES = {
     # the lr chosen on held-out calibration MSE (docs/results/gemma_recovery/lr_probe.md)
     "n64mix_lr5e-5": dict(lr=5e-5, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare",
                           samples=64, val_segments=8, patience=2, mlp_matching="neuron"),
+    "n64mix_lr1e-4": dict(lr=1e-4, epochs=8, schedule="cosine", warmup=0.1, calibration="pydoc+shakespeare",
+                          samples=64, val_segments=8, patience=2, mlp_matching="neuron"),   # Gemma: most blocks kept epoch 8
     "n64": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="pydoc", samples=64, val_segments=8,
                 mlp_matching="neuron"),
     "n64shak": dict(lr=3e-4, epochs=10, schedule="cosine", warmup=0.1, calibration="shakespeare", samples=64,
