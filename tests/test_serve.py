@@ -462,6 +462,8 @@ def test_ctrl_c_on_the_process_group_stops_every_rank(chat_dir):
         assert_no_shm_left(shm_before, "a server stopped by Ctrl-C")
     finally:
         srv.kill()
+    # the server's temp log (ServerProcess made it) is gone, its text kept in memory
+    assert not os.path.exists(srv.log_path) and "ds-spd serve: stopped" in srv.output()
 
 
 @pytest.mark.multirank

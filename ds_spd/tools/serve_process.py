@@ -47,10 +47,11 @@ class ServerProcess:
                  wait: bool = True, timeout: float = 600):
         self.port = free_port()
         serve = ["serve", "--port", str(self.port), *args]
+        self.own_log = log_path is None   # a temp file of ours: read back and removed when the server is killed
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="ds_spd_serve_", suffix=".log")
             os.close(fd)
-        self.log_path = log_path
+        self.log_path, self._final_output = log_path, None
         self.log = open(log_path, "w")
         popen = dict(stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=_env())
         if hosts > 1:
@@ -74,6 +75,8 @@ class ServerProcess:
             self.wait_ready(timeout)
 
     def output(self) -> str:
+        if self._final_output is not None:
+            return self._final_output
         if not self.log.closed:
             self.log.flush()
         with open(self.log_path) as f:
@@ -134,3 +137,6 @@ class ServerProcess:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.log.close()
+        if self.own_log and self._final_output is None:
+            self._final_output = self.output()
+            os.unlink(self.log_path)
