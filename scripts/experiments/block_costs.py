@@ -26,26 +26,30 @@ def costs(results: dict, key: str) -> list[float] | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", required=True, help="the recipe whose distilled scan to show")
+    p.add_argument("--recipe", required=True, help="the recipe whose distilled scan to show (TP=PATH@RECIPE for "
+                   "another in one run)")
     p.add_argument("--zero-shot-scan", default="zero_shot:pydoc")
-    p.add_argument("--run", action="append", required=True, help="TP=results.json (repeatable)")
+    p.add_argument("--run", action="append", required=True, help="TP=results.json[@RECIPE] (repeatable)")
     p.add_argument("--out", required=True, help="path prefix: writes PREFIX.md and PREFIX.png")
     args = p.parse_args()
     table: dict[int, dict[str, list[float] | None]] = {}
+    recipes = {}
     for spec in args.run:
         tp, path = spec.split("=", 1)
+        path, _, recipe = path.partition("@")
+        recipes[int(tp)] = recipe = recipe or args.recipe
         try:
             with open(path) as f:
                 results = json.load(f)
         except (OSError, ValueError) as err:
             sys.exit(f"--run {spec}: {err}")
         table[int(tp)] = {"zero-shot": costs(results, args.zero_shot_scan),
-                          "distilled": costs(results, f"distilled:{args.recipe}")}
+                          "distilled": costs(results, f"distilled:{recipe}")}
     n = max(len(c) for row in table.values() for c in row.values() if c)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     head = "| block | " + " | ".join(f"tp {tp} {kind}" for tp in table for kind in table[tp]) + " |"
-    lines = [f"# Per-block cost of SPD, % perplexity (zero-shot: cumulative scan; distilled: {args.recipe}, "
-             "each block alone)", "", "`python " + " ".join(sys.argv) + "`", "", head,
+    lines = [f"# Per-block cost of SPD, % perplexity (zero-shot: cumulative scan; distilled: each block alone; "
+             + ", ".join(f"tp {tp}: {r}" for tp, r in recipes.items()) + ")", "", "`python " + " ".join(sys.argv) + "`", "", head,
              "|" + "---|" * (1 + sum(len(r) for r in table.values()))]
     for i in range(n):
         cells = [f"{c[i]:+.1f}" if c else "-" for tp in table for c in table[tp].values()]
@@ -62,10 +66,11 @@ def main() -> None:
         for k, (tp, row) in enumerate(table.items()):
             if row[kind]:
                 ax.bar([i + (k - (len(table) - 1) / 2) * width for i in range(n)], row[kind], width,
-                       label=f"tp {tp}")
+                       label=f"tp {tp}" + (f" ({recipes[tp]})" if kind == "distilled" else ""))
         ax.set_yscale("symlog", linthresh=5)
-        ax.axhline(5, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{kind}" + (f" ({args.recipe})" if kind == "distilled" else " (cumulative scan)"))
+        ax.axhline(5, color="grey", lw=0.8, ls="--", label="+5%")
+        ax.set_xticks(range(n))
+        ax.set_title("distilled, each block alone" if kind == "distilled" else "zero-shot (cumulative scan)")
         ax.set_xlabel("block")
         ax.set_ylabel("perplexity cost, % of the scan's baseline")
         ax.legend()
