@@ -108,7 +108,7 @@ def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | 
     if stray:
         raise PlanError(f"SPD checkpoint {path!r} holds tensors outside the decoder blocks: {stray[:3]}")
     stored = sorted({block_of(n) for n in names})
-    trained = sorted(b.index for b in plan.blocks if b.cls in ("SB", "ESB"))
+    trained = sorted(plan.trained_blocks)
     if stored != trained:
         raise PlanError(f"SPD checkpoint {path!r} does not match its plan: weights stored for blocks {stored}, "
                         f"the plan's distilled (SB/ESB) blocks are {trained}")

@@ -49,6 +49,11 @@ class Plan(BaseModel):
     def spd_blocks(self) -> list[int]:
         return [b.index for b in self.blocks if b.cls != "TP"]
 
+    @property
+    def trained_blocks(self) -> list[int]:
+        """The blocks distillation trains (SB and ESB; ISB blocks stay zero-shot)."""
+        return [b.index for b in self.blocks if b.cls in ("SB", "ESB")]
+
     def check_compatible(self, model_config, tp_size: int, tp_grain_size: int | None = None) -> "Plan":
         """Refuse a plan made for another model shape, tp size or (when given) tp grain size."""
         fp = model_fingerprint(model_config)

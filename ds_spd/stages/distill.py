@@ -437,7 +437,7 @@ def split_held_out(pairs: Dataset, settings: DistillSettings) -> tuple[Dataset, 
 def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
             checkpoint_dir: str | None = None, use_accelerate: bool = False, progress: bool = True) -> DistillResult:
     """Train every SB/ESB block of ``plan`` (``model`` is a virtualized model, unchanged by this call)."""
-    blocks = [b.index for b in plan.blocks if b.cls in ("SB", "ESB")]
+    blocks = plan.trained_blocks
     if not blocks:
         return DistillResult({}, {})
     torch.manual_seed(settings.seed)

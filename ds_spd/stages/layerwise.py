@@ -178,7 +178,7 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                       use_accelerate: bool = False, progress: bool = True) -> DistillResult:
     """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring)."""
     from ds_spd.stages.distill import plan_digest
-    blocks = [b.index for b in plan.blocks if b.cls in ("SB", "ESB")]
+    blocks = plan.trained_blocks
     if not blocks:
         return DistillResult({}, {})
     if source.layout.tp_size != plan.tp_size:

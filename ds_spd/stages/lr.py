@@ -27,8 +27,8 @@ def weight_rms(weights, blocks: Sequence[int]) -> float:
     blocks = sorted(blocks)
     n = min(SAMPLED_BLOCKS, len(blocks))
     picked = {blocks[round(k * (len(blocks) - 1) / max(n - 1, 1))] for k in range(n)}
-    names = [n for n, shape in weights.shapes.items() if len(shape) == 2 and n.endswith("weight")
-             and (m := _LAYER.search(n)) and int(m.group(1)) in picked]
+    names = [name for name, shape in weights.shapes.items() if len(shape) == 2 and name.endswith("weight")
+             and (m := _LAYER.search(name)) and int(m.group(1)) in picked]
     if not names:
         raise ValueError(f"no 2-D weights of blocks {sorted(picked)} in the model's safetensors files")
     squares, count = 0.0, 0

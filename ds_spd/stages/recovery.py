@@ -51,7 +51,7 @@ def resolve_lr(cfg: SPDConfig, spec: RunSpec, plan: Plan) -> tuple[float, str | 
             weights = model_weight_files(cfg.model)
         except DataError:   # e.g. a .bin model for the joint trainer's full load
             weights = None
-    trained = [b.index for b in plan.blocks if b.cls in ("SB", "ESB")] or plan.spd_blocks
+    trained = plan.trained_blocks or plan.spd_blocks
     return default_lr(weights, trained)
 
 
