@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import torch
+
+from ds_spd.tools.serve_process import free_port  # noqa: F401  (the tests' way to pick a port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,12 +89,6 @@ def clean_env(**extra) -> dict:
     """This process's environment without the distributed variables an in-process test may have set."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     return {**env, "PYTHONPATH": ROOT, **extra}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args: list[str], nprocs: int = 2, timeout: int = 600, module: bool = False,

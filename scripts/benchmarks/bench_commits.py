@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from ds_spd.tools.bench import paired_ratio  # noqa: E402
+from ds_spd.tools.serve_process import free_port  # noqa: E402
 
 
 def export(rev: str, into: str) -> tuple[str, str]:
@@ -42,7 +43,7 @@ def bench_once(tree: str, tp: int, bench_args: list[str], out: str) -> dict:
     (config, comm, workload)."""
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
-    cmd = [deepspeed, "--num_gpus", str(tp), "--master_port", str(29500 + os.getpid() % 1000), "--module", "ds_spd",
+    cmd = [deepspeed, "--num_gpus", str(tp), "--master_port", str(free_port()), "--module", "ds_spd",
            "bench", "--tp", str(tp), *bench_args, "--out", out]
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
