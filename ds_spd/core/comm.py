@@ -8,6 +8,8 @@ forward is the same number in both modes.
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -163,6 +165,35 @@ def release_shm_buffer() -> None:
         os.unlink(path)
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A free port for a process we start (a launcher's master port), drawn below the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) is free only until we close it: before the launcher binds it, any
+    outgoing connection or ``bind(0)`` on the machine (gloo's sockets, another server's plan channel) may get
+    the same number from the kernel. Below the ephemeral range only another explicit choice can collide.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = 10000 + secrets.randbelow(max(low - 10000, 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def prepare_dist_env() -> None:
     """Environment DeepSpeed's distributed init needs, for any launcher (or none)."""
     # torchrun / accelerate set LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU shared-memory
@@ -174,9 +205,6 @@ def prepare_dist_env() -> None:
                            ("MASTER_ADDR", "127.0.0.1")):
             os.environ.setdefault(key, value)
         if "MASTER_PORT" not in os.environ:
-            import socket
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_port())
     if not torch.cuda.is_available():
         remove_shm_buffer_at_exit()

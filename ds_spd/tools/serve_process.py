@@ -8,13 +8,15 @@ all-reduce cannot see the other host's ranks and every all-reduce crosses "hosts
 from __future__ import annotations
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+
+from ds_spd.core.comm import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE")
@@ -29,12 +31,6 @@ def namespaces_work() -> bool:
     return probe.returncode == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,8 +41,11 @@ class ServerProcess:
 
     def __init__(self, args: list[str], nprocs: int = 2, hosts: int = 1, log_path: str | None = None,
                  wait: bool = True, timeout: float = 600):
-        self.port = free_port()
-        serve = ["serve", "--port", str(self.port), *args]
+        # --port 0: the server binds a free port itself and prints it (no window for another process to take it);
+        # a --port in args comes later and wins
+        self.port: int | None = None
+        self.url: str | None = None
+        serve = ["serve", "--port", "0", *args]
         self.own_log = log_path is None   # a temp file of ours: read back and removed when the server is killed
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix="ds_spd_serve_", suffix=".log")
@@ -70,7 +69,6 @@ class ServerProcess:
         else:
             self.procs = [subprocess.Popen([sys.executable, "-m", "ds_spd", *serve], **popen)]
         self.proc = self.procs[0]
-        self.url = f"http://127.0.0.1:{self.port}"
         if wait:
             self.wait_ready(timeout)
 
@@ -82,7 +80,18 @@ class ServerProcess:
         with open(self.log_path) as f:
             return f.read()
 
+    def _find_url(self) -> bool:
+        """Read the port the server printed ("listening on http://HOST:PORT") into ``port`` and ``url``."""
+        if self.url is None:
+            m = re.search(r"ds-spd serve: listening on http://[^\s]*?:(\d+)", self.output())
+            if m:
+                self.port = int(m.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
+        return self.url is not None
+
     def healthy(self) -> bool:
+        if not self._find_url():
+            return False
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
                 return r.status == 200
