@@ -70,7 +70,9 @@ RECIPES = {
 SETTING_KEYS = ("lr", "epochs", "schedule", "warmup", "val_segments", "patience", "input_source", "mlp_matching")
 EVAL_SETS = {"pydoc": 35, "shakespeare": 32}   # segments of 256 tokens (pydoc validation holds 35, test 32)
 # text neither calibration corpus resembles, for the test split only: the long descriptions (README prose) of
-# the packages installed in this venv, written once to the out dir
+# the packages constraints.txt pins, at the pinned versions, written once to the out dir (until 2026-11-29 it
+# was every package installed in the venv, which changed with the venv: results_*.json keep those as
+# "readmes_venv")
 UNSEEN = "readmes"
 
 
@@ -80,13 +82,20 @@ def eval_sets(split: str) -> list[str]:
 
 
 def unseen_text(out: str) -> str:
-    import glob
-    import site
-    path = os.path.join(out, "readmes.txt")
+    """The unseen text's file: the same text wherever the pinned versions are installed (else an error)."""
+    import importlib.metadata as md
+    path = os.path.join(out, "readmes_pinned.txt")
     if not os.path.isfile(path):
         parts = []
-        for meta in sorted(glob.glob(os.path.join(site.getsitepackages()[0], "*.dist-info", "METADATA"))):
-            body = open(meta, encoding="utf-8", errors="replace").read().split("\n\n", 1)
+        for line in open(os.path.join(ROOT, "constraints.txt")):
+            name, sep, version = line.split("#")[0].strip().partition("==")
+            if not sep:
+                continue
+            installed = md.version(name)
+            if installed != version:
+                raise SystemExit(f"the unseen text is {name} {version}'s description (constraints.txt); "
+                                 f"{installed} is installed: pip install -c constraints.txt {name}")
+            body = md.distribution(name).read_text("METADATA").split("\n\n", 1)
             if len(body) == 2 and len(body[1]) > 2000:
                 parts.append(body[1])
         with open(path, "w", encoding="utf-8") as f:
