@@ -482,3 +482,11 @@ def test_port_in_use_is_refused_before_loading(chat_dir):
     assert code != 0 and f"cannot listen on 127.0.0.1:{port}" in out
     assert "loading" not in out.lower().split("cannot listen")[0].split("ds-spd serve")[-1]
     assert "Loading weights" not in out and "loading shards" not in out
+
+
+def test_free_port_is_below_the_kernels_ephemeral_range():
+    """Master ports are drawn where the kernel never hands one out (bind to 0, outgoing connections), so no other
+    process can take it between the choice and the launcher's bind (a server test failed in CI on that race)."""
+    from ds_spd.core.comm import _ephemeral_low, free_port
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= p < _ephemeral_low() for p in ports) and len(ports) > 1
