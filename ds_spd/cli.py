@@ -173,11 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-linger", type=float, default=2.0,
                    help="after a rank died, seconds rank 0 answers 503 before it exits")
     g.add_argument("--token-log", metavar="DIR", help="at exit, every rank writes the tokens it ran per sequence")
+    g.add_argument("--api-key", default=os.environ.get("DS_SPD_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DS_SPD_API_KEY; prefer the "
+                        "variable: a flag shows in ps)")
+    g.add_argument("--max-request-mb", type=float, default=4.0,
+                   help="request bodies over this many MiB get 413 before they are read whole")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait for a slot; beyond, requests get 429 with Retry-After")
     bs = sub.add_parser("bench-serve", help="serving benchmark (vLLM-style): TP vs SPD servers side by side, or one "
                                             "running server (--url)")
     _common(bs)
     g = bs.add_argument_group("serving benchmark")
     g.add_argument("--url", help="benchmark this running server instead of starting servers")
+    g.add_argument("--api-key", default=os.environ.get("DS_SPD_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                   help="with --url: the server's API key (default: $DS_SPD_API_KEY, else $OPENAI_API_KEY)")
     g.add_argument("--engines", help="servers to start: tp, plan (the --plan/--checkpoint blocks), all (every block "
                                      "SPD); default tp,plan with a plan or checkpoint, else tp,all")
     g.add_argument("--paths", default="shm,gloo", help="all-reduce paths: shm, gloo, 2hosts (two simulated hosts)")
@@ -391,7 +400,8 @@ def cmd_serve(args) -> None:
     settings = ServeSettings(host=args.host, port=args.port, model_name=args.served_model_name,
                              max_seqs=args.max_seqs, max_model_len=args.max_model_len,
                              max_step_tokens=args.max_step_tokens, shutdown_timeout=args.shutdown_timeout,
-                             exit_linger=args.exit_linger, token_log=args.token_log)
+                             exit_linger=args.exit_linger, token_log=args.token_log, api_key=args.api_key,
+                             max_request_mb=args.max_request_mb, max_queue=args.max_queue)
     serve(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp), settings)
 
 
@@ -419,7 +429,8 @@ def cmd_bench_serve(args) -> None:
         import json as _json
         import urllib.request
         try:
-            with urllib.request.urlopen(f"{args.url}/v1/models", timeout=10) as r:
+            probe = urllib.request.Request(f"{args.url}/v1/models", headers=bs.auth_headers(args.api_key))
+            with urllib.request.urlopen(probe, timeout=10) as r:
                 model = _json.load(r)["data"][0]["id"]
         except OSError as err:
             raise SPDInputError(f"cannot reach a server at {args.url}: {err}") from None
@@ -429,7 +440,7 @@ def cmd_bench_serve(args) -> None:
         for rep in range(args.repeats):
             for load in loads:
                 summary = asyncio.run(bs.run_load(args.url, model, work, load.rate, load.concurrency,
-                                                  args.bench_seed + rep))
+                                                  args.bench_seed + rep, args.api_key))
                 runs.append({"path": "url", "engine": model, "load": {"rate": load.rate, "concurrency": load.concurrency},
                              "load_name": load.name, "repeat": rep, **summary})
         result = {"runs": runs, "repeats": args.repeats, "paired": []}

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from ds_spd.core.comm import free_port  # noqa: F401  (the tests' way to pick a port)
+from ds_spd.ports import free_port  # noqa: F401  (the tests' way to pick a port)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,8 +8,6 @@ forward is the same number in both modes.
 from __future__ import annotations
 
 import os
-import secrets
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +15,8 @@ import torch
 import torch.distributed as torch_dist
 
 from ds_spd.choices import COMM_PATHS
+from ds_spd.errors import LaunchError
+from ds_spd.ports import free_port, port_in_use
 from ds_spd.ranks import world_size
 
 #: dtypes DeepSpeed's shared-memory inference all-reduce handles; it silently skips others.
@@ -165,35 +165,6 @@ def release_shm_buffer() -> None:
         os.unlink(path)
 
 
-def _ephemeral_low() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A free port for a process we start (a launcher's master port), drawn below the kernel's ephemeral range.
-
-    A port the kernel hands out (bind to 0) is free only until we close it: before the launcher binds it, any
-    outgoing connection or ``bind(0)`` on the machine (gloo's sockets, another server's plan channel) may get
-    the same number from the kernel. Below the ephemeral range only another explicit choice can collide.
-    """
-    low = _ephemeral_low()
-    for _ in range(200):
-        port = 10000 + secrets.randbelow(max(low - 10000, 1))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def prepare_dist_env() -> None:
     """Environment DeepSpeed's distributed init needs, for any launcher (or none)."""
     # torchrun / accelerate set LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU shared-memory
@@ -206,5 +177,17 @@ def prepare_dist_env() -> None:
             os.environ.setdefault(key, value)
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(free_port())
+    elif _hosts_the_store() and port_in_use(int(os.environ["MASTER_PORT"])):
+        raise LaunchError(f"master port {os.environ['MASTER_PORT']} is in use on this host (another launch?): "
+                          "pass --master_port N to the deepspeed launcher, or start with launch/tp.sh (it picks a "
+                          "free one)")
     if not torch.cuda.is_available():
         remove_shm_buffer_at_exit()
+
+
+def _hosts_the_store() -> bool:
+    """Whether this process is about to bind the rendezvous store on MASTER_PORT (rank 0 under the deepspeed
+    launcher, before init; under torchrun or accelerate the agent already holds it)."""
+    return (os.environ.get("RANK") == "0" and "TORCHELASTIC_RUN_ID" not in os.environ
+            and os.environ.get("MASTER_PORT", "").isdigit() and not torch_dist.is_initialized()
+            and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"))

@@ -2,9 +2,15 @@
 
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's chat template), ``GET /v1/models``,
 ``GET /health`` (200 while every rank is alive and serving, 503 while loading, draining or after a rank died),
-``GET /metrics`` (Prometheus). Streaming is Server-Sent Events ending ``data: [DONE]``. Errors are HTTP
-400 (or 503) with ``{"error": {"message", "type", "param", "code"}}``. A field this server cannot honour is
-refused by name, never ignored; an unknown field is refused too.
+``GET /metrics`` (Prometheus). Streaming is Server-Sent Events ending ``data: [DONE]``. Every error, the
+framework's own included (404, 405, 413, 500), is ``{"error": {"message", "type", "param", "code"}}``. A field
+this server cannot honour is refused by name, never ignored; an unknown field is refused too; booleans are not
+numbers.
+
+Exposed safely: with an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (compared in constant time;
+``/health`` and ``/metrics`` stay open); a body over the size limit is refused with 413 before it is read whole;
+more sequences in flight than the running batch plus the waiting queue get 429 with Retry-After. Parsing,
+validation and tokenization run in worker threads, so a large request never stalls ``/health`` or the streams.
 
 The HTTP side runs in its own thread with its own event loop; it hands requests to the engine loop (main
 thread) through :class:`ServeState` and reads results from a per-request asyncio queue the loop feeds.
@@ -12,18 +18,22 @@ thread) through :class:`ServeState` and reads results from a per-request asyncio
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ds_spd.serve.sampling import SamplingParams
 
@@ -45,17 +55,22 @@ UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "echo": (Fals
                "function_call": (None,)}
 
 
+_INT64 = 2**63   # seeds, token counts: what a 64-bit integer holds (a 5000-digit number is refused by name)
+
+
 class _Sampling(_Body):
     model: str
-    max_tokens: Optional[int] = Field(None, gt=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1, description="vLLM's extension: sample from the k best tokens (0 or -1: all)")
-    ignore_eos: bool = Field(False, description="vLLM's extension: go on past end-of-sequence up to max_tokens")
-    seed: Optional[int] = None
+    max_tokens: Optional[int] = Field(None, gt=0, lt=_INT64, strict=True)
+    temperature: float = Field(1.0, ge=0, le=2, strict=True)
+    top_p: float = Field(1.0, gt=0, le=1, strict=True)
+    top_k: int = Field(0, ge=-1, lt=_INT64, strict=True,
+                       description="vLLM's extension: sample from the k best tokens (0 or -1: all)")
+    ignore_eos: bool = Field(False, strict=True,
+                             description="vLLM's extension: go on past end-of-sequence up to max_tokens")
+    seed: Optional[int] = Field(None, ge=-_INT64, lt=_INT64, strict=True)
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=16)
-    stream: bool = False
+    n: int = Field(1, ge=1, le=16, strict=True)
+    stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None   # metadata for the client's own accounting; not used
     logprobs: Any = None
@@ -96,8 +111,29 @@ class _Sampling(_Body):
                               ignore_eos=self.ignore_eos)
 
 
+_Prompt = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+_PROMPT_LISTS = {str: TypeAdapter(list[str]), int: TypeAdapter(list[StrictInt]),
+                 list: TypeAdapter(list[list[StrictInt]])}
+
+
 class CompletionBody(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: _Prompt
+
+    @field_validator("prompt", mode="plain", json_schema_input_type=_Prompt)
+    @classmethod
+    def _prompt(cls, v):
+        """The form is decided by the first element, then checked once (a union would try every form on every
+        element: a second on a 4 MB list of token ids, holding the interpreter)."""
+        if isinstance(v, str):
+            return v
+        adapter = _PROMPT_LISTS.get(type(v[0]) if isinstance(v, list) and v else int) if isinstance(v, list) else None
+        if adapter is None:
+            raise ValueError("prompt is a string, a list of strings, a list of token ids or a list of such lists")
+        try:
+            return adapter.validate_python(v, strict=True)
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ValueError(f"prompt{''.join(f'[{i}]' for i in first['loc'])}: {first['msg']}") from None
 
 
 class ChatMessage(_Body):
@@ -118,7 +154,7 @@ class ChatMessage(_Body):
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, gt=0)
+    max_completion_tokens: Optional[int] = Field(None, gt=0, lt=_INT64, strict=True)
 
 
 class _FieldError(ValueError):
@@ -129,14 +165,87 @@ class _FieldError(ValueError):
         self.param, self.message, self.code, self.status = param, message, code, status
 
 
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = "invalid_request_error" if status == 400 else "service_unavailable" if status == 503 else "server_error"
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status, headers=headers)
+
+
+def validation_error(errors: list[dict]) -> _FieldError:
+    """The first of pydantic's (or FastAPI's) validation errors as a 400 that names its field."""
+    err = errors[0]
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        return ctx_err
+    loc = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
+    param = loc[0] if loc else None
+    if err.get("type") == "json_invalid":
+        return _FieldError(None, f"request body is not valid JSON (UTF-8): {err.get('msg')}", "invalid_json")
+    if err.get("type") == "extra_forbidden":
+        return _FieldError(param, f"unknown field '{'.'.join(loc)}'", "unknown_field")
+    what = "missing" if err.get("type") == "missing" else err.get("msg", "invalid value")
+    return _FieldError(param, f"{'.'.join(loc) or 'body'}: {what}", err.get("type"))
+
+
+class Gate:
+    """ASGI middleware in front of every route: the API key on ``/v1/*``, then the body-size limit.
+
+    The body is read here, chunk by chunk, and refused with 413 as soon as it passes ``max_bytes`` (a declared
+    Content-Length over the limit is refused before any byte is read); the app then gets it in one piece.
+    """
+
+    def __init__(self, app, api_key: str | None, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            given = headers.get(b"authorization", b"")
+            if not (given[:7].lower() == b"bearer " and hmac.compare_digest(given[7:].strip(), self.key)):
+                return await error_response(401, "a valid API key is required: send 'Authorization: Bearer KEY'",
+                                            None, "invalid_api_key")(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_large = error_response(413, f"request body exceeds {self.max_bytes} bytes (--max-request-mb)", None,
+                                   "request_too_large")
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, delivered = b"".join(chunks), False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()   # after the body: the client's disconnect, as the app polls for it
+        return await self.app(scope, replay, send)
 
 
 # ---------------------------------------------------------------- shared state
@@ -161,15 +270,26 @@ class LiveRequest:
 class ServeState:
     """What the HTTP thread and the engine loop share: the inbox, the live requests, the status."""
 
-    def __init__(self, model_name: str, tokenizer, max_len: int, metrics):
+    def __init__(self, model_name: str, tokenizer, max_len: int, metrics, max_seqs: int = 8, max_queue: int = 256):
         self.model_name, self.tokenizer, self.max_len, self.metrics = model_name, tokenizer, max_len, metrics
+        self.capacity = max_seqs + max_queue   # sequences in flight: the running batch and the waiting queue
         self.status = "loading"          # loading | ready | draining | dead
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, LiveRequest] = {}
         self.lock = threading.Lock()
+        # a text longer than this cannot fit the context whatever it tokenizes to: refused without tokenizing
+        # (4x: a normaliser may merge characters)
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
+        self.max_chars = max_len * max(longest, 1) * 4
+        self.workers = ThreadPoolExecutor(2, thread_name_prefix="ds-spd-parse")   # off the event loop
 
     def submit(self, req: LiveRequest) -> None:
+        """Queue a request, or refuse it with 429 when the batch and the waiting queue are full."""
         with self.lock:
+            in_flight = sum(_choices_total(r) for r in self.live.values())
+            if in_flight and in_flight + _choices_total(req) > self.capacity:
+                raise _FieldError(None, f"the server is at capacity ({in_flight} sequences in flight, "
+                                  f"{self.capacity} at most): retry later", "server_busy", status=429)
             self.live[req.id] = req
         self.inbox.put(("add", req))
 
@@ -193,28 +313,32 @@ class ServeState:
 
 
 # ---------------------------------------------------------------- the app
-def build_app(state: ServeState) -> FastAPI:
+def build_app(state: ServeState, api_key: str | None = None, max_request_bytes: int = 4 * 2**20):
+    """The ASGI app: FastAPI's routes behind :class:`Gate` (API key, body-size limit)."""
     app = FastAPI(title="ds-spd serve", docs_url=None, redoc_url=None)
-    tok = state.tokenizer
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _FieldError):
-            return error_response(400, ctx_err.message, ctx_err.param, ctx_err.code)
-        loc = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
-        param = loc[0] if loc else None
-        if err.get("type") == "json_invalid":
-            return error_response(400, f"request body is not valid JSON: {err.get('msg')}", None, "invalid_json")
-        if err.get("type") == "extra_forbidden":
-            return error_response(400, f"unknown field '{'.'.join(loc)}'", param, "unknown_field")
-        what = "missing" if err.get("type") == "missing" else err.get("msg", "invalid value")
-        return error_response(400, f"{'.'.join(loc) or 'body'}: {what}", param, err.get("type"))
+        return _error(validation_error(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_body(_request, exc: ValidationError):
+        return _error(validation_error(exc.errors()))
 
     @app.exception_handler(_FieldError)
     async def _field(_request, exc: _FieldError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):   # 404, 405: the framework's own, in OpenAI's shape
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error_response(exc.status_code, what.get(exc.status_code, str(exc.detail)), None,
+                              {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code),
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(_request, exc: Exception):   # a bug: a 500 in OpenAI's shape, never the framework's text
+        return error_response(500, f"internal error: {type(exc).__name__}", None, "internal_error")
 
     @app.get("/health")
     async def health():
@@ -231,30 +355,94 @@ def build_app(state: ServeState) -> FastAPI:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "ds_spd", "max_model_len": state.max_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody, request: Request):
-        prompts = _completion_prompts(body.prompt, tok)
-        return await _serve(state, request, body, prompts, "completion", body.max_tokens or 16)
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
+    async def completions(request: Request):
+        return await _serve(state, request, "completion")
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
+    async def chat(request: Request):
+        return await _serve(state, request, "chat")
+
+    _publish_body_schemas(app)
+    return Gate(app, api_key, max_request_bytes)
+
+
+def _error(err: _FieldError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if err.status == 429 else None
+    return error_response(err.status, err.message, err.param, err.code, headers)
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    """The route's request body in the OpenAPI schema (the body is parsed by hand, off the event loop)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _publish_body_schemas(app: FastAPI) -> None:
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="1", routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionBody, ChatBody):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi
+
+
+def _prepare(state: ServeState, raw: bytes, endpoint: str):
+    """Parse, validate and tokenize one request body (in a worker thread): the body, its prompts, max_tokens."""
+    tok = state.tokenizer
+    if endpoint == "chat":
+        body = ChatBody.model_validate_json(raw)
         if getattr(tok, "chat_template", None) is None:
             raise _FieldError("messages", f"model {state.model_name} has no chat template: use /v1/completions")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        _check_chars(state, sum(len(m["content"]) for m in messages), "messages")
         try:
             ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"])
         except Exception as err:   # the template's own checks (e.g. roles out of order) are the caller's error
             raise _FieldError("messages", f"the chat template refused these messages: {err}") from None
+        prompts = [ids]
         max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_len - len(ids), 1)
-        return await _serve(state, request, body, [ids], "chat", max_tokens)
+    else:
+        body = CompletionBody.model_validate_json(raw)
+        batch = len(body.prompt) if body.prompt and isinstance(body.prompt, list) and \
+            isinstance(body.prompt[0], (str, list)) else 1
+        if batch * body.n > state.capacity:   # before tokenizing a million prompts
+            raise _FieldError("prompt", f"{batch} prompts x n={body.n} is more sequences than this server holds "
+                              f"({state.capacity}: --max-seqs + --max-queue)")
+        prompts = _completion_prompts(state, body.prompt)
+        max_tokens = body.max_tokens or 16
+    if body.model != state.model_name:
+        raise _FieldError("model", f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
+                          "model_not_found")
+    longest = max(len(p) for p in prompts)
+    if longest + max_tokens > state.max_len:
+        raise _FieldError("max_tokens" if body.max_tokens or getattr(body, "max_completion_tokens", None) else
+                          ("messages" if endpoint == "chat" else "prompt"),
+                          f"this model's context is {state.max_len} tokens; the request asks for {longest} prompt "
+                          f"+ {max_tokens} completion tokens", "context_length_exceeded")
+    return body, prompts, max_tokens
 
-    return app
+
+def _check_chars(state: ServeState, chars: int, param: str) -> None:
+    if chars > state.max_chars:
+        raise _FieldError(param, f"this model's context is {state.max_len} tokens; a text of {chars} characters "
+                          "cannot fit it", "context_length_exceeded")
 
 
-def _completion_prompts(prompt, tok) -> list[list[int]]:
+def _completion_prompts(state: ServeState, prompt) -> list[list[int]]:
+    tok = state.tokenizer
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
         texts = [prompt] if isinstance(prompt, str) else prompt
+        for t in texts:
+            _check_chars(state, len(t), "prompt")
         prompts = [tok(t).input_ids for t in texts]
     else:
         prompts = [prompt] if (not prompt or isinstance(prompt[0], int)) else prompt
@@ -266,19 +454,12 @@ def _completion_prompts(prompt, tok) -> list[list[int]]:
     return prompts
 
 
-async def _serve(state: ServeState, request: Request, body: _Sampling, prompts: list[list[int]], endpoint: str,
-                 max_tokens: int):
-    if body.model != state.model_name:
-        raise _FieldError("model", f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                          "model_not_found")
-    longest = max(len(p) for p in prompts)
-    if longest + max_tokens > state.max_len:
-        raise _FieldError("max_tokens" if body.max_tokens or getattr(body, "max_completion_tokens", None) else
-                          ("messages" if endpoint == "chat" else "prompt"),
-                          f"this model's context is {state.max_len} tokens; the request asks for {longest} prompt "
-                          f"+ {max_tokens} completion tokens", "context_length_exceeded")
+async def _serve(state: ServeState, request: Request, endpoint: str):
     if state.status != "ready":
         raise _FieldError(None, f"server is {state.status}", "unavailable", status=503)
+    raw = await request.body()
+    body, prompts, max_tokens = await asyncio.get_running_loop().run_in_executor(
+        state.workers, _prepare, state, raw, endpoint)
     req = LiveRequest(f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", endpoint, prompts, body.n,
                       body.params(max_tokens), asyncio.get_running_loop())
     state.submit(req)

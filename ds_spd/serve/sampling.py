@@ -1,5 +1,9 @@
 """Next-token choice on rank 0 only: greedy at temperature 0, else temperature / top-k / top-p sampling.
 
+No request can make the sampler fail: a temperature below :data:`GREEDY_BELOW` is greedy (as vLLM treats
+it: dividing by it overflows), top-k and top-p always keep the best token, and non-finite logits are mapped
+before any softmax (NaN never wins; if no logit is finite, :class:`SamplingError` fails that sequence only).
+
 Every sequence has its own ``torch.Generator``: seeded from the request's ``seed`` and the choice index (so
 ``n`` > 1 choices differ and a seeded request gives the same tokens whatever else is in the batch), or
 from fresh entropy without a seed. Other ranks never sample: they receive the chosen tokens in the next plan.
@@ -12,6 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
+#: temperatures below this are greedy (vLLM's _SAMPLING_EPS is 1e-5): logits / 1e-39 overflow to inf
+GREEDY_BELOW = 1e-5
+
+
+class SamplingError(RuntimeError):
+    """This sequence cannot be sampled (its logits have no finite value): its request fails, the engine goes on."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,6 +33,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+
+    def __post_init__(self):
+        if self.temperature < GREEDY_BELOW:   # normalised where it enters: 1e-39 means greedy, not overflow
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def greedy(self) -> bool:
@@ -39,16 +54,24 @@ def generator_for(seed: int | None, index: int) -> torch.Generator:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from one row of logits ``[vocab]``."""
+    scores = logits.float()
+    if not bool(torch.isfinite(scores).all()):   # NaN never wins; +inf is the largest finite value
+        if not bool(torch.isfinite(scores).any()):
+            raise SamplingError("the model produced no finite logit for this sequence")
+        scores = torch.nan_to_num(scores, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     if params.greedy:
-        return int(logits.argmax())
-    scores = logits.float() / params.temperature
+        return int(scores.argmax())
+    scores = scores / params.temperature
+    if not bool(torch.isfinite(scores.max())):   # the division overflowed: the best token is all that is left
+        return int(scores.argmax())
+    keep = torch.ones_like(scores, dtype=torch.bool)
     if 0 < params.top_k < scores.numel():
-        kth = torch.topk(scores, params.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = scores.sort(descending=True)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cum - sorted_scores.softmax(-1) >= params.top_p   # keep the smallest prefix reaching top_p
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = scores.softmax(-1)
+        keep &= scores >= torch.topk(scores, params.top_k).values[-1]
+    if params.top_p < 1.0:   # the smallest prefix (best first) whose probability reaches top_p; never empty
+        sorted_scores, order = scores.masked_fill(~keep, float("-inf")).sort(descending=True)
+        probs = sorted_scores.softmax(-1)
+        inside = probs.cumsum(-1) - probs < params.top_p
+        inside[0] = True
+        keep[order[~inside]] = False
+    probs = scores.masked_fill(~keep, float("-inf")).softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

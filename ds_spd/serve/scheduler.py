@@ -67,6 +67,7 @@ class Event:
     seq: Sequence
     delta: str
     token_ids: list[int]
+    error: str | None = None   # this sequence failed (its request fails; the engine and the others go on)
 
 
 class Scheduler:
@@ -172,10 +173,14 @@ class Scheduler:
                 s.offset += len(toks)
                 if s.finished or not s.prefilled:
                     continue
-                token = sample(row, s.params, s.generator)
-                s.output.append(token)
-                s.first_token = s.first_token or now
-                events.append(self._advance(s, token))
+                try:   # whatever one sequence does (its logits, its text), the step goes on for the others
+                    token = sample(row, s.params, s.generator)
+                    s.output.append(token)
+                    s.first_token = s.first_token or now
+                    events.append(self._advance(s, token))
+                except Exception as err:   # noqa: BLE001  (a failure of this sequence only)
+                    s.finish_reason = "error"
+                    events.append(Event(s, "", [], f"{type(err).__name__}: {err}"))
         newly = [s for s in self.prefilling if s.prefilled]
         self.prefilling = [s for s in self.prefilling if not s.prefilled]
         self.running += newly

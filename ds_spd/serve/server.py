@@ -11,9 +11,13 @@ virtual TP). Order of events, so that a bad start fails fast and with a message:
    same forwards and never sample or wait inside a collective for requests.
 
 Shutdown: SIGTERM or Ctrl-C on rank 0 stops accepting (``/health`` 503 "draining"), lets running requests
-finish for ``--shutdown-timeout`` seconds, cancels the rest, tells the other ranks to stop and exits (a second
-signal cancels at once). The other ranks ignore SIGINT/SIGTERM (Ctrl-C reaches the whole process group; rank 0
-decides) and exit on its stop message, or at once if rank 0 disappears. If any other rank dies, rank 0 fails
+finish for ``--shutdown-timeout`` seconds, cancels the rest, tells the other ranks to stop and exits 0 (a
+second signal, more than :data:`SAME_STOP` seconds after the first, cancels at once: the copies a launcher
+forwards right after a Ctrl-C are the same stop). The other ranks ignore SIGINT/SIGTERM (Ctrl-C reaches the
+whole process group; rank 0 decides) and exit on its stop message, or at once if rank 0 disappears. Rank 0
+also drains when the deepspeed runner that started it goes away (SIGTERM to the runner kills it without
+passing the signal on). Supervisors should run ``launch/tp.sh`` (ds_spd.launch): it passes SIGTERM/SIGINT to
+the ranks and exits with their status. If any other rank dies, rank 0 fails
 every pending request with 503, answers ``/health`` with 503, and exits after ``--exit-linger`` seconds; the
 launcher then ends the rest. Nothing is left in /dev/shm: the shared-memory all-reduce buffers' names are
 removed as soon as every rank has mapped them (ds_spd.core.comm).
@@ -44,16 +48,41 @@ class ServeSettings:
     shutdown_timeout: float = 10.0      # seconds running requests may take to finish after SIGTERM
     exit_linger: float = 2.0            # seconds rank 0 keeps answering 503 after a rank died
     token_log: str | None = None        # write each rank's fed tokens per sequence here at exit (tests)
+    api_key: str | None = None          # Bearer token required on /v1/* (None: open)
+    max_request_mb: float = 4.0         # larger request bodies get 413 before they are read whole
+    max_queue: int = 256                # sequences waiting for a slot; beyond, 429 with Retry-After
 
     def __post_init__(self):
         checks = {"--port": 0 <= self.port <= 65535, "--max-seqs": self.max_seqs >= 1,
                   "--max-model-len": self.max_model_len is None or self.max_model_len >= 2,
                   "--max-step-tokens": self.max_step_tokens > self.max_seqs,
-                  "--shutdown-timeout": self.shutdown_timeout >= 0, "--exit-linger": self.exit_linger >= 0}
+                  "--shutdown-timeout": self.shutdown_timeout >= 0, "--exit-linger": self.exit_linger >= 0,
+                  "--max-request-mb": self.max_request_mb > 0, "--max-queue": self.max_queue >= 0,
+                  "--api-key": self.api_key is None or len(self.api_key.strip()) > 0}
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
             raise SPDInputError(f"{bad[0]} is out of range (port 0-65535; --max-seqs >= 1; --max-model-len >= 2; "
-                                "--max-step-tokens > --max-seqs; timeouts >= 0)")
+                                "--max-step-tokens > --max-seqs; timeouts >= 0; --max-request-mb > 0; "
+                                "--max-queue >= 0; --api-key not empty)")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+
+#: signals this close together (seconds) are one stop request: Ctrl-C reaches the launcher and rank 0 at once,
+#: and DeepSpeed's launcher answers its copy with a SIGTERM to every rank right after
+SAME_STOP = 2.0
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _log(text: str) -> None:
@@ -140,30 +169,38 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     tokenizer = load_tokenizer(spec.config.model)
     metrics = ServeMetrics(len(spec.spd_blocks), spec.model_config.num_hidden_layers, spec.tp_size)
     state = ServeState(served_name(spec.config.model, settings.model_name), tokenizer, settings.max_model_len,
-                       metrics)
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=1))
+                       metrics, settings.max_seqs, settings.max_queue)
+    app = build_app(state, settings.api_key, settings.max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1))
     http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ds-spd-http", daemon=True)
     http.start()
     host, port = sock.getsockname()[:2]
     _log(f"listening on http://{host}:{port} (loading the model; /health answers 503 until ready)")
+    if settings.api_key is None and not _loopback(settings.host):
+        _log(f"WARNING: {settings.host} is reachable from other machines and no API key is set: anyone who "
+             "reaches the port can use the model (set DS_SPD_API_KEY or --api-key)")
 
-    stop = {"signals": 0, "deadline": None}
+    stop = {"signals": 0, "first": None, "deadline": None}
 
     def on_signal(signum, _frame):
         if state.status == "loading":   # nothing to drain: do not make the user wait for the weights
             _log(f"{signal.Signals(signum).name} while loading: exiting")
             raise SystemExit(128 + signum)
-        stop["signals"] += 1
         now = time.monotonic()
+        if stop["first"] is not None and now - stop["first"] < SAME_STOP:
+            return   # a copy of the same stop (launcher forwarding a Ctrl-C): not the "stop now" signal
+        stop["signals"] += 1
+        stop["first"] = stop["first"] or now
         stop["deadline"] = now if stop["signals"] > 1 else now + settings.shutdown_timeout
         if state.status == "ready":
             state.status = "draining"
         then = "now" if stop["signals"] > 1 else \
             f"running requests get {settings.shutdown_timeout:g} s; signal again to stop now"
         _log(f"{signal.Signals(signum).name}: stopping ({then})")
+        state.inbox.put(("wake", None))   # an idle loop's wait on the inbox does not return on a signal by itself
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _watch_runner()
 
     runner, executor = _engine(spec, settings)   # a signal meanwhile exits at once (on_signal)
     metrics.comm.stats = runner.stats
@@ -207,6 +244,26 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     http.join(timeout=5)
     _write_token_log(settings, 0, executor)
     _log("stopped")
+
+
+def _watch_runner() -> None:
+    """SIGTERM to the deepspeed runner kills it without passing the signal on (on one node it installs no handler),
+    leaving its launcher and the ranks serving, orphaned. Rank 0 watches the runner and stops as if signalled."""
+    import psutil
+    try:
+        runner = next((p for p in psutil.Process().parents()
+                       if any("deepspeed.launcher.runner" in a or a.endswith("/deepspeed") for a in p.cmdline())), None)
+    except psutil.Error:
+        runner = None
+    if runner is None:
+        return
+
+    def watch():
+        while runner.is_running():
+            time.sleep(0.5)
+        _log("the deepspeed runner that started this server is gone: stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="ds-spd-runner-watch", daemon=True).start()
 
 
 def _eos_ids(tokenizer, model) -> set[int]:
@@ -270,6 +327,13 @@ def _loop(state, sched, executor, sender, metrics, stop) -> None:
             s, req = ev.seq, requests.get(ev.seq.request_id)
             metrics.generation_tokens.inc(len(ev.token_ids))
             if req is None:
+                continue
+            if ev.error is not None:   # this request fails alone: its other sequences leave at the next step
+                _log(f"request {req.id} failed: {ev.error}")
+                sched.cancel(req.id)
+                requests.pop(req.id, None)
+                state.finish(req.id)
+                req.push(("error", 500, f"generation failed for this request: {ev.error}"))
                 continue
             if len(s.output) == 1:
                 req.push(("first", time.monotonic()))

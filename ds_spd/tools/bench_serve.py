@@ -104,7 +104,12 @@ def decode_forward_totals(url: str) -> tuple[float, float]:
     return seconds, count
 
 
-async def run_load(url: str, model: str, workload, rate: float, concurrency: int | None, seed: int) -> dict:
+def auth_headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def run_load(url: str, model: str, workload, rate: float, concurrency: int | None, seed: int,
+                   api_key: str | None = None) -> dict:
     """Send the workload (Poisson arrivals at ``rate`` per second, at most ``concurrency`` at once); summarise."""
     import aiohttp
     rng = random.Random(seed)
@@ -115,7 +120,8 @@ async def run_load(url: str, model: str, workload, rate: float, concurrency: int
         async with limit:
             return await _one(session, url, model, prompt, max_tokens)
     fwd_before = decode_forward_totals(url)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                     headers=auth_headers(api_key)) as session:
         tasks, start = [], time.perf_counter()
         for prompt, max_tokens in workload:
             tasks.append(asyncio.create_task(gated(session, prompt, max_tokens)))

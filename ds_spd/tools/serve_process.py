@@ -1,7 +1,8 @@
 """Start ``ds-spd serve`` as a user does, in subprocesses, and wait for it: for the serving benchmark and the tests.
 
-Three ways, as the project launches every command: the deepspeed launcher on this host (``hosts=1``), one
-process (``nprocs=0``: virtual TP or tp 1), or ``hosts`` simulated hosts of one rank each: each a torchrun node
+Three ways, as the project launches every command: ``launch/tp.sh`` on this host (``hosts=1``: the deepspeed
+launcher behind ds_spd.launch, which picks the master port), one process (``nprocs=0``: virtual TP or tp 1), or
+``hosts`` simulated hosts of one rank each: each a torchrun node
 in its own mount namespace with a private /dev/shm (as the multi-node tests run), so DeepSpeed's shared-memory
 all-reduce cannot see the other host's ranks and every all-reduce crosses "hosts" over gloo.
 """
@@ -16,7 +17,7 @@ import tempfile
 import time
 import urllib.request
 
-from ds_spd.core.comm import free_port
+from ds_spd.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE")
@@ -40,7 +41,7 @@ class ServerProcess:
     """A running ``ds-spd serve ARGS`` on ``nprocs`` ranks; ``url`` once :meth:`wait_ready` returned."""
 
     def __init__(self, args: list[str], nprocs: int = 2, hosts: int = 1, log_path: str | None = None,
-                 wait: bool = True, timeout: float = 600):
+                 wait: bool = True, timeout: float = 600, env: dict | None = None):
         # --port 0: the server binds a free port itself and prints it (no window for another process to take it);
         # a --port in args comes later and wins
         self.port: int | None = None
@@ -52,7 +53,8 @@ class ServerProcess:
             os.close(fd)
         self.log_path, self._final_output = log_path, None
         self.log = open(log_path, "w")
-        popen = dict(stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=_env())
+        popen = dict(stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                     env={**_env(), **(env or {})})
         if hosts > 1:
             master = str(free_port())
             self.procs = []
@@ -63,9 +65,9 @@ class ServerProcess:
                 inner = "mount -t tmpfs tmpfs /dev/shm && exec " + " ".join(f"'{a}'" for a in torchrun)
                 self.procs.append(subprocess.Popen(["unshare", "-m", "sh", "-c", inner], **popen))
         elif nprocs:
-            launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-                        "--master_port", str(free_port()), "--module", "ds_spd"]
-            self.procs = [subprocess.Popen([*launcher, *serve], **popen)]
+            popen["env"] = {**popen["env"], "DS_SPD_PYTHON": sys.executable}
+            self.procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tp.sh"), str(nprocs), *serve],
+                                           **popen)]
         else:
             self.procs = [subprocess.Popen([sys.executable, "-m", "ds_spd", *serve], **popen)]
         self.proc = self.procs[0]
@@ -127,8 +129,14 @@ class ServerProcess:
             self.kill()
             raise RuntimeError(f"server still running after {timeout} s:\n{self.output()[-6000:]}") from None
 
+    def signal(self, signum: int) -> None:
+        """A signal to the process the user started (as a supervisor sends it): not to the group."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
     def interrupt(self, timeout: float = 60) -> None:
-        """Ctrl-C, as in a terminal: SIGINT to every process of the server; SIGKILL what is left after ``timeout``."""
+        """Ctrl-C, as in a terminal: SIGINT to the foreground process group; SIGKILL what is left after ``timeout``."""
         for p in self.procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGINT)
@@ -141,10 +149,21 @@ class ServerProcess:
         self.kill()
 
     def kill(self) -> None:
+        """SIGKILL to every process of the server: the launch supervisor's runner has a session of its own."""
+        import psutil
         for p in self.procs:
+            try:
+                below = psutil.Process(p.pid).children(recursive=True) if p.poll() is None else []
+            except psutil.Error:
+                below = []
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            for q in below:
+                try:
+                    q.kill()
+                except psutil.Error:
+                    pass
+            p.wait()
         self.log.close()
         if self.own_log and self._final_output is None:
             self._final_output = self.output()

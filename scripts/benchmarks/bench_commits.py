@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from ds_spd.tools.bench import paired_ratio  # noqa: E402
-from ds_spd.core.comm import free_port  # noqa: E402
+from ds_spd.ports import free_port  # noqa: E402
 
 
 def export(rev: str, into: str) -> tuple[str, str]:

@@ -1,0 +1,41 @@
+"""Ports for the processes ds_spd starts (launcher master ports), without importing torch: the launch
+supervisor (``ds_spd.launch``) picks one before any rank starts."""
+from __future__ import annotations
+
+import secrets
+import socket
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A free port for a process we start (a launcher's master port), drawn below the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) is free only until we close it: before the launcher binds it, any
+    outgoing connection or ``bind(0)`` on the machine (gloo's sockets, another server's plan channel) may get
+    the same number from the kernel. Below the ephemeral range only another explicit choice can collide.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = 10000 + secrets.randbelow(max(low - 10000, 1))
+        if not port_in_use(port):
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "") -> bool:
+    """Whether ``port`` cannot be bound on ``host`` (all interfaces by default), as the launcher's store binds it."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
