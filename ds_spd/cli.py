@@ -365,6 +365,9 @@ def cmd_distill(args) -> None:
             print(f"distill: {run.out} is already complete (same run, {run.settings.epochs} epochs): nothing to do",
                   file=sys.stderr)
         return _report(args, {"checkpoint": run.out, "already_complete": True})
+    if is_main_rank():
+        for line in recovery.untrained_note(run.plan):
+            print(f"distill: {line}", file=sys.stderr, flush=True)
     result = recovery.execute(run, progress=is_main_rank())
     runner = result.pop("runner")
     _say(args, f"wrote {run.out}: {len(result['final_mse'])} blocks, epochs {result['epochs_trained']}, "

@@ -23,11 +23,18 @@ def scanned_plan():
 def test_count_fraction_and_classes():
     plan = select(scanned_plan(), count=4)
     assert plan.spd_blocks == [1, 2, 3, 4]
-    # default thresholds (0, 5%): only blocks whose zero-shot cost is <= 0 stay untrained (ISB)
-    assert {b.index: b.cls for b in plan.blocks} == {0: "TP", 1: "ISB", 2: "SB", 3: "ISB", 4: "SB", 5: "TP"}
+    # default thresholds (0, 5%): only a block whose zero-shot cost is measured as 0 stays untrained (ISB); block
+    # 3's negative cumulative delta (it undid part of the later blocks' damage) is no measured cost: distilled
+    assert {b.index: b.cls for b in plan.blocks} == {0: "TP", 1: "ISB", 2: "SB", 3: "SB", 4: "SB", 5: "TP"}
     assert select(scanned_plan(), fraction=0.5).spd_blocks == [1, 3, 4]
     everything = select(scanned_plan(), count=6, thresholds=(0.01, 0.05))
-    assert [b.cls for b in everything.blocks] == ["ESB", "ISB", "SB", "ISB", "ISB", "SB"]
+    assert [b.cls for b in everything.blocks] == ["ESB", "ISB", "SB", "SB", "ISB", "SB"]
+    # no threshold makes a negative cumulative delta untrained
+    assert select(scanned_plan(), count=6, thresholds=(0.5, 0.6)).blocks[3].cls == "SB"
+    # an isolated scan measures each block alone: there a negative delta is the block's own, and it is ISB
+    isolated = scanned_plan()
+    isolated.scan["method"] = "isolated"
+    assert select(isolated, count=4).blocks[3].cls == "ISB"
 
 
 def test_thresholds_rule_excludes_esb():
@@ -99,3 +106,15 @@ def test_scan_data_parallel_under_launcher_equals_single_process(tiny_dir, tmp_p
     # the same sums, batched differently across ranks: equal up to float rounding of the perplexity
     assert multi["sensitivity"] == pytest.approx(single["sensitivity"], abs=1e-5 * single["baseline"])
     assert json.load(open(tmp_path / "b.json"))["measured_with"]["ranks"] == 2
+
+
+def test_distill_says_what_it_leaves_untrained_and_flags_an_old_plans_negative_deltas():
+    from ds_spd.stages.recovery import untrained_note
+    assert untrained_note(select(scanned_plan(), count=4)) == [
+        "not trained (ISB, zero-shot SPD): block(s) 1 (+0) by the cumulative scan"]
+    old = select(scanned_plan(), count=4)   # a plan written before negative cumulative deltas were classed SB
+    old.blocks[3].cls = "ISB"
+    note = untrained_note(old)
+    assert "3 (-0.05)" in note[0] and "block(s) [3] have a negative cumulative delta" in note[1]
+    assert untrained_note(select(scanned_plan(), count=4, thresholds=(0.0, 0.0))) == [
+        "not trained (ISB, zero-shot SPD): block(s) 1 (+0) by the cumulative scan"]

@@ -55,6 +55,26 @@ def resolve_lr(cfg: SPDConfig, spec: RunSpec, plan: Plan) -> tuple[float, str | 
     return default_lr(weights, trained)
 
 
+def untrained_note(plan: Plan) -> list[str]:
+    """What distillation leaves untrained (the plan's ISB blocks), each with its scanned cost; a block whose
+    cost is a negative cumulative delta is flagged: that is no measured zero cost (plans before 2026-12-02
+    classed it ISB)."""
+    isb = [b for b in plan.blocks if b.cls == "ISB"]
+    if not isb:
+        return []
+    cumulative = (plan.scan or {}).get("method", "cumulative") == "cumulative"
+    unit = "" if (plan.scan or {}).get("metric", "ppl") == "ppl" else " nats/token"
+    costs = ", ".join(f"{b.index} ({'unscanned' if b.sensitivity is None else f'{b.sensitivity:+.3g}{unit}'})"
+                      for b in isb)
+    lines = [f"not trained (ISB, zero-shot SPD): block(s) {costs} by the {plan.scan and plan.scan.get('method')} "
+             "scan"]
+    negative = [b.index for b in isb if cumulative and b.sensitivity is not None and b.sensitivity < 0]
+    if negative:
+        lines.append(f"block(s) {negative} have a negative cumulative delta, which is no measured zero cost: "
+                     "re-run `ds-spd plan` (it now classes them SB) to distill them")
+    return lines
+
+
 def check_kl_fits(kl_epochs: int, spec: RunSpec) -> None:
     """The end-to-end stage holds the whole model in one process: refused before any work where it would not
     fit this rank's share of the available memory twice over (weights, then logits and trained state)."""
