@@ -96,7 +96,7 @@ def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
     long prefill) must not end the answer early."""
     import asyncio
 
-    from ds_spd.serve.api import LiveRequest, ServeState, _collect
+    from ds_spd.serve.api import Delta, LiveRequest, ServeState, _collect
     from ds_spd.serve.metrics import ServeMetrics
 
     class StillConnected:
@@ -109,8 +109,8 @@ def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
                           asyncio.get_running_loop())
         state.live[req.id] = req
         loop = asyncio.get_running_loop()
-        loop.call_later(1.6, req.push, ("delta", 0, "ab", None, 1))
-        loop.call_later(1.7, req.push, ("delta", 0, "c", "length", 2))
+        loop.call_later(1.6, req.push, ("delta", Delta(0, "ab", None, 1)))
+        loop.call_later(1.7, req.push, ("delta", Delta(0, "c", "length", 2)))
         return json.loads((await _collect(state, req, StillConnected())).body)
     body = asyncio.run(main())
     assert body["choices"][0]["text"] == "abc" and body["choices"][0]["finish_reason"] == "length"
@@ -339,7 +339,10 @@ BAD_REQUESTS = [  # (body or raw text, the param named in the error)
     ({"model": "nope", "prompt": "a"}, "model"),
     ({"model": "tiny", "prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"model": "tiny", "prompt": "a", "temperature": -0.5}, "temperature"),
-    ({"model": "tiny", "prompt": "a", "logprobs": 3}, "logprobs"),
+    ({"model": "tiny", "prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"model": "tiny", "prompt": "a", "best_of": 2}, "best_of"),                    # not honoured: refused
+    ({"model": "tiny", "prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"model": "tiny", "prompt": "a", "presence_penalty": 3}, "presence_penalty"),
     ({"model": "tiny", "prompt": "a", "frobnicate": 1}, "frobnicate"),
     ({"model": "tiny"}, "prompt"),
     ({"model": "tiny", "prompt": ""}, "prompt"),
@@ -506,6 +509,82 @@ def test_fuzzed_requests_get_openai_answers_and_the_server_survives(server, chat
     after = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 8,
                                               "temperature": 0}).json()["choices"][0]["text"]
     assert after == before
+
+
+def _model_logprobs(chat_dir, ids: list[int]) -> torch.Tensor:
+    """The tiny model's own log-probabilities ``[len(ids), V]`` with the server's SPD blocks, in one process."""
+    import ds_spd
+    from transformers import AutoModelForCausalLM
+    model = ds_spd.virtualize(AutoModelForCausalLM.from_pretrained(chat_dir, dtype=torch.float32).eval(), 2, [0, 2])
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+@pytest.mark.multirank
+def test_echo_logprobs_through_the_server_equal_the_models_own(server, chat_dir):
+    """What lm-evaluation-harness's local-completions sends for loglikelihood (echo, logprobs, max_tokens 1): the
+    prompt's log-probabilities through the 2-rank server equal the model's own, the first is null, the
+    generated token's too; streamed the same; chat's logprobs / top_logprobs through the openai client."""
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(chat_dir)("def main(x): return x + 1").input_ids
+    ref = _model_logprobs(chat_dir, ids)
+    expected = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)]
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 3}
+    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert lp["token_logprobs"][-1] == pytest.approx(float(ref[-1].max()), abs=1e-4)   # greedy: the best token
+    assert max(lp["top_logprobs"][-1].values()) == pytest.approx(float(ref[-1].max()), abs=1e-4)
+    assert choice["text"].startswith(AutoTokenizer.from_pretrained(chat_dir).decode(ids))
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    with requests.post(f"{server.url}/v1/completions", json={**body, "stream": True}, headers=AUTH, stream=True,
+                       timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: {")]
+    streamed = [v for c in chunks for v in (c["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
+    assert streamed == lp["token_logprobs"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    chat = _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)   # greedy
+
+
+@pytest.mark.multirank
+def test_bias_penalties_and_min_tokens_change_what_they_should(server, chat_dir):
+    """logit_bias forces or bars a token; min_tokens holds end-of-sequence back; the penalties change greedy
+    output, streamed and not (their arithmetic: test_sampling_adjustments_are_vllms)."""
+    client = _client(server)
+    from transformers import AutoTokenizer
+    greedy = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 1,
+                                               "temperature": 0, "logprobs": 1}).json()["choices"][0]
+    first = max(greedy["logprobs"]["top_logprobs"][0], key=greedy["logprobs"]["top_logprobs"][0].get)
+    forced = 7
+    r = client.completions.create(model="tiny", prompt="def main", max_tokens=5, temperature=0,
+                                  extra_body={"logit_bias": {str(forced): 100}, "ignore_eos": True}, logprobs=0)
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    assert r.choices[0].logprobs.tokens == [tok.decode([forced])] * 5
+    best = int(_model_logprobs(chat_dir, tok("def main").input_ids)[-1].argmax())
+    assert tok.decode([best]) == first
+    barred = client.completions.create(model="tiny", prompt="def main", max_tokens=1, temperature=0, logprobs=0,
+                                       logit_bias={str(best): -100})
+    # another token (the model's own log-probability is reported, before the bias: the second best's is lower)
+    assert barred.choices[0].logprobs.token_logprobs[0] < greedy["logprobs"]["token_logprobs"][0]
+    from transformers import AutoConfig
+    eos = {str(AutoConfig.from_pretrained(chat_dir).eos_token_id): 100}   # the model's end-of-sequence, as generate's
+    assert client.completions.create(model="tiny", prompt="a", max_tokens=20, temperature=0,
+                                     logit_bias=eos).usage.completion_tokens == 1
+    held = client.completions.create(model="tiny", prompt="a", max_tokens=20, temperature=0, logit_bias=eos,
+                                     extra_body={"min_tokens": 5})
+    assert held.usage.completion_tokens == 6 and held.choices[0].finish_reason == "stop"
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 5.0}):
+        plain = client.completions.create(model="tiny", prompt="def main", max_tokens=24, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+        stream = client.completions.create(model="tiny", prompt="def main", max_tokens=24, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True, **penalty})
+        penalised = "".join(c.choices[0].text for c in stream)
+        assert penalised != plain, penalty
 
 
 @pytest.mark.multirank
@@ -738,3 +817,62 @@ def test_free_port_is_below_the_kernels_ephemeral_range():
     from ds_spd.ports import _ephemeral_low, free_port
     ports = {free_port() for _ in range(20)}
     assert all(10000 <= p < _ephemeral_low() for p in ports) and len(ports) > 1
+
+
+def test_sampling_adjustments_are_vllms():
+    """Penalties and bias as vLLM and OpenAI define them; end-of-sequence barred before min_tokens."""
+    from ds_spd.serve.sampling import adjust
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
+    p = SamplingParams(1, presence_penalty=0.5, frequency_penalty=0.25)
+    out = adjust(logits, p, output=[3, 3, 1], prompt=[0], eos_ids={4})
+    assert out.tolist() == pytest.approx([2.0, -1.0 - 0.75, 0.5, 3.0 - 1.0, -2.0])
+    out = adjust(logits, SamplingParams(1, repetition_penalty=2.0), output=[1], prompt=[0], eos_ids=set())
+    assert out.tolist() == pytest.approx([1.0, -2.0, 0.5, 3.0, -2.0])   # prompt and output: > 0 divided, else times
+    out = adjust(logits, SamplingParams(1, logit_bias=((2, 10.0), (99, 5.0))), output=[], prompt=[], eos_ids=set())
+    assert out.tolist() == pytest.approx([2.0, -1.0, 10.5, 3.0, -2.0])   # an id past the vocabulary is ignored
+    held = SamplingParams(1, min_tokens=2)
+    assert adjust(logits, held, output=[1], prompt=[], eos_ids={4})[4] == float("-inf")
+    assert adjust(logits, held, output=[1, 2], prompt=[], eos_ids={4})[4] == -2.0
+    assert adjust(logits, SamplingParams(1), output=[1], prompt=[], eos_ids={4}) is logits   # nothing asked: no copy
+
+
+def test_prompt_logprobs_survive_chunked_prefill():
+    """A prompt prefilled in 4-token chunks (step budget 5) is scored exactly as in one forward: each chunk's
+    positions score the tokens after them, the last of a chunk the next chunk's first."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    ids = tok(PROMPTS[3] + " and more words here").input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    seq = Sequence("r", 0, ids, SamplingParams(max_tokens=1, temperature=0, logprobs=2, prompt_logprobs=2))
+    _run_all(model, tok, [seq], step_tokens=5)
+    assert [t for t, _, _ in seq.prompt_logprobs] == ids and seq.prompt_logprobs[0][1] is None
+    got = [lp for _, lp, _ in seq.prompt_logprobs[1:]]
+    assert got == pytest.approx([float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)], abs=1e-5)
+    assert all(alts[0][1] == pytest.approx(float(ref[j].max()), abs=1e-5)
+               for j, (_, _, alts) in enumerate(seq.prompt_logprobs[1:]))
+
+
+@pytest.mark.multirank
+def test_lm_eval_local_completions_against_the_server_equals_the_in_process_adapter(server, chat_dir, monkeypatch):
+    """lm-evaluation-harness's own `local-completions` model, pointed at the 2-rank server (echo + logprobs, the
+    API key from OPENAI_API_KEY as lm_eval reads it), scores the offline task as the in-process adapter does."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from ds_spd.tools.lm_eval_adapter import SPDLM
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    tasks = TaskManager(include_path=os.path.join(ROOT, "tests/data/lm_eval"))
+    served = simple_evaluate(model="local-completions", tasks=["ds_spd_tiny_choice"], task_manager=tasks,
+                             model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny",
+                                         "tokenizer": chat_dir, "tokenizer_backend": "huggingface",
+                                         "num_concurrent": 1, "max_retries": 1}, log_samples=True)
+    local = simple_evaluate(model=SPDLM(model=chat_dir, virtual_tp=2, spd_blocks="0,2", batch_size=2),
+                            tasks=["ds_spd_tiny_choice"], task_manager=tasks, log_samples=True)
+    assert served["results"]["ds_spd_tiny_choice"]["acc,none"] == local["results"]["ds_spd_tiny_choice"]["acc,none"]
+    ll = {r["doc_id"]: [x[0][0] for x in r["resps"]] for r in served["samples"]["ds_spd_tiny_choice"]}
+    ref = {r["doc_id"]: [x[0][0] for x in r["resps"]] for r in local["samples"]["ds_spd_tiny_choice"]}
+    assert sorted(ll) == sorted(ref) and len(ll) == 6
+    for doc in ref:
+        assert ll[doc] == pytest.approx(ref[doc], abs=1e-3)

@@ -48,14 +48,13 @@ class StreamOptions(_Body):
 
 
 #: Fields of OpenAI's API this server cannot honour, with the value that means "not used" (accepted as such).
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "echo": (False,), "suffix": (None,),
-               "best_of": (None, 1), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+UNSUPPORTED = {"suffix": (None,), "best_of": (None, 1), "tools": (None, []), "tool_choice": (None, "none"),
                "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,), "functions": (None,),
                "function_call": (None,)}
 
 
 _INT64 = 2**63   # seeds, token counts: what a 64-bit integer holds (a 5000-digit number is refused by name)
+_PENALTY = dict(ge=-2, le=2, strict=True)
 
 
 class _Sampling(_Body):
@@ -73,14 +72,15 @@ class _Sampling(_Body):
     stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None   # metadata for the client's own accounting; not used
-    logprobs: Any = None
-    top_logprobs: Any = None
-    echo: Any = False
+    presence_penalty: Optional[float] = Field(None, **_PENALTY)
+    frequency_penalty: Optional[float] = Field(None, **_PENALTY)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10, strict=True,
+                                                description="vLLM's extension: > 1 discourages prompt and output tokens")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    min_tokens: int = Field(0, ge=0, lt=_INT64, strict=True,
+                            description="vLLM's extension: no end-of-sequence before this many tokens")
     suffix: Any = None
     best_of: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
     response_format: Any = None
@@ -105,10 +105,25 @@ class _Sampling(_Body):
             raise ValueError("stop takes up to 4 non-empty strings")
         return stops
 
-    def params(self, max_tokens: int) -> SamplingParams:
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > 300 or any(not k.isdigit() or not -100 <= b <= 100 for k, b in v.items()):
+            raise ValueError("logit_bias maps up to 300 token ids (strings of digits) to biases in [-100, 100]")
+        return v
+
+    def params(self, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
+               ) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=max(self.top_k, 0), seed=self.seed, stop=tuple(self.stop or ()),
-                              ignore_eos=self.ignore_eos)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              repetition_penalty=self.repetition_penalty or 1.0,
+                              logit_bias=tuple((int(k), b) for k, b in (self.logit_bias or {}).items()),
+                              min_tokens=self.min_tokens)
 
 
 _Prompt = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
@@ -118,6 +133,12 @@ _PROMPT_LISTS = {str: TypeAdapter(list[str]), int: TypeAdapter(list[StrictInt]),
 
 class CompletionBody(_Sampling):
     prompt: _Prompt
+    logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True,
+                                    description="log-probabilities of each token, with this many alternatives")
+    echo: bool = Field(False, strict=True, description="the prompt before the completion (with logprobs: scored)")
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return self.params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
     @field_validator("prompt", mode="plain", json_schema_input_type=_Prompt)
     @classmethod
@@ -155,6 +176,17 @@ class ChatMessage(_Body):
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, gt=0, lt=_INT64, strict=True)
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _FieldError("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        return self
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return self.params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
 class _FieldError(ValueError):
@@ -261,10 +293,23 @@ class LiveRequest:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
+    echo: list[str] | None = None    # ``echo``: each prompt's text, returned before its completions
 
     def push(self, item) -> None:
         """Called from any thread."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclass
+class Delta:
+    """What the engine delivers for one choice after a step: new text, and the tokens' log-probabilities."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    tokens: int                                 # tokens generated so far
+    logprobs: list | None = None                # TokenLogprob of the new tokens (ds_spd.serve.scheduler)
+    prompt_logprobs: list | None = None         # with the first token, for ``echo`` with ``logprobs``
 
 
 class ServeState:
@@ -428,7 +473,12 @@ def _prepare(state: ServeState, raw: bytes, endpoint: str):
                           ("messages" if endpoint == "chat" else "prompt"),
                           f"this model's context is {state.max_len} tokens; the request asks for {longest} prompt "
                           f"+ {max_tokens} completion tokens", "context_length_exceeded")
-    return body, prompts, max_tokens
+    echo = None
+    if endpoint == "completion" and body.echo:
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        echo = [t if isinstance(t, str) else tok.decode(p) for t, p in zip(texts if isinstance(texts[0], str)
+                                                                             else prompts, prompts)]
+    return body, prompts, max_tokens, echo
 
 
 def _check_chars(state: ServeState, chars: int, param: str) -> None:
@@ -458,10 +508,10 @@ async def _serve(state: ServeState, request: Request, endpoint: str):
     if state.status != "ready":
         raise _FieldError(None, f"server is {state.status}", "unavailable", status=503)
     raw = await request.body()
-    body, prompts, max_tokens = await asyncio.get_running_loop().run_in_executor(
+    body, prompts, max_tokens, echo = await asyncio.get_running_loop().run_in_executor(
         state.workers, _prepare, state, raw, endpoint)
     req = LiveRequest(f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", endpoint, prompts, body.n,
-                      body.params(max_tokens), asyncio.get_running_loop())
+                      body.sampling(max_tokens), asyncio.get_running_loop(), echo=echo)
     state.submit(req)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -474,7 +524,7 @@ def _choices_total(req: LiveRequest) -> int:
 
 
 async def _events(state: ServeState, req: LiveRequest):
-    """The request's events until every choice finished; raises _FieldError on an engine-side failure."""
+    """The request's :class:`Delta` events until every choice finished; raises _FieldError on an engine failure."""
     left = _choices_total(req)
     while left:
         item = await req.events.get()
@@ -484,12 +534,46 @@ async def _events(state: ServeState, req: LiveRequest):
         if item[0] == "first":
             state.metrics.ttft.observe(item[1] - req.arrival)
             continue
-        if item[3] is not None:
+        delta: Delta = item[1]
+        if delta.finish_reason is not None:
             left -= 1
-        yield item
+        yield delta
     state.finish(req.id)
     state.metrics.requests.labels(req.endpoint, "ok").inc()
     state.metrics.e2e.observe(time.monotonic() - req.arrival)
+
+
+class _Logprobs:
+    """OpenAI's log-probability objects, from the engine's (token, logprob, alternatives) reports."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tok, self.chat = tokenizer, chat
+
+    def text(self, token: int) -> str:
+        return self.tok.decode([token])
+
+    def completion(self, entries: list, offset: int = 0) -> dict:
+        """``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``; offsets from ``offset`` on."""
+        tokens = [self.text(t) for t, _, _ in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [None if lp is None else {self.text(i): v for i, v in alts}
+                                 for _, lp, alts in entries], "text_offset": offsets}
+
+    def content(self, entries: list) -> dict:
+        """Chat's ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``."""
+        def item(token: int, lp: float) -> dict:
+            text = self.text(token)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+        return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in alts]} for t, lp, alts in entries]}
+
+    def of(self, entries: list | None, offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return self.content(entries) if self.chat else self.completion(entries, offset)
 
 
 def _usage(req: LiveRequest, generated: int) -> dict:
@@ -498,7 +582,10 @@ def _usage(req: LiveRequest, generated: int) -> dict:
 
 
 async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSONResponse:
-    texts, reasons, generated = {}, {}, 0
+    total, n = _choices_total(req), req.n
+    texts = {i: req.echo[i // n] if req.echo else "" for i in range(total)}
+    reasons, generated, entries = {}, 0, {i: [] for i in range(total)}
+    want = req.params.logprobs is not None
     agen = _events(state, req)
     try:
         while True:
@@ -511,23 +598,23 @@ async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSO
                     state.cancel(req)
                     return error_response(499, "client disconnected")
             try:
-                item = step.result()
+                d = step.result()
             except StopAsyncIteration:
                 break
-            _, index, delta, reason, tokens = item
-            texts[index] = texts.get(index, "") + delta
-            if reason is not None:
-                reasons[index], generated = reason, generated + tokens
+            texts[d.index] += d.text
+            entries[d.index] += (d.prompt_logprobs or []) + (d.logprobs or [])
+            if d.finish_reason is not None:
+                reasons[d.index], generated = d.finish_reason, generated + d.tokens
     except _FieldError as err:
         return error_response(err.status, err.message, err.param, err.code)
-    created, total = int(time.time()), _choices_total(req)
+    created, lp = int(time.time()), _Logprobs(state.tokenizer, req.endpoint == "chat")
     if req.endpoint == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts.get(i, "")}, "logprobs": None,
-                    "finish_reason": reasons[i]} for i in range(total)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                    "logprobs": lp.of(entries[i]) if want else None, "finish_reason": reasons[i]} for i in range(total)]
         obj = "chat.completion"
     else:
-        choices = [{"index": i, "text": texts.get(i, ""), "logprobs": None, "finish_reason": reasons[i]}
-                   for i in range(total)]
+        choices = [{"index": i, "text": texts[i], "logprobs": lp.of(entries[i]) if want else None,
+                    "finish_reason": reasons[i]} for i in range(total)]
         obj = "text_completion"
     return JSONResponse({"id": req.id, "object": obj, "created": created, "model": state.model_name,
                          "choices": choices, "usage": _usage(req, generated)})
@@ -536,6 +623,8 @@ async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSO
 async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
     created, chat = int(time.time()), req.endpoint == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
+    want, lp = req.params.logprobs is not None, _Logprobs(state.tokenizer, chat)
+    offsets = {i: len(req.echo[i // req.n]) if req.echo else 0 for i in range(_choices_total(req))}
 
     def chunk(choices: list, usage: dict | None = None) -> str:
         body = {"id": req.id, "object": obj, "created": created, "model": state.model_name, "choices": choices}
@@ -543,21 +632,27 @@ async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    def choice(index: int, text: str, reason: str | None, entries: list | None, offset: int = 0) -> dict:
+        logprobs = lp.of(entries, offset) if want and entries else None
+        if chat:
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                    "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
     generated, finished = 0, False
     try:
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(_choices_total(req))])
-        async for _, index, delta, reason, tokens in _events(state, req):
-            if reason is not None:
-                generated += tokens
-            if not delta and reason is None:
+        async for d in _events(state, req):
+            if d.finish_reason is not None:
+                generated += d.tokens
+            if d.prompt_logprobs is not None or (req.echo and d.tokens == 1):   # echo: the prompt first
+                yield chunk([choice(d.index, req.echo[d.index // req.n] if req.echo else "", None, d.prompt_logprobs)])
+            if not d.text and d.finish_reason is None and not (want and d.logprobs):
                 continue
-            if chat:
-                yield chunk([{"index": index, "delta": {"content": delta} if delta else {}, "logprobs": None,
-                              "finish_reason": reason}])
-            else:
-                yield chunk([{"index": index, "text": delta, "logprobs": None, "finish_reason": reason}])
+            yield chunk([choice(d.index, d.text, d.finish_reason, d.logprobs, offsets[d.index])])
+            offsets[d.index] += len(d.text)
         if include_usage:
             yield chunk([], _usage(req, generated))
         finished = True

@@ -2,7 +2,8 @@
 
 The model is the command's runner model (virtual TP, or the DeepSpeed AutoTP + SPD engine's module), called
 like any HF causal LM with the slot cache, explicit position ids and masks, and ``logits_to_keep=1``: only
-the last position of each row reaches the (vocabulary-sized) head.
+the last position of each row reaches the (vocabulary-sized) head, unless the plan's forward says ``keep: 0``
+(a prompt whose tokens are scored: ``echo`` with ``logprobs``), when every position does.
 """
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ class StepExecutor:
         self.seconds: list[float] = []        # wall time of each forward of the last plan
 
     @torch.no_grad()
-    def forward(self, first_slot: int, offsets: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """Rows ``first_slot ..`` (offsets: their cached lengths) take ``tokens``; last-position logits ``[B, V]``."""
+    def forward(self, first_slot: int, offsets: list[int], tokens: list[list[int]], keep: int = 1) -> torch.Tensor:
+        """Rows ``first_slot ..`` (offsets: their cached lengths) take ``tokens``; last-position logits ``[B, V]``
+        (``keep=0``: every position's, ``[B, T, V]``)."""
         ids = torch.tensor(tokens, device=self.device)
         pos = self.cache.select(first_slot, offsets, ids.shape[1]).to(self.device)
         mask = self.cache.masks(self.layer_types, self.window)
         mask = {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
+                         logits_to_keep=keep)
+        return out.logits if keep == 0 else out.logits[:, -1]
 
     def run(self, plan: dict) -> list[torch.Tensor]:
         """Apply a plan (slot moves, then forwards); the logits of each forward, for rank 0 to sample from."""
@@ -42,7 +44,7 @@ class StepExecutor:
         out, self.seconds = [], []
         for fwd in plan["forwards"]:
             start = time.perf_counter()
-            out.append(self.forward(fwd["slot"], fwd["offsets"], fwd["tokens"]))
+            out.append(self.forward(fwd["slot"], fwd["offsets"], fwd["tokens"], fwd.get("keep", 1)))
             self.seconds.append(time.perf_counter() - start)
             if self.log_tokens:
                 for sid, toks in zip(fwd["seqs"], fwd["tokens"]):

@@ -33,6 +33,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    logprobs: int | None = None          # log-probabilities of the chosen tokens, with this many alternatives
+    prompt_logprobs: int | None = None   # the same for the prompt's tokens (``echo``)
+    presence_penalty: float = 0.0        # OpenAI: minus this for every token already in the output
+    frequency_penalty: float = 0.0       # OpenAI: minus this times the token's count in the output
+    repetition_penalty: float = 1.0      # vLLM / HF (CTRL): logits of prompt and output tokens / or * this
+    logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI: (token id, added to its logit)
+    min_tokens: int = 0                  # vLLM: no end-of-sequence before this many tokens
 
     def __post_init__(self):
         if self.temperature < GREEDY_BELOW:   # normalised where it enters: 1e-39 means greedy, not overflow
@@ -50,6 +57,40 @@ def generator_for(seed: int | None, index: int) -> torch.Generator:
     else:   # not Python's salted hash(): the same seed gives the same stream in every process and run
         value = int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little") >> 1
     return torch.Generator().manual_seed(value)
+
+
+def adjust(logits: torch.Tensor, params: SamplingParams, output: list[int], prompt: list[int],
+           eos_ids: set[int]) -> torch.Tensor:
+    """The logits the sampler sees: penalties and bias applied, end-of-sequence barred before ``min_tokens``
+    (the reported log-probabilities are the model's own, before any of this, as vLLM reports them)."""
+    p = params
+    if not (p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or p.logit_bias
+            or (p.min_tokens and len(output) < p.min_tokens and eos_ids)):
+        return logits
+    scores = logits.float().clone()
+    if output and (p.presence_penalty or p.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output), minlength=scores.numel())[:scores.numel()].float()
+        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        if seen.numel():
+            picked = scores[seen]
+            scores[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+    for token, bias in p.logit_bias:
+        if 0 <= token < scores.numel():
+            scores[token] += bias
+    if p.min_tokens and len(output) < p.min_tokens:
+        scores[[t for t in eos_ids if 0 <= t < scores.numel()]] = float("-inf")
+    return scores
+
+
+def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` and the ``k`` most likely tokens with theirs, from one row of
+    log-probabilities (non-finite values reported as -inf, never NaN)."""
+    lp = torch.nan_to_num(logprobs.float(), nan=float("-inf"))
+    best = torch.topk(lp, min(k, lp.numel())) if k > 0 else None
+    alternatives = [] if best is None else [(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+    return float(lp[token]), alternatives
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ds_spd.serve.sampling import SamplingParams, generator_for, sample
+from ds_spd.serve.sampling import SamplingParams, adjust, generator_for, sample, top_logprobs
+
+#: one token's log-probability report: (token id, its log-probability or None for a prompt's first token,
+#: [(alternative token id, log-probability)], best first)
+TokenLogprob = tuple[int, "float | None", list[tuple[int, float]]]
 
 
 @dataclass(eq=False)
@@ -42,6 +46,7 @@ class Sequence:
     sent: int = 0                    # characters of ``text`` already delivered
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
+    prompt_logprobs: list | None = None   # TokenLogprob per prompt token, with ``params.prompt_logprobs``
 
     def __post_init__(self):
         if self.generator is None:
@@ -68,6 +73,8 @@ class Event:
     delta: str
     token_ids: list[int]
     error: str | None = None   # this sequence failed (its request fails; the engine and the others go on)
+    logprobs: list[TokenLogprob] | None = None          # of ``token_ids``, with ``params.logprobs``
+    prompt_logprobs: list[TokenLogprob] | None = None   # with the first token, with ``params.prompt_logprobs``
 
 
 class Scheduler:
@@ -127,6 +134,7 @@ class Scheduler:
             if twin is not None and len(s.prompt) > 1:   # n > 1: copy the prompt's cache, prefill its last token
                 moves.append([twin.slot, s.slot, len(s.prompt) - 1])
                 s.offset = len(s.prompt) - 1
+                s.prompt_logprobs = twin.prompt_logprobs
             budget, complete = self._prefill_chunk(s, budget, forwards)
         done, self._done = self._done, []
         if not forwards and not moves and not done:
@@ -137,9 +145,11 @@ class Scheduler:
         """Add up to ``budget`` of ``s``'s prompt tokens; returns the budget left and whether the prompt is in."""
         n = min(len(s.prompt) - s.offset, budget)
         if n > 0:
-            forwards.append({"kind": "prefill", "slot": s.slot, "offsets": [s.offset],
-                             "tokens": [s.prompt[s.offset:s.offset + n]],
-                             "seqs": [s.id]})
+            fwd = {"kind": "prefill", "slot": s.slot, "offsets": [s.offset], "tokens": [s.prompt[s.offset:s.offset + n]],
+                   "seqs": [s.id]}
+            if s.params.prompt_logprobs is not None and len(s.prompt_logprobs or ()) < len(s.prompt):
+                fwd["keep"] = 0   # every position's logits (every rank runs the same head): the prompt's scores
+            forwards.append(fwd)
         return budget - n, s.offset + n == len(s.prompt)
 
     def _compact(self) -> list[list[int]]:
@@ -170,14 +180,22 @@ class Scheduler:
         for fwd, rows in zip(plan["forwards"], logits):
             for sid, toks, row in zip(fwd["seqs"], fwd["tokens"], rows):
                 s = by_id[sid]
-                s.offset += len(toks)
+                start, s.offset = s.offset, s.offset + len(toks)
+                if row.dim() == 2:   # every position kept: score the prompt tokens they predict
+                    self._score_prompt(s, start, row)
+                    row = row[-1]
                 if s.finished or not s.prefilled:
                     continue
                 try:   # whatever one sequence does (its logits, its text), the step goes on for the others
-                    token = sample(row, s.params, s.generator)
+                    token = sample(adjust(row, s.params, s.output, s.prompt, self.eos_ids), s.params, s.generator)
                     s.output.append(token)
                     s.first_token = s.first_token or now
-                    events.append(self._advance(s, token))
+                    event = self._advance(s, token)
+                    if s.params.logprobs is not None:
+                        event.logprobs = [(token, *top_logprobs(row.float().log_softmax(-1), token, s.params.logprobs))]
+                    if len(s.output) == 1:
+                        event.prompt_logprobs = s.prompt_logprobs
+                    events.append(event)
                 except Exception as err:   # noqa: BLE001  (a failure of this sequence only)
                     s.finish_reason = "error"
                     events.append(Event(s, "", [], f"{type(err).__name__}: {err}"))
@@ -185,6 +203,21 @@ class Scheduler:
         self.prefilling = [s for s in self.prefilling if not s.prefilled]
         self.running += newly
         return events
+
+    @staticmethod
+    def _score_prompt(s: Sequence, start: int, row: torch.Tensor) -> None:
+        """Prompt log-probabilities from a chunk's logits ``[T, V]`` (positions ``start ..``): position j scores
+        prompt token j + 1; the prompt's first token has none (None, as OpenAI and vLLM report it)."""
+        if s.params.prompt_logprobs is None:
+            return
+        if s.prompt_logprobs is None:
+            s.prompt_logprobs = [(s.prompt[0], None, [])]
+        logprobs = row.float().log_softmax(-1)
+        for j in range(row.shape[0]):
+            target = start + j + 1
+            if target < len(s.prompt):
+                s.prompt_logprobs.append((s.prompt[target],
+                                          *top_logprobs(logprobs[j], s.prompt[target], s.params.prompt_logprobs)))
 
     def _advance(self, s: Sequence, token: int) -> Event:
         if token in self.eos_ids and not s.params.ignore_eos:

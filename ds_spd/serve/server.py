@@ -278,6 +278,7 @@ def _loop(state, sched, executor, sender, metrics, stop) -> None:
     """The engine loop: take requests, plan a step, send it, run it, sample, deliver; until stopped."""
     import queue
 
+    from ds_spd.serve.api import Delta
     from ds_spd.serve.scheduler import Sequence
     requests: dict[str, object] = {}
     while True:
@@ -340,7 +341,8 @@ def _loop(state, sched, executor, sender, metrics, stop) -> None:
             if s.finished:
                 if len(s.output) > 1:
                     metrics.tpot.observe((time.monotonic() - s.first_token) / (len(s.output) - 1))
-            req.push(("delta", s.index, ev.delta, s.finish_reason, len(s.output)))
+            req.push(("delta", Delta(s.index, ev.delta, s.finish_reason, len(s.output), ev.logprobs,
+                                     ev.prompt_logprobs)))
         for rid in [r for r, req in requests.items() if r not in state.live]:
             requests.pop(rid, None)   # finished or failed on the HTTP side
 
