@@ -659,6 +659,31 @@ def test_bench_serve_against_a_running_server(server, chat_dir, tmp_path):
 
 
 @pytest.mark.multirank
+def test_lm_eval_local_completions_against_the_server_equals_the_in_process_adapter(server, chat_dir, monkeypatch):
+    """lm-evaluation-harness's own `local-completions` model, pointed at the 2-rank server (echo + logprobs, the
+    API key from OPENAI_API_KEY as lm_eval reads it), scores the offline task as the in-process adapter does."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from ds_spd.tools.lm_eval_adapter import SPDLM
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    tasks = TaskManager(include_path=os.path.join(ROOT, "tests/data/lm_eval"))
+    served = simple_evaluate(model="local-completions", tasks=["ds_spd_tiny_choice"], task_manager=tasks,
+                             model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny",
+                                         "tokenizer": chat_dir, "tokenizer_backend": "huggingface",
+                                         "num_concurrent": 1, "max_retries": 1}, log_samples=True)
+    local = simple_evaluate(model=SPDLM(model=chat_dir, virtual_tp=2, spd_blocks="0,2", batch_size=2),
+                            tasks=["ds_spd_tiny_choice"], task_manager=tasks, log_samples=True)
+    assert served["results"]["ds_spd_tiny_choice"]["acc,none"] == local["results"]["ds_spd_tiny_choice"]["acc,none"]
+    ll = {r["doc_id"]: [x[0][0] for x in r["resps"]] for r in served["samples"]["ds_spd_tiny_choice"]}
+    ref = {r["doc_id"]: [x[0][0] for x in r["resps"]] for r in local["samples"]["ds_spd_tiny_choice"]}
+    assert sorted(ll) == sorted(ref) and len(ll) == 6
+    for doc in ref:
+        assert ll[doc] == pytest.approx(ref[doc], abs=1e-3)
+
+
+@pytest.mark.multirank
 def test_sigterm_to_the_deepspeed_runner_drains_and_every_rank_exits(server):
     """Last on this server: SIGTERM to the deepspeed runner alone (it dies without passing it on) mid-generation.
     Rank 0 sees its runner go and drains: /health turns 503, the running request finishes, new ones are refused,
@@ -852,27 +877,3 @@ def test_prompt_logprobs_survive_chunked_prefill():
     assert all(alts[0][1] == pytest.approx(float(ref[j].max()), abs=1e-5)
                for j, (_, _, alts) in enumerate(seq.prompt_logprobs[1:]))
 
-
-@pytest.mark.multirank
-def test_lm_eval_local_completions_against_the_server_equals_the_in_process_adapter(server, chat_dir, monkeypatch):
-    """lm-evaluation-harness's own `local-completions` model, pointed at the 2-rank server (echo + logprobs, the
-    API key from OPENAI_API_KEY as lm_eval reads it), scores the offline task as the in-process adapter does."""
-    pytest.importorskip("lm_eval")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from ds_spd.tools.lm_eval_adapter import SPDLM
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    tasks = TaskManager(include_path=os.path.join(ROOT, "tests/data/lm_eval"))
-    served = simple_evaluate(model="local-completions", tasks=["ds_spd_tiny_choice"], task_manager=tasks,
-                             model_args={"base_url": f"{server.url}/v1/completions", "model": "tiny",
-                                         "tokenizer": chat_dir, "tokenizer_backend": "huggingface",
-                                         "num_concurrent": 1, "max_retries": 1}, log_samples=True)
-    local = simple_evaluate(model=SPDLM(model=chat_dir, virtual_tp=2, spd_blocks="0,2", batch_size=2),
-                            tasks=["ds_spd_tiny_choice"], task_manager=tasks, log_samples=True)
-    assert served["results"]["ds_spd_tiny_choice"]["acc,none"] == local["results"]["ds_spd_tiny_choice"]["acc,none"]
-    ll = {r["doc_id"]: [x[0][0] for x in r["resps"]] for r in served["samples"]["ds_spd_tiny_choice"]}
-    ref = {r["doc_id"]: [x[0][0] for x in r["resps"]] for r in local["samples"]["ds_spd_tiny_choice"]}
-    assert sorted(ll) == sorted(ref) and len(ll) == 6
-    for doc in ref:
-        assert ll[doc] == pytest.approx(ref[doc], abs=1e-3)
