@@ -439,14 +439,18 @@ def cmd_bench_serve(args) -> None:
             raise SPDInputError(f"cannot reach a server at {args.url}: {err}") from None
         tok = load_tokenizer(args.model or "default")
         work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
+        try:
+            backend = bs.probe_backend(args.url, model, tok, bs.auth_headers(args.api_key))
+        except RuntimeError as err:
+            raise SPDInputError(str(err)) from None
         runs = []
         for rep in range(args.repeats):
             for load in loads:
                 summary = asyncio.run(bs.run_load(args.url, model, work, load.rate, load.concurrency,
-                                                  args.bench_seed + rep, args.api_key))
+                                                  args.bench_seed + rep, args.api_key, backend, tok))
                 runs.append({"path": "url", "engine": model, "load": {"rate": load.rate, "concurrency": load.concurrency},
                              "load_name": load.name, "repeat": rep, **summary})
-        result = {"runs": runs, "repeats": args.repeats, "paired": []}
+        result = {"runs": runs, "repeats": args.repeats, "paired": [], "backend": vars(backend)}
     else:
         from ds_spd.run import resolve_run
         cfg = config_from_args(args)

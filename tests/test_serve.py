@@ -718,6 +718,39 @@ def test_sigterm_to_the_deepspeed_runner_drains_and_every_rank_exits(server):
     assert logs[0] == logs[1] and len(logs[0]) >= 8   # the other rank ran exactly rank 0's tokens, every sequence
 
 
+def test_bench_serve_url_against_transformers_serve(chat_dir, tmp_path):
+    """`bench-serve --url` against another OpenAI-compatible server: `transformers serve` refuses token-id prompts
+    and vLLM's ignore_eos (HTTP 422 for every request before); the probe finds that it takes text prompts, and
+    every request completes with the tokens it returned."""
+    import shutil
+    from helpers import free_port
+    exe = shutil.which("transformers", path=os.path.dirname(sys.executable))
+    port = free_port()
+    proc = subprocess.Popen([exe, "serve", "--port", str(port), chat_dir], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "transformers serve did not start"
+            try:
+                if requests.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        out = tmp_path / "bs"
+        run_cli(["bench-serve", "--url", url, "--model", chat_dir, "--num-requests", "4", "--rates", "inf",
+                 "--repeats", "1", "--prompt-len", "8,16", "--output-len", "4", "--out", str(out)])
+        result = json.load(open(out / "bench_serve.json"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert result["backend"] == {"token_ids": False, "ignore_eos": False, "usage": True}   # OpenAI's fields only
+    (run,) = result["runs"]
+    assert run["completed"] == 4 and run["failed"] == 0 and 0 < run["total_output_tokens"] <= 16
+    assert run["decode_forward_ms"] is None   # no ds_spd metrics there
+
+
 # ---------------------------------------------------------------- faults on their own servers
 @pytest.mark.multirank
 def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):

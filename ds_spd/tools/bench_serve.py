@@ -6,7 +6,11 @@ streams, so time to first token (TTFT) and inter-token latency (ITL) are measure
 Reported per load: completed / failed, request and output-token throughput, TTFT, TPOT = (latency - TTFT) /
 (output tokens - 1), ITL and end-to-end latency, each mean / p50 / p90 / p99.
 
-Against one running server (``--url``), or side by side: the benchmark starts one server per engine (TP, the
+Against one running server (``--url``), any OpenAI-compatible one: a probe request finds what it accepts
+(:class:`Backend`: token-id prompts, vLLM's ``ignore_eos``, ``stream_options``); a server that takes none of them
+(``transformers serve``) gets text prompts, and the output tokens counted are the ones it returned (its
+``usage``, else one per streamed text chunk); engine metrics are read from ``/metrics`` where it has ds_spd's.
+Or side by side: the benchmark starts one server per engine (TP, the
 plan's SPD blocks, every block SPD) on each all-reduce path (``shm``, ``gloo``, ``2hosts``: two simulated hosts)
 and runs every load on each engine in a shuffled order, repeat after repeat; each SPD engine's median TPOT,
 TTFT and latency are paired with TP's of the same repeat and reported as ratios with 95% intervals (as ``bench``
@@ -55,10 +59,50 @@ def make_workload(tokenizer, n: int, prompt_len: tuple[int, int], output_len: in
     return [(w[:rng.randint(*prompt_len)].tolist(), output_len) for w in windows]
 
 
-async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int) -> Record:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    rec, start, last = Record(False, len(prompt)), time.perf_counter(), None
+@dataclass(frozen=True)
+class Backend:
+    """What a server accepts beyond OpenAI's core completion fields (ds_spd and vLLM: all of it)."""
+
+    token_ids: bool = True      # prompts as token ids (else text)
+    ignore_eos: bool = True     # vLLM's extension: every request generates max_tokens
+    usage: bool = True          # stream_options.include_usage: the server counts the tokens
+
+    def body(self, model: str, prompt: list[int], max_tokens: int, tokenizer=None) -> dict:
+        body = {"model": model, "prompt": prompt if self.token_ids else tokenizer.decode(prompt),
+                "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        if self.ignore_eos:
+            body["ignore_eos"] = True
+        if self.usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+
+#: tried in order by :func:`probe_backend`: the first the server answers with 200 is used
+BACKENDS = (Backend(), Backend(token_ids=False), Backend(token_ids=False, ignore_eos=False),
+            Backend(token_ids=False, ignore_eos=False, usage=False))
+
+
+def probe_backend(url: str, model: str, tokenizer, headers: dict | None = None) -> Backend:
+    """The first of :data:`BACKENDS` a server answers a 2-token request of with 200 (a 422 or 400 for an unknown
+    field or a token-id prompt moves on to the next); a server that refuses all of them is an error."""
+    import urllib.error
+    import urllib.request
+    answers = []
+    for backend in BACKENDS:
+        data = json.dumps(backend.body(model, tokenizer("Hello").input_ids, 2, tokenizer)).encode()
+        req = urllib.request.Request(f"{url}/v1/completions", data=data, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+                return backend
+        except urllib.error.HTTPError as err:
+            answers.append(f"{err.code} {err.read()[:120]!r}")
+    raise RuntimeError(f"{url} refused every request form: {'; '.join(answers)}")
+
+
+async def _one(session, url: str, body: dict, prompt_tokens: int) -> Record:
+    rec, start, last, chunks = Record(False, prompt_tokens), time.perf_counter(), None, 0
     try:
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             if resp.status != 200:
@@ -75,13 +119,15 @@ async def _one(session, url: str, model: str, prompt: list[int], max_tokens: int
                 now = time.perf_counter()
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk["choices"] or not chunk["choices"][0]["text"]:
+                if not chunk["choices"] or not chunk["choices"][0].get("text"):
                     continue
+                chunks += 1
                 if last is None:
                     rec.ttft = now - start
                 else:
                     rec.itl.append(now - last)
                 last = now
+        rec.output_tokens = rec.output_tokens or chunks   # no usage: one token per text chunk
         rec.latency, rec.ok = time.perf_counter() - start, rec.output_tokens > 0
     except Exception as err:   # a failed request is a result, not a crash of the benchmark
         rec.error = f"{type(err).__name__}: {err}"
@@ -109,7 +155,7 @@ def auth_headers(api_key: str | None) -> dict:
 
 
 async def run_load(url: str, model: str, workload, rate: float, concurrency: int | None, seed: int,
-                   api_key: str | None = None) -> dict:
+                   api_key: str | None = None, backend: Backend = Backend(), tokenizer=None) -> dict:
     """Send the workload (Poisson arrivals at ``rate`` per second, at most ``concurrency`` at once); summarise."""
     import aiohttp
     rng = random.Random(seed)
@@ -118,7 +164,7 @@ async def run_load(url: str, model: str, workload, rate: float, concurrency: int
 
     async def gated(session, prompt, max_tokens):
         async with limit:
-            return await _one(session, url, model, prompt, max_tokens)
+            return await _one(session, url, backend.body(model, prompt, max_tokens, tokenizer), len(prompt))
     fwd_before = decode_forward_totals(url)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
                                      headers=auth_headers(api_key)) as session:
