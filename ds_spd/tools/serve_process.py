@@ -41,7 +41,7 @@ class ServerProcess:
     """A running ``ds-spd serve ARGS`` on ``nprocs`` ranks; ``url`` once :meth:`wait_ready` returned."""
 
     def __init__(self, args: list[str], nprocs: int = 2, hosts: int = 1, log_path: str | None = None,
-                 wait: bool = True, timeout: float = 600, env: dict | None = None):
+                 wait: bool = True, timeout: float = 600, env: dict | None = None, root: str = ROOT):
         # --port 0: the server binds a free port itself and prints it (no window for another process to take it);
         # a --port in args comes later and wins
         self.port: int | None = None
@@ -53,8 +53,8 @@ class ServerProcess:
             os.close(fd)
         self.log_path, self._final_output = log_path, None
         self.log = open(log_path, "w")
-        popen = dict(stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                     env={**_env(), **(env or {})})
+        popen = dict(stdout=self.log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+                     env={**_env(), **(env or {})})   # root: another checkout's code (benchmarks of two commits)
         if hosts > 1:
             master = str(free_port())
             self.procs = []
@@ -66,7 +66,7 @@ class ServerProcess:
                 self.procs.append(subprocess.Popen(["unshare", "-m", "sh", "-c", inner], **popen))
         elif nprocs:
             popen["env"] = {**popen["env"], "DS_SPD_PYTHON": sys.executable}
-            self.procs = [subprocess.Popen(["bash", os.path.join(ROOT, "launch", "tp.sh"), str(nprocs), *serve],
+            self.procs = [subprocess.Popen(["bash", os.path.join(root, "launch", "tp.sh"), str(nprocs), *serve],
                                            **popen)]
         else:
             self.procs = [subprocess.Popen([sys.executable, "-m", "ds_spd", *serve], **popen)]
