@@ -27,23 +27,15 @@ class StepExecutor:
 
     @torch.no_grad()
     def forward(self, first_slot: int, offsets: list[int], tokens: list[list[int]], keep: int = 1) -> torch.Tensor:
-        """Rows ``first_slot ..`` (offsets: their cached lengths) take ``tokens``; each row's last-position logits
-        ``[B, V]`` (``keep=0``: every position's, ``[B, T, V]``). Rows of different lengths are right-padded: a
-        row's queries see only keys before them, never its padding, and its next tokens overwrite that."""
-        lengths = [len(t) for t in tokens]
-        width = max(lengths)
-        ids = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=self.device)
-        pos = self.cache.select(first_slot, offsets, width).to(self.device)
+        """Rows ``first_slot ..`` (offsets: their cached lengths) take ``tokens``; last-position logits ``[B, V]``
+        (``keep=0``: every position's, ``[B, T, V]``)."""
+        ids = torch.tensor(tokens, device=self.device)
+        pos = self.cache.select(first_slot, offsets, ids.shape[1]).to(self.device)
         mask = self.cache.masks(self.layer_types, self.window)
         mask = {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
-        if keep == 0 or min(lengths) == width:
-            out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
-                             logits_to_keep=keep)
-            return out.logits if keep == 0 else out.logits[:, -1]
-        ends = sorted({n - 1 for n in lengths})   # only the rows' last positions reach the head
         out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
-                         logits_to_keep=torch.tensor(ends, device=self.device))
-        return out.logits[torch.arange(len(tokens)), torch.tensor([ends.index(n - 1) for n in lengths])]
+                         logits_to_keep=keep)
+        return out.logits if keep == 0 else out.logits[:, -1]
 
     def run(self, plan: dict) -> list[torch.Tensor]:
         """Apply a plan (slot moves, then forwards); the logits of each forward, for rank 0 to sample from."""

@@ -5,9 +5,9 @@ Each step is one plan, sent to every rank and run by each (ds_spd.serve.executor
 - ``moves``: slot copies that keep the running sequences in slots ``0 .. R-1`` (a finished sequence's slot is
   filled by the last running one) and the prefilling ones right after them;
 - ``forwards``: one decode forward over every running sequence (one token each), then prefill forwards
-  for as many queued prompts as the step's token budget leaves room for, several prompts in one forward
-  (right-padded rows; batched prefill): a prompt longer than what is left is split across steps (chunked
-  prefill), so a long prompt never stalls the running decodes for more than ``max_step_tokens`` tokens of work;
+  (one sequence each) for as many queued prompts as the step's token budget leaves room for: a prompt
+  longer than what is left is split across steps (chunked prefill), so a long prompt never stalls the
+  running decodes for more than ``max_step_tokens`` tokens of work;
 - ``done``: sequences that left since the last plan (finished, stopped, or cancelled by their client).
 
 Requests wait in a FIFO queue while ``max_seqs`` sequences hold slots. Rank 0 samples the next tokens
@@ -136,30 +136,10 @@ class Scheduler:
                 s.offset = len(s.prompt) - 1
                 s.prompt_logprobs = twin.prompt_logprobs
             budget, complete = self._prefill_chunk(s, budget, forwards)
-        forwards = self._batch_prefills(forwards)
         done, self._done = self._done, []
         if not forwards and not moves and not done:
             return None
         return {"moves": moves, "forwards": forwards, "done": done}
-
-    def _batch_prefills(self, forwards: list[dict]) -> list[dict]:
-        """Merge prefill forwards of consecutive slots into one forward of several rows (right-padded by the
-        executor: a row's queries never see its padding, which later tokens overwrite), as long as the padded
-        rows x tokens stay within the step budget and every row's padded end within the cache. A prompt whose
-        tokens are scored (``keep``) runs alone."""
-        out: list[dict] = []
-        for fwd in forwards:
-            last = out[-1] if out else None
-            if (last is not None and fwd["kind"] == last["kind"] == "prefill" and "keep" not in fwd
-                    and "keep" not in last and fwd["slot"] == last["slot"] + len(last["seqs"])):
-                width = max(len(fwd["tokens"][0]), *(len(t) for t in last["tokens"]))
-                offsets = [*last["offsets"], *fwd["offsets"]]
-                if (len(offsets) * width <= self.max_step_tokens and max(offsets) + width <= self.max_len):
-                    out[-1] = {**last, "offsets": offsets, "tokens": [*last["tokens"], *fwd["tokens"]],
-                               "seqs": [*last["seqs"], *fwd["seqs"]]}
-                    continue
-            out.append(fwd)
-        return out
 
     def _prefill_chunk(self, s: Sequence, budget: int, forwards: list) -> tuple[int, bool]:
         """Add up to ``budget`` of ``s``'s prompt tokens; returns the budget left and whether the prompt is in."""
