@@ -31,8 +31,10 @@ def bench(tree: str, serve_args: list[str], bench_args: list[str], out: str) -> 
     """Start the tree's server on 2 ranks (its own code: PYTHONPATH is the tree), bench it, stop it."""
     srv = ServerProcess(serve_args, env={"PYTHONPATH": tree}, root=tree)
     try:
-        subprocess.run([sys.executable, "-m", "ds_spd", "bench-serve", "--url", srv.url, *bench_args, "--out", out],
-                       check=True, cwd=ROOT, capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "ds_spd", "bench-serve", "--url", srv.url, *bench_args, "--out",
+                               out], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"bench-serve failed:\n{done.stderr[-3000:]}")
     finally:
         srv.kill()
     return json.load(open(os.path.join(out, "bench_serve.json")))["runs"]
@@ -45,9 +47,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="runs/serve_commits")
     ap.add_argument("--serve-args", default="", help="extra ds-spd serve flags")
-    ap.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = ap.parse_args()
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, bench_args = ap.parse_args(argv[:cut]), argv[cut + 1:]   # after --: ds-spd bench-serve flags
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         trees = {c: worktree(c, tmp) for c in (args.a, args.b)}
@@ -55,7 +57,7 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 for c in ((args.a, args.b) if r % 2 == 0 else (args.b, args.a)):
-                    for run in bench(trees[c], args.serve_args.split(), bench_args, os.path.join(tmp, "bs")):
+                    for run in bench(trees[c], args.serve_args.split(), bench_args, os.path.join(tmp, f"bs{r}{c}")):
                         runs.append({"commit": c, "round": r, **run})
                         print(f"round {r} {c[:8]} {run['load_name']}: {run['output_throughput']:.1f} tok/s, "
                               f"TTFT p50 {run['ttft']['p50_ms']:.0f} ms", flush=True)
