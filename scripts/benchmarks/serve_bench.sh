@@ -25,8 +25,8 @@ serve_and_bench() {  # NAME SERVE_ARGS -- BENCH_ARGS: one TP server on 2 ranks, 
   local pid=$!
   for _ in $(seq 1 600); do curl -sf "localhost:$port/health" > /dev/null && break; sleep 0.5; done
   python -m ds_spd bench-serve --url "http://localhost:$port" "$@" --out "$out/$name"
-  pkill -TERM -f -- "--local_rank=0 serve --port $port" || true   # rank 0 drains and stops every rank
-  wait "$pid" || true
+  kill -TERM "$pid"   # launch/tp.sh passes it to the ranks: rank 0 drains and stops every rank
+  wait "$pid"         # 0 after a clean stop
 }
 serve_and_bench concurrency -- --rates "" --concurrency 1,8 --num-requests 16 --prompt-len 32,256 --output-len 32 \
   --repeats 3
