@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url", help="benchmark this running server instead of starting servers")
     g.add_argument("--api-key", default=os.environ.get("DS_SPD_API_KEY") or os.environ.get("OPENAI_API_KEY"),
                    help="with --url: the server's API key (default: $DS_SPD_API_KEY, else $OPENAI_API_KEY)")
+    g.add_argument("--backend", choices=("auto", "full", "openai"), default="auto",
+                   help="with --url: the request form; auto: the first the server accepts (token ids + ignore_eos, "
+                        "...); openai: text prompts, no extensions (the same requests for different servers)")
     g.add_argument("--engines", help="servers to start: tp, plan (the --plan/--checkpoint blocks), all (every block "
                                      "SPD); default tp,plan with a plan or checkpoint, else tp,all")
     g.add_argument("--paths", default="shm,gloo", help="all-reduce paths: shm, gloo, 2hosts (two simulated hosts)")
@@ -414,6 +417,8 @@ def cmd_bench_serve(args) -> None:
 
     from ds_spd.models.loading import load_tokenizer
     from ds_spd.tools import bench_serve as bs
+    if args.backend != "auto" and not args.url:
+        raise SPDInputError("--backend chooses the request form for a running server: it needs --url")
     check_output_dir(args.out, "bench-serve output", names=bs.OUTPUT_FILES)
     _hold(args.out, "bench-serve output")
     try:
@@ -440,7 +445,8 @@ def cmd_bench_serve(args) -> None:
         tok = load_tokenizer(args.model or "default")
         work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
         try:
-            backend = bs.probe_backend(args.url, model, tok, bs.auth_headers(args.api_key))
+            backend = bs.NAMED_BACKENDS.get(args.backend) or bs.probe_backend(args.url, model, tok,
+                                                                               bs.auth_headers(args.api_key))
         except RuntimeError as err:
             raise SPDInputError(str(err)) from None
         runs = []

@@ -80,6 +80,9 @@ class Backend:
 #: tried in order by :func:`probe_backend`: the first the server answers with 200 is used
 BACKENDS = (Backend(), Backend(token_ids=False), Backend(token_ids=False, ignore_eos=False),
             Backend(token_ids=False, ignore_eos=False, usage=False))
+#: ``bench-serve --backend``: ``auto`` probes; ``openai`` (OpenAI's own fields: text prompts, the server's own
+#: end-of-sequence) gives different servers the same requests
+NAMED_BACKENDS = {"full": BACKENDS[0], "openai": BACKENDS[2]}
 
 
 def probe_backend(url: str, model: str, tokenizer, headers: dict | None = None) -> Backend:
