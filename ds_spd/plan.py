@@ -42,7 +42,7 @@ class Plan(BaseModel):
     tp_grain_size: int = Field(DEFAULT_TP_GRAIN_SIZE, ge=1)  # AutoTP's MLP split depends on it
     blocks: list[BlockEntry]
     measured_with: dict = Field(default_factory=dict)
-    scan: Optional[dict] = None       # how the sensitivities were measured (see ds_spd.scan)
+    scan: Optional[dict] = None       # how the sensitivities were measured (see ds_spd.stages.scan)
     selection: Optional[dict] = None  # which rule chose the SPD blocks (see ds_spd.planner)
 
     @property

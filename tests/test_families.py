@@ -1,4 +1,4 @@
-"""Model families through their adapters (ds_spd.adapters), each with the LLaMA family's proofs, on tiny
+"""Model families through their adapters (ds_spd.models.adapters), each with the LLaMA family's proofs, on tiny
 random configs: SPD off == HF; TP=1 SPD == HF; the SPD block == an independent hook-based reference of its
 block math (pre-norm: the paper's; sandwich: ds_spd's rank-local definition); head grouping keeps the plain
 TP function; virtual TP == 2 real ranks (tests/tp_worker.py); mixture-of-experts refused by name."""

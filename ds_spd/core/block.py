@@ -52,7 +52,7 @@ class SPDDecoderLayer(nn.Module):
 
     Built from an HF decoder layer (plain, or already sharded by DeepSpeed AutoTP): it takes over the
     layer's norms, attention and MLP weights; ``reduce`` is the communication (see ds_spd.comm); the
-    family's adapter (ds_spd.adapters) says how to reach its projections and which block math applies.
+    family's adapter (ds_spd.models.adapters) says how to reach its projections and which block math applies.
     """
 
     def __init__(self, layer: nn.Module, attn_cols: tuple[int, ...], mlp_cols: tuple[int, ...], reduce,
@@ -122,7 +122,7 @@ class SPDDecoderLayer(nn.Module):
         return out if d_bias is None else out + d_bias
 
     def _sandwich(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Norms on the attention and MLP outputs (Gemma 2/3; no biases); SPD as defined in ds_spd.adapters."""
+        """Norms on the attention and MLP outputs (Gemma 2/3; no biases); SPD as defined in ds_spd.models.adapters."""
         norm_a, norm_o = self.post_attention_layernorm, self.post_feedforward_layernorm
         if self.spd:
             z = self.mlp_partials(self.ffn_norm(x + norm_a(y)))        # rank-local: Na(Y_r)

@@ -2,7 +2,7 @@
 
 Parallelism is a declarative plan applied to an unmodified HF model (torchtitan's shape): DeepSpeed
 AutoTP shards the linears, then DeepSpeed's ``replace_module`` walks the model and our injection policy
-turns each decoder layer into an :class:`~ds_spd.block.SPDDecoderLayer` that reuses AutoTP's shards and
+turns each decoder layer into an :class:`~ds_spd.core.block.SPDDecoderLayer` that reuses AutoTP's shards and
 the engine's TP group. The swap happens after AutoTP, so nothing is sharded twice.
 """
 from __future__ import annotations

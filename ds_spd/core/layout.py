@@ -21,7 +21,7 @@ DEFAULT_TP_GRAIN_SIZE = 64
 
 
 def check_architecture(config) -> None:
-    """Refuse a model family without an adapter (ds_spd.adapters), naming the supported ones."""
+    """Refuse a model family without an adapter (ds_spd.models.adapters), naming the supported ones."""
     from ds_spd.models.adapters import adapter_for
     adapter_for(config)
 
