@@ -457,12 +457,11 @@ def _prepare(state: ServeState, raw: bytes, endpoint: str):
         max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_len - len(ids), 1)
     else:
         body = CompletionBody.model_validate_json(raw)
-        batch = len(body.prompt) if body.prompt and isinstance(body.prompt, list) and \
-            isinstance(body.prompt[0], (str, list)) else 1
-        if batch * body.n > state.capacity:   # before tokenizing a million prompts
-            raise _FieldError("prompt", f"{batch} prompts x n={body.n} is more sequences than this server holds "
-                              f"({state.capacity}: --max-seqs + --max-queue)")
-        prompts = _completion_prompts(state, body.prompt)
+        items = _prompt_items(body.prompt)
+        if len(items) * body.n > state.capacity:   # before tokenizing a million prompts
+            raise _FieldError("prompt", f"{len(items)} prompts x n={body.n} is more sequences than this server "
+                              f"holds ({state.capacity}: --max-seqs + --max-queue)")
+        prompts = _completion_prompts(state, items)
         max_tokens = body.max_tokens or 16
     if body.model != state.model_name:
         raise _FieldError("model", f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
@@ -474,10 +473,8 @@ def _prepare(state: ServeState, raw: bytes, endpoint: str):
                           f"this model's context is {state.max_len} tokens; the request asks for {longest} prompt "
                           f"+ {max_tokens} completion tokens", "context_length_exceeded")
     echo = None
-    if endpoint == "completion" and body.echo:
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        echo = [t if isinstance(t, str) else tok.decode(p) for t, p in zip(texts if isinstance(texts[0], str)
-                                                                             else prompts, prompts)]
+    if endpoint == "completion" and body.echo:   # the prompt's own text where it came as text
+        echo = [item if isinstance(item, str) else tok.decode(ids) for item, ids in zip(items, prompts)]
     return body, prompts, max_tokens, echo
 
 
@@ -487,19 +484,24 @@ def _check_chars(state: ServeState, chars: int, param: str) -> None:
                           "cannot fit it", "context_length_exceeded")
 
 
-def _completion_prompts(state: ServeState, prompt) -> list[list[int]]:
+def _prompt_items(prompt) -> list:
+    """A completion's prompts, each a text or a list of token ids (a lone text or id list is one prompt)."""
+    return [prompt] if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else list(prompt)
+
+
+def _completion_prompts(state: ServeState, items: list) -> list[list[int]]:
+    """The token ids of :func:`_prompt_items`: texts tokenized (unless too long to fit), ids checked."""
     tok = state.tokenizer
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], str)):
-        texts = [prompt] if isinstance(prompt, str) else prompt
-        for t in texts:
+    if isinstance(items[0], str):
+        for t in items:
             _check_chars(state, len(t), "prompt")
-        prompts = [tok(t).input_ids for t in texts]
+        prompts = [tok(t).input_ids for t in items]
     else:
-        prompts = [prompt] if (not prompt or isinstance(prompt[0], int)) else prompt
+        prompts = items
         vocab = len(tok)
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise _FieldError("prompt", f"token ids must lie in [0, {vocab})")
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if any(len(p) == 0 for p in prompts):
         raise _FieldError("prompt", "prompt is empty (it has no tokens)")
     return prompts
 

@@ -45,6 +45,11 @@ def ranking(plan: Plan) -> list[int]:
     return sorted((i for i in range(len(rel)) if rel[i] is not None), key=lambda i: (rel[i], -i))
 
 
+def scanned_cumulatively(plan: Plan) -> bool:
+    """Whether the plan's sensitivities come from the paper's cumulative scan (a plan without a method: yes)."""
+    return (plan.scan or {}).get("method", "cumulative") == "cumulative"
+
+
 def classify(r: float, thresholds: tuple[float, float], cumulative: bool = False) -> str:
     """The class of a chosen block. In a cumulative scan a negative r is not a measured zero cost: the block was
     scored with the blocks after it already in SPD form and undid part of their damage (Gemma 3 270M at tp 2:
@@ -60,7 +65,7 @@ def _with_selection(plan: Plan, chosen: Iterable[int], thresholds, selection: di
     """Re-class the blocks. A block's head / MLP permutations describe distilled weights of that class: they
     are kept, both, where the class is unchanged and dropped, both, where it changes."""
     rel, chosen = relative(plan), set(chosen)
-    cumulative = (plan.scan or {}).get("method", "cumulative") == "cumulative"
+    cumulative = scanned_cumulatively(plan)
     blocks = []
     for b in plan.blocks:
         cls = classify(rel[b.index], thresholds, cumulative) if b.index in chosen else "TP"

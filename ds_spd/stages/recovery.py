@@ -18,6 +18,7 @@ import torch
 from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
 from ds_spd.config import SPDConfig, load_ds_config
 from ds_spd.stages.distill import DEFAULT_OPTIMIZER, DistillSettings, distill, plan_digest
+from ds_spd.stages.planner import scanned_cumulatively
 from ds_spd.errors import SPDInputError
 from ds_spd.plan import BlockEntry, Plan, load_plan
 from ds_spd.run import RunSpec
@@ -62,7 +63,7 @@ def untrained_note(plan: Plan) -> list[str]:
     isb = [b for b in plan.blocks if b.cls == "ISB"]
     if not isb:
         return []
-    cumulative = (plan.scan or {}).get("method", "cumulative") == "cumulative"
+    cumulative = scanned_cumulatively(plan)
     unit = "" if (plan.scan or {}).get("metric", "ppl") == "ppl" else " nats/token"
     costs = ", ".join(f"{b.index} ({'unscanned' if b.sensitivity is None else f'{b.sensitivity:+.3g}{unit}'})"
                       for b in isb)

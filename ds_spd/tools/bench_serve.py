@@ -153,6 +153,19 @@ def decode_forward_totals(url: str) -> tuple[float, float]:
     return seconds, count
 
 
+def bench_url_cli(url: str, args: list[str], out: str, cwd: str | None = None) -> list[dict]:
+    """``ds-spd bench-serve --url URL ARGS --out OUT`` in a subprocess, as a user runs it; its runs (scripts that
+    compare servers or commits)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "ds_spd", "bench-serve", "--url", url, *args, "--out", out],
+                          cwd=cwd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"bench-serve against {url} failed:\n{done.stderr[-3000:]}")
+    with open(os.path.join(out, "bench_serve.json")) as f:
+        return json.load(f)["runs"]
+
+
 def auth_headers(api_key: str | None) -> dict:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 

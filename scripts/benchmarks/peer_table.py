@@ -23,7 +23,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from ds_spd.ports import free_port  # noqa: E402
-from ds_spd.tools.bench_serve import markdown, paired_table  # noqa: E402
+from ds_spd.tools.bench_serve import bench_url_cli, markdown, paired_table  # noqa: E402
 from ds_spd.tools.serve_process import ServerProcess  # noqa: E402
 
 LOAD = ["--rates", "", "--concurrency", "1,8", "--num-requests", "16", "--prompt-len", "32,256", "--output-len", "64",
@@ -48,14 +48,6 @@ def transformers_serve(model_dir: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("transformers serve did not start")
 
 
-def bench(url: str, model_dir: str, out: str) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "ds_spd", "bench-serve", "--url", url, "--model", model_dir, *LOAD,
-                           "--out", out], cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"bench-serve failed:\n{done.stderr[-3000:]}")
-    return json.load(open(os.path.join(out, "bench_serve.json")))["runs"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -73,7 +65,8 @@ def main() -> None:
             for r in range(args.rounds):
                 order = [("ds-spd", ours.url), ("tp", their_url)]   # "tp": the reference of paired_table
                 for name, url in (order if r % 2 == 0 else order[::-1]):
-                    for run in bench(url, model_dir, os.path.join(tmp, f"{name}{r}")):
+                    for run in bench_url_cli(url, ["--model", model_dir, *LOAD], os.path.join(tmp, f"{name}{r}"),
+                                             cwd=ROOT):
                         runs.append({**run, "engine": name, "path": "cpu", "repeat": r})
                         print(f"round {r} {name} {run['load_name']}: {run['output_throughput']:.1f} tok/s, "
                               f"TTFT p50 {run['ttft']['p50_ms']:.0f} ms, TPOT p50 {run['tpot']['p50_ms']:.0f} ms",

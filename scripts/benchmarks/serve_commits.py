@@ -17,6 +17,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+from ds_spd.tools.bench_serve import bench_url_cli  # noqa: E402
 from ds_spd.tools.serve_process import ServerProcess  # noqa: E402
 
 
@@ -31,13 +32,9 @@ def bench(tree: str, serve_args: list[str], bench_args: list[str], out: str) -> 
     """Start the tree's server on 2 ranks (its own code: PYTHONPATH is the tree), bench it, stop it."""
     srv = ServerProcess(serve_args, env={"PYTHONPATH": tree}, root=tree)
     try:
-        done = subprocess.run([sys.executable, "-m", "ds_spd", "bench-serve", "--url", srv.url, *bench_args, "--out",
-                               out], cwd=ROOT, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"bench-serve failed:\n{done.stderr[-3000:]}")
+        return bench_url_cli(srv.url, bench_args, out, cwd=ROOT)
     finally:
         srv.kill()
-    return json.load(open(os.path.join(out, "bench_serve.json")))["runs"]
 
 
 def main() -> None:
