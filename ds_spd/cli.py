@@ -14,7 +14,7 @@ import os
 import sys
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
-                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_METHODS, SCAN_METRICS)
+                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS)
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--method", choices=SCAN_METHODS, default=SCAN_METHODS[0],
                     help="cumulative: the paper's, last block first; isolated: each block alone")
     sc.add_argument("--metric", choices=SCAN_METRICS, default=SCAN_METRICS[0])
+    sc.add_argument("--head-dtype", choices=SCAN_HEAD_DTYPES, default=SCAN_HEAD_DTYPES[0],
+                    help="dtype of the head's matmul while scoring (logits and softmax stay fp32): bfloat16 ranks "
+                         "the blocks as float32 does at a third of the head's cost (docs/recovery.md)")
     sc.add_argument("--no-cache", action="store_true",
                     help="naive scan on the loaded model: a full forward per measurement")
     sc.add_argument("--in-memory", action="store_true",
@@ -293,23 +296,25 @@ def cmd_scan(args) -> None:
                            data_parallel=True, data_section="calibration", read_weights=False)
         states = _distilled_states(args.checkpoint, spec)
         runner = build_runner(spec, data_parallel=True)
-        plan, result = distilled_scan_to_plan(runner, states, args.checkpoint, args.metric, progress=is_main_rank())
+        plan, result = distilled_scan_to_plan(runner, states, args.checkpoint, args.metric, progress=is_main_rank(),
+                                              head_dtype=args.head_dtype)
     elif in_memory:
         runner = build_runner(spec, data_parallel=True)
-        plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank())
+        plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank(),
+                                    head_dtype=args.head_dtype)
     else:
         from ds_spd.stages.scan import streamed_scan_to_plan
         budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
         plan, result = streamed_scan_to_plan(spec, args.method, args.metric, budget, f"{args.out}.activations",
-                                             args.last, progress=is_main_rank())
+                                             args.last, progress=is_main_rank(), head_dtype=args.head_dtype)
     if is_main_rank():
         plan.save(args.out)
         plot_plan(plan, png)
     _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
                f"({result.forwards_equivalent:.1f} forward-equivalents)")
-    _report(args, {"plan": args.out, "baseline": result.baseline, "sensitivity": result.sensitivity,
-                   "seconds": result.seconds, "forwards_equivalent": result.forwards_equivalent,
-                   "streamed": runner is None, **result.extra}, runner)
+    _report(args, {"plan": args.out, "method": result.method, "head_dtype": args.head_dtype,
+                   "baseline": result.baseline, "sensitivity": result.sensitivity, "seconds": result.seconds,
+                   "forwards_equivalent": result.forwards_equivalent, "streamed": runner is None, **result.extra}, runner)
 
 
 def _distilled_states(checkpoint: str | None, spec) -> dict | None:

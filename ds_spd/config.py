@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
                             LR_SCHEDULES, MLP_MATCHINGS)
+from ds_spd.embedded import embedded
 from ds_spd.errors import ConfigError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -83,6 +84,8 @@ class DistillConfig(_Strict):
                            "needs the whole model in one process (refused before any work where it does not fit); "
                            "off by default: no measurable gain on SmolLM2 (README, recovery)")
     kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
+    segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
+                                    "ones included (default: calibration.max_samples, the scan's count)")
 
     @field_validator("input_source", "trainer", "head_grouping", "mlp_matching", "schedule")
     @classmethod
@@ -195,6 +198,19 @@ def load_ds_config(path: str) -> dict[str, Any]:
     return cfg
 
 
+def _model_recipe(section: dict[str, Any], model: str, flags: set[str]) -> None:
+    """Fill the keys an embedded model's recipe sets (ds_spd.embedded.EmbeddedModel.recipe) where neither
+    the section nor a flag (``flags``: dotted keys) sets them, nor the keys the entry names as overriding it."""
+    found = embedded(model) if isinstance(model, str) else None
+    explicit = {f"{part}.{key}" for part, keys in section.items() if isinstance(keys, dict) for key in keys} | flags
+    for dotted, value, *overridden_by in found.recipe if found else ():
+        if dotted in explicit or explicit.intersection(overridden_by):
+            continue
+        part, key = dotted.split(".")
+        base = section.get(part) or SPDConfig.model_fields[part].default_factory().model_dump()
+        section[part] = {**base, key: value}
+
+
 def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     """Build an SPDConfig from a path, a DS config dict, an "spd" dict or an SPDConfig; non-None overrides win."""
     if isinstance(config, SPDConfig):
@@ -210,6 +226,8 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     section = dict(section)
     data_over = overrides.pop("data", None) or {}
     data_key = overrides.pop("data_section", "data")
+    flags = {f"{data_key}.{k}" for k, v in data_over.items() if v is not None}
+    _model_recipe(section, overrides.get("model") or section.get("model", "default"), flags)
     for key, value in overrides.items():
         if value is not None:
             section[key] = list(value) if key == "spd_blocks" else value

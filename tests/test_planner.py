@@ -23,18 +23,20 @@ def scanned_plan():
 def test_count_fraction_and_classes():
     plan = select(scanned_plan(), count=4)
     assert plan.spd_blocks == [1, 2, 3, 4]
-    # default thresholds (0, 5%): only a block whose zero-shot cost is measured as 0 stays untrained (ISB); block
-    # 3's negative cumulative delta (it undid part of the later blocks' damage) is no measured cost: distilled
+    # default thresholds (0, 5%): only a block whose SPD form is measured to change nothing stays untrained (ISB);
+    # block 3's negative delta is a change of the model (a cumulative scan: it undid part of the later blocks'
+    # damage) that happened to help the calibration text, no measured zero cost: distilled
     assert {b.index: b.cls for b in plan.blocks} == {0: "TP", 1: "ISB", 2: "SB", 3: "SB", 4: "SB", 5: "TP"}
     assert select(scanned_plan(), fraction=0.5).spd_blocks == [1, 3, 4]
     everything = select(scanned_plan(), count=6, thresholds=(0.01, 0.05))
-    assert [b.cls for b in everything.blocks] == ["ESB", "ISB", "SB", "SB", "ISB", "SB"]
-    # no threshold makes a negative cumulative delta untrained
-    assert select(scanned_plan(), count=6, thresholds=(0.5, 0.6)).blocks[3].cls == "SB"
-    # an isolated scan measures each block alone: there a negative delta is the block's own, and it is ISB
-    isolated = scanned_plan()
-    isolated.scan["method"] = "isolated"
-    assert select(isolated, count=4).blocks[3].cls == "ISB"
+    # classed by the size of the delta: |-0.5%| and 0.8% are within t1 = 1%
+    assert [b.cls for b in everything.blocks] == ["ESB", "ISB", "SB", "ISB", "ISB", "SB"]
+    # a large negative delta is a large change: ESB, in either scan
+    for method in ("cumulative", "isolated"):
+        big = scanned_plan()
+        big.scan["method"] = method
+        big.blocks[3].sensitivity = -2.0
+        assert select(big, count=4).blocks[3].cls == "ESB"
 
 
 def test_thresholds_rule_excludes_esb():
@@ -85,7 +87,7 @@ def test_cli_scan_plan_eval(tiny_dir, tmp_path):
     scan, chosen, ev, budget = (last_json(r["stdout"]) for r in results)
     assert os.path.isfile(str(tmp_path / "plan.png"))
     plan = load_plan(out)
-    assert plan.tp_size == 2 and plan.scan["method"] == "cumulative"
+    assert plan.tp_size == 2 and plan.scan["method"] == "isolated"   # the default scan
     assert [b.sensitivity for b in plan.blocks] == pytest.approx(scan["sensitivity"])
     least = sorted(range(4), key=lambda i: (scan["sensitivity"][i], -i))[:2]
     assert chosen["spd_blocks"] == sorted(least) and plan.spd_blocks == sorted(least)
@@ -108,13 +110,14 @@ def test_scan_data_parallel_under_launcher_equals_single_process(tiny_dir, tmp_p
     assert json.load(open(tmp_path / "b.json"))["measured_with"]["ranks"] == 2
 
 
-def test_distill_says_what_it_leaves_untrained_and_flags_an_old_plans_negative_deltas():
+def test_distill_says_what_it_leaves_untrained_with_its_cost_and_flags_an_old_plans_classes():
     from ds_spd.stages.recovery import untrained_note
     assert untrained_note(select(scanned_plan(), count=4)) == [
-        "not trained (ISB, zero-shot SPD): block(s) 1 (+0) by the cumulative scan"]
-    old = select(scanned_plan(), count=4)   # a plan written before negative cumulative deltas were classed SB
+        "not trained (ISB, zero-shot SPD): block(s) 1 (+0%) by the cumulative scan"]
+    # ISB by the user's threshold: said, each with its measured cost
+    assert untrained_note(select(scanned_plan(), count=4, thresholds=(0.01, 0.05))) == [
+        "not trained (ISB, zero-shot SPD): block(s) 1 (+0%), 3 (-0.5%), 4 (+0.8%) by the cumulative scan"]
+    old = select(scanned_plan(), count=4)   # a plan written when a negative delta was classed ISB
     old.blocks[3].cls = "ISB"
     note = untrained_note(old)
-    assert "3 (-0.05)" in note[0] and "block(s) [3] have a negative cumulative delta" in note[1]
-    assert untrained_note(select(scanned_plan(), count=4, thresholds=(0.0, 0.0))) == [
-        "not trained (ISB, zero-shot SPD): block(s) 1 (+0) by the cumulative scan"]
+    assert "3 (-0.5%)" in note[0] and note[1].startswith("block(s) [3] change the model by more than the ISB threshold")

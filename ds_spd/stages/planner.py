@@ -1,11 +1,18 @@
 """From sensitivities to a plan: which blocks become SPD, and their class (docs/method.md section 2).
 
 Blocks are ranked by sensitivity (least sensitive first); the chosen ones are classed by two thresholds
-on the *relative* sensitivity r = s / baseline (ppl metric; for the KL metric r = s, in nats per token):
+on the *size* of the relative sensitivity |r|, r = s / baseline (ppl metric; for the KL metric r = s, in
+nats per token):
 
-    ISB  r <= t1        zero-shot SPD (in a cumulative scan: 0 <= r <= t1)
-    SB   t1 < r <= t2   SPD + block-to-block distillation (and, in a cumulative scan, r < 0: see classify)
-    ESB  r > t2         head-grouping initialisation, then distillation
+    ISB  |r| <= t1        zero-shot SPD
+    SB   t1 < |r| <= t2   SPD + block-to-block distillation
+    ESB  |r| > t2         head-grouping initialisation, then distillation
+
+By size, not sign: a negative r is a change of the model's function that happened to lower the metric on the
+calibration text (a cumulative scan scores a block with the blocks after it already in SPD form, so a block
+that undoes part of their damage scores below zero: Gemma 3 270M at tp 2, block 4 at -55.7 perplexity
+points; an isolated scan of Gemma 3 gives block 6 -22% on the calibration mixture). Neither is a measured
+zero cost, and distillation, which matches the TP block's outputs, is what carries to other text.
 
 The paper gives no rule for t1, t2 or the number of SPD blocks. Ours: t1 = 0 (only a block whose zero-shot
 SPD costs nothing stays untrained: small zero-shot costs add up, e.g. SmolLM2 tp 2 with 20 blocks at the
@@ -13,7 +20,7 @@ earlier t1 = 1% lost +13.6% against +5.9% with every block distilled), t2 = 5% (
 more than 5% is an outlier: in the SmolLM2 tp-2 cumulative scan blocks 0, 1 and 16, at +379%, +88% and
 +5.3%; with ``head_grouping: all``, the distill default, SB blocks get head grouping too); then:
 - ``count`` / ``fraction``: the N least sensitive blocks;
-- thresholds alone: every block with r <= t2 (all that B2B is expected to recover), no ESB;
+- thresholds alone: every block with |r| <= t2 (all that B2B is expected to recover), no ESB;
 - ``max_increase`` (accuracy budget, e.g. 0.01 = +1% perplexity): start at the largest N whose predicted
   increase (baseline + sum of the N sensitivities) is within budget, then *validate by evaluating*: step
   down one block at a time until the measured increase is within budget, then up while the next block
@@ -45,30 +52,20 @@ def ranking(plan: Plan) -> list[int]:
     return sorted((i for i in range(len(rel)) if rel[i] is not None), key=lambda i: (rel[i], -i))
 
 
-def scanned_cumulatively(plan: Plan) -> bool:
-    """Whether the plan's sensitivities come from the paper's cumulative scan (a plan without a method: yes)."""
-    return (plan.scan or {}).get("method", "cumulative") == "cumulative"
-
-
-def classify(r: float, thresholds: tuple[float, float], cumulative: bool = False) -> str:
-    """The class of a chosen block. In a cumulative scan a negative r is not a measured zero cost: the block was
-    scored with the blocks after it already in SPD form and undid part of their damage (Gemma 3 270M at tp 2:
-    block 4 at -55.7 perplexity points). Such a block is distilled (SB); training keeps its start where that is
-    better on held-out text, so this costs time, never accuracy."""
+def classify(r: float, thresholds: tuple[float, float]) -> str:
+    """The class of a chosen block, by the size of its relative sensitivity (see the module docstring)."""
     t1, t2 = thresholds
-    if cumulative and r < 0:
-        return "SB"
-    return "ISB" if r <= t1 else "SB" if r <= t2 else "ESB"
+    size = abs(r)
+    return "ISB" if size <= t1 else "SB" if size <= t2 else "ESB"
 
 
 def _with_selection(plan: Plan, chosen: Iterable[int], thresholds, selection: dict) -> Plan:
     """Re-class the blocks. A block's head / MLP permutations describe distilled weights of that class: they
     are kept, both, where the class is unchanged and dropped, both, where it changes."""
     rel, chosen = relative(plan), set(chosen)
-    cumulative = scanned_cumulatively(plan)
     blocks = []
     for b in plan.blocks:
-        cls = classify(rel[b.index], thresholds, cumulative) if b.index in chosen else "TP"
+        cls = classify(rel[b.index], thresholds) if b.index in chosen else "TP"
         keep = cls == b.cls
         blocks.append(BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": cls},
                                  head_permutation=b.head_permutation if keep else None,
@@ -105,7 +102,7 @@ def select(plan: Plan, *, count: int | None = None, fraction: float | None = Non
         return _with_selection(plan, order[:count], th, {"rule": "count"})
     if max_increase is None:
         rel = relative(plan)
-        return _with_selection(plan, [i for i in order if rel[i] <= th[1]], th, {"rule": "thresholds"})
+        return _with_selection(plan, [i for i in order if abs(rel[i]) <= th[1]], th, {"rule": "thresholds"})
     return _budget(plan, order, th, max_increase, measure)
 
 

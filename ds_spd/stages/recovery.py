@@ -18,7 +18,7 @@ import torch
 from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
 from ds_spd.config import SPDConfig, load_ds_config
 from ds_spd.stages.distill import DEFAULT_OPTIMIZER, DistillSettings, distill, plan_digest
-from ds_spd.stages.planner import scanned_cumulatively
+from ds_spd.stages.planner import DEFAULT_THRESHOLDS, classify, relative
 from ds_spd.errors import SPDInputError
 from ds_spd.plan import BlockEntry, Plan, load_plan
 from ds_spd.run import RunSpec
@@ -57,22 +57,23 @@ def resolve_lr(cfg: SPDConfig, spec: RunSpec, plan: Plan) -> tuple[float, str | 
 
 
 def untrained_note(plan: Plan) -> list[str]:
-    """What distillation leaves untrained (the plan's ISB blocks), each with its scanned cost; a block whose
-    cost is a negative cumulative delta is flagged: that is no measured zero cost (plans before 2026-12-02
-    classed it ISB)."""
+    """What distillation leaves untrained (the plan's ISB blocks), each with its scanned cost relative to the
+    baseline; a block today's planner would train (a plan written before blocks were classed by the size of
+    their delta: a negative delta was ISB until 2026-12-02) is flagged."""
     isb = [b for b in plan.blocks if b.cls == "ISB"]
     if not isb:
         return []
-    cumulative = scanned_cumulatively(plan)
-    unit = "" if (plan.scan or {}).get("metric", "ppl") == "ppl" else " nats/token"
-    costs = ", ".join(f"{b.index} ({'unscanned' if b.sensitivity is None else f'{b.sensitivity:+.3g}{unit}'})"
+    rel = relative(plan) if any(b.sensitivity is not None for b in plan.blocks) else [None] * len(plan.blocks)
+    unit = "%" if (plan.scan or {}).get("metric", "ppl") == "ppl" else " nats/token"
+    scale = 100 if unit == "%" else 1
+    costs = ", ".join(f"{b.index} ({'unscanned' if rel[b.index] is None else f'{rel[b.index] * scale:+.3g}{unit}'})"
                       for b in isb)
-    lines = [f"not trained (ISB, zero-shot SPD): block(s) {costs} by the {plan.scan and plan.scan.get('method')} "
-             "scan"]
-    negative = [b.index for b in isb if cumulative and b.sensitivity is not None and b.sensitivity < 0]
-    if negative:
-        lines.append(f"block(s) {negative} have a negative cumulative delta, which is no measured zero cost: "
-                     "re-run `ds-spd plan` (it now classes them SB) to distill them")
+    lines = [f"not trained (ISB, zero-shot SPD): block(s) {costs} by the {(plan.scan or {}).get('method')} scan"]
+    thresholds = tuple((plan.selection or {}).get("thresholds") or DEFAULT_THRESHOLDS)
+    stale = [b.index for b in isb if rel[b.index] is not None and classify(rel[b.index], thresholds) != "ISB"]
+    if stale:
+        lines.append(f"block(s) {stale} change the model by more than the ISB threshold {thresholds[0]:g}: re-run "
+                     "`ds-spd plan` (blocks are classed by the size of their delta) to distill them")
     return lines
 
 
@@ -128,6 +129,8 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     from ds_spd.run import resolve_run
     plan = load_plan(plan_path)
     cfg = cfg.updated(model=model or plan.model, tp_size=plan.tp_size, plan=None, spd_blocks=None, checkpoint=None)
+    if cfg.distill.segments is not None:   # distillation's own count (an embedded model's recipe sets one)
+        cfg = cfg.updated(calibration={**cfg.calibration.model_dump(), "max_samples": cfg.distill.segments})
     spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration",
                        read_weights=cfg.distill.trainer == "layerwise")   # layer-wise reads blocks from files
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
@@ -233,5 +236,5 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
             "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
             "zero_stage": result.zero_stage, "trainer": run.settings.trainer, "wall_seconds": result.wall_seconds,
             "spilled_bytes": result.spilled_bytes, "model": run.cfg.model, "tp_size": run.plan.tp_size,
-            "best_epoch": result.best_epoch, "held_out_start": result.start_val, "kl_stage": e2e,
+            "lr": run.settings.lr, "segments": d.max_samples, "best_epoch": result.best_epoch, "held_out_start": result.start_val, "kl_stage": e2e,
             "runner": runner}

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
-from ds_spd.models.head import final_hidden, score_tokens
+from ds_spd.models.head import final_hidden, head_in, score_tokens
 from ds_spd.core.inject import decoder_layers, distilled_in, model_device, set_spd_blocks
 
 
@@ -125,8 +125,10 @@ class ScanResult:
 
 
 def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: str = "cumulative",
-         metric: str = "ppl", use_cache: bool = True, progress: bool = True) -> ScanResult:
-    """Sensitivity of every block of a virtualized model (``ds_spd.virtualize``) on ``segments``."""
+         metric: str = "ppl", use_cache: bool = True, progress: bool = True,
+         head_dtype: torch.dtype | None = None) -> ScanResult:
+    """Sensitivity of every block of a virtualized model (``ds_spd.virtualize``) on ``segments``; ``head_dtype``:
+    the head's matmul dtype while scoring (ds_spd.models.head.head_in)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if metric not in METRICS:
@@ -140,27 +142,28 @@ def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: 
     cache = None
     if use_cache or metric == "kl":
         cache = BlockInputs.capture(model, segments, batch_size, keep_base=metric == "kl", progress=progress)
-    baseline = score(model, segments, batch_size, metric, cache, 0 if use_cache else None)
-    order = list(range(n_layers - 1, -1, -1))
-    sensitivity, after = [0.0] * n_layers, []
-    previous, cost = baseline, 2.0 if use_cache else 1.0
-    for i in tqdm(order, desc=f"scan ({method}, {metric})", disable=not progress):
-        set_spd_blocks(model, range(i, n_layers) if method == "cumulative" else [i])
-        value = score(model, segments, batch_size, metric, cache, i if use_cache else None)
-        cost += (n_layers - i) / n_layers if use_cache else 1.0
-        reference = previous if method == "cumulative" else baseline
-        sensitivity[i] = value - reference
-        after.append(value)
-        previous = value
+    with head_in(model, head_dtype):
+        baseline = score(model, segments, batch_size, metric, cache, 0 if use_cache else None)
+        order = list(range(n_layers - 1, -1, -1))
+        sensitivity, after = [0.0] * n_layers, []
+        previous, cost = baseline, 2.0 if use_cache else 1.0
+        for i in tqdm(order, desc=f"scan ({method}, {metric})", disable=not progress):
+            set_spd_blocks(model, range(i, n_layers) if method == "cumulative" else [i])
+            value = score(model, segments, batch_size, metric, cache, i if use_cache else None)
+            cost += (n_layers - i) / n_layers if use_cache else 1.0
+            reference = previous if method == "cumulative" else baseline
+            sensitivity[i] = value - reference
+            after.append(value)
+            previous = value
     set_spd_blocks(model, [])
     return ScanResult(method, metric, baseline, sensitivity, order, after, time.perf_counter() - start_time,
                       cost)
 
 
 @torch.no_grad()
-@torch.no_grad()
 def scan_distilled(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], segments: torch.Tensor,
-                   batch_size: int = 4, metric: str = "ppl", progress: bool = True) -> ScanResult:
+                   batch_size: int = 4, metric: str = "ppl", progress: bool = True,
+                   head_dtype: torch.dtype | None = None) -> ScanResult:
     """Sensitivity of each block *after* distillation: the metric with block ``i`` alone in SPD form with its
     distilled weights ``states[i]`` (blocks without weights: zero-shot), minus the TP model's. Block inputs
     are cached from the original model, so block i's distilled weights act only in block i (isolated scan)."""
@@ -168,15 +171,16 @@ def scan_distilled(model: nn.Module, states: dict[int, dict[str, torch.Tensor]],
     start_time = time.perf_counter()
     set_spd_blocks(model, [])
     cache = BlockInputs.capture(model, segments, batch_size, keep_base=metric == "kl", progress=progress)
-    baseline = score(model, segments, batch_size, metric, cache, 0)
     n_layers = len(layers)
     sensitivity, after = [0.0] * n_layers, []
     order = list(range(n_layers - 1, -1, -1))
-    for i in tqdm(order, desc=f"scan (distilled, {metric})", disable=not progress):
-        with distilled_in(model, states, [i]):
-            value = score(model, segments, batch_size, metric, cache, i)
-        sensitivity[i] = value - baseline
-        after.append(value)
+    with head_in(model, head_dtype):
+        baseline = score(model, segments, batch_size, metric, cache, 0)
+        for i in tqdm(order, desc=f"scan (distilled, {metric})", disable=not progress):
+            with distilled_in(model, states, [i]):
+                value = score(model, segments, batch_size, metric, cache, i)
+            sensitivity[i] = value - baseline
+            after.append(value)
     cost = 2.0 + sum((n_layers - i) / n_layers for i in order)
     return ScanResult("isolated-distilled", metric, baseline, sensitivity, order, after,
                       time.perf_counter() - start_time, cost, {"distilled_blocks": sorted(states)})
@@ -184,7 +188,8 @@ def scan_distilled(model: nn.Module, states: dict[int, dict[str, torch.Tensor]],
 
 def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: str = "cumulative",
                   metric: str = "ppl", budget_bytes: int | None = None, spill_dir: str | None = None,
-                  last: int | None = None, progress: bool = True) -> ScanResult:
+                  last: int | None = None, progress: bool = True, head_dtype: torch.dtype | None = None
+                  ) -> ScanResult:
     """The same scan in one pass over the weights, one block resident at a time (``source``: a
     ds_spd.stages.streaming.BlockSource), for models that do not fit a rank.
 
@@ -226,7 +231,7 @@ def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: s
     starts = range(0, segments.shape[0], batch_size)
     bar = tqdm(total=len(starts) * (len(streams) + 1), desc=f"scan: scoring {len(streams) + 1} streams with the head",
                unit="batch", disable=not progress)
-    with source.head() as head, bar:   # the model with no blocks: final norm and head
+    with source.head() as model, head_in(model, head_dtype) as head, bar:   # no blocks: final norm and head
         for b0 in starts:
             targets = segments[b0:b0 + batch_size, 1:]
             base = final_hidden(head, inputs_embeds=unmodified.read(b0, b0 + targets.shape[0]))[:, :-1]
@@ -259,7 +264,12 @@ def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: s
                       {"streamed": True, "scanned_blocks": scanned, "spilled_bytes": budget.spilled_bytes})
 
 
-def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progress: bool = True):
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
+
+
+def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progress: bool = True,
+                 head_dtype: str | None = None):
     """The ``scan`` stage on a (data-parallel) virtual-TP runner: the scan of this rank's share of the
     calibration segments, as a plan (no blocks chosen yet) with the sensitivities and how they were measured."""
     import sys
@@ -273,11 +283,14 @@ def scan_to_plan(runner, method: str, metric: str, use_cache: bool = True, progr
         need = cache_bytes(runner.hf_model.config, segments.shape[0], d.seq_len, cfg.torch_dtype, metric)
         print(f"scan: {method} / {metric}, virtual tp={cfg.tp_size}, {segments.shape[0]} x {d.seq_len} tokens per "
               f"rank on {world} rank(s); activation cache {need / 2**30:.2f} GiB per rank", file=sys.stderr)
-    result = scan(runner.hf_model, segments, d.batch_size, method, metric, use_cache=use_cache, progress=progress)
-    return plan_of_scan(cfg, runner.hf_model.config, result, world, {"cached": use_cache}), result
+    result = scan(runner.hf_model, segments, d.batch_size, method, metric, use_cache=use_cache, progress=progress,
+                  head_dtype=_dtype(head_dtype))
+    return plan_of_scan(cfg, runner.hf_model.config, result, world, {"cached": use_cache, "head_dtype": head_dtype}), \
+        result
 
 
-def distilled_scan_to_plan(runner, states: dict, checkpoint: str, metric: str, progress: bool = True):
+def distilled_scan_to_plan(runner, states: dict, checkpoint: str, metric: str, progress: bool = True,
+                           head_dtype: str | None = None):
     """The distill-aware ``scan --checkpoint``: :func:`scan_distilled` on this rank's share of the calibration
     segments, as a plan (no blocks chosen yet) whose ranking knows what distillation recovers."""
     from ds_spd.data import segments_for
@@ -285,9 +298,9 @@ def distilled_scan_to_plan(runner, states: dict, checkpoint: str, metric: str, p
     rank, world = init_data_parallel()
     d = runner.config.calibration
     segments = segments_for(d, runner.tokenizer, rank, world)
-    result = scan_distilled(runner.hf_model, states, segments, d.batch_size, metric, progress)
+    result = scan_distilled(runner.hf_model, states, segments, d.batch_size, metric, progress, _dtype(head_dtype))
     return plan_of_scan(runner.config, runner.hf_model.config, result, world,
-                        {"cached": True, "checkpoint": checkpoint}), result
+                        {"cached": True, "checkpoint": checkpoint, "head_dtype": head_dtype}), result
 
 
 def plan_of_scan(cfg, model_config, result: ScanResult, world: int, how: dict):
@@ -306,7 +319,7 @@ def plan_of_scan(cfg, model_config, result: ScanResult, world: int, how: dict):
 
 
 def streamed_scan_to_plan(spec, method: str, metric: str, budget_bytes: int | None, spill_dir: str,
-                          last: int | None = None, progress: bool = True):
+                          last: int | None = None, progress: bool = True, head_dtype: str | None = None):
     """The ``scan`` stage streamed from the model's safetensors files (nothing of the model loads whole);
     ``spec`` was resolved with ``read_weights=True``."""
     import sys
@@ -322,5 +335,7 @@ def streamed_scan_to_plan(spec, method: str, metric: str, budget_bytes: int | No
     if progress:
         print(f"scan: {method} / {metric}, streamed, virtual tp={cfg.tp_size}, {segments.shape[0]} x {d.seq_len} "
               f"tokens per rank on {world} rank(s)", file=sys.stderr)
-    result = scan_streamed(source, segments, d.batch_size, method, metric, budget_bytes, spill_dir, last, progress)
-    return plan_of_scan(cfg, spec.model_config, result, world, {"cached": True, **result.extra}), result
+    result = scan_streamed(source, segments, d.batch_size, method, metric, budget_bytes, spill_dir, last, progress,
+                           _dtype(head_dtype))
+    return plan_of_scan(cfg, spec.model_config, result, world,
+                        {"cached": True, "head_dtype": head_dtype, **result.extra}), result

