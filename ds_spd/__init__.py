@@ -9,10 +9,10 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SPDDecoderLayer": "core.block", "CommStats": "core.comm", "TPLayout": "core.layout",
-    "init_inference": "run", "virtualize": "core.inject", "set_spd_blocks": "core.inject",
+    "init_inference": "build", "virtualize": "core.inject", "set_spd_blocks": "core.inject",
     "get_spd_blocks": "core.inject", "ModelAdapter": "models.adapters", "adapter_for": "models.adapters",
     "load_model": "models.loading", "SPDConfig": "config", "resolve_spd_config": "config",
-    "RunSpec": "run", "resolve_run": "run", "build_runner": "run", "Plan": "plan", "load_plan": "plan",
+    "RunSpec": "run", "resolve_run": "run", "build_runner": "build", "Plan": "plan", "load_plan": "plan",
     "ConfigError": "errors", "LaunchError": "errors", "LayoutError": "errors", "PlanError": "errors",
     "SPDInputError": "errors", "OutputError": "errors", "DataError": "errors",
 }

@@ -14,7 +14,8 @@ import os
 import sys
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
-                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS)
+                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
+                            SCAN_RANKINGS)
 from ds_spd.config import resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -92,12 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scan", help="block sensitivity scan (virtual TP) -> plan.json")
     _common(sc)
     _data(sc, "calibration")
-    sc.add_argument("--method", choices=SCAN_METHODS, default=SCAN_METHODS[0],
-                    help="cumulative: the paper's, last block first; isolated: each block alone")
+    sc.add_argument("--method", choices=SCAN_METHODS,
+                    help="isolated (default): each block alone; cumulative: the paper's, last block first")
+    sc.add_argument("--ranking", choices=SCAN_RANKINGS,
+                    help="zero-shot (default): each block's cost as it is; distilled: distil every block once (the "
+                         "config's distill settings, kept in OUT.ranking/, resumable), then rank by each block's "
+                         "cost alone with its distilled weights (Gemma 3 270M's default, docs/recovery.md)")
     sc.add_argument("--metric", choices=SCAN_METRICS, default=SCAN_METRICS[0])
-    sc.add_argument("--head-dtype", choices=SCAN_HEAD_DTYPES, default=SCAN_HEAD_DTYPES[0],
-                    help="dtype of the head's matmul while scoring (logits and softmax stay fp32): bfloat16 ranks "
-                         "the blocks as float32 does at a third of the head's cost (docs/recovery.md)")
+    sc.add_argument("--head-dtype", choices=SCAN_HEAD_DTYPES,
+                    help="the head's matmul while scoring (logits and softmax stay fp32): bfloat16 (default) ranks "
+                         "the blocks as float32 does at 0.7x the scan's time (docs/recovery.md)")
     sc.add_argument("--no-cache", action="store_true",
                     help="naive scan on the loaded model: a full forward per measurement")
     sc.add_argument("--in-memory", action="store_true",
@@ -210,13 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: flags that set a key of the config's ``scan`` / ``distill`` section (the flag's dest is the key)
+SECTION_FLAGS = {"scan": ("method", "ranking", "head_dtype"),
+                 "distill": ("epochs", "lr", "input_source", "out", "work_dir", "trainer", "activation_budget_gb",
+                             "schedule", "mlp_matching", "head_grouping", "warmup", "val_segments", "patience",
+                             "kl_epochs", "kl_lr")}
+
+
 def config_from_args(args: argparse.Namespace):
     data = {k: getattr(args, k, None)
             for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size", "seed")}
+    sections = {part: {k: getattr(args, k, None) for k in keys} for part, keys in SECTION_FLAGS.items()
+                if part == args.command}
     return resolve_spd_config(args.config, model=args.model, tp_size=args.tp_size, spd_blocks=args.spd_blocks,
                               plan=args.plan, checkpoint=getattr(args, "checkpoint", None), dtype=args.dtype,
                               comm=args.comm, load=args.load, data=data,
-                              data_section=getattr(args, "data_section", "data"))
+                              data_section=getattr(args, "data_section", "data"), **sections)
 
 
 def _report(args, result: dict, runner=None) -> None:
@@ -250,7 +264,8 @@ def _plot_path(args, out: str) -> str:
 
 def cmd_generate(args) -> None:
     from ds_spd.tools.evaluation import generate_texts
-    from ds_spd.run import build_runner, resolve_run
+    from ds_spd.build import build_runner
+    from ds_spd.run import resolve_run
     spec = resolve_run(config_from_args(args), virtual_tp=args.virtual_tp)
     if args.chat:   # before any weights load: the tokenizer alone says
         from ds_spd.models.loading import load_tokenizer
@@ -267,7 +282,8 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from ds_spd.tools.evaluation import evaluate_run
-    from ds_spd.run import build_runner, resolve_run
+    from ds_spd.build import build_runner
+    from ds_spd.run import resolve_run
     runner = build_runner(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp, data_section="data"))
     result = evaluate_run(runner, progress=is_main_rank())
     ci = ((f" [{result['perplexity_ci95'][0]:.3f}, {result['perplexity_ci95'][1]:.3f}]",
@@ -281,40 +297,48 @@ def cmd_eval(args) -> None:
 
 def cmd_scan(args) -> None:
     from ds_spd.tools.plots import plot_plan
-    from ds_spd.run import build_runner, resolve_run
-    from ds_spd.stages.scan import scan_to_plan
     cfg = config_from_args(args)
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
     _hold(args.out, "plan output")
-    in_memory = args.in_memory or args.no_cache
-    spec = resolve_run(cfg, virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration",
-                       read_weights=not in_memory)
-    runner = None
-    if args.checkpoint is not None:   # distill-aware: each block alone with its distilled weights (in memory)
-        from ds_spd.stages.scan import distilled_scan_to_plan
-        spec = resolve_run(cfg.updated(checkpoint=None), virtual_tp=args.virtual_tp or cfg.tp_size,
-                           data_parallel=True, data_section="calibration", read_weights=False)
-        states = _distilled_states(args.checkpoint, spec)
-        runner = build_runner(spec, data_parallel=True)
-        plan, result = distilled_scan_to_plan(runner, states, args.checkpoint, args.metric, progress=is_main_rank(),
-                                              head_dtype=args.head_dtype)
-    elif in_memory:
-        runner = build_runner(spec, data_parallel=True)
-        plan, result = scan_to_plan(runner, args.method, args.metric, not args.no_cache, progress=is_main_rank(),
-                                    head_dtype=args.head_dtype)
-    else:
-        from ds_spd.stages.scan import streamed_scan_to_plan
-        budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
-        plan, result = streamed_scan_to_plan(spec, args.method, args.metric, budget, f"{args.out}.activations",
-                                             args.last, progress=is_main_rank(), head_dtype=args.head_dtype)
+    checkpoint = args.checkpoint
+    if checkpoint is None and cfg.scan.ranking == "distilled":
+        given = [f for f in ("in_memory", "no_cache", "activation_budget_gb", "last") if getattr(args, f)]
+        if given:
+            raise SPDInputError(f"--{given[0].replace('_gb', '').replace('_', '-')} does not apply to the distilled "
+                                "ranking (the config's, or the model's default): add --ranking zero-shot")
+        from ds_spd.stages.ranking import distil_every_block
+        checkpoint = distil_every_block(cfg, args.out, args.config, progress=is_main_rank())
+    plan, result, runner = _scan(args, cfg, checkpoint)
     if is_main_rank():
         plan.save(args.out)
         plot_plan(plan, png)
     _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
                f"({result.forwards_equivalent:.1f} forward-equivalents)")
-    _report(args, {"plan": args.out, "method": result.method, "head_dtype": args.head_dtype,
-                   "baseline": result.baseline, "sensitivity": result.sensitivity, "seconds": result.seconds,
+    _report(args, {"plan": args.out, "method": result.method, "ranking": cfg.scan.ranking if checkpoint is None
+                   else "distilled", "head_dtype": cfg.scan.head_dtype, "baseline": result.baseline,
+                   "sensitivity": result.sensitivity, "seconds": result.seconds,
                    "forwards_equivalent": result.forwards_equivalent, "streamed": runner is None, **result.extra}, runner)
+
+
+def _scan(args, cfg, checkpoint: str | None):
+    """The scan the flags ask for: distill-aware (each block alone with a checkpoint's weights, in memory), in
+    memory, or streamed from the weight files; (plan, result, runner or None)."""
+    from ds_spd.build import build_runner
+    from ds_spd.run import resolve_run
+    from ds_spd.stages import scan
+    s, progress = cfg.scan, is_main_rank()
+    in_memory = args.in_memory or args.no_cache or checkpoint is not None
+    spec = resolve_run(cfg.updated(checkpoint=None), virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True,
+                       data_section="calibration", read_weights=not in_memory)
+    if not in_memory:
+        budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
+        return (*scan.streamed_scan_to_plan(spec, s.method, args.metric, budget, f"{args.out}.activations",
+                                            args.last, progress, s.head_dtype), None)
+    runner = build_runner(spec, data_parallel=True)
+    if checkpoint is not None:
+        states = _distilled_states(checkpoint, spec)
+        return (*scan.distilled_scan_to_plan(runner, states, checkpoint, args.metric, progress, s.head_dtype), runner)
+    return (*scan.scan_to_plan(runner, s.method, args.metric, not args.no_cache, progress, s.head_dtype), runner)
 
 
 def _distilled_states(checkpoint: str | None, spec) -> dict | None:
@@ -336,7 +360,8 @@ def cmd_plan(args) -> None:
     _hold(out, "plan output")
     measure = None
     if args.max_ppl_increase is not None:
-        from ds_spd.run import build_runner, resolve_run
+        from ds_spd.build import build_runner
+        from ds_spd.run import resolve_run
         args.split = args.split or "validation"   # validated on text the scan did not calibrate on
         checkpoint, args.checkpoint = args.checkpoint, None   # read here, not loaded into the model
         cfg = config_from_args(args).updated(model=args.model or plan.model, plan=None)
@@ -358,15 +383,7 @@ def cmd_plan(args) -> None:
 
 def cmd_distill(args) -> None:
     from ds_spd.stages import recovery
-    over = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("input_source", args.input_source),
-                              ("out", args.out), ("work_dir", args.work_dir), ("trainer", args.trainer),
-                              ("activation_budget_gb", args.activation_budget_gb), ("schedule", args.schedule),
-                              ("mlp_matching", args.mlp_matching), ("head_grouping", args.head_grouping),
-                              ("warmup", args.warmup), ("val_segments", args.val_segments),
-                              ("patience", args.patience), ("kl_epochs", args.kl_epochs), ("kl_lr", args.kl_lr))
-            if v is not None}
     cfg = config_from_args(args)
-    cfg = cfg.updated(distill={**cfg.distill.model_dump(), **over})
     run = recovery.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
     if run.complete:
         if is_main_rank():
@@ -535,7 +552,7 @@ def refuse_not_applicable(args) -> None:
     if getattr(args, "load", None) is not None and getattr(args, "virtual_tp", None) is not None:
         raise SPDInputError(f"--load does not apply with --virtual-tp: {_VIRTUAL_LOAD.replace('it runs', 'that is')}")
     if args.command == "scan" and args.checkpoint is not None:
-        for flag in ("method", "no_cache", "in_memory", "activation_budget_gb", "last"):
+        for flag in ("method", "ranking", "no_cache", "in_memory", "activation_budget_gb", "last"):
             if getattr(args, flag) not in (None, False, SCAN_METHODS[0]):
                 raise SPDInputError(f"--{flag.replace('_gb', '').replace('_', '-')} does not apply with --checkpoint: "
                                     "the distill-aware scan measures each block alone, in memory")

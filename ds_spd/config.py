@@ -16,7 +16,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
-                            LR_SCHEDULES, MLP_MATCHINGS)
+                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_RANKINGS)
 from ds_spd.embedded import embedded
 from ds_spd.errors import ConfigError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
@@ -102,6 +102,30 @@ class DistillConfig(_Strict):
         return self
 
 
+class ScanConfig(_Strict):
+    """How ``scan`` measures and ranks the blocks (flags override)."""
+
+    method: str = Field(SCAN_METHODS[0], description=f"one of {SCAN_METHODS}: each block alone in SPD form, or the "
+                        "paper's (last block first, cumulatively)")
+    ranking: str = Field(SCAN_RANKINGS[0], description=f"one of {SCAN_RANKINGS}: each block's zero-shot cost, or its "
+                         "cost alone after distilling every block once with the distill settings (kept beside the "
+                         "plan, resumable; Gemma 3 270M's default: docs/recovery.md)")
+    head_dtype: str = Field(SCAN_HEAD_DTYPES[0], description=f"one of {SCAN_HEAD_DTYPES}: the head's matmul while "
+                            "scoring (logits and softmax stay fp32)")
+
+    @field_validator("method", "ranking", "head_dtype")
+    @classmethod
+    def _choice(cls, v: str, info: ValidationInfo) -> str:
+        return _one_of(v, {"method": SCAN_METHODS, "ranking": SCAN_RANKINGS,
+                           "head_dtype": SCAN_HEAD_DTYPES}[info.field_name])
+
+    @model_validator(mode="after")
+    def _distilled_is_isolated(self):
+        if self.ranking == "distilled" and self.method != "isolated":
+            raise ValueError("ranking 'distilled' measures each distilled block alone: method must be 'isolated'")
+        return self
+
+
 class SPDConfig(_Strict):
     model: str = Field("default", description="'default' (embedded SmolLM2-135M), a local HF directory or a hub id")
     tp_size: int = Field(2, ge=1)
@@ -118,6 +142,7 @@ class SPDConfig(_Strict):
                                                                        max_samples=64, seed=0),
                                     description="calibration text (scan, distill): a mixture, so the distilled blocks "
                                                 "do not fit one corpus")
+    scan: ScanConfig = Field(default_factory=ScanConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @field_validator("comm")
@@ -227,7 +252,14 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     data_over = overrides.pop("data", None) or {}
     data_key = overrides.pop("data_section", "data")
     flags = {f"{data_key}.{k}" for k, v in data_over.items() if v is not None}
+    parts = {part: {k: v for k, v in (overrides.pop(part, None) or {}).items() if v is not None}
+             for part in ("scan", "distill")}   # a command's own flags, by config section
+    flags |= {f"{part}.{key}" for part, given in parts.items() for key in given}
     _model_recipe(section, overrides.get("model") or section.get("model", "default"), flags)
+    for part, given in parts.items():
+        if given:
+            section[part] = {**(section.get(part) or SPDConfig.model_fields[part].default_factory().model_dump()),
+                             **given}
     for key, value in overrides.items():
         if value is not None:
             section[key] = list(value) if key == "spd_blocks" else value

@@ -3,9 +3,8 @@
 :func:`resolve_run` turns a validated config into a frozen :class:`RunSpec`: the HF config (read once), the
 family's adapter, the TP layout, the SPD blocks (from the list, the plan or the checkpoint, validated
 once), the checked checkpoint, and the ranks. Bad input (data files, model path, architecture, tp size,
-plan or checkpoint) fails here, before ranks load weights or communicate. ``virtualize``,
-``init_inference``, ``apply_checkpoint``, scan, distill and bench take the spec; :func:`build_runner` loads
-the model a command runs on from it.
+plan or checkpoint) fails here, before ranks load weights or communicate. Scan, distill and bench take the
+spec; ds_spd.build builds the model a command runs on from it.
 """
 from __future__ import annotations
 
@@ -44,6 +43,13 @@ class RunSpec:
     @property
     def mode(self) -> str:
         return "virtual" if self.virtual else "tp"
+
+    @property
+    def loading(self) -> str:
+        """How ds_spd.build builds the model: ``virtual`` (one process, every shard), ``full`` (each rank loads the
+        model, AutoTP shards it) or ``sharded`` (each rank reads its own slices into an AutoTP-sharded meta
+        model), decided here by the mode and ``read_weights``."""
+        return "virtual" if self.virtual else "sharded" if self.weights is not None else "full"
 
 
 def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel: bool = False,
@@ -132,41 +138,3 @@ class Runner:
     def device(self) -> torch.device:
         from ds_spd.core.inject import model_device
         return model_device(self.hf_model)
-
-
-def init_inference(model: torch.nn.Module, config=None, *, tp_size: int | None = None,
-                   spd_blocks=None, checkpoint: str | None = None, comm: str | None = None, dtype=None, **ds_kwargs):
-    """``deepspeed.init_inference`` with AutoTP, then SPD blocks injected; returns the InferenceEngine.
-
-    ``config`` is a resolved :class:`RunSpec`, or anything :func:`~ds_spd.config.resolve_spd_config` takes (an
-    SPDConfig, the ``"spd"`` dict, a DeepSpeed config dict or JSON path with an ``"spd"`` section), which keyword
-    arguments override and which is resolved against ``model.config`` here. The engine gains ``spd_stats``
-    (all-reduce accounting), ``spd_layout`` and ``set_spd_blocks``.
-    """
-    from ds_spd.core.inject import inject_engine
-    if isinstance(config, RunSpec):
-        spec = config
-    else:
-        from ds_spd.config import resolve_spd_config
-        cfg = resolve_spd_config(config, tp_size=tp_size, spd_blocks=spd_blocks, checkpoint=checkpoint, comm=comm,
-                                 dtype=None if dtype is None else str(dtype).replace("torch.", ""))
-        spec = resolve_run(cfg, model_config=model.config)
-    return inject_engine(model, spec, **ds_kwargs)
-
-
-def build_runner(spec: RunSpec, data_parallel: bool = False) -> Runner:
-    """Load the model of a resolved run: virtual TP in this process, or a DeepSpeed AutoTP + SPD engine."""
-    from ds_spd.core.inject import inject_engine, virtualize_run
-    from ds_spd.models.loading import load_model, load_tokenizer
-    if data_parallel:
-        init_data_parallel()
-    start = time.perf_counter()
-    if spec.weights is not None and not spec.virtual:   # real TP, each rank reads its own slices
-        from ds_spd.models.sharded import meta_model
-        engine = inject_engine(meta_model(spec.model_config, spec.config.torch_dtype), spec)
-        model, tok = engine.module, load_tokenizer(spec.config.model)
-    else:
-        model, tok = load_model(spec.config.model, spec.config.torch_dtype, config=spec.model_config)
-        engine = virtualize_run(model, spec) if spec.virtual else inject_engine(model, spec)
-        model = model if spec.virtual else engine.module
-    return Runner(engine, model, tok, spec, time.perf_counter() - start)

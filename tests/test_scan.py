@@ -48,6 +48,22 @@ def test_cumulative_scan_equals_brute_force(setup):
     assert any(abs(s) > 1e-3 for s in result.sensitivity)
 
 
+def test_bf16_head_ranks_as_fp32_and_leaves_the_model_alone(setup):
+    """The scan's bf16 head (the default) gives the fp32 sensitivities to bf16's precision and the same ranking
+    where blocks are not near ties; the model's own head keeps its dtype and its tie to the embedding."""
+    model, segments = setup
+    head = model.lm_head
+    fp32 = scan(model, segments, 4, "isolated", "ppl", progress=False)
+    bf16 = scan(model, segments, 4, "isolated", "ppl", progress=False, head_dtype=torch.bfloat16)
+    assert model.lm_head is head and head.weight.dtype == torch.float32
+    assert bf16.baseline == pytest.approx(fp32.baseline, rel=2e-3) and bf16.baseline != fp32.baseline
+    tol = 5e-3 * fp32.baseline
+    torch.testing.assert_close(torch.tensor(bf16.sensitivity), torch.tensor(fp32.sensitivity), atol=tol, rtol=0)
+    a, b = fp32.sensitivity, bf16.sensitivity   # every pair of blocks further apart than 2 tol keeps its order
+    pairs = [(i, j) for i in range(len(a)) for j in range(len(a)) if a[j] - a[i] > 2 * tol]
+    assert pairs and all(b[i] < b[j] for i, j in pairs)
+
+
 # ---------------------------------------------------------------- the streamed scan (one block resident at a time)
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])

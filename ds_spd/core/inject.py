@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ds_spd.core.block import SPDDecoderLayer
-from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce, init_comm
+from ds_spd.core.comm import AllReduce, CommStats, VirtualReduce
 from ds_spd.models.adapters import adapter_for
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE, TPLayout
 from ds_spd.plan import check_spd_blocks
@@ -113,56 +113,29 @@ def virtualize(model: nn.Module, tp_size: int, spd_blocks: Iterable[int] = (), *
     return model
 
 
-def _load_distilled(model: nn.Module, spec) -> None:
-    """The run's distilled checkpoint blocks, loaded before any sharding (both entry points below)."""
-    if spec.checkpoint is not None:
-        from ds_spd.checkpoint import apply_checkpoint
-        apply_checkpoint(model, spec.checkpoint)
-
-
-def virtualize_run(model: nn.Module, spec) -> nn.Module:
-    """Virtual TP of a resolved run (ds_spd.run.RunSpec): checkpoint weights, then :func:`virtualize`."""
-    from deepspeed.accelerator import get_accelerator
-    _load_distilled(model, spec)
-    model.to(get_accelerator().current_device_name())
-    return virtualize(model, spec.tp_size, spec.spd_blocks, tp_grain_size=spec.config.tp_grain_size)
-
-
-def inject_engine(model: nn.Module, spec, **ds_kwargs):
-    """``deepspeed.init_inference`` with AutoTP for a resolved run (ds_spd.run.RunSpec), then SPD blocks
-    injected; returns the InferenceEngine with ``spd_stats`` (all-reduce accounting), ``spd_layout`` and
-    ``set_spd_blocks``. A model on the meta device is filled from the weight files, each rank its own slices."""
+def autotp(model: nn.Module, tp_size: int, tp_grain_size: int, dtype: torch.dtype, **ds_kwargs):
+    """DeepSpeed AutoTP on ``model`` (``deepspeed.init_inference``, no kernel injection): the linears sharded
+    over the TP group; the decoder blocks are still HF's until :func:`inject_spd`."""
     import deepspeed
+    return deepspeed.init_inference(model, tensor_parallel={"tp_size": tp_size, "tp_grain_size": tp_grain_size},
+                                    dtype=dtype, replace_with_kernel_inject=False, **ds_kwargs)
 
-    cfg, layout = spec.config, spec.layout
-    init_comm()
-    on_meta = model_device(model).type == "meta"
-    if on_meta:   # sharded loading: AutoTP shards the meta model, then each rank reads its own slices
-        from ds_spd.models import sharded
-        weights = spec.weights or sharded.model_weight_files(cfg.model)
-        sharded.check_weight_files(model, weights)   # headers only, before anything is allocated
-        materialising = sharded.materialising(model)
-    else:
-        _load_distilled(model, spec)   # before AutoTP shards the weights
-        materialising = contextlib.nullcontext()
-    own_slices = {}
-    if layout.kv_replicas > 1:   # KV heads replicated: ds_spd cuts attention, AutoTP never sees that split
-        from ds_spd.core.replicate import shard_attention
-        # DeepSpeed's TP group is ranks 0..tp-1 (and the run starts exactly tp ranks: ds_spd.run)
-        own_slices = shard_attention(decoder_layers(model), layout, torch.distributed.get_rank(), spec.adapter)
-    with materialising as layouts:
-        engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": cfg.tp_size,
-                                                                  "tp_grain_size": cfg.tp_grain_size},
-                                          dtype=cfg.torch_dtype, replace_with_kernel_inject=False, **ds_kwargs)
-    tp_rank = torch.distributed.get_rank(engine.mp_group) if cfg.tp_size > 1 else 0
-    if on_meta:
-        overlay = None if spec.checkpoint is None else sharded.checkpoint_overlay(spec.checkpoint)
-        sharded.fill_from_files(engine.module, weights, tp_rank, {**layouts, **own_slices}, overlay,
-                                progress=tp_rank == 0)
+
+def tp_rank_of(engine) -> int:
+    """This rank's index in the engine's TP group (0 without one)."""
+    return torch.distributed.get_rank(engine.mp_group) if engine.mp_group is not None else 0
+
+
+def inject_spd(engine, layout: TPLayout, spd_blocks: Iterable[int], adapter, comm: str):
+    """Turn an AutoTP engine's decoder blocks into SPD-capable ones (this rank's columns, the engine's TP group,
+    all-reduces on the ``comm`` path and counted), and route AutoTP's other collectives the same way; the engine
+    gains ``spd_stats``, ``spd_layout`` and ``set_spd_blocks``."""
+    tp_size = len(layout.attn_cols)
+    tp_rank = tp_rank_of(engine) if tp_size > 1 else 0
     stats = CommStats()
     local = ((layout.attn_cols[tp_rank],), (layout.mlp_cols[tp_rank],))
-    reduce = AllReduce(engine.mp_group, stats, cfg.comm) if cfg.tp_size > 1 else VirtualReduce(stats)
-    SPDInjectionPolicy(local, reduce, spec.spd_blocks, spec.adapter).apply(engine.module)
+    reduce = AllReduce(engine.mp_group, stats, comm) if tp_size > 1 else VirtualReduce(stats)
+    SPDInjectionPolicy(local, reduce, spd_blocks, adapter).apply(engine.module)
     _attach(engine.module, engine, stats, layout)
     _route_other_allreduces(engine.module, reduce)
     return engine

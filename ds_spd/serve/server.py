@@ -151,7 +151,7 @@ def serve(spec, settings: ServeSettings) -> None:
 # ---------------------------------------------------------------- rank 0
 def _engine(spec, settings: ServeSettings):
     """The run's engine (the same as eval's and generate's) and the step executor over it, on any rank."""
-    from ds_spd.run import build_runner
+    from ds_spd.build import build_runner
     from ds_spd.serve.executor import StepExecutor
     runner = build_runner(spec)
     executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)

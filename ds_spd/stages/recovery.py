@@ -167,7 +167,8 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     from ds_spd import __version__
     from ds_spd.data import segments_for
     from ds_spd.ranks import is_main_rank, world_size
-    from ds_spd.run import build_runner, init_data_parallel
+    from ds_spd.build import build_runner
+    from ds_spd.run import init_data_parallel
     layerwise = run.settings.trainer == "layerwise"
     if progress and run.lr_note:
         print(f"distill: {run.lr_note}", file=sys.stderr)

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ds_spd.core.inject import decoder_layers, inject_engine, model_device, set_spd_blocks
+from ds_spd.build import build_engine
+from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 from ds_spd.outputs import MD_MARK
 from ds_spd.tools.plots import save_figure
 
@@ -127,7 +128,7 @@ def run_bench(model, spec, settings: BenchSettings, order: list[int] | None = No
     baseline = deepspeed.init_inference(base_model, tensor_parallel={"tp_size": cfg.tp_size,
                                                                      "tp_grain_size": cfg.tp_grain_size},
                                         dtype=cfg.torch_dtype, replace_with_kernel_inject=False)
-    engine = inject_engine(model, spec)
+    engine = build_engine(model, spec)
     # both engines must hold the same shards, or the comparison is not like for like (the grain sets the MLP split)
     shards, attn_shards = ({name: [decoder_layers(e.module)[0].get_submodule(part).weight.shape[1]]
                             for name, e in (("autotp", baseline), ("ds_spd", engine))}

@@ -17,7 +17,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ds_spd.config import parse_block_list, resolve_spd_config
-from ds_spd.run import build_runner, resolve_run
+from ds_spd.build import build_runner
+from ds_spd.run import resolve_run
 
 
 @register_model("ds_spd")
