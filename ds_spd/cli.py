@@ -334,6 +334,11 @@ def _scan(args, cfg, checkpoint: str | None):
         budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
         return (*scan.streamed_scan_to_plan(spec, s.method, args.metric, budget, f"{args.out}.activations",
                                             args.last, progress, s.head_dtype), None)
+    if checkpoint is not None and args.split is None:   # costs with distilled weights: on text not trained on
+        spec = resolve_run(cfg.updated(checkpoint=None, calibration={**cfg.calibration.model_dump(),
+                                                                     "split": s.ranking_split}),
+                           virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration",
+                           read_weights=False)
     runner = build_runner(spec, data_parallel=True)
     if checkpoint is not None:
         states = _distilled_states(checkpoint, spec)

@@ -9,7 +9,6 @@ spec; ds_spd.build builds the model a command runs on from it.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 

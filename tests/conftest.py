@@ -1,12 +1,10 @@
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from helpers import EVEN, KV1, save_tiny  # noqa: E402
+from helpers import EVEN, KV1, save_tiny  # noqa: E402  (tests/support: setup.cfg pythonpath)
 
 
 @pytest.fixture(scope="session")

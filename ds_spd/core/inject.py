@@ -7,7 +7,6 @@ the engine's TP group. The swap happens after AutoTP, so nothing is sharded twic
 """
 from __future__ import annotations
 
-import contextlib
 from contextlib import contextmanager
 from typing import Iterable
 

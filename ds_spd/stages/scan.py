@@ -1,8 +1,9 @@
 """Block sensitivity scan (docs/method.md section 2), with cached activations.
 
-The paper's procedure (``method="cumulative"``): convert blocks to SPD one at a time from the last block
-to the first, keeping earlier conversions; block i's sensitivity is the metric after converting it minus
-the metric before. ``method="isolated"`` converts each block alone (no interaction with the others).
+``method="isolated"`` (the CLI's default) converts each block alone: block i's sensitivity is the metric with
+it in SPD form minus the TP model's. The paper's procedure (``method="cumulative"``): convert blocks to SPD one
+at a time from the last block to the first, keeping earlier conversions; block i's sensitivity is the metric
+after converting it minus the metric before (so it depends on the blocks after it: docs/method.md section 2).
 
 Both only change blocks >= i when block i is measured, so the input of block i is that of the unmodified
 model: it is computed once for every block and cached, and each measurement runs only blocks i..L-1.

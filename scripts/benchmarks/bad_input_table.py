@@ -14,7 +14,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 from bad_inputs import CASES, ENV  # noqa: E402
 from helpers import file_tree as _tree, run_cli, save_tiny  # noqa: E402

@@ -3,7 +3,7 @@
 # ranks, as the README's deepspeed command) -> eval against TP on text neither calibration corpus resembles (the
 # pinned packages' descriptions, 32 x 256 tokens, the unseen text of docs/recovery.md), paired 95% intervals.
 #   bash scripts/benchmarks/readme_path.sh gemma3-270m 2 5,9    # writes docs/results/readme_path/gemma3-270m_tp2/
-#   bash scripts/benchmarks/readme_path.sh default 2 15,21
+#   bash scripts/benchmarks/readme_path.sh default 2 15,21        # SmolLM2
 # A step whose JSON is already there is not run again (delete the directory to start over); weights and training
 # state are removed at the end, the JSON records what they held.
 set -euo pipefail
@@ -33,6 +33,10 @@ for n in ${counts//,/ }; do
     --plan "$out/plan$n.json" "${text[@]}"
   rm -rf "$out/checkpoint$n" "$out/checkpoint$n.work"
 done
+if [[ -d "$out/scanned.ranking/checkpoint" ]]; then   # a distilled ranking's weights: keep what they were
+  cp "$out/scanned.ranking/checkpoint/provenance.json" "$out/ranking_provenance.json"
+  rm -rf "$out/scanned.ranking/checkpoint" "$out/scanned.ranking/checkpoint.work"
+fi
 python - "$out" "$model" "$tp" "$counts" <<'EOF'
 import json, sys
 sys.path.insert(0, ".")
@@ -56,11 +60,11 @@ for n in counts:
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
 with open(f"{out}/summary.md", "w") as f:
     f.write(f"# The README's path with defaults: {model}, tp {tp}\n\n`bash scripts/benchmarks/readme_path.sh {model} {tp} "
-            f"{sys.argv[4]}`: scan ({scan.get('method', 'default')} scan, {scan['seconds'] / 60:.1f} min) -> plan "
+            f"{sys.argv[4]}`: scan ({scan['ranking']} ranking, {scan['method']} scan, {scan['seconds'] / 60:.1f} min) -> plan "
             f"--spd-count N -> distill on 2 ranks -> eval, virtual tp {tp}, on the unseen text (the pinned packages' "
             f"descriptions, {tp_eval['segments']} x {tp_eval['seq_len']} tokens; TP perplexity "
             f"{tp_eval['perplexity']:.2f}). Perplexity over TP, paired 95% bootstrap interval.\n\n"
-            "| SPD blocks | chosen | trained | zero-shot | after `distill` | distill time |\n|---|---|---|---|---|---|\n")
+            "| SPD blocks | chosen | trained | zero-shot | after `distill` | training time (distill) |\n|---|---|---|---|---|---|\n")
     f.write("\n".join(rows) + "\n")
 print(open(f"{out}/summary.md").read())
 EOF

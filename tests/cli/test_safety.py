@@ -1,0 +1,367 @@
+"""Nothing lost, nothing silent: output safety, atomic checkpoints, resume integrity, bad input."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from bad_inputs import CASES, ENV, TINY_DATA
+from helpers import (ROOT, assert_no_shm_left, file_tree as _tree, last_json, run_cli, run_cli_batch, shm_buffers,
+                     tiny_config, tiny_model, tiny_plan_file)
+
+import ds_spd
+from ds_spd import outputs
+from ds_spd.checkpoint import FILES, WEIGHTS, open_checkpoint, save_checkpoint
+from ds_spd.errors import OutputError, PlanError
+from ds_spd.plan import Plan
+
+ZERO2 = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+         "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}}}
+DATA = ["--max-samples", "8", "--seq-len", "24"]
+
+
+# ---------------------------------------------------------------- bad input: one clear line, exit 2, no work
+
+@pytest.fixture(scope="module")
+def refusals(tiny_dir, tmp_path_factory):
+    """Every bad-input case through the CLI's main, all in one process (tests/support/cli_batch.py): per case its
+    directory, that directory's files before, and the result."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    dirs, argvs, before = [], [], []
+    for i, (_, _, setup, _) in enumerate(CASES):
+        d = root / f"case{i}"
+        d.mkdir()
+        argvs.append(setup(str(d), tiny_dir))
+        dirs.append(d)
+        before.append(_tree(d))
+    return list(zip(dirs, before, run_cli_batch(argvs, str(root), ENV)))
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(i, refusals):
+    name, expected = CASES[i][0], CASES[i][3]
+    directory, before, result = refusals[i]
+    assert result["code"] == 2, (name, result["stderr"][-3000:])
+    assert expected in result["stderr"], (name, result["stderr"][-3000:])
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
+    assert len([line for line in result["stderr"].splitlines() if line.startswith("ds-spd")]) == 1, result
+    assert _tree(directory) == before, f"{name}: files changed"   # nothing written, nothing deleted
+    assert result["seconds"] < 60, f"{name}: took {result['seconds']:.0f} s to refuse"
+
+
+def test_output_file_rules(tmp_path):
+    ours = tmp_path / "plan.json"
+    Plan.from_blocks("tiny", tiny_config(), 2, []).save(str(ours))
+    assert outputs.check_output_file(str(ours), "plan output")   # ds_spd's own: may be replaced
+    foreign = tmp_path / "plan2.json"
+    foreign.write_text('{"format": "something else"}')
+    with pytest.raises(OutputError, match="was not written by ds_spd"):
+        outputs.check_output_file(str(foreign), "plan output")
+    png = tmp_path / "x.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(OutputError, match="was not written by ds_spd"):
+        outputs.check_output_file(str(png), "plot")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ds_spd.tools.plots import save_figure
+    save_figure(plt.figure(), str(tmp_path / "ours.png"))
+    assert outputs.owned(str(tmp_path / "ours.png"))
+    # a missing directory is fine (created when written), a file in the way is not
+    assert outputs.check_output_file(str(tmp_path / "new" / "sub" / "p.json"), "plan output")
+    with pytest.raises(OutputError, match="is a file, not a directory"):
+        outputs.check_output_file(str(foreign / "p.json"), "plan output")
+
+
+def test_plan_out_onto_directory_leaves_no_tmp(tiny_dir, tmp_path):
+    from bad_inputs import _plan
+    plan = _plan(str(tmp_path), tiny_dir)
+    target = tmp_path / "d"
+    target.mkdir()
+    proc = run_cli(["plan", "--plan", plan, "--spd-count", "1", "--out", str(target)], check=False)
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    assert os.listdir(target) == [] and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tiny_dir, tmp_path_factory):
+    """Commands that must work, in one process (tests/support/cli_batch.py): a scan into a directory that does not
+    exist yet, and eval with seeds 1, 2, 1."""
+    tmp = tmp_path_factory.mktemp("quick_runs")
+    common = ["eval", "--model", tiny_dir, "--virtual-tp", "2", *TINY_DATA, "--json"]
+    runs = run_cli_batch([["scan", "--model", tiny_dir, "--virtual-tp", "2", *TINY_DATA, "--out",
+                           str(tmp / "new" / "sub" / "plan.json")],
+                          *([*common, "--seed", s] for s in ("1", "2", "1"))], str(tmp))
+    assert all(r["code"] == 0 for r in runs), [r["stderr"][-2000:] for r in runs]
+    return tmp, runs
+
+
+def test_scan_creates_missing_output_directory(quick_runs):
+    out = quick_runs[0] / "new" / "sub" / "plan.json"
+    assert out.is_file() and out.with_suffix(".png").is_file() and outputs.owned(str(out.with_suffix(".png")))
+
+
+# ---------------------------------------------------------------- the checkpoint directory: atomic, never foreign
+
+def _save(path, value: float, tp_grain_size: int = 64):
+    cfg = tiny_config()
+    plan = Plan.from_blocks("tiny", cfg, 2, [1], tp_grain_size=tp_grain_size)
+    plan.blocks[1].cls = "SB"
+    save_checkpoint(str(path), plan, {1: {"w.weight": torch.full((2,), value)}}, cfg, {"v": value})
+
+
+def _value(path) -> float:
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, WEIGHTS))["model.layers.1.w.weight"][0].item()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_checkpoint_save_refuses_foreign_directory(tmp_path):
+    target = tmp_path / "mine"
+    (target / "sub").mkdir(parents=True)
+    (target / "notes.txt").write_text("keep me")
+    before = _tree(target)
+    with pytest.raises(OutputError, match="not written by ds_spd"):
+        _save(target, 1.0)
+    assert _tree(target) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _save(empty, 1.0)   # an empty directory made for it is fine
+    assert sorted(os.listdir(empty)) == sorted(FILES)
+
+
+def test_checkpoint_replace_is_atomic(tmp_path, monkeypatch):
+    ck = tmp_path / "ck"
+    _save(ck, 1.0)
+    # killed right after the swap, before the old copy is deleted: the new checkpoint is complete at the path
+    real_rmtree = outputs.shutil.rmtree
+
+    def die(path, *a, **k):
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(outputs.shutil, "rmtree", die)
+    with pytest.raises(KeyboardInterrupt):
+        _save(ck, 2.0)
+    monkeypatch.setattr(outputs.shutil, "rmtree", real_rmtree)
+    assert sorted(os.listdir(ck)) == sorted(FILES) and _value(ck) == 2.0
+    # the fallback (no renameat2): killed between "old aside" and "new in": the next save restores the old one
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
+    real_rename = os.rename
+    calls = []
+
+    def rename_then_die(a, b):
+        calls.append((a, b))
+        real_rename(a, b)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(outputs.os, "rename", rename_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _save(ck, 3.0)
+    monkeypatch.setattr(outputs.os, "rename", real_rename)
+    assert not ck.exists()
+    aside = tmp_path / f"ck.old{os.getpid()}"
+    dead = tmp_path / f"ck.old{_dead_pid()}"
+    aside.rename(dead)   # as if that process had died
+    outputs.clean_stale(str(ck), FILES)
+    assert _value(ck) == 2.0 and not dead.exists()
+
+
+def test_stale_tmp_dirs_of_dead_processes_are_cleaned(tmp_path):
+    ck = tmp_path / "ck"
+    _save(ck, 1.0)
+    pid = _dead_pid()
+    stale = tmp_path / f"ck.tmp{pid}"
+    stale.mkdir()
+    (stale / WEIGHTS).write_bytes(b"partial")
+    foreign = tmp_path / f"ck.tmp{pid + 1 if pid + 1 != os.getpid() else pid + 2}"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    live = tmp_path / f"ck.tmp{os.getppid()}"
+    live.mkdir()
+    _save(ck, 2.0)
+    assert not stale.exists()             # a dead process's partial checkpoint
+    assert (foreign / "notes.txt").exists()   # files ds_spd does not write: never deleted
+    assert live.exists()                  # a live process may still be writing it
+
+
+def test_checkpoint_tensors_must_match_plan(tmp_path):
+    cfg = tiny_config()
+    ck = tmp_path / "ck"
+    _save(ck, 1.0)
+    info = open_checkpoint(str(ck), cfg, 2, 64)
+    assert info.spd_blocks == (1,) and info.weight_blocks == (1,)
+    with pytest.raises(PlanError, match=r"blocks \[3\] are not SPD blocks of checkpoint"):
+        open_checkpoint(str(ck), cfg, 2, 64, spd_blocks=[1, 3])
+    with pytest.raises(PlanError, match="tp_grain_size 64, not 32"):
+        open_checkpoint(str(ck), cfg, 2, 32)
+    plan = json.loads((ck / "plan.json").read_text())
+    plan["blocks"][1]["class"] = "TP"      # weights stored for a block the plan says is TP
+    plan["blocks"][2]["class"] = "ESB"     # and none for a distilled one
+    (ck / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match=r"weights stored for blocks \[1\], the plan's distilled \(SB/ESB\) "
+                                        r"blocks are \[2\]"):
+        open_checkpoint(str(ck), cfg, 2, 64)
+
+
+# ---------------------------------------------------------------- distill: refuse, complete, resume, fingerprint
+
+@pytest.fixture
+def distill_setup(tiny_dir, tmp_path):
+    from bad_inputs import _plan
+    plan_path = _plan(str(tmp_path), tiny_dir)
+    plan = json.loads(open(plan_path).read())
+    for b, c in zip(plan["blocks"], ["SB", "ISB", "ESB", "TP"]):
+        b["class"] = c
+    open(plan_path, "w").write(json.dumps(plan))
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
+    return ["distill", "--config", str(cfg), "--plan", plan_path, "--model", tiny_dir, *DATA, "--patience", "3",
+            "--json"], tmp_path
+
+
+def test_distill_complete_resume_and_fingerprint(distill_setup):
+    args, tmp = distill_setup
+    out = str(tmp / "ck")
+    shm_before = shm_buffers()
+    first = last_json(run_cli([*args, "--out", out, "--epochs", "2"]).stdout)
+    assert first["epochs_trained"] == [1, 2]
+    assert_no_shm_left(shm_before, "distill")
+    snapshot = _tree(out)
+    # in one process (tests/support/cli_batch.py): a finished run is recognised and nothing rewritten; another lr or
+    # other calibration data refused, naming the keys, before any training state is loaded; fewer epochs than
+    # the work dir holds refused
+    done, lr, data, fewer = run_cli_batch([[*args, "--out", out, "--epochs", "2"],
+                                           [*args, "--out", out, "--epochs", "3", "--lr", "1e-2"],
+                                           [*args, "--out", out, "--epochs", "3", "--max-samples", "4"],
+                                           [*args, "--out", out, "--epochs", "1"]], str(tmp))
+    assert done["code"] == 0 and "already complete" in done["stderr"] and last_json(done["stdout"])["already_complete"]
+    assert lr["code"] == 2 and "settings.lr: 0.002 -> 0.01" in lr["stderr"] and "--restart" in lr["stderr"]
+    assert data["code"] == 2 and "calibration.max_samples: 8 -> 4" in data["stderr"]
+    assert fewer["code"] == 2 and "holds 2 trained epochs" in fewer["stderr"]
+    assert _tree(out) == snapshot
+    # --restart starts over with the new lr
+    proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"])
+    assert "resuming" not in proc.stderr
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and prov["run"]["settings"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("trainer", ["layerwise", "joint"])
+def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
+    args, tmp = distill_setup
+    args = [*args, "--trainer", trainer]
+    shm_before = shm_buffers()
+    killed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"], check=False,
+                     runner=[sys.executable, os.path.join(ROOT, "tests", "support", "kill_after_epoch.py"), "2"])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert_no_shm_left(shm_before, "a SIGKILLed run")
+    state = tmp / "a.work" / ("block000" if trainer == "layerwise" else "")   # layer-wise: per block
+    assert not (tmp / "a").exists() and (state / "latest").read_text().strip() == "epoch2"
+    assert not (state / "epoch1").exists()   # only the latest epoch's training state is kept
+    resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"])
+    assert "resuming from epoch 2 of 3" in resumed.stderr
+    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3"])
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k          # bitwise
+    hist = [json.load(open(tmp / d / "provenance.json"))["history"] for d in ("a", "b")]
+    assert hist[0] == hist[1] and [h["epoch"] for h in hist[0]] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------- values that were silently ignored
+
+def test_eval_seed_is_used(quick_runs):
+    one, two, again = (last_json(r["stdout"])["perplexity"] for r in quick_runs[1][1:])
+    assert one != two and again == one
+
+
+def test_head_grouping_uses_the_configured_grain():
+    """HG must match MLP slices of the layout the ranks hold (tp_grain_size 100: 100 + 100 columns, not the
+    default grain's 128 + 72)."""
+    from ds_spd.stages.distill import BlockPairs, DistillSettings, build_students
+    from ds_spd.stages.headgroup import permute_block
+    from ds_spd.core.layout import TPLayout
+    model = ds_spd.virtualize(tiny_model(), 2, tp_grain_size=100)
+    plan = Plan.from_blocks("tiny", model.config, 2, [], tp_grain_size=100)
+    plan.blocks[0].cls = "ESB"
+    x = torch.randn(1, 4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    students, groupings = build_students(model, plan, [0], BlockPairs(x, x), DistillSettings(hg_segments=4))
+    assert groupings[0].mlp_cols == (100, 100) == students[0].mlp_cols
+    default = TPLayout.for_model(model.config, 2)
+    assert default.mlp_cols == (128, 72)
+    with pytest.raises(ValueError, match="build both from one TPLayout"):
+        permute_block(students[0], groupings[0], default)
+
+
+def test_reselection_keeps_or_drops_both_permutations():
+    from ds_spd.stages.planner import select
+    plan = Plan.from_blocks("tiny", tiny_config(), 2, [])
+    for b, s in zip(plan.blocks, (0.001, 0.5, 0.5, 0.02)):
+        b.sensitivity, b.cls = s, "TP"
+    plan.scan = {"metric": "ppl", "baseline": 1.0}
+    for i in (1, 2):
+        plan.blocks[i].cls, plan.blocks[i].head_permutation, plan.blocks[i].mlp_permutation = "ESB", [1, 0, 2], [1, 0]
+    new = select(plan, count=3)        # blocks 0, 3, then one of 1/2: stays ESB; the other becomes TP
+    for b in new.blocks:
+        if b.index in (1, 2):
+            kept = b.cls == "ESB"
+            assert (b.head_permutation is not None, b.mlp_permutation is not None) == (kept, kept), b
+
+
+# ---------------------------------------------------------------- one writer per output
+def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(tiny_dir, tmp_path):
+    """Two real `distill` processes into one --out: while the first holds it (frozen with SIGSTOP mid-run), the
+    second, even with --restart, is refused in one line naming the first's pid, and its work dir is untouched;
+    once the first is killed (SIGKILL: its lock file stays behind), a new run takes the lock over and finishes."""
+    import signal
+
+    plan = tiny_plan_file(tiny_dir, tmp_path, ["SB", "TP", "SB", "TP"])
+    out = str(tmp_path / "ck")
+    args = ["distill", "--plan", plan, "--model", tiny_dir, *DATA, "--epochs", "40", "--out", out]
+    from helpers import clean_env
+    first = subprocess.Popen([sys.executable, "-m", "ds_spd", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=clean_env(OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 120
+        while not os.path.exists(os.path.join(out + ".work", "ds_spd_run.json")):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGSTOP)
+        work_before = _tree(out + ".work")
+        second = run_cli([*args, "--restart"], check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = [x for x in second.stderr.splitlines() if "error:" in x]
+        assert len(line) == 1 and f"is being written by another run (pid {first.pid} " in line[0], second.stderr
+        assert "Traceback" not in second.stderr
+        assert _tree(out + ".work") == work_before   # --restart did not wipe the holder's work dir
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert os.path.exists(out + ".lock")          # the dead holder's lock file is left behind ...
+        third = run_cli([*args, "--json"])            # ... and taken over: the OS lock died with its process
+        assert last_json(third.stdout)["checkpoint"] == out
+        assert sorted(os.listdir(out)) == sorted(FILES)
+        assert not os.path.exists(out + ".lock") and not os.path.exists(out + ".work.lock")
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def test_lock_leaves_nothing_when_refused_early(tmp_path):
+    """A lock on a path in directories that do not exist yet creates them for the lock and removes them again
+    if the run wrote nothing there."""
+    from ds_spd import locks
+    target = tmp_path / "a" / "b" / "plan.json"
+    locks.hold(str(target), "plan output")
+    assert (tmp_path / "a" / "b" / "plan.json.lock").read_text().startswith(f"pid {os.getpid()} on ")
+    locks.release()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,170 @@
+"""Layer-wise distillation (ds_spd.stages.layerwise): one block resident at a time, activations over the
+budget spilled to files, equal to the joint trainer, resumable per block and per epoch."""
+import copy
+import json
+import os
+import sys
+
+import pytest
+import torch
+from helpers import ROOT, run_cli, tiny_model
+
+import ds_spd
+from ds_spd.plan import Plan
+from ds_spd.stages.distill import DistillSettings, distill
+from ds_spd.stages.layerwise import distill_layerwise
+from ds_spd.stages.streaming import ActivationBudget, ActivationStore, BlockSource
+
+CPU_ZERO2 = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+             "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+             "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.0, "torch_adam": True}}}
+
+
+def _plan(config, classes):
+    plan = Plan.from_blocks("tiny", config, 2, [])
+    for b, c in zip(plan.blocks, classes):
+        b.cls = c
+    return plan
+
+
+@pytest.mark.parametrize("family,source,budget,classes", [
+    ("llama", "original", 0, ["SB", "ISB", "ESB", "TP"]),       # every activation spilled to files
+    ("llama", "prefix", None, ["SB", "ISB", "ESB", "TP"]),      # inputs from the plan's zero-shot SPD prefix
+    # scaled embeddings, sandwich norms, sliding windows; gradient norms above 1, where DeepSpeed's default
+    # clipping (1.0) acts on the joint engine's global norm over both blocks: equal without clipping only
+    ("gemma3_text", "original", None, ["SB", "ISB", "ESB", "TP"]),
+])
+def test_layerwise_equals_joint_trainer(family, source, budget, classes, tmp_path):
+    overrides = dict(sliding_window=8, query_pre_attn_scalar=16,
+                     layer_types=["sliding_attention", "full_attention"] * 2) if family == "gemma3_text" else {}
+    base = tiny_model(family, **overrides)
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
+    plan = _plan(base.config, classes)
+    settings = DistillSettings(epochs=3, lr=2e-3, micro_batch=4, input_source=source, patience=3)   # no early stop
+    ds_config = {**CPU_ZERO2, "gradient_clipping": 0.0}
+    joint = distill(ds_spd.virtualize(copy.deepcopy(base), 2), plan, segments, copy.deepcopy(ds_config), settings,
+                    progress=False)
+    layer = distill_layerwise(BlockSource.from_model(base, 2, 64), plan, segments, copy.deepcopy(ds_config), settings,
+                              work_dir=str(tmp_path / "work"), budget_bytes=budget, progress=False)
+    trained = [i for i, c in enumerate(classes) if c in ("SB", "ESB")]   # blocks 0 (SB) and 2 (ESB)
+    assert sorted(layer.block_states) == sorted(joint.block_states) == trained
+    for i in trained:
+        for k, v in joint.block_states[i].items():
+            assert (layer.block_states[i][k] - v).abs().max() <= 1e-6, (i, k)
+        assert layer.initial_mse[i] == pytest.approx(joint.initial_mse[i], rel=1e-6)
+        for a, b in zip(joint.history, layer.history):
+            assert b["loss"][i] == pytest.approx(a["loss"][i], rel=1e-5)
+    assert sorted(layer.groupings) == sorted(joint.groupings) == [0, 2]   # head_grouping "all": SB blocks too
+    assert all(layer.groupings[i] == joint.groupings[i] for i in (0, 2))
+    assert (layer.spilled_bytes > 0) == (budget == 0)
+    assert not (tmp_path / "work" / "activations").exists()   # spill files and their directory removed
+    # the distilled weights really changed (not the teacher's)
+    assert not torch.equal(layer.block_states[0]["mlp.up_proj.weight"], base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_default_clipping_couples_the_joint_trainers_blocks():
+    """DeepSpeed clips gradients at 1.0 by default; the joint engine clips the global norm over all its blocks,
+    the layer-wise trainer each block's own. Where norms exceed 1 (tiny Gemma 3 here) block 0 trained with
+    block 2 in one joint engine differs from block 0 trained alone; layer-wise, it does not."""
+    base = tiny_model("gemma3_text", sliding_window=8, query_pre_attn_scalar=16,
+                      layer_types=["sliding_attention", "full_attention"] * 2)
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
+    settings = DistillSettings(epochs=2, lr=2e-3, micro_batch=4, val_segments=0)   # the last epoch's weights
+    states = {}
+    for name, classes in (("both", ["SB", "TP", "SB", "TP"]), ("alone", ["SB", "TP", "TP", "TP"])):
+        plan = _plan(base.config, classes)
+        states["joint", name] = distill(ds_spd.virtualize(copy.deepcopy(base), 2), plan, segments,
+                                        copy.deepcopy(CPU_ZERO2), settings, progress=False).block_states[0]
+        states["layerwise", name] = distill_layerwise(BlockSource.from_model(base, 2, 64), plan, segments,
+                                                      copy.deepcopy(CPU_ZERO2), settings, progress=False).block_states[0]
+    w = "mlp.up_proj.weight"
+    assert torch.equal(states["layerwise", "both"][w], states["layerwise", "alone"][w])
+    assert torch.equal(states["joint", "alone"][w], states["layerwise", "alone"][w])
+    assert not torch.equal(states["joint", "both"][w], states["joint", "alone"][w])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spilled_activations_round_trip(dtype, tmp_path):
+    budget = ActivationBudget(100)
+    store = ActivationStore((5, 3, 4), dtype, budget, str(tmp_path), "x")
+    assert not store.in_ram and os.path.getsize(store.path) == 5 * 3 * 4 * dtype.itemsize
+    values = torch.randn(5, 3, 4).to(dtype)
+    store.write(0, values[:2])
+    store.write(2, values[2:])
+    assert torch.equal(store.read(0, 5), values) and torch.equal(store.read(3, 4), values[3:4])
+    store.close()
+    assert not os.listdir(tmp_path)
+    ram = ActivationStore((1, 2, 2), dtype, ActivationBudget(10**6), str(tmp_path), "y")
+    assert ram.in_ram and not os.listdir(tmp_path)
+
+
+def test_first_inputs_match_the_models_own_block_inputs():
+    """Block 0's inputs come from the model's own forward (Gemma scales its embeddings)."""
+    from ds_spd.stages.scan import BlockInputs
+    base = tiny_model("gemma", hidden_act="gelu_pytorch_tanh")
+    segments = torch.randint(0, 384, (3, 10), generator=torch.Generator().manual_seed(2))
+    store = ActivationStore((3, 10, base.config.hidden_size), torch.float32, ActivationBudget(10**9), None, "x")
+    BlockSource.from_model(base, 2, 64).first_inputs(segments, 2, store)
+    expected = BlockInputs.capture(ds_spd.virtualize(copy.deepcopy(base), 2), segments, 2, progress=False).inputs[0]
+    assert torch.equal(store.read(0, 3), expected)
+    # the scale (a buffer of the embedding module, which materialising must keep) is applied
+    assert not torch.equal(expected, base.model.embed_tokens.weight[segments])
+
+
+@pytest.fixture
+def lw_setup(tiny_dir, tmp_path):
+    from transformers import AutoConfig
+    plan = _plan(AutoConfig.from_pretrained(tiny_dir), ["SB", "TP", "ESB", "SB"])
+    plan.model = tiny_dir
+    plan_path = str(tmp_path / "plan.json")
+    plan.save(plan_path)
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
+    return ["distill", "--config", str(cfg), "--plan", plan_path, "--max-samples", "8", "--seq-len", "24",
+            "--json"], tmp_path
+
+
+def test_resume_after_kill_between_blocks_continues_with_the_next(lw_setup):
+    args, tmp = lw_setup
+    killer = [sys.executable, os.path.join(ROOT, "tests", "support", "kill_after_epoch.py"), "block0"]
+    killed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "2"], check=False, runner=killer)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    work = tmp / "a.work"
+    assert (work / "block000.json").is_file() and not (work / "block002.json").exists()
+    stamp = os.stat(work / "block000.safetensors").st_mtime_ns
+    resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "2"])
+    assert "block 0 already trained" in resumed.stderr
+    assert os.stat(work / "block000.safetensors").st_mtime_ns == stamp        # never trained again
+    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "2", "--activation-budget", "0"])
+    from safetensors.torch import load_file
+    from ds_spd.checkpoint import WEIGHTS
+    a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
+    assert sorted(a) == sorted(b) and {k.split(".")[2] for k in a} == {"0", "2", "3"}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k   # resumed (and spilled) == uninterrupted, bitwise
+    prov = json.load(open(tmp / "a" / "provenance.json"))
+    assert prov["trainer"] == "layerwise" and [h["epoch"] for h in prov["history"]] == [1, 2]
+
+
+@pytest.mark.multirank
+def test_two_ranks_layerwise_equals_joint(lw_setup):
+    """`--trainer joint` and `--trainer layerwise` under the launcher: each rank computes a share of the activation
+    batches and the owners broadcast them, so every rank still trains on exactly the activations the joint
+    trainer captures (bitwise equal weights, gradient clipping off)."""
+    from helpers import launch
+    from safetensors.torch import load_file
+
+    from ds_spd.checkpoint import WEIGHTS
+    args, tmp = lw_setup
+    cfg = tmp / "ds_noclip.json"
+    cfg.write_text(json.dumps({**CPU_ZERO2, "gradient_clipping": 0.0, "spd": {"distill": {"lr": 2e-3}}}))
+    args = [a if a != str(tmp / "ds.json") else str(cfg) for a in args]
+    for trainer in ("joint", "layerwise"):
+        launch(["ds_spd", *args, "--out", str(tmp / trainer), "--epochs", "2", "--trainer", trainer], module=True)
+    a, b = load_file(str(tmp / "joint" / WEIGHTS)), load_file(str(tmp / "layerwise" / WEIGHTS))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for trainer in ("joint", "layerwise"):   # the --trainer flag chose the trainer
+        prov = json.load(open(tmp / trainer / "provenance.json"))
+        assert prov["ranks"] == 2 and prov["trainer"] == trainer
