@@ -439,9 +439,6 @@ def cmd_serve(args) -> None:
 
 
 def cmd_bench_serve(args) -> None:
-    import asyncio
-    import math
-
     from ds_spd.models.loading import load_tokenizer
     from ds_spd.tools import bench_serve as bs
     if args.backend != "auto" and not args.url:
@@ -449,66 +446,45 @@ def cmd_bench_serve(args) -> None:
     check_output_dir(args.out, "bench-serve output", names=bs.OUTPUT_FILES)
     _hold(args.out, "bench-serve output")
     try:
-        loads = [bs.Load(float(r)) for r in args.rates.split(",") if r] + \
-            [bs.Load(math.inf, int(c)) for c in args.concurrency.split(",") if c]
-        lo, hi = (int(x) for x in args.prompt_len.split(","))
-    except ValueError:
-        raise SPDInputError("--rates takes numbers or inf, --concurrency and --prompt-len integers "
-                            "(e.g. --rates 1,4,inf --prompt-len 32,256)") from None
-    paths = [p for p in args.paths.split(",") if p]
-    if any(p not in bs.PATHS for p in paths) or not (0 < lo <= hi) or args.output_len < 2 or not loads:
-        raise SPDInputError(f"--paths takes {', '.join(bs.PATHS)}; --prompt-len needs 0 < MIN <= MAX; --output-len "
-                            ">= 2; and at least one load")
+        loads, (lo, hi), paths = bs.parse_loads(args.rates, args.concurrency, args.prompt_len, args.paths,
+                                                args.output_len)
+        model = bs.served_model(args.url, args.api_key) if args.url else None
+    except (ValueError, RuntimeError) as err:
+        raise SPDInputError(str(err)) from None
+    cfg = None if args.url else config_from_args(args)
+    engines = None if args.url else _managed_engines(args, cfg, paths)   # checked before the tokenizer loads
+    tok = load_tokenizer(args.model or "default" if args.url else cfg.model)
+    work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
+    try:
+        result = bs.bench_url(args.url, model, args.api_key, args.backend, tok, work, loads, args.repeats,
+                              args.bench_seed) if args.url else bs.bench_side_by_side(
+            ["--model", cfg.model, "--tp", str(cfg.tp_size), "--dtype", cfg.dtype, "--max-model-len",
+             str(hi + args.output_len)], engines, paths, loads, work, "bench", args.repeats, cfg.tp_size,
+            args.bench_seed, progress=True)
+    except RuntimeError as err:   # no request form the server at --url accepts
+        raise SPDInputError(str(err)) from None
     command = "ds-spd " + " ".join(sys.argv[1:])
-    if args.url:
-        import json as _json
-        import urllib.request
-        try:
-            probe = urllib.request.Request(f"{args.url}/v1/models", headers=bs.auth_headers(args.api_key))
-            with urllib.request.urlopen(probe, timeout=10) as r:
-                model = _json.load(r)["data"][0]["id"]
-        except OSError as err:
-            raise SPDInputError(f"cannot reach a server at {args.url}: {err}") from None
-        tok = load_tokenizer(args.model or "default")
-        work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
-        try:
-            backend = bs.NAMED_BACKENDS.get(args.backend) or bs.probe_backend(args.url, model, tok,
-                                                                               bs.auth_headers(args.api_key))
-        except RuntimeError as err:
-            raise SPDInputError(str(err)) from None
-        runs = []
-        for rep in range(args.repeats):
-            for load in loads:
-                summary = asyncio.run(bs.run_load(args.url, model, work, load.rate, load.concurrency,
-                                                  args.bench_seed + rep, args.api_key, backend, tok))
-                runs.append({"path": "url", "engine": model, "load": {"rate": load.rate, "concurrency": load.concurrency},
-                             "load_name": load.name, "repeat": rep, **summary})
-        result = {"runs": runs, "repeats": args.repeats, "paired": [], "backend": vars(backend)}
-    else:
-        from ds_spd.run import resolve_run
-        cfg = config_from_args(args)
-        spec = resolve_run(cfg.updated(plan=None, checkpoint=None, spd_blocks=None), virtual_tp=cfg.tp_size,
-                           read_weights=False)
-        if "2hosts" in paths:
-            from ds_spd.tools.serve_process import namespaces_work
-            if not namespaces_work():
-                raise SPDInputError("--paths 2hosts simulates hosts with private mount namespaces: it needs "
-                                    "`unshare -m` and mount (root)")
-        names = args.engines.split(",") if args.engines else (["tp", "plan"] if cfg.plan or cfg.checkpoint
-                                                              else ["tp", "all"])
-        try:
-            engines = bs.engines_for(cfg.plan, cfg.checkpoint, spec.model_config.num_hidden_layers, names)
-        except ValueError as err:
-            raise SPDInputError(str(err)) from None
-        tok = load_tokenizer(cfg.model)
-        work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
-        base = ["--model", cfg.model, "--tp", str(cfg.tp_size), "--dtype", cfg.dtype,
-                "--max-model-len", str(hi + args.output_len)]
-        result = bs.bench_side_by_side(base, engines, paths, loads, work, "bench", args.repeats, cfg.tp_size,
-                                       args.bench_seed, progress=True)
     bs.write_outputs(result, command, args.out)
-    print(bs.markdown(result, command), flush=True)
-    print(f"wrote {args.out}/bench_serve.json, .md, .png", flush=True)
+    print(bs.markdown(result, command), f"wrote {args.out}/bench_serve.json, .md, .png", sep="\n", flush=True)
+
+
+def _managed_engines(args, cfg, paths: list[str]) -> dict[str, list[str]]:
+    """bench-serve without --url: the serve arguments of each engine to start, checked (no weights read)."""
+    from ds_spd.run import resolve_run
+    from ds_spd.tools import bench_serve as bs
+    spec = resolve_run(cfg.updated(plan=None, checkpoint=None, spd_blocks=None), virtual_tp=cfg.tp_size,
+                       read_weights=False)
+    if "2hosts" in paths:
+        from ds_spd.tools.serve_process import namespaces_work
+        if not namespaces_work():
+            raise SPDInputError("--paths 2hosts simulates hosts with private mount namespaces: it needs "
+                                "`unshare -m` and mount (root)")
+    names = args.engines.split(",") if args.engines else (["tp", "plan"] if cfg.plan or cfg.checkpoint
+                                                          else ["tp", "all"])
+    try:
+        return bs.engines_for(cfg.plan, cfg.checkpoint, spec.model_config.num_hidden_layers, names)
+    except ValueError as err:
+        raise SPDInputError(str(err)) from None
 
 
 def cmd_prepare_model(args) -> None:

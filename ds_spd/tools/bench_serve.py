@@ -230,6 +230,46 @@ class Load:
         return f"rate {rate}" + (f", concurrency {self.concurrency}" if self.concurrency else "")
 
 
+def parse_loads(rates: str, concurrency: str, prompt_len: str, paths: str, output_len: int
+                ) -> tuple[list[Load], tuple[int, int], list[str]]:
+    """The CLI's load flags: (loads, (min, max) prompt length, paths); a ValueError names the bad flag."""
+    try:
+        loads = [Load(float(r)) for r in rates.split(",") if r] + \
+            [Load(math.inf, int(c)) for c in concurrency.split(",") if c]
+        lo, hi = (int(x) for x in prompt_len.split(","))
+    except ValueError:
+        raise ValueError("--rates takes numbers or inf, --concurrency and --prompt-len integers "
+                         "(e.g. --rates 1,4,inf --prompt-len 32,256)") from None
+    chosen = [p for p in paths.split(",") if p]
+    if any(p not in PATHS for p in chosen) or not (0 < lo <= hi) or output_len < 2 or not loads:
+        raise ValueError(f"--paths takes {', '.join(PATHS)}; --prompt-len needs 0 < MIN <= MAX; --output-len >= 2; "
+                         "and at least one load")
+    return loads, (lo, hi), chosen
+
+
+def served_model(url: str, api_key: str | None) -> str:
+    """The first model a running OpenAI-compatible server lists; RuntimeError if it cannot be reached."""
+    import urllib.request
+    request = urllib.request.Request(f"{url}/v1/models", headers=auth_headers(api_key))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.load(r)["data"][0]["id"]
+    except OSError as err:
+        raise RuntimeError(f"cannot reach a server at {url}: {err}") from None
+
+
+def bench_url(url: str, model: str, api_key: str | None, backend_name: str, tokenizer, workload, loads: list[Load],
+              repeats: int, seed: int) -> dict:
+    """Every load against a running OpenAI-compatible server, ``repeats`` times; the request form is
+    ``backend_name``'s or probed (``auto``: RuntimeError where no form works)."""
+    backend = NAMED_BACKENDS.get(backend_name) or probe_backend(url, model, tokenizer, auth_headers(api_key))
+    runs = [{"path": "url", "engine": model, "load": asdict(load), "load_name": load.name, "repeat": rep,
+             **asyncio.run(run_load(url, model, workload, load.rate, load.concurrency, seed + rep, api_key, backend,
+                                    tokenizer))}
+            for rep in range(repeats) for load in loads]
+    return {"runs": runs, "repeats": repeats, "paired": [], "backend": vars(backend)}
+
+
 def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: list[str]) -> dict[str, list[str]]:
     """serve arguments of each engine: TP (no SPD block), the plan's (or checkpoint's) blocks, every block."""
     table = {"tp": ["--spd-blocks", "none"], "all": ["--spd-blocks", f"0-{n_layers - 1}"]}

@@ -228,3 +228,34 @@ FAMILIES = {
 
 #: One KV head, 4 query heads, 4 blocks: tp 2 and 4 replicate the KV head (Gemma 3 270M's shape).
 KV1_SHAPE = {**KV1, "num_hidden_layers": 4}
+
+
+# ---------------------------------------------------------------- the README's path, quick preset
+
+QUICK = ["--max-samples", "4", "--seq-len", "64", "--batch-size", "2"]
+
+
+def readme_path(model: str, tmp_path, extra: list[str] = ()) -> tuple[dict, dict, str]:
+    """The README's scan -> plan (3 blocks) -> distill through the CLI, quick preset, on ``model``; asserts every
+    chosen block that changes the model is trained; (scan JSON, distill JSON, plan path)."""
+    from ds_spd.plan import load_plan
+    from ds_spd.stages.planner import relative
+    plan, ckpt = str(tmp_path / "plan.json"), str(tmp_path / "ckpt")
+    # two processes: a distilled ranking trains in `scan`, and one process holds at most one training run
+    results = run_cli_batch([
+        ["scan", "--model", model, "--tp", "2", *QUICK, *extra, "--out", plan, "--json"],
+        ["plan", "--plan", plan, "--spd-count", "3", "--json"]], str(tmp_path / "a"))
+    results += run_cli_batch([
+        ["distill", "--model", model, "--plan", plan, *QUICK[:4], *extra, "--epochs", "1", "--out", ckpt, "--json"]],
+        str(tmp_path / "b"))
+    assert [r["code"] for r in results] == [0, 0, 0], [r["stderr"][-3000:] for r in results]
+    scan, _, distill = (last_json(r["stdout"]) for r in results)
+    chosen = load_plan(plan)
+    rel = relative(chosen)
+    costly = {i for i in chosen.spd_blocks if rel[i] != 0}
+    trained = {int(i) for i in distill["final_mse"]}
+    assert len(chosen.spd_blocks) == 3 and costly and costly <= trained   # nothing that changes the model untrained
+    assert trained == {b.index for b in chosen.blocks if b.cls in ("SB", "ESB")}
+    with open(f"{ckpt}/provenance.json") as f:
+        assert set(json.load(f)["final_mse"]) == {str(i) for i in trained}
+    return scan, distill, plan
