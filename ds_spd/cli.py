@@ -328,17 +328,15 @@ def _scan(args, cfg, checkpoint: str | None):
     from ds_spd.stages import scan
     s, progress = cfg.scan, is_main_rank()
     in_memory = args.in_memory or args.no_cache or checkpoint is not None
-    spec = resolve_run(cfg.updated(checkpoint=None), virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True,
-                       data_section="calibration", read_weights=not in_memory)
+    calibration = cfg.calibration.model_dump()
+    if checkpoint is not None and args.split is None:   # costs with distilled weights: on text not trained on
+        calibration["split"] = s.ranking_split
+    spec = resolve_run(cfg.updated(checkpoint=None, calibration=calibration), virtual_tp=args.virtual_tp or cfg.tp_size,
+                       data_parallel=True, data_section="calibration", read_weights=not in_memory)
     if not in_memory:
         budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
         return (*scan.streamed_scan_to_plan(spec, s.method, args.metric, budget, f"{args.out}.activations",
                                             args.last, progress, s.head_dtype), None)
-    if checkpoint is not None and args.split is None:   # costs with distilled weights: on text not trained on
-        spec = resolve_run(cfg.updated(checkpoint=None, calibration={**cfg.calibration.model_dump(),
-                                                                     "split": s.ranking_split}),
-                           virtual_tp=args.virtual_tp or cfg.tp_size, data_parallel=True, data_section="calibration",
-                           read_weights=False)
     runner = build_runner(spec, data_parallel=True)
     if checkpoint is not None:
         states = _distilled_states(checkpoint, spec)

