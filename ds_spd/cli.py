@@ -13,10 +13,8 @@ import json
 import os
 import sys
 
-from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
-                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
-                            SCAN_RANKINGS)
-from ds_spd.config import resolve_spd_config
+from ds_spd.choices import COMM_PATHS, DTYPES, LOAD_MODES, SCAN_METHODS, SCAN_METRICS
+from ds_spd.config import DistillConfig, ScanConfig, resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
 from ds_spd.ranks import is_main_rank
@@ -46,36 +44,80 @@ def parse_thresholds(text: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and SPD (override the config file)")
-    g.add_argument("--config", help="DeepSpeed JSON config with an \"spd\" section")
-    g.add_argument("--model", help="'default' (embedded SmolLM2-135M), 'gemma3-270m' (embedded Gemma 3 270M), "
-                                   "a local HF directory or a hub id")
-    g.add_argument("--tp", type=int, dest="tp_size", help="tensor-parallel size (must equal the ranks started)")
-    g.add_argument("--spd-blocks", type=parse_blocks, help="blocks in SPD form, e.g. 3,4,27 or 15-29")
-    g.add_argument("--plan", help="plan.json choosing the SPD blocks")
-    g.add_argument("--checkpoint", help="SPD checkpoint dir from `ds-spd distill` (distilled blocks and their plan)")
-    g.add_argument("--dtype", choices=DTYPES)
-    g.add_argument("--comm", choices=COMM_PATHS,
-                   help="all-reduce path: auto (DeepSpeed's inference all-reduce: shm on CPU, NCCL on CUDA) or gloo")
-    g.add_argument("--load", choices=LOAD_MODES,
-                   help="real TP weights: sharded (default; each rank reads only its slices from safetensors) "
-                        "or full (every rank loads the whole model, then AutoTP shards it)")
-    g.add_argument("--virtual-tp", type=int, metavar="N",
-                   help="simulate TP of size N in one process (no launcher), same SPD math")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+#: The flags commands share, by dest: (flag, argparse keywords). Each command offers only the ones it honours
+#: (HONOURS); argparse refuses the rest by name.
+MODEL_FLAGS: dict[str, tuple[str, dict]] = {
+    "config": ("--config", {"help": "DeepSpeed JSON config with an \"spd\" section"}),
+    "model": ("--model", {"help": "'default' (embedded SmolLM2-135M), 'gemma3-270m' (embedded Gemma 3 270M), a local "
+                                  "HF directory or a hub id"}),
+    "tp_size": ("--tp", {"type": int, "help": "tensor-parallel size (must equal the ranks started)"}),
+    "spd_blocks": ("--spd-blocks", {"type": parse_blocks, "help": "blocks in SPD form, e.g. 3,4,27 or 15-29"}),
+    "plan": ("--plan", {"help": "plan.json choosing the SPD blocks"}),
+    "checkpoint": ("--checkpoint", {"help": "SPD checkpoint dir from `ds-spd distill` (distilled blocks and their "
+                                            "plan)"}),
+    "dtype": ("--dtype", {"choices": DTYPES}),
+    "comm": ("--comm", {"choices": COMM_PATHS, "help": "real TP's all-reduce path: auto (DeepSpeed's inference "
+                                                       "all-reduce: shm on CPU, NCCL on CUDA) or gloo"}),
+    "load": ("--load", {"choices": LOAD_MODES, "help": "real TP weights: sharded (default; each rank reads only its "
+                                                       "slices from safetensors) or full (every rank loads the whole "
+                                                       "model, then AutoTP shards it)"}),
+    "virtual_tp": ("--virtual-tp", {"type": int, "metavar": "N",
+                                    "help": "simulate TP of size N in one process (no launcher), same SPD math"}),
+    "json": ("--json", {"action": "store_true", "help": "print one JSON object as the last line of stdout"}),
+}
+DATA_FLAGS: dict[str, tuple[str, dict]] = {
+    "text": ("--text", {"nargs": "+", "help": "local text file(s)"}),
+    "dataset": ("--dataset", {"help": "shipped corpus (pydoc, shakespeare) or hub dataset name[:config]"}),
+    "split": ("--split", {"help": "train, validation or test"}),
+    "seq_len": ("--seq-len", {"type": int}),
+    "max_samples": ("--max-samples", {"type": int}),
+    "batch_size": ("--batch-size", {"type": int}),
+    "seed": ("--seed", {"type": int, "help": "draw random segments with this seed (else the first ones)"}),
+}
+_REAL = ("comm", "load")             # real TP only
+_MODEL = ("config", "model", "dtype")
+#: per command: the shared flags it honours (scan, plan and distill run virtual TP of the plan's or --tp's size)
+HONOURS: dict[str, tuple[str, ...]] = {
+    "generate": (*MODEL_FLAGS,),
+    "eval": (*MODEL_FLAGS, *DATA_FLAGS),
+    "scan": (*_MODEL, "tp_size", "checkpoint", "virtual_tp", "json", *DATA_FLAGS),
+    "plan": (*_MODEL, "plan", "checkpoint", "json", *DATA_FLAGS),
+    "distill": (*_MODEL, "plan", "json", *(d for d in DATA_FLAGS if d != "batch_size")),  # micro-batch: DeepSpeed's
+    "bench": (*_MODEL, "tp_size", "spd_blocks", "plan", "json"),
+    "serve": tuple(d for d in MODEL_FLAGS if d != "json"),
+    "bench-serve": (*_MODEL, "tp_size", "plan", "checkpoint"),
+}
+#: which config section a command's data flags override
+DATA_SECTION = {"scan": "calibration", "distill": "calibration"}
 
 
-def _data(p: argparse.ArgumentParser, section: str = "data") -> None:
-    g = p.add_argument_group(f"data (override the config's spd.{section})")
-    p.set_defaults(data_section=section)
-    g.add_argument("--text", nargs="+", help="local text file(s)")
-    g.add_argument("--dataset", help="shipped corpus (pydoc, shakespeare) or hub dataset name[:config]")
-    g.add_argument("--split", help="train, validation or test")
-    g.add_argument("--seq-len", type=int)
-    g.add_argument("--max-samples", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--seed", type=int, help="draw random segments with this seed (else the first ones)")
+def _shared(p: argparse.ArgumentParser, command: str) -> None:
+    """The shared flags ``command`` honours; the others it does not offer read as None (or False)."""
+    honours = HONOURS[command]
+    section = DATA_SECTION.get(command, "data")
+    for title, flags in ((None, MODEL_FLAGS), (f"data (override the config's spd.{section})", DATA_FLAGS)):
+        offered = [d for d in flags if d in honours]
+        g = p.add_argument_group(title or "model and SPD (override the config file)") if offered else None
+        for dest in offered:
+            flag, kwargs = flags[dest]
+            (p if dest == "json" else g).add_argument(flag, dest=dest, **kwargs)
+    p.set_defaults(data_section=section, **{d: (False if d == "json" else None)
+                                            for d in (*MODEL_FLAGS, *DATA_FLAGS) if d not in honours})
+
+
+def _section_flags(p: argparse.ArgumentParser, section: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config section (ds_spd.config's ScanConfig, DistillConfig): ``--field-name``,
+    its type, choices and help from the field, default None so the config (or the model's recipe) applies."""
+    import typing
+    choices = getattr(section, "CHOICES", {})
+    g = p.add_argument_group(f"the config's spd.{section.SECTION} (flags override)")
+    for name, field in section.model_fields.items():
+        if name in skip:
+            continue
+        kind = next((t for t in typing.get_args(field.annotation) if t is not type(None)), field.annotation)
+        flag = "--" + name.removesuffix("_gb").replace("_", "-")
+        extra = {"metavar": "GB"} if name.endswith("_gb") else {}
+        g.add_argument(flag, dest=name, type=kind, choices=choices.get(name), help=field.description, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,26 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="greedy generation with KV cache")
-    _common(gen)
+    _shared(gen, "generate")
     gen.add_argument("--prompt", nargs="+", default=["The tensor-parallel model says"])
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     ev = sub.add_parser("eval", help="perplexity and next-token accuracy")
-    _common(ev)
-    _data(ev)
+    _shared(ev, "eval")
     sc = sub.add_parser("scan", help="block sensitivity scan (virtual TP) -> plan.json")
-    _common(sc)
-    _data(sc, "calibration")
-    sc.add_argument("--method", choices=SCAN_METHODS,
-                    help="isolated (default): each block alone; cumulative: the paper's, last block first")
-    sc.add_argument("--ranking", choices=SCAN_RANKINGS,
-                    help="zero-shot (default): each block's cost as it is; distilled: distil every block once (the "
-                         "config's distill settings, kept in OUT.ranking/, resumable), then rank by each block's "
-                         "cost alone with its distilled weights (Gemma 3 270M's default, docs/recovery.md)")
+    _shared(sc, "scan")
+    _section_flags(sc, ScanConfig)
     sc.add_argument("--metric", choices=SCAN_METRICS, default=SCAN_METRICS[0])
-    sc.add_argument("--head-dtype", choices=SCAN_HEAD_DTYPES,
-                    help="the head's matmul while scoring (logits and softmax stay fp32): bfloat16 (default) ranks "
-                         "the blocks as float32 does at 0.7x the scan's time (docs/recovery.md)")
     sc.add_argument("--no-cache", action="store_true",
                     help="naive scan on the loaded model: a full forward per measurement")
     sc.add_argument("--in-memory", action="store_true",
@@ -115,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", default="plan.json")
     sc.add_argument("--plot", help="PNG of the scan (default: next to --out)")
     pl = sub.add_parser("plan", help="choose the SPD blocks and their classes from a scanned plan")
-    _common(pl)
-    _data(pl, "data")
+    _shared(pl, "plan")
     rule = pl.add_mutually_exclusive_group()
     rule.add_argument("--spd-count", type=int, help="the N least sensitive blocks")
     rule.add_argument("--spd-fraction", type=float, help="a fraction of the blocks, e.g. 0.5")
@@ -127,36 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="output plan (default: overwrite --plan)")
     pl.add_argument("--plot", help="PNG of the plan (default: next to --out)")
     di = sub.add_parser("distill", help="B2B distillation (ZeRO) of the plan's SB/ESB blocks -> SPD checkpoint")
-    _common(di)
-    _data(di, "calibration")
-    di.add_argument("--epochs", type=int)
-    di.add_argument("--lr", type=float, help="AdamW learning rate (default: 1.5e-3 x the trained blocks' weight "
-                    "RMS, one digit: 3e-4 on SmolLM2, 5e-5 on Gemma 3 270M)")
-    di.add_argument("--input-source", choices=INPUT_SOURCES,
-                    help="block inputs from the original model (paper) or the plan's zero-shot SPD prefix")
-    di.add_argument("--out", help="SPD checkpoint directory to write")
-    di.add_argument("--work-dir", help="ZeRO training checkpoints (resume from here); default OUT.work")
-    di.add_argument("--trainer", choices=DISTILL_TRAINERS,
-                    help="layerwise (default): one block resident at a time, read from the safetensors files; "
-                         "joint: every trained block of the loaded model in one engine (same weights)")
-    di.add_argument("--activation-budget", type=float, metavar="GB", dest="activation_budget_gb",
-                    help="layerwise: activations kept in RAM per rank; the rest go to files in the work dir")
-    di.add_argument("--head-grouping", choices=HEAD_GROUPINGS,
-                    help="which trained blocks get head grouping first: all (default) or ESB only (paper)")
-    di.add_argument("--mlp-matching", choices=MLP_MATCHINGS,
-                    help="head grouping's MLP step: by neuron (default) or by AutoTP slice (paper)")
-    di.add_argument("--schedule", choices=LR_SCHEDULES, help="learning-rate schedule (cosine: warm-up, then decay to 0)")
-    di.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up")
-    di.add_argument("--val-segments", type=int,
-                    help="calibration segments held out: each block keeps its epoch with the lowest MSE on them")
-    di.add_argument("--patience", type=int, help="stop a block after this many epochs without improving")
-    di.add_argument("--kl-epochs", type=int,
-                    help="end-to-end stage after B2B: epochs of KL to the TP model's next-token distribution")
-    di.add_argument("--kl-lr", type=float, help="learning rate of the end-to-end stage")
+    _shared(di, "distill")
+    _section_flags(di, DistillConfig)
     di.add_argument("--restart", action="store_true",
                     help="discard the work dir's training state (of another run) and start over")
     be = sub.add_parser("bench", help="latency: DeepSpeed AutoTP vs ds_spd at SPD fractions, shm and gloo paths")
-    _common(be)
+    _shared(be, "bench")
     be.add_argument("--fractions", default="0,0.25,0.5,0.75,1", help="SPD fractions (of the plan's order if --plan)")
     be.add_argument("--comm-paths", default="auto,gloo")
     be.add_argument("--repeats", type=int, default=5)
@@ -165,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--decode-batches", default="1,8")
     be.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.png, bench.md")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server on a resident TP + SPD engine (continuous batching)")
-    _common(sv)
+    _shared(sv, "serve")
     g = sv.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address rank 0 listens on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port, printed at start)")
@@ -190,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences that may wait for a slot; beyond, requests get 429 with Retry-After")
     bs = sub.add_parser("bench-serve", help="serving benchmark (vLLM-style): TP vs SPD servers side by side, or one "
                                             "running server (--url)")
-    _common(bs)
+    _shared(bs, "bench-serve")
     g = bs.add_argument_group("serving benchmark")
     g.add_argument("--url", help="benchmark this running server instead of starting servers")
     g.add_argument("--api-key", default=os.environ.get("DS_SPD_API_KEY") or os.environ.get("OPENAI_API_KEY"),
@@ -215,22 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: flags that set a key of the config's ``scan`` / ``distill`` section (the flag's dest is the key)
-SECTION_FLAGS = {"scan": ("method", "ranking", "head_dtype"),
-                 "distill": ("epochs", "lr", "input_source", "out", "work_dir", "trainer", "activation_budget_gb",
-                             "schedule", "mlp_matching", "head_grouping", "warmup", "val_segments", "patience",
-                             "kl_epochs", "kl_lr")}
+#: the config sections whose every field is a flag of the command of the same name
+SECTIONS = {"scan": ScanConfig, "distill": DistillConfig}
 
 
-def config_from_args(args: argparse.Namespace):
-    data = {k: getattr(args, k, None)
-            for k in ("text", "dataset", "split", "seq_len", "max_samples", "batch_size", "seed")}
-    sections = {part: {k: getattr(args, k, None) for k in keys} for part, keys in SECTION_FLAGS.items()
-                if part == args.command}
-    return resolve_spd_config(args.config, model=args.model, tp_size=args.tp_size, spd_blocks=args.spd_blocks,
-                              plan=args.plan, checkpoint=getattr(args, "checkpoint", None), dtype=args.dtype,
-                              comm=args.comm, load=args.load, data=data,
-                              data_section=getattr(args, "data_section", "data"), **sections)
+def config_from_args(args: argparse.Namespace, **given):
+    """The command's config: the config file, then the model's recipe, then the flags (``given`` replaces flags)."""
+    flags = {**vars(args), **given}
+    data = {k: flags[k] for k in DATA_FLAGS}
+    sections = {args.command: {k: flags.get(k) for k in SECTIONS[args.command].model_fields}} \
+        if args.command in SECTIONS else {}
+    return resolve_spd_config(flags["config"], model=flags["model"], tp_size=flags["tp_size"],
+                              spd_blocks=flags["spd_blocks"], plan=flags["plan"], checkpoint=flags["checkpoint"],
+                              dtype=flags["dtype"], comm=flags["comm"], load=flags["load"], data=data,
+                              data_section=args.data_section, **sections)
 
 
 def _report(args, result: dict, runner=None) -> None:
@@ -365,11 +370,11 @@ def cmd_plan(args) -> None:
     if args.max_ppl_increase is not None:
         from ds_spd.build import build_runner
         from ds_spd.run import resolve_run
-        args.split = args.split or "validation"   # validated on text the scan did not calibrate on
-        checkpoint, args.checkpoint = args.checkpoint, None   # read here, not loaded into the model
-        cfg = config_from_args(args).updated(model=args.model or plan.model, plan=None)
+        # validated on text the scan did not calibrate on; the checkpoint's weights are read here, not loaded
+        cfg = config_from_args(args, split=args.split or "validation", checkpoint=None, plan=None,
+                               model=args.model or plan.model)
         spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")
-        measure = perplexity_measure(build_runner(spec), _distilled_states(checkpoint, spec))
+        measure = perplexity_measure(build_runner(spec), _distilled_states(args.checkpoint, spec))
     new = select(plan, count=args.spd_count, fraction=args.spd_fraction, thresholds=args.thresholds,
                  max_increase=args.max_ppl_increase, measure=measure)
     new.save(out)
@@ -385,18 +390,18 @@ def cmd_plan(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from ds_spd.stages import recovery
+    from ds_spd.stages.distill import run as distill_run
     cfg = config_from_args(args)
-    run = recovery.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
+    run = distill_run.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
     if run.complete:
         if is_main_rank():
             print(f"distill: {run.out} is already complete (same run, {run.settings.epochs} epochs): nothing to do",
                   file=sys.stderr)
         return _report(args, {"checkpoint": run.out, "already_complete": True})
     if is_main_rank():
-        for line in recovery.untrained_note(run.plan):
+        for line in distill_run.untrained_note(run.plan):
             print(f"distill: {line}", file=sys.stderr, flush=True)
-    result = recovery.execute(run, progress=is_main_rank())
+    result = distill_run.execute(run, progress=is_main_rank())
     runner = result.pop("runner")
     _say(args, f"wrote {run.out}: {len(result['final_mse'])} blocks, epochs {result['epochs_trained']}, "
                f"{result['seconds']:.1f} s, {result['tokens_per_second']:.0f} block-tokens/s, "
@@ -490,28 +495,6 @@ def cmd_prepare_model(args) -> None:
     print(resolve_model_path(args.model))
 
 
-_VIRTUAL_LOAD = "it runs virtual TP in one process, which loads the whole model (--load picks how real TP ranks load)"
-
-#: Flags a command accepts through the shared argument groups but cannot honour: refused, never ignored.
-NOT_APPLICABLE = {
-    "scan": {"plan": "scan measures every block and writes a plan (see --out)",
-             "spd_blocks": "scan measures every block", "load": _VIRTUAL_LOAD},
-    "plan": {"spd_blocks": "plan chooses the blocks (--spd-count, --spd-fraction, --max-ppl-increase)",
-             "virtual_tp": "plan uses the plan's tp size",
-             "tp_size": "plan uses the plan's tp size", "load": _VIRTUAL_LOAD},
-    "distill": {"spd_blocks": "distill trains the plan's SB/ESB blocks", "checkpoint": "distill writes one (--out)",
-                "virtual_tp": "distill simulates the plan's tp size", "tp_size": "distill uses the plan's tp size",
-                "batch_size": "distill's micro-batch is the DeepSpeed config's train_micro_batch_size_per_gpu",
-                "load": _VIRTUAL_LOAD},
-    "bench-serve": {"spd_blocks": "bench-serve starts the engines named by --engines",
-                    "comm": "bench-serve runs each path named by --paths", "load": "the servers load sharded",
-                    "virtual_tp": "bench-serve starts real ranks (--tp)"},
-    "bench": {"checkpoint": "bench times the all-reduce paths; weights do not change latency",
-              "load": "bench loads the model once, fully, for both engines (AutoTP baseline and ds_spd)",
-              "virtual_tp": "bench measures real TP: run it under `deepspeed --num_gpus N --module ds_spd bench`"},
-}
-
-
 #: Flags a command cannot run without.
 REQUIRED = {"plan": {"plan": "plan needs --plan plan.json (written by `ds-spd scan`)"},
             "distill": {"plan": "distill needs --plan plan.json (from `ds-spd scan` and `ds-spd plan`)"}}
@@ -528,8 +511,10 @@ def refuse_not_applicable(args) -> None:
                   if getattr(args, k, None) is not None]
         if unused:
             raise SPDInputError(f"{', '.join(unused)}: only used to validate a budget (--max-ppl-increase)")
-    if getattr(args, "load", None) is not None and getattr(args, "virtual_tp", None) is not None:
-        raise SPDInputError(f"--load does not apply with --virtual-tp: {_VIRTUAL_LOAD.replace('it runs', 'that is')}")
+    for flag in _REAL:
+        if getattr(args, flag) is not None and args.virtual_tp is not None:
+            raise SPDInputError(f"--{flag} does not apply with --virtual-tp: that is virtual TP in one process "
+                                "(--load and --comm choose how real TP ranks load and communicate)")
     if args.command == "scan" and args.checkpoint is not None:
         for flag in ("method", "ranking", "no_cache", "in_memory", "activation_budget_gb", "last"):
             if getattr(args, flag) not in (None, False, SCAN_METHODS[0]):
@@ -545,12 +530,6 @@ def refuse_not_applicable(args) -> None:
             raise SPDInputError("--prompt: an empty prompt has no token to continue from")
         if args.max_new_tokens < 1:
             raise SPDInputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.command in ("serve", "bench-serve") and args.json:
-        raise SPDInputError(f"--json does not apply to {args.command}: "
-                            + ("it answers over HTTP" if args.command == "serve" else "it writes bench_serve.json"))
-    for flag, why in NOT_APPLICABLE.get(args.command, {}).items():
-        if getattr(args, flag, None) is not None:
-            raise SPDInputError(f"--{flag.replace('_', '-').replace('tp-size', 'tp')} does not apply here: {why}")
 
 
 COMMANDS = {"generate": cmd_generate, "eval": cmd_eval, "scan": cmd_scan, "plan": cmd_plan, "distill": cmd_distill,
@@ -576,9 +555,12 @@ def _finish_distributed() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     _exit_on_sigterm()
     try:
+        if unknown:   # a flag another command has, or none: refused by name, in one line
+            raise SPDInputError(f"unrecognized arguments: {' '.join(unknown)} (`ds-spd {args.command} --help` lists "
+                                "the flags it honours)")
         refuse_not_applicable(args)
         COMMANDS[args.command](args)
         _finish_distributed()

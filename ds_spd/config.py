@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -51,12 +51,19 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> str:
 
 
 class DistillConfig(_Strict):
-    """Block-to-block distillation (paper defaults: 10 epochs, AdamW lr 5e-5, inputs from the original model)."""
+    """Block-to-block distillation (paper defaults: 10 epochs, AdamW lr 5e-5, inputs from the original model).
+    Each field is also a ``distill`` flag (ds_spd.cli)."""
 
-    epochs: int = Field(8, ge=1)
+    SECTION: ClassVar[str] = "distill"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "input_source": INPUT_SOURCES, "trainer": DISTILL_TRAINERS, "head_grouping": HEAD_GROUPINGS,
+        "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES}
+
+    epochs: int = Field(8, ge=1, description="training epochs per block (fewer with patience)")
     lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate (default: scaled to the trained blocks' "
                                 "weights, ds_spd.stages.lr: 3e-4 on SmolLM2, 5e-5 on Gemma 3 270M)")
-    input_source: str = Field("original", description=f"one of {INPUT_SOURCES}")
+    input_source: str = Field("original", description=f"one of {INPUT_SOURCES}: block inputs from the original "
+                              "model (paper) or from the plan's zero-shot SPD prefix")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
@@ -87,11 +94,10 @@ class DistillConfig(_Strict):
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
 
-    @field_validator("input_source", "trainer", "head_grouping", "mlp_matching", "schedule")
+    @field_validator(*CHOICES)
     @classmethod
     def _choice(cls, v: str, info: ValidationInfo) -> str:
-        return _one_of(v, {"input_source": INPUT_SOURCES, "trainer": DISTILL_TRAINERS, "head_grouping": HEAD_GROUPINGS,
-                           "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES}[info.field_name])
+        return _one_of(v, cls.CHOICES[info.field_name])
 
     @model_validator(mode="after")
     def _budget_needs_layerwise(self):
@@ -103,7 +109,11 @@ class DistillConfig(_Strict):
 
 
 class ScanConfig(_Strict):
-    """How ``scan`` measures and ranks the blocks (flags override)."""
+    """How ``scan`` measures and ranks the blocks; each field is also a ``scan`` flag (ds_spd.cli)."""
+
+    SECTION: ClassVar[str] = "scan"
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "method": SCAN_METHODS, "ranking": SCAN_RANKINGS, "head_dtype": SCAN_HEAD_DTYPES}
 
     method: str = Field(SCAN_METHODS[0], description=f"one of {SCAN_METHODS}: each block alone in SPD form, or the "
                         "paper's (last block first, cumulatively)")
@@ -116,11 +126,10 @@ class ScanConfig(_Strict):
                                "measured on (unless --split is given): text distillation did not train on, since "
                                "costs on the training text favour the blocks that fit it best (docs/recovery.md)")
 
-    @field_validator("method", "ranking", "head_dtype")
+    @field_validator(*CHOICES)
     @classmethod
     def _choice(cls, v: str, info: ValidationInfo) -> str:
-        return _one_of(v, {"method": SCAN_METHODS, "ranking": SCAN_RANKINGS,
-                           "head_dtype": SCAN_HEAD_DTYPES}[info.field_name])
+        return _one_of(v, cls.CHOICES[info.field_name])
 
     @model_validator(mode="after")
     def _distilled_is_isolated(self):

@@ -9,8 +9,8 @@ length-prefixed JSON (never pickle).
 Liveness rides on the same sockets. The others never write after their hello, so a readable socket on
 rank 0 means that rank is gone; rank 0's monitor thread sees it at once, even while the main thread is
 stuck in an all-reduce that will never complete (DeepSpeed's shared-memory all-reduce spins forever on a dead
-peer). On the other ranks a reader thread owns the socket: end of stream means rank 0 is gone, and the
-rank exits at once, whatever its main thread is doing.
+peer). On the other ranks a reader thread owns the socket: end of stream before the stop plan
+(ds_spd.serve.step.STOP) means rank 0 is gone, and the rank exits at once, whatever its main thread is doing.
 """
 from __future__ import annotations
 
@@ -124,6 +124,8 @@ class PlanReceiver:
                 if plan is None:
                     return on_death()
                 self.plans.put(plan)
+                if plan.get("stop"):
+                    return   # rank 0 is done with us: its going away next is no death
         threading.Thread(target=reader, name="ds-spd-plan-reader", daemon=True).start()
 
     def next(self) -> dict:

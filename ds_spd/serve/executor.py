@@ -2,7 +2,7 @@
 
 The model is the command's runner model (virtual TP, or the DeepSpeed AutoTP + SPD engine's module), called
 like any HF causal LM with the slot cache, explicit position ids and masks, and ``logits_to_keep=1``: only
-the last position of each row reaches the (vocabulary-sized) head, unless the plan's forward says ``keep: 0``
+the last position of each row reaches the (vocabulary-sized) head, unless the plan's forward says ``keep=0``
 (a prompt whose tokens are scored: ``echo`` with ``logprobs``), when every position does.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 import torch
 
 from ds_spd.serve.kv_cache import SlotCache
+from ds_spd.serve.step import StepPlan
 
 
 class StepExecutor:
@@ -37,16 +38,16 @@ class StepExecutor:
                          logits_to_keep=keep)
         return out.logits if keep == 0 else out.logits[:, -1]
 
-    def run(self, plan: dict) -> list[torch.Tensor]:
+    def run(self, plan: StepPlan) -> list[torch.Tensor]:
         """Apply a plan (slot moves, then forwards); the logits of each forward, for rank 0 to sample from."""
-        for src, dst, length in plan["moves"]:
-            self.cache.copy_slot(src, dst, length)
+        for move in plan.moves:
+            self.cache.copy_slot(move.src, move.dst, move.length)
         out, self.seconds = [], []
-        for fwd in plan["forwards"]:
+        for fwd in plan.forwards:
             start = time.perf_counter()
-            out.append(self.forward(fwd["slot"], fwd["offsets"], fwd["tokens"], fwd.get("keep", 1)))
+            out.append(self.forward(fwd.slot, fwd.offsets, fwd.tokens, fwd.keep))
             self.seconds.append(time.perf_counter() - start)
             if self.log_tokens:
-                for sid, toks in zip(fwd["seqs"], fwd["tokens"]):
+                for sid, toks in zip(fwd.seqs, fwd.tokens):
                     self.fed.setdefault(sid, []).extend(toks)
         return out

@@ -1,6 +1,6 @@
 """Continuous batching on rank 0: which sequences run in the next step, and what happens to their tokens.
 
-Each step is one plan, sent to every rank and run by each (ds_spd.serve.executor):
+Each step is one plan (ds_spd.serve.step.StepPlan), sent to every rank and run by each (ds_spd.serve.executor):
 
 - ``moves``: slot copies that keep the running sequences in slots ``0 .. R-1`` (a finished sequence's slot is
   filled by the last running one) and the prefilling ones right after them;
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ds_spd.serve.sampling import SamplingParams, adjust, generator_for, sample, top_logprobs
+from ds_spd.serve.step import Forward, Move, StepPlan
 
 #: one token's log-probability report: (token id, its log-probability or None for a prompt's first token,
 #: [(alternative token id, log-probability)], best first)
@@ -113,13 +114,13 @@ class Scheduler:
         return len(self.waiting)
 
     # ---- the next step
-    def plan(self) -> dict | None:
-        """The next step's plan (JSON-able), or None if there is nothing to run."""
+    def plan(self) -> StepPlan | None:
+        """The next step's plan, or None if there is nothing to run."""
         moves = self._compact()
         forwards = []
         if self.running:
-            forwards.append({"kind": "decode", "slot": 0, "offsets": [s.offset for s in self.running],
-                             "tokens": [[s.output[-1]] for s in self.running], "seqs": [s.id for s in self.running]})
+            forwards.append(Forward("decode", 0, [s.offset for s in self.running], [[s.output[-1]] for s in self.running],
+                                    [s.id for s in self.running]))
         budget, complete = self.max_step_tokens - len(self.running), True
         for s in self.prefilling:   # at most one: a prompt part-filled in an earlier step goes on first
             budget, complete = self._prefill_chunk(s, budget, forwards)
@@ -132,27 +133,26 @@ class Scheduler:
             self.prefilling.append(s)
             twin = next((t for t in self.running if t.prompt is s.prompt), None)
             if twin is not None and len(s.prompt) > 1:   # n > 1: copy the prompt's cache, prefill its last token
-                moves.append([twin.slot, s.slot, len(s.prompt) - 1])
+                moves.append(Move(twin.slot, s.slot, len(s.prompt) - 1))
                 s.offset = len(s.prompt) - 1
                 s.prompt_logprobs = twin.prompt_logprobs
             budget, complete = self._prefill_chunk(s, budget, forwards)
         done, self._done = self._done, []
         if not forwards and not moves and not done:
             return None
-        return {"moves": moves, "forwards": forwards, "done": done}
+        return StepPlan(moves, forwards, done)
 
     def _prefill_chunk(self, s: Sequence, budget: int, forwards: list) -> tuple[int, bool]:
         """Add up to ``budget`` of ``s``'s prompt tokens; returns the budget left and whether the prompt is in."""
         n = min(len(s.prompt) - s.offset, budget)
         if n > 0:
-            fwd = {"kind": "prefill", "slot": s.slot, "offsets": [s.offset], "tokens": [s.prompt[s.offset:s.offset + n]],
-                   "seqs": [s.id]}
-            if s.params.prompt_logprobs is not None and len(s.prompt_logprobs or ()) < len(s.prompt):
-                fwd["keep"] = 0   # every position's logits (every rank runs the same head): the prompt's scores
-            forwards.append(fwd)
+            scored = s.params.prompt_logprobs is not None and len(s.prompt_logprobs or ()) < len(s.prompt)
+            # a prompt being scored keeps every position's logits (every rank runs the same head)
+            forwards.append(Forward("prefill", s.slot, [s.offset], [s.prompt[s.offset:s.offset + n]], [s.id],
+                                    keep=0 if scored else 1))
         return budget - n, s.offset + n == len(s.prompt)
 
-    def _compact(self) -> list[list[int]]:
+    def _compact(self) -> list[Move]:
         """Drop finished sequences; move the last running ones into the holes, then the prefilling ones after."""
         for s in (*self.running, *self.prefilling):
             if s.finished and s.id not in self._done:
@@ -163,22 +163,22 @@ class Scheduler:
         holes = sorted(set(range(r)) - {s.slot for s in self.running})
         outside = [s for s in self.running if s.slot >= r]
         for hole, s in zip(holes, outside):
-            moves.append([s.slot, hole, s.offset])
+            moves.append(Move(s.slot, hole, s.offset))
             s.slot = hole
         self.running.sort(key=lambda s: s.slot)
         for i, s in enumerate(self.prefilling):
             if s.slot != r + i:
-                moves.append([s.slot, r + i, s.offset])
+                moves.append(Move(s.slot, r + i, s.offset))
                 s.slot = r + i
         return moves
 
     # ---- after the step: sample, detokenise, finish
-    def complete(self, plan: dict, logits: list[torch.Tensor]) -> list[Event]:
+    def complete(self, plan: StepPlan, logits: list[torch.Tensor]) -> list[Event]:
         """Apply a step's results: ``logits[i]`` holds the last position's logits of forward i's rows."""
         by_id = {s.id: s for s in (*self.running, *self.prefilling)}
         events, now = [], time.monotonic()
-        for fwd, rows in zip(plan["forwards"], logits):
-            for sid, toks, row in zip(fwd["seqs"], fwd["tokens"], rows):
+        for fwd, rows in zip(plan.forwards, logits):
+            for sid, toks, row in zip(fwd.seqs, fwd.tokens, rows):
                 s = by_id[sid]
                 start, s.offset = s.offset, s.offset + len(toks)
                 if row.dim() == 2:   # every position kept: score the prompt tokens they predict

@@ -7,8 +7,8 @@ virtual TP). Order of events, so that a bad start fails fast and with a message:
 2. rank 0 binds the HTTP port: a port in use is an error on every rank before any weight loads;
 3. rank 0 starts HTTP at once (``/health`` answers 503 "loading" while the weights load);
 4. every rank builds the same engine as ``eval``/``generate`` (sharded loading, checkpoint overlay, ``--comm``);
-5. rank 0 runs the scheduler and sends one plan per step to the others (ds_spd.serve.channel), which run the
-   same forwards and never sample or wait inside a collective for requests.
+5. rank 0 runs the engine loop (ds_spd.serve.engine) and sends one plan per step to the others
+   (ds_spd.serve.channel), which run the same forwards and never sample or wait inside a collective for requests.
 
 Shutdown: SIGTERM or Ctrl-C on rank 0 stops accepting (``/health`` 503 "draining"), lets running requests
 finish for ``--shutdown-timeout`` seconds, cancels the rest, tells the other ranks to stop and exits 0 (a
@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 
 from ds_spd.errors import SPDInputError
+from ds_spd.serve.engine import Engine, Shutdown, follow
 
 
 @dataclass(frozen=True)
@@ -180,21 +181,17 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
         _log(f"WARNING: {settings.host} is reachable from other machines and no API key is set: anyone who "
              "reaches the port can use the model (set DS_SPD_API_KEY or --api-key)")
 
-    stop = {"signals": 0, "first": None, "deadline": None}
+    shutdown = Shutdown(settings.shutdown_timeout, SAME_STOP)
 
     def on_signal(signum, _frame):
         if state.status == "loading":   # nothing to drain: do not make the user wait for the weights
             _log(f"{signal.Signals(signum).name} while loading: exiting")
             raise SystemExit(128 + signum)
-        now = time.monotonic()
-        if stop["first"] is not None and now - stop["first"] < SAME_STOP:
+        if not shutdown.request(time.monotonic()):
             return   # a copy of the same stop (launcher forwarding a Ctrl-C): not the "stop now" signal
-        stop["signals"] += 1
-        stop["first"] = stop["first"] or now
-        stop["deadline"] = now if stop["signals"] > 1 else now + settings.shutdown_timeout
         if state.status == "ready":
             state.status = "draining"
-        then = "now" if stop["signals"] > 1 else \
+        then = "now" if shutdown.signals > 1 else \
             f"running requests get {settings.shutdown_timeout:g} s; signal again to stop now"
         _log(f"{signal.Signals(signum).name}: stopping ({then})")
         state.inbox.put(("wake", None))   # an idle loop's wait on the inbox does not return on a signal by itself
@@ -227,7 +224,7 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
          f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
          f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, loaded in {runner.load_seconds:.1f} s")
     try:
-        _loop(state, sched, executor, sender, metrics, stop)
+        Engine(state, sched, executor, sender, metrics, shutdown, _log).run()
     except Exception:
         if state.status == "dead":   # a peer died mid-step: the monitor is failing requests and exits
             while True:
@@ -239,8 +236,6 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
         if state.status != "dead":
             state.fail_all(503, "the server stopped")
         server.should_exit = True
-    if sender is not None:
-        sender.broadcast({"stop": True})
     http.join(timeout=5)
     _write_token_log(settings, 0, executor)
     _log("stopped")
@@ -274,79 +269,6 @@ def _eos_ids(tokenizer, model) -> set[int]:
     return set(gen if isinstance(gen, (list, tuple)) else [] if gen is None else [gen])
 
 
-def _loop(state, sched, executor, sender, metrics, stop) -> None:
-    """The engine loop: take requests, plan a step, send it, run it, sample, deliver; until stopped."""
-    import queue
-
-    from ds_spd.serve.api import Delta
-    from ds_spd.serve.scheduler import Sequence
-    requests: dict[str, object] = {}
-    while True:
-        try:   # wait for requests only when idle; never inside a collective
-            item = state.inbox.get(timeout=0.2) if not sched.has_work() else state.inbox.get_nowait()
-        except queue.Empty:
-            item = None
-        while item is not None:
-            kind, payload = item
-            if kind == "add":
-                req = payload
-                requests[req.id] = req
-                seqs = [Sequence(req.id, p * req.n + i, ids, req.params)
-                        for p, ids in enumerate(req.prompts) for i in range(req.n)]
-                sched.add(seqs)
-                metrics.prompt_tokens.inc(sum(len(s.prompt) for s in seqs))
-            elif kind == "cancel":
-                sched.cancel(payload)
-                requests.pop(payload, None)
-            try:
-                item = state.inbox.get_nowait()
-            except queue.Empty:
-                item = None
-        if stop["deadline"] is not None:
-            if state.status == "ready":
-                state.status = "draining"
-            if not sched.has_work():
-                break
-            if time.monotonic() >= stop["deadline"]:
-                for rid in list(requests):
-                    sched.cancel(rid)
-                state.fail_all(503, "the server is shutting down (shutdown timeout reached)")
-                requests.clear()
-        plan = sched.plan()
-        metrics.running.set(len(sched.running) + len(sched.prefilling))
-        metrics.waiting.set(sched.queue_depth)
-        if plan is None:
-            continue
-        if sender is not None:
-            sender.broadcast(plan)
-        logits = executor.run(plan)
-        events = sched.complete(plan, logits)
-        metrics.steps.inc()
-        for fwd, seconds in zip(plan["forwards"], executor.seconds):
-            metrics.forward.labels(fwd["kind"]).observe(seconds)
-        for ev in events:
-            s, req = ev.seq, requests.get(ev.seq.request_id)
-            metrics.generation_tokens.inc(len(ev.token_ids))
-            if req is None:
-                continue
-            if ev.error is not None:   # this request fails alone: its other sequences leave at the next step
-                _log(f"request {req.id} failed: {ev.error}")
-                sched.cancel(req.id)
-                requests.pop(req.id, None)
-                state.finish(req.id)
-                req.push(("error", 500, f"generation failed for this request: {ev.error}"))
-                continue
-            if len(s.output) == 1:
-                req.push(("first", time.monotonic()))
-            if s.finished:
-                if len(s.output) > 1:
-                    metrics.tpot.observe((time.monotonic() - s.first_token) / (len(s.output) - 1))
-            req.push(("delta", Delta(s.index, ev.delta, s.finish_reason, len(s.output), ev.logprobs,
-                                     ev.prompt_logprobs)))
-        for rid in [r for r, req in requests.items() if r not in state.live]:
-            requests.pop(rid, None)   # finished or failed on the HTTP side
-
-
 # ---------------------------------------------------------------- the other ranks
 def _serve_other(spec, settings: ServeSettings, rank: int) -> None:
     from ds_spd.serve.channel import PlanReceiver
@@ -355,17 +277,9 @@ def _serve_other(spec, settings: ServeSettings, rank: int) -> None:
     _, executor = _engine(spec, settings)
 
     def on_death() -> None:
-        if not stopped.is_set():
-            _log(f"rank {rank}: rank 0 is gone; exiting")
-            os._exit(1)
-    stopped = threading.Event()
-    receiver = PlanReceiver(rank, _broadcast_object, on_death)
-    while True:
-        plan = receiver.next()
-        if plan.get("stop"):
-            stopped.set()
-            break
-        executor.run(plan)
+        _log(f"rank {rank}: rank 0 is gone; exiting")
+        os._exit(1)
+    follow(PlanReceiver(rank, _broadcast_object, on_death), executor)
     _write_token_log(settings, rank, executor)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import torch
 
 RELATIVE_STEP = 1.5e-3   # lr / weight RMS: 3e-4 on SmolLM2 (RMS 0.19-0.20), 5e-5 on Gemma 3 270M (0.033-0.036)
 FALLBACK_LR = 3e-4       # models without safetensors weights (read only by the joint trainer's full load)

@@ -28,7 +28,7 @@ def distil_every_block(cfg: SPDConfig, out: str, config_path: str | None, progre
 
     from ds_spd.models.loading import load_model_config
     from ds_spd.plan import Plan, load_plan
-    from ds_spd.stages import recovery
+    from ds_spd.stages.distill import run as distill_run
     base = ranking_dir(out)
     plan_path, checkpoint = os.path.join(base, "plan.json"), os.path.join(base, "checkpoint")
     model_config = load_model_config(cfg.model)
@@ -43,7 +43,7 @@ def distil_every_block(cfg: SPDConfig, out: str, config_path: str | None, progre
     else:   # every rank writes the same bytes atomically: no rank reads a half-written plan
         os.makedirs(base, exist_ok=True)
         plan.save(plan_path)
-    run = recovery.prepare(cfg.updated(distill={**cfg.distill.model_dump(), "out": checkpoint, "work_dir": None}),
+    run = distill_run.prepare(cfg.updated(distill={**cfg.distill.model_dump(), "out": checkpoint, "work_dir": None}),
                            plan_path, config_path, model=cfg.model)
     if run.complete:
         if progress:
@@ -53,5 +53,5 @@ def distil_every_block(cfg: SPDConfig, out: str, config_path: str | None, progre
         print(f"scan: distilled ranking: distilling all {len(plan.blocks)} blocks once into {checkpoint} "
               f"({run.lr_note or f'lr {run.settings.lr:g}'}, {cfg.distill.segments or cfg.calibration.max_samples} "
               "segments)", file=sys.stderr, flush=True)
-    recovery.execute(run, progress=progress).pop("runner", None)
+    distill_run.execute(run, progress=progress).pop("runner", None)
     return checkpoint

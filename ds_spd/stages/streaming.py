@@ -5,7 +5,7 @@ from the safetensors files, on a skeleton built on the meta device; :class:`Acti
 activations at one block boundary for every calibration segment, in RAM while the rank's
 :class:`ActivationBudget` allows, else in a file read and written per segment (plain positioned I/O, not a
 memory map: a mapping's touched pages count toward the rank's resident set until unmapped). Layer-wise
-distillation (ds_spd.stages.layerwise) and the streamed scan (ds_spd.stages.scan) walk models this way.
+distillation (ds_spd.stages.distill.layerwise) and the streamed scan (ds_spd.stages.scan) walk models this way.
 """
 from __future__ import annotations
 

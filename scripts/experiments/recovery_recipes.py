@@ -6,7 +6,7 @@ Every block is distilled once per recipe from the original model's inputs (so on
 and ranking); a curve point loads the distilled weights of its N chosen blocks. Rankings: ``zero_shot``
 (the default scan: cumulative, on the first 16 calibration segments) and ``distilled`` (each distilled
 block alone in SPD form, ds_spd.stages.scan.scan_distilled, on the same segments). ``--kl N:EPOCHS:LR``
-adds the end-to-end KL stage (ds_spd.stages.e2e) on top of the recipe's blocks at count N.
+adds the end-to-end KL stage (ds_spd.stages.distill.e2e) on top of the recipe's blocks at count N.
 
 Everything is cached under --out (distilled weights per recipe, scans, KL weights, every evaluation), so a
 killed run resumes and a second call only adds what is new. Perplexities come with 95% bootstrap intervals
@@ -39,8 +39,8 @@ from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE  # noqa: E402
 from ds_spd.data import segments_for  # noqa: E402
 from ds_spd.models.loading import load_model  # noqa: E402
 from ds_spd.plan import BlockEntry, Plan  # noqa: E402
-from ds_spd.stages.distill import DistillSettings  # noqa: E402
-from ds_spd.stages.recovery import deepspeed_config  # noqa: E402
+from ds_spd.stages.distill.kit import DistillSettings  # noqa: E402
+from ds_spd.stages.distill.run import deepspeed_config  # noqa: E402
 from ds_spd.tools.evaluation import evaluate_lm, paired_ratio_ci  # noqa: E402
 
 # B2B recipes. "paper": the CLI defaults before the current recipe (the paper's lr and epochs on 16 segments);
@@ -167,7 +167,7 @@ class Lab:
         if not os.path.isfile(path) and RECIPES[name].get("epochs") == 0:   # head grouping only, no training
             self._grouped_only(name, path)
         if not os.path.isfile(path):
-            from ds_spd.stages.layerwise import distill_layerwise
+            from ds_spd.stages.distill.layerwise import distill_layerwise
             from ds_spd.stages.streaming import BlockSource
             recipe = RECIPES[name]
             plan = Plan(model=self.args.model, fingerprint={}, tp_size=self.args.tp, tp_grain_size=DEFAULT_TP_GRAIN_SIZE,
@@ -273,7 +273,7 @@ class Lab:
                 f"{name} {100 * (r[name]['perplexity'] / base[name]['perplexity'] - 1):+.2f}%" for name in r))
 
     def kl(self, recipe_name: str, ranking: str, n: int, epochs: int, lr: float, split: str, val_segments: int):
-        from ds_spd.stages.e2e import kl_stage
+        from ds_spd.stages.distill.e2e import kl_stage
         from safetensors.torch import load_file, save_file
         order = self.ranking(ranking, recipe_name)
         blocks = sorted(order[:n])

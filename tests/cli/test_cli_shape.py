@@ -12,3 +12,35 @@ def test_every_command_is_at_most_30_lines():
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in tree.body
                if isinstance(n, ast.FunctionDef) and n.name.startswith("cmd_")}
     assert len(lengths) >= 9 and {k: v for k, v in lengths.items() if v > 30} == {}
+
+
+def _offered(parser, command: str) -> set[str]:
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest for a in sub._actions if a.option_strings and a.dest != "help"}
+
+
+def test_each_command_offers_only_the_flags_it_honours():
+    """A shared flag appears only on the commands that honour it (HONOURS); every field of the config's scan and
+    distill sections is a flag of that command (generated from the config model, so the two cannot drift); a
+    flag a command does not offer is refused in one line naming it, before any work."""
+    from ds_spd.cli import DATA_FLAGS, HONOURS, MODEL_FLAGS, build_parser
+    from ds_spd.config import DistillConfig, ScanConfig
+    parser = build_parser()
+    shared = set(MODEL_FLAGS) | set(DATA_FLAGS)
+    for command, honours in HONOURS.items():
+        assert _offered(parser, command) & shared == set(honours), command
+    assert set(DistillConfig.model_fields) <= _offered(parser, "distill")
+    assert set(ScanConfig.model_fields) <= _offered(parser, "scan")
+    assert not {"comm", "load", "virtual_tp", "tp_size", "spd_blocks", "batch_size"} & _offered(parser, "distill")
+    args = parser.parse_args(["distill", "--plan", "p.json", "--trainer", "joint", "--activation-budget", "2"])
+    assert (args.trainer, args.activation_budget_gb, args.virtual_tp, args.json) == ("joint", 2.0, None, False)
+
+
+def test_a_flag_the_command_does_not_offer_is_refused_by_name(capsys):
+    from ds_spd.cli import main
+    assert main(["bench", "--checkpoint", "ck"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ds-spd bench: error: unrecognized arguments: --checkpoint ck (`ds-spd bench --help` lists the "
+                   "flags it honours)"]
+    assert main(["generate", "--virtual-tp", "2", "--load", "full"]) == 2
+    assert "--load does not apply with --virtual-tp" in capsys.readouterr().err

@@ -287,7 +287,8 @@ def test_eval_seed_is_used(quick_runs):
 def test_head_grouping_uses_the_configured_grain():
     """HG must match MLP slices of the layout the ranks hold (tp_grain_size 100: 100 + 100 columns, not the
     default grain's 128 + 72)."""
-    from ds_spd.stages.distill import BlockPairs, DistillSettings, build_students
+    from ds_spd.stages.distill.joint import build_students
+    from ds_spd.stages.distill.kit import BlockPairs, DistillSettings
     from ds_spd.stages.headgroup import permute_block
     from ds_spd.core.layout import TPLayout
     model = ds_spd.virtualize(tiny_model(), 2, tp_grain_size=100)

@@ -129,7 +129,8 @@ def test_kv_replication_per_family(family, tp):
 @pytest.mark.parametrize("family", ["phi3", "gemma2"])
 def test_distill_trains_fused_and_sandwich_blocks(family):
 
-    from ds_spd.stages.distill import DistillSettings, distill
+    from ds_spd.stages.distill.joint import distill
+    from ds_spd.stages.distill.kit import DistillSettings
     model = ds_spd.virtualize(_model(family), 2)
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
     result = distill(model, plan_of_classes(model, ["ESB", "TP", "SB", "TP"]), segments, copy.deepcopy(CPU_ZERO2),

@@ -20,6 +20,7 @@ from serve_helpers import ServerProcess, wait_gone
 from ds_spd.serve.executor import StepExecutor
 from ds_spd.serve.sampling import SamplingParams, generator_for, sample
 from ds_spd.serve.scheduler import Scheduler, Sequence
+from ds_spd.serve.step import STOP, StepPlan
 
 PROMPTS = ["def main", "The class of", "x", "import os and sys and then", "while True: pass", "a b c d e f g",
            "return", "lambda x"]
@@ -38,9 +39,11 @@ def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256):
         plan = sched.plan()
         if plan is None:
             break
-        moves += len(plan["moves"])
-        forwards += len(plan["forwards"])
-        sched.complete(plan, ex.run(plan))
+        moves += len(plan.moves)
+        forwards += len(plan.forwards)
+        wired = StepPlan.from_wire(json.loads(json.dumps(plan.to_wire())))   # as the other ranks receive it
+        assert wired == plan
+        sched.complete(plan, ex.run(wired))
     return moves, forwards
 
 
@@ -84,8 +87,8 @@ def test_choices_of_one_prompt_share_its_prefill():
         plan = sched.plan()
         if plan is None:
             break
-        forks += sum(length == len(prompt) - 1 for _, _, length in plan["moves"])
-        prefilled += sum(len(f["tokens"][0]) for f in plan["forwards"] if f["kind"] == "prefill")
+        forks += sum(m.length == len(prompt) - 1 for m in plan.moves)
+        prefilled += sum(len(f.tokens[0]) for f in plan.forwards if f.kind == "prefill")
         sched.complete(plan, ex.run(plan))
     assert [s.output for s in seqs] == [ref.tolist()] * 3
     assert forks == 2 and prefilled == len(prompt) + 2
@@ -167,18 +170,32 @@ def test_only_loopback_addresses_count_as_private():
     assert not any(_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "myhost"))
 
 
+def test_step_plan_wire_and_shutdown_rules():
+    """The stop plan survives the wire (every other field is checked by the batching tests' round trip); a
+    signal within SAME_STOP of the first is the same stop, a later one ends the grace period at once."""
+    from ds_spd.serve.engine import Shutdown
+    assert StepPlan.from_wire(json.loads(json.dumps(STOP.to_wire()))) is STOP
+    with pytest.raises(ValueError, match="unknown forward kind"):
+        StepPlan.from_wire({"moves": [], "done": [], "forwards": [
+            {"kind": "verify", "slot": 0, "offsets": [0], "tokens": [[1]], "seqs": ["a/0"]}]})
+    stop = Shutdown(timeout=10.0, same_stop=2.0)
+    assert not stop.requested and stop.request(100.0) and stop.deadline == 110.0
+    assert not stop.request(101.5) and stop.deadline == 110.0 and stop.signals == 1   # the launcher's copy
+    assert stop.request(103.0) and stop.deadline == 103.0 and stop.signals == 2
+
+
 def test_a_sequence_that_cannot_be_sampled_fails_alone():
     """One sequence's failure in a step ends that sequence with an error event; the others in the step go on."""
     sched = Scheduler(tiny_tokenizer(), set(), 2, 64, 32)
     bad, good = (Sequence(r, 0, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0)) for r in ("bad", "good"))
     sched.add([bad, good])
     plan = sched.plan()
-    assert [f["seqs"] for f in plan["forwards"]] == [[bad.id], [good.id]]
+    assert [f.seqs for f in plan.forwards] == [[bad.id], [good.id]]
     events = sched.complete(plan, [torch.full((1, 384), float("nan")), torch.randn(1, 384)])
     assert [(e.seq.request_id, e.error is not None) for e in events] == [("bad", True), ("good", False)]
     assert bad.finish_reason == "error" and "no finite logit" in events[0].error and len(good.output) == 1
     plan = sched.plan()
-    assert plan["done"] == [bad.id] and plan["forwards"][0]["seqs"] == [good.id]
+    assert plan.done == [bad.id] and plan.forwards[0].seqs == [good.id]
 
 
 def test_stop_string_is_cut_and_never_streamed():

@@ -10,7 +10,8 @@ from helpers import (CPU_ZERO2, DATA, DISTILL_DATA, EVEN, launch, last_json, pla
                      tiny_plan_file)
 
 import ds_spd
-from ds_spd.stages.distill import DistillSettings, distill, prepare_pairs
+from ds_spd.stages.distill.joint import distill, prepare_pairs
+from ds_spd.stages.distill.kit import DistillSettings
 from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block, scatter_heads
 from ds_spd.core.layout import TPLayout
 

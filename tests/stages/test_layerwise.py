@@ -1,4 +1,4 @@
-"""Layer-wise distillation (ds_spd.stages.layerwise): one block resident at a time, activations over the
+"""Layer-wise distillation (ds_spd.stages.distill.layerwise): one block resident at a time, activations over the
 budget spilled to files, equal to the joint trainer, resumable per block and per epoch."""
 import copy
 import json
@@ -11,8 +11,9 @@ from helpers import ROOT, run_cli, tiny_model
 
 import ds_spd
 from ds_spd.plan import Plan
-from ds_spd.stages.distill import DistillSettings, distill
-from ds_spd.stages.layerwise import distill_layerwise
+from ds_spd.stages.distill.joint import distill
+from ds_spd.stages.distill.kit import DistillSettings
+from ds_spd.stages.distill.layerwise import distill_layerwise
 from ds_spd.stages.streaming import ActivationBudget, ActivationStore, BlockSource
 
 CPU_ZERO2 = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,

@@ -111,7 +111,7 @@ def test_scan_data_parallel_under_launcher_equals_single_process(tiny_dir, tmp_p
 
 
 def test_distill_says_what_it_leaves_untrained_with_its_cost_and_flags_an_old_plans_classes():
-    from ds_spd.stages.recovery import untrained_note
+    from ds_spd.stages.distill.run import untrained_note
     assert untrained_note(select(scanned_plan(), count=4)) == [
         "not trained (ISB, zero-shot SPD): block(s) 1 (+0%) by the cumulative scan"]
     # ISB by the user's threshold: said, each with its measured cost

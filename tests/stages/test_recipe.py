@@ -9,8 +9,9 @@ from helpers import CPU_ZERO2, DATA, DISTILL_DATA, plan_of_classes, tiny_model, 
 import ds_spd
 from ds_spd.core.inject import decoder_layers
 from ds_spd.errors import ConfigError
-from ds_spd.stages.distill import DistillSettings, distill, lr_schedule
-from ds_spd.stages.e2e import kl_stage
+from ds_spd.stages.distill.joint import distill
+from ds_spd.stages.distill.kit import DistillSettings, lr_schedule
+from ds_spd.stages.distill.e2e import kl_stage
 from ds_spd.stages.scan import scan, scan_distilled
 
 SEGMENTS = torch.randint(0, 384, (12, 24), generator=torch.Generator().manual_seed(1))
@@ -274,13 +275,14 @@ def test_kl_stage_that_would_not_fit_is_refused_before_any_work(monkeypatch, tin
     from ds_spd.config import SPDConfig
     from ds_spd.errors import SPDInputError
     from ds_spd.run import resolve_run
-    from ds_spd.stages import recovery, streaming
+    from ds_spd.stages import streaming
+    from ds_spd.stages.distill.run import check_kl_fits
     spec = resolve_run(SPDConfig(model=tiny_dir), virtual_tp=2, read_weights=False)
-    recovery.check_kl_fits(2, spec)            # the tiny model fits
+    check_kl_fits(2, spec)            # the tiny model fits
     monkeypatch.setattr(streaming, "available_bytes", lambda: 1000)
     with pytest.raises(SPDInputError, match="needs the whole model in one process"):
-        recovery.check_kl_fits(2, spec)
-    recovery.check_kl_fits(0, spec)            # off: nothing to check
+        check_kl_fits(2, spec)
+    check_kl_fits(0, spec)            # off: nothing to check
 
 
 def test_default_lr_scales_with_the_weights(tmp_path):

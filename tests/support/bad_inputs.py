@@ -152,7 +152,7 @@ CASES: list[Case] = [
      lambda t, m: ["eval", "--plan", _plan(t, m, tp_grain_size=32), "--model", m, *V], "tp_grain_size 32, not 64"),
     ("a flag the command cannot honour (distill --spd-blocks)", "ignored flag",
      lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--spd-blocks", "1", *DISTILL_DATA],
-     "--spd-blocks does not apply here"),
+     "unrecognized arguments: --spd-blocks 1"),
     ("generate with an empty prompt", "bad value",
      lambda t, m: ["generate", "--prompt", "", "--model", m, *V], "an empty prompt has no token"),
     ("generate --chat with a base model (no chat template)", "bad value",

@@ -1,4 +1,4 @@
-"""``python tests/kill_after_epoch.py K ds-spd-args...``: run the CLI, SIGKILL this process right after the
+"""``python tests/support/kill_after_epoch.py K ds-spd-args...``: run the CLI, SIGKILL this process right after the
 training state of epoch K is saved (a crash between two epochs, no Python cleanup). ``K`` = ``blockN``: right
 after the layer-wise trainer stored finished block N (a crash between two blocks)."""
 import os
@@ -6,7 +6,7 @@ import signal
 import sys
 
 from ds_spd import cli
-from ds_spd.stages import distill, layerwise
+from ds_spd.stages.distill import kit, layerwise
 
 
 def main():
@@ -20,13 +20,13 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
         layerwise._save_done = save_done_then_die
     else:
-        save = distill._Trainer.save
+        save = kit.Trainer.save
 
         def save_then_die(self, directory, epoch, client):
             save(self, directory, epoch, client)
             if epoch == int(when):
                 os.kill(os.getpid(), signal.SIGKILL)
-        distill._Trainer.save = save_then_die
+        kit.Trainer.save = save_then_die
     sys.exit(cli.main(sys.argv[2:]))
 
 

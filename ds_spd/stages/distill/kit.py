@@ -1,17 +1,6 @@
-"""Block-to-block (B2B) distillation of the plan's SB and ESB blocks (docs/method.md sections 3 and 4).
-
-Teacher: the original block (both syncs). Student: the same block in SPD form (virtual TP of the plan's tp
-size), initialised from the teacher's weights, head-grouped first for ESB blocks. Loss: MSE between the
-student's and the teacher's outputs on the same block inputs; only that block's parameters train.
-
-Two trainers. The default, layer-wise (ds_spd.stages.layerwise), trains one block at a time in its own
-engine. The joint trainer here trains all blocks together in one DeepSpeed engine: the loss is the sum of
-the per-block MSEs, each block's gradient depends only on its own term, and AdamW updates every parameter
-on its own, so it is the same as training them one by one, *except for gradient clipping*: DeepSpeed
-clips at ``gradient_clipping`` (default 1.0 in DeepSpeed 0.19) over the global norm of everything in the
-engine, which couples the blocks once that norm exceeds the threshold. With ``gradient_clipping: 0`` the
-two trainers give bitwise equal weights (tested; measured on SmolLM2 in BENCHMARKS.md). ZeRO stage 2 or 3
-shards optimizer state (and parameters) over the data-parallel ranks, which split the calibration data.
+"""The training kit both B2B trainers share (ds_spd.stages.distill.joint, .layerwise) and the end-to-end stage
+uses (.e2e): settings, the student module, the DeepSpeed / accelerate trainer, the epoch loop with its held-out
+epoch choice, the one resume of a training state, the result.
 """
 from __future__ import annotations
 
@@ -32,17 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from ds_spd.core.block import SPDDecoderLayer
-from ds_spd.choices import INPUT_SOURCES
 from ds_spd.config import DistillConfig
-from ds_spd.core.comm import CommStats, VirtualReduce
-from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
-from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
-from ds_spd.models.adapters import layer_type
+from ds_spd.core.block import SPDDecoderLayer
+from ds_spd.core.inject import model_device
 from ds_spd.errors import PlanError
+from ds_spd.models.adapters import layer_type
 from ds_spd.plan import Plan
-from ds_spd.ranks import is_main_rank, world_size
-from ds_spd.stages.scan import BlockInputs
+from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs
 
 
 class DistillSettings(DistillConfig):
@@ -98,46 +83,6 @@ class BlockDistiller(nn.Module):
         return losses.sum(), losses.detach()
 
 
-@torch.no_grad()
-def prepare_pairs(model: nn.Module, plan: Plan, blocks: list[int], segments: torch.Tensor, batch_size: int,
-                  input_source: str) -> BlockPairs:
-    """Block inputs from the original model (or the plan's zero-shot SPD prefix) and teacher outputs."""
-    if input_source not in INPUT_SOURCES:
-        raise ValueError(f"input_source must be one of {INPUT_SOURCES}, got {input_source!r}")
-    set_spd_blocks(model, plan.spd_blocks if input_source == "prefix" else [])
-    captured = BlockInputs.capture(model, segments, batch_size, progress=False)
-    set_spd_blocks(model, [])
-    layers, rotary = decoder_layers(model), model.model.rotary_emb
-    inputs = torch.stack([captured.inputs[i] for i in blocks])
-    targets = torch.empty_like(inputs)
-    for j, i in enumerate(blocks):
-        for b0 in range(0, inputs.shape[1], batch_size):
-            x = inputs[j, b0:b0 + batch_size].to(model_device(model))
-            targets[j, b0:b0 + batch_size] = layers[i](x, **attention_kwargs(rotary, x, layers[i])).cpu()
-    return BlockPairs(inputs, targets)
-
-
-def build_students(model: nn.Module, plan: Plan, blocks: list[int], pairs: BlockPairs,
-                   settings: DistillSettings) -> tuple[dict[int, SPDDecoderLayer], dict[int, HeadGrouping]]:
-    """SPD copies of the blocks; ESB blocks head-grouped on calibration block inputs first."""
-    layout = model.spd_layout  # the virtualized model's (configured tp_grain_size): the one layout everywhere
-    if layout.tp_size != plan.tp_size:
-        raise PlanError(f"the model is virtualized for tp size {layout.tp_size}, the plan is for {plan.tp_size}")
-    layers, rotary = decoder_layers(model), model.model.rotary_emb
-    classes = {b.index: b.cls for b in plan.blocks}
-    students, groupings = {}, {}
-    for j, i in enumerate(blocks):
-        student = copy.deepcopy(layers[i])
-        student.reduce = VirtualReduce(CommStats(timed=False))
-        student.spd = True
-        if grouped(classes[i], settings):
-            x = pairs.inputs[j, :settings.hg_segments].to(model_device(model))
-            groupings[i] = find_grouping(student, rotary, x, layout, settings.mlp_matching)
-            permute_block(student, groupings[i], layout)
-        students[i] = student
-    return students, groupings
-
-
 def grouped(cls: str, settings: DistillSettings) -> bool:
     """Whether a trained block of class ``cls`` gets head grouping first: ESB blocks (the paper), or every
     trained block (``head_grouping: all``: the permutation leaves plain TP's function unchanged, and neuron
@@ -170,18 +115,18 @@ class DistillResult:
     start_val: dict[int, float] = field(default_factory=dict)    # held-out loss of the starting weights
 
 
-def _peak_memory() -> int:
+def peak_memory() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-#: The optimizer of a DeepSpeed config without one (ds_spd.stages.recovery.deepspeed_config); lr is settings'.
+#: The optimizer of a DeepSpeed config without one (ds_spd.stages.distill.run.deepspeed_config); lr is settings'.
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"weight_decay": 0.0, "torch_adam": True}}
 
 
-class _Trainer:
+class Trainer:
     """DeepSpeed engine or accelerate (with its DeepSpeed plugin) behind the same four calls."""
 
     def __init__(self, distiller: nn.Module, ds_config: dict, settings: DistillSettings, use_accelerate: bool,
@@ -379,7 +324,30 @@ def check_epochs(trained: int, asked: int, work_dir: str) -> None:
                         f"ask for >= {trained} epochs, or --restart")
 
 
-def run_epochs(trainer: _Trainer, pairs: Dataset, settings: DistillSettings, start_epoch: int, desc: str,
+def resume(trainer: Trainer, directory: str | None, client: dict, settings: DistillSettings,
+           best: BestEpochs | None, what: str, progress: bool) -> dict | None:
+    """Load the latest epoch's training state under ``directory`` into ``trainer`` (and ``best``), if there is
+    one: the state saved with it (``epoch``, ``history``...), after checking that it belongs to this run
+    (``client``: every key must match, the differing ones are named) and trained no more epochs than asked.
+    None: nothing to resume, training starts at epoch 0."""
+    found = trainer.load(directory) if directory and os.path.isdir(directory) else None
+    if found is None:
+        return None
+    saved = found.get("client", {})
+    mismatch = [k for k in client if saved.get(k) != client[k]]
+    if mismatch:
+        raise PlanError(f"training state of {what} in {directory!r} is for another run ({', '.join(mismatch)} "
+                        "differ): use another --work-dir, or --restart")
+    check_epochs(found["epoch"], settings.epochs, directory)
+    if best is not None:
+        best.load(directory)
+    if progress:
+        print(f"distill: resuming from epoch {found['epoch']} of {settings.epochs} ({what}, {directory})",
+              file=sys.stderr, flush=True)
+    return found
+
+
+def run_epochs(trainer: Trainer, pairs: Dataset, settings: DistillSettings, start_epoch: int, desc: str,
                progress: bool, end_of_epoch: Callable[[int, list[float], list[float] | None], None],
                tokens_per_item: int, held_out: Dataset | None = None, best: BestEpochs | None = None
                ) -> tuple[int, float]:
@@ -432,62 +400,6 @@ def split_held_out(pairs: Dataset, settings: DistillSettings) -> tuple[Dataset, 
         raise PlanError(f"val_segments {v} leaves no calibration segment to train on (there are {n}): "
                         "raise --max-samples or lower val_segments")
     return Subset(pairs, range(n - v)), Subset(pairs, range(n - v, n))
-
-
-def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
-            checkpoint_dir: str | None = None, use_accelerate: bool = False, progress: bool = True) -> DistillResult:
-    """Train every SB/ESB block of ``plan`` (``model`` is a virtualized model, unchanged by this call)."""
-    blocks = plan.trained_blocks
-    if not blocks:
-        return DistillResult({}, {})
-    torch.manual_seed(settings.seed)
-    pairs = prepare_pairs(model, plan, blocks, segments, settings.micro_batch, settings.input_source)
-    students, groupings = build_students(model, plan, blocks, pairs, settings)
-    distiller = BlockDistiller(students, model.model.rotary_emb)
-    mb = settings.micro_batch
-    first = (pairs.inputs[:, :mb].transpose(0, 1), pairs.targets[:, :mb].transpose(0, 1))
-    with torch.no_grad():
-        _, initial = distiller(first[0].to(model_device(model)), first[1].to(model_device(model)))
-    train, held_out = split_held_out(pairs, settings)
-    trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
-                       settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
-    client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
-              "groupings": {str(i): [list(g.groups), g.mlp_permutation] for i, g in groupings.items()}}
-    start_epoch, history = 0, []
-    best = BestEpochs(blocks, settings.stop_patience) if held_out is not None else None
-    if checkpoint_dir:  # the work dir's fingerprint was checked before (ds_spd.workdir): only then is it loaded
-        found = trainer.load(checkpoint_dir)
-        if found is not None:
-            mismatch = [k for k in ("plan", "blocks", "input_source", "groupings") if found.get(k) != client[k]]
-            if mismatch:
-                raise PlanError(f"training checkpoint {checkpoint_dir!r} is for another run ({', '.join(mismatch)} "
-                                "differ): use another --work-dir, or --restart")
-            start_epoch = found["epoch"]
-            history = [{**h, "loss": {int(k): v for k, v in h["loss"].items()}} for h in found.get("history", [])]
-            check_epochs(start_epoch, settings.epochs, checkpoint_dir)
-            if best is not None:
-                best.load(checkpoint_dir)
-            if progress:
-                print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} ({checkpoint_dir})",
-                      file=sys.stderr, flush=True)
-
-    def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
-        history.append({"epoch": epoch, "loss": dict(zip(blocks, mean)),
-                        **({"val": dict(zip(blocks, val))} if val is not None else {})})
-        if checkpoint_dir:
-            if best is not None and is_main_rank():
-                best.save(checkpoint_dir)
-            trainer.save(checkpoint_dir, epoch, {**client, "history": history})
-    tokens, seconds = run_epochs(trainer, train, settings, start_epoch, "distill", progress, end_of_epoch,
-                                 pairs.inputs.shape[2], held_out, best)
-    states = best.state if best is not None else trainer.gathered_state()
-    layers = decoder_layers(model)
-    final = block_mse({i: layers[i] for i in blocks}, states, model.model.rotary_emb, *first)
-    return DistillResult(states, groupings, history, dict(zip(blocks, initial.tolist())),
-                         dict(zip(blocks, final.tolist())), seconds,
-                         tokens * len(blocks) / max(seconds, 1e-9), _peak_memory(), trainer.zero_stage,
-                         best_epoch=dict(best.epoch) if best is not None else {},
-                         start_val=dict(best.start) if best is not None else {})
 
 
 @torch.no_grad()

@@ -18,8 +18,8 @@ from torch.utils.data import TensorDataset
 
 from ds_spd.core.inject import decoder_layers, set_spd_blocks
 from ds_spd.ranks import world_size
-from ds_spd.stages.distill import (BestEpochs, DistillSettings, _Trainer, run_epochs, split_held_out,
-                                   steps_per_epoch)
+from ds_spd.stages.distill.kit import (BestEpochs, DistillSettings, Trainer, run_epochs, split_held_out,
+                                      steps_per_epoch)
 
 
 class EndToEndKL(nn.Module):
@@ -78,8 +78,8 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
     probe = held_out if held_out is not None else TensorDataset(segments[:kl_settings.micro_batch])
     start = time.perf_counter()
     try:
-        trainer = _Trainer(module, ds_config, kl_settings, use_accelerate,
-                           kl_settings.epochs * steps_per_epoch(len(train), world_size(), kl_settings.micro_batch))
+        trainer = Trainer(module, ds_config, kl_settings, use_accelerate,
+                          kl_settings.epochs * steps_per_epoch(len(train), world_size(), kl_settings.micro_batch))
         best = BestEpochs(module.indices, kl_settings.stop_patience)   # epoch 0 (run_epochs): the B2B weights
         history = []
 

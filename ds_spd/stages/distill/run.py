@@ -17,7 +17,8 @@ import torch
 
 from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
 from ds_spd.config import SPDConfig, load_ds_config
-from ds_spd.stages.distill import DEFAULT_OPTIMIZER, DistillSettings, distill, plan_digest
+from ds_spd.stages.distill.joint import distill
+from ds_spd.stages.distill.kit import DEFAULT_OPTIMIZER, DistillSettings, plan_digest
 from ds_spd.stages.planner import DEFAULT_THRESHOLDS, classify, relative
 from ds_spd.errors import SPDInputError
 from ds_spd.plan import BlockEntry, Plan, load_plan
@@ -186,7 +187,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
     d = run.cfg.calibration
     segments = segments_for(d, tokenizer)
     if layerwise:
-        from ds_spd.stages.layerwise import BlockSource, distill_layerwise
+        from ds_spd.stages.distill.layerwise import BlockSource, distill_layerwise
         source = BlockSource.from_files(run.spec.model_config, run.spec.weights, run.cfg.torch_dtype, run.plan.tp_size,
                                         run.cfg.tp_grain_size)
         budget = run.settings.activation_budget_gb
@@ -197,7 +198,7 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                          run.use_accelerate, progress=progress)
     e2e = None
     if run.settings.kl_epochs and result.block_states:   # end-to-end KL stage: the whole model, one process
-        from ds_spd.stages.e2e import kl_stage
+        from ds_spd.stages.distill.e2e import kl_stage
         if runner is None:
             runner = build_runner(run.spec, data_parallel=True)
         e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), segments, run.ds_config,

@@ -11,7 +11,7 @@ is dropped. Resident at any time: one teacher block, its student and optimizer s
 Activations beyond ``budget_bytes`` live in files under the work dir (``activations/``), read segment by
 segment (ds_spd.stages.streaming).
 
-Same training as the joint trainer (ds_spd.stages.distill): every block sees the same micro-batches in the
+Same training as the joint trainer (ds_spd.stages.distill.joint): every block sees the same micro-batches in the
 same order (one DistributedSampler with the same seed per block), AdamW acts per parameter and blocks do
 not share a loss term, so with ``gradient_clipping: 0`` the trained weights are bitwise equal (tested). With
 clipping (DeepSpeed's default 1.0) this trainer clips each block's gradient norm on its own, the joint
@@ -42,9 +42,9 @@ from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
 from ds_spd.ranks import world_size
-from ds_spd.stages.distill import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, _peak_memory,
-                                  _Trainer, block_mse, check_epochs, grouped, run_epochs,
-                                  split_held_out, steps_per_epoch)
+from ds_spd.stages.distill.kit import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, Trainer,
+                                      block_mse, check_epochs, grouped, peak_memory, plan_digest, resume,
+                                      run_epochs, split_held_out, steps_per_epoch)
 from ds_spd.stages.headgroup import HeadGrouping, find_grouping, permute_block
 from ds_spd.stages.streaming import (ActivationBudget, ActivationStore, ActivationStores, BlockSource,
                                      default_budget_bytes, run_block)
@@ -122,24 +122,13 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     with torch.no_grad():
         _, initial = distiller(*first)
     train, held_out = split_held_out(_SegmentPairs(x, y), settings)
-    trainer = _Trainer(distiller, ds_config, settings, use_accelerate,
-                       settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
+    trainer = Trainer(distiller, ds_config, settings, use_accelerate,
+                      settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
     block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
     best = BestEpochs([i], settings.stop_patience) if held_out is not None else None
-    start_epoch, history, val_history = 0, [], []
-    if block_dir and os.path.isdir(block_dir):
-        found = trainer.load(block_dir)
-        if found is not None:
-            if found.get("client") != client:
-                raise PlanError(f"training state of block {i} in {work_dir!r} is from another run: use another "
-                                "--work-dir, or --restart")
-            start_epoch, history, val_history = found["epoch"], found["history"], found.get("val", [])
-            check_epochs(start_epoch, settings.epochs, work_dir)
-            if best is not None:
-                best.load(block_dir)
-            if progress:
-                print(f"distill: resuming from epoch {start_epoch} of {settings.epochs} (block {i}, {block_dir})",
-                      file=sys.stderr, flush=True)
+    found = resume(trainer, block_dir, client, settings, best, f"block {i}", progress)
+    start_epoch = found["epoch"] if found else 0
+    history, val_history = (found["history"], found.get("val", [])) if found else ([], [])
 
     def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
         history.append(mean[0])
@@ -177,7 +166,6 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                       settings: DistillSettings, work_dir: str | None = None, budget_bytes: int | None = None,
                       use_accelerate: bool = False, progress: bool = True) -> DistillResult:
     """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring)."""
-    from ds_spd.stages.distill import plan_digest
     blocks = plan.trained_blocks
     if not blocks:
         return DistillResult({}, {})
@@ -237,10 +225,11 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                    if any(d.get("val_history") for d in done.values()) else {})}
                for e in range(epochs)]
     groupings = {i: HeadGrouping.from_json(d["grouping"]) for i, d in done.items() if d["grouping"] is not None}
-    return DistillResult({i: d["state"] for i, d in done.items()}, groupings, history,
-                         {i: d["initial_mse"] for i, d in done.items()}, {i: d["final_mse"] for i, d in done.items()},
-                         train_seconds,
-                         tokens / max(train_seconds, 1e-9), _peak_memory(),
-                         next((d["zero_stage"] for d in done.values()), None), wall, budget.spilled_bytes,
-                         {i: d["best_epoch"] for i, d in done.items() if d.get("best_epoch") is not None},
-                         {i: d["start_val"] for i, d in done.items() if d.get("start_val") is not None})
+    return DistillResult(
+        block_states={i: d["state"] for i, d in done.items()}, groupings=groupings, history=history,
+        initial_mse={i: d["initial_mse"] for i, d in done.items()}, final_mse={i: d["final_mse"] for i, d in done.items()},
+        seconds=train_seconds, tokens_per_second=tokens / max(train_seconds, 1e-9), peak_memory_bytes=peak_memory(),
+        zero_stage=next((d["zero_stage"] for d in done.values()), None), wall_seconds=wall,
+        spilled_bytes=budget.spilled_bytes,
+        best_epoch={i: d["best_epoch"] for i, d in done.items() if d.get("best_epoch") is not None},
+        start_val={i: d["start_val"] for i, d in done.items() if d.get("start_val") is not None})
