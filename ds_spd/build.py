@@ -57,8 +57,12 @@ def build_engine(model: nn.Module, spec: RunSpec, **ds_kwargs):
     init_comm()
     on_meta = model_device(model).type == "meta"
     if on_meta:
-        weights = spec.weights or sharded.model_weight_files(cfg.model)
+        from ds_spd.checkpoint import checkpoint_files
+        from ds_spd.models.weights import model_weight_files
+        weights = spec.weights or model_weight_files(cfg.model)
         sharded.check_weight_files(model, weights)   # headers only, before anything is allocated
+        if spec.checkpoint is not None:              # the distilled blocks' tensors in place of the base ones
+            weights = weights.overlaid(checkpoint_files(spec.checkpoint.path, spec.checkpoint.weight_blocks))
     else:
         load_distilled(model, spec)                    # before AutoTP shards the weights
     own_slices = {}
@@ -69,10 +73,8 @@ def build_engine(model: nn.Module, spec: RunSpec, **ds_kwargs):
     with sharded.materialising(model) if on_meta else contextlib.nullcontext() as layouts:
         engine = autotp(model, cfg.tp_size, cfg.tp_grain_size, cfg.torch_dtype, **ds_kwargs)
     if on_meta:
-        overlay = None if spec.checkpoint is None else sharded.checkpoint_overlay(spec.checkpoint)
         tp_rank = tp_rank_of(engine) if cfg.tp_size > 1 else 0
-        sharded.fill_from_files(engine.module, weights, tp_rank, {**layouts, **own_slices}, overlay,
-                                progress=tp_rank == 0)
+        sharded.fill_from_files(engine.module, weights, tp_rank, {**layouts, **own_slices}, progress=tp_rank == 0)
     return inject_spd(engine, layout, spec.spd_blocks, spec.adapter, cfg.comm)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ds_spd.errors import PlanError
+from ds_spd.models.weights import WeightFiles, single_file
 from ds_spd.outputs import check_output_dir, clean_stale, publish_dir, write_json
 from ds_spd.plan import Plan, load_plan
 
@@ -65,14 +66,10 @@ def read_provenance(path: str) -> dict:
         return {}
 
 
-def _weight_names(path: str) -> list[str]:
-    from safetensors import safe_open
-    file = os.path.join(path, WEIGHTS)
-    try:
-        with safe_open(file, "pt") as f:
-            return list(f.keys())
-    except Exception as err:  # SafetensorError, OSError: the header is unreadable or does not cover the file
-        raise PlanError(f"SPD checkpoint file {file!r} is not a readable safetensors file: {err}") from None
+def checkpoint_files(path: str, blocks=None) -> WeightFiles:
+    """The distilled tensors of the checkpoint at ``path`` (those of ``blocks`` only, if given), headers read."""
+    stored = single_file(os.path.join(path, WEIGHTS), PlanError)
+    return stored if blocks is None else stored.subset(lambda name: block_of(name) in set(blocks))
 
 
 def block_of(name: str) -> int:
@@ -103,7 +100,7 @@ def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | 
         plan.check_compatible(model_config, tp_size, tp_grain_size)
     except PlanError as err:
         raise PlanError(f"SPD checkpoint {path!r}: {err}") from None
-    names = _weight_names(path)
+    names = list(checkpoint_files(path).files)
     stray = [n for n in names if not _is_block_name(n)]
     if stray:
         raise PlanError(f"SPD checkpoint {path!r} holds tensors outside the decoder blocks: {stray[:3]}")
@@ -137,34 +134,28 @@ def apply_checkpoint(model: nn.Module, info: CheckpointInfo) -> list[int]:
     """Load the distilled weights of ``info.weight_blocks`` into ``model`` before TP sharding, so AutoTP
     shards the distilled weights. A distilled block is trained for SPD form only, so blocks left in TP form
     keep their original weights. Returns the blocks whose weights were replaced."""
-    from safetensors import safe_open
-    file = os.path.join(info.path, WEIGHTS)
+    stored = checkpoint_files(info.path, info.weight_blocks)
     own = model.state_dict()
-    chosen = set(info.weight_blocks)
+    unknown = [k for k in stored.files if k not in own]
+    if unknown:
+        raise PlanError(f"SPD checkpoint {info.path!r} has weights the model lacks: {unknown[:3]}")
+    wrong = [f"{k} has shape {shape}, the model's is {tuple(own[k].shape)}" for k, shape in stored.shapes.items()
+             if tuple(own[k].shape) != shape]
+    if wrong:
+        raise PlanError(f"SPD checkpoint {info.path!r}: {wrong[0]}")
     try:
-        with safe_open(file, "pt") as f:
-            names = [k for k in f.keys() if block_of(k) in chosen]
-            unknown = [k for k in names if k not in own]
-            if unknown:
-                raise PlanError(f"SPD checkpoint {info.path!r} has weights the model lacks: {unknown[:3]}")
-            with torch.no_grad():
-                for k in names:
-                    t = f.get_tensor(k)
-                    if own[k].shape != t.shape:
-                        raise PlanError(f"SPD checkpoint {info.path!r}: {k} has shape {tuple(t.shape)}, "
-                                        f"the model's is {tuple(own[k].shape)}")
-                    own[k].copy_(t.to(own[k].dtype))
-    except PlanError:
-        raise
-    except Exception as err:
-        raise PlanError(f"SPD checkpoint file {file!r} could not be read: {err}") from None
-    return sorted(chosen)
+        with torch.no_grad():
+            for k in stored.files:
+                own[k].copy_(stored.read(k).to(own[k].dtype))
+    except Exception as err:   # SafetensorError, OSError: a file damaged past its header
+        raise PlanError(f"SPD checkpoint file {os.path.join(info.path, WEIGHTS)!r} could not be read: {err}") from None
+    return sorted(info.weight_blocks)
 
 
 def read_block_states(path: str) -> dict[int, dict[str, torch.Tensor]]:
-    """A checkpoint's distilled weights by block index (names inside the block), fp32 on the CPU."""
-    from safetensors.torch import load_file
+    """A checkpoint's distilled weights by block index (names inside the block), on the CPU."""
+    stored = checkpoint_files(path)
     states: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in load_file(os.path.join(path, WEIGHTS)).items():
-        states.setdefault(block_of(name), {})[name.split(".", 3)[3]] = t
+    for name in stored.files:
+        states.setdefault(block_of(name), {})[name.split(".", 3)[3]] = stored.read(name)
     return states

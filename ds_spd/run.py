@@ -33,7 +33,7 @@ class RunSpec:
     checkpoint: CheckpointInfo | None
     virtual: bool          # one process holds every shard (virtual TP) or one rank one shard (real TP)
     world: int             # ranks started (data-parallel ranks of a virtual run, TP ranks of a real one)
-    weights: Any = None    # stages that read weights from files: ds_spd.models.sharded.WeightFiles
+    weights: Any = None    # stages that read weights from files: ds_spd.models.weights.WeightFiles
 
     @property
     def tp_size(self) -> int:
@@ -90,7 +90,7 @@ def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel:
     blocks = check_spd_blocks(blocks, model_config.num_hidden_layers)
     weights = None
     if read_weights:
-        from ds_spd.models.sharded import model_weight_files
+        from ds_spd.models.weights import model_weight_files
         weights = model_weight_files(cfg.model)   # headers only: missing shards fail here
     return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world, weights)
 

@@ -21,8 +21,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def weight_rms(weights, blocks: Sequence[int]) -> float:
     """RMS over the 2-D weights (projections; norms and biases are 1-D) of up to SAMPLED_BLOCKS of ``blocks``,
-    spread evenly; ``weights``: ds_spd.models.sharded.WeightFiles (headers), tensors read one at a time."""
-    from safetensors import safe_open
+    spread evenly; ``weights``: ds_spd.models.weights.WeightFiles (headers), tensors read one at a time."""
     blocks = sorted(blocks)
     n = min(SAMPLED_BLOCKS, len(blocks))
     picked = {blocks[round(k * (len(blocks) - 1) / max(n - 1, 1))] for k in range(n)}
@@ -32,8 +31,7 @@ def weight_rms(weights, blocks: Sequence[int]) -> float:
         raise ValueError(f"no 2-D weights of blocks {sorted(picked)} in the model's safetensors files")
     squares, count = 0.0, 0
     for name in names:
-        with safe_open(weights.files[name], "pt") as f:
-            t = f.get_tensor(name).float()
+        t = weights.read(name).float()
         squares += float(t.pow(2).sum())
         count += t.numel()
     return (squares / count) ** 0.5

@@ -154,14 +154,12 @@ class BlockSource:
 
     @classmethod
     def from_files(cls, model_config, weights, dtype: torch.dtype, tp_size: int, tp_grain_size: int) -> "BlockSource":
-        """Blocks read from safetensors files (ds_spd.models.sharded.WeightFiles)."""
-        from ds_spd.models.sharded import _read, check_weight_files, source_name
+        """Blocks read from safetensors files (ds_spd.models.weights.WeightFiles)."""
+        from ds_spd.models.sharded import check_weight_files
+        from ds_spd.models.weights import source_name
         tied = bool(getattr(model_config, "tie_word_embeddings", False))
-
-        def tensor(name: str) -> torch.Tensor:
-            src = source_name(name, weights, tied)
-            return _read(weights.files[src], src, -1, [])
-        source = cls(model_config, dtype, tp_size, tp_grain_size, tensor)
+        source = cls(model_config, dtype, tp_size, tp_grain_size,
+                     lambda name: weights.read(source_name(name, weights, tied)))
         check_weight_files(source.skeleton, weights)   # headers only: every tensor a block needs is stored
         return source
 

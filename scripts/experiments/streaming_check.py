@@ -51,9 +51,9 @@ def main() -> None:
     from ds_spd.config import DataConfig
     from ds_spd.data import segments_for
     from ds_spd.models.loading import default_model_dir, load_model
-    from ds_spd.models.sharded import weight_files
+    from ds_spd.models.weights import weight_files
     from ds_spd.stages.distill.joint import distill
-from ds_spd.stages.distill.kit import DistillSettings
+    from ds_spd.stages.distill.kit import DistillSettings
     from ds_spd.stages.distill.layerwise import distill_layerwise
     from ds_spd.stages.planner import ranking
     from ds_spd.stages.scan import scan, scan_streamed

@@ -6,7 +6,7 @@ import os
 from helpers import ROOT
 
 CORE = os.path.join(ROOT, "ds_spd", "core")
-FORBIDDEN = ("ds_spd.checkpoint", "ds_spd.models.loading", "ds_spd.models.sharded", "ds_spd.build", "ds_spd.run",
+FORBIDDEN = ("ds_spd.checkpoint", "ds_spd.models.loading", "ds_spd.models.sharded", "ds_spd.models.weights", "ds_spd.build", "ds_spd.run",
              "ds_spd.stages", "ds_spd.serve", "ds_spd.tools", "ds_spd.cli")
 
 

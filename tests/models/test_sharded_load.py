@@ -10,7 +10,8 @@ import torch
 from helpers import EVEN, launch, run_cli, tiny_model, tiny_tokenizer
 
 from ds_spd.errors import DataError
-from ds_spd.models.sharded import check_weight_files, meta_model, weight_files
+from ds_spd.models.sharded import check_weight_files, meta_model
+from ds_spd.models.weights import weight_files
 
 MODELS = {   # name: (model type, overrides, max shard size; None: one model.safetensors)
     "llama-uneven": ("llama", {}, "60KB"),

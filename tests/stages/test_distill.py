@@ -188,7 +188,7 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
                          str(tmp_path))
     assert [r["code"] for r in runs] == [0, 0, 0], [r["stderr"][-2000:] for r in runs]
     # no lr in the config: scaled to the trained blocks' weights (ds_spd.stages.lr), said and recorded
-    from ds_spd.models.sharded import weight_files
+    from ds_spd.models.weights import weight_files
     from ds_spd.stages.lr import default_lr
     lr, note = default_lr(weight_files(tiny_dir), [0, 1, 3])
     prov = json.load(open(os.path.join(out, "provenance.json")))

@@ -291,7 +291,7 @@ def test_default_lr_scales_with_the_weights(tmp_path):
     ~5.6x smaller than SmolLM2's: 5e-5, docs/recovery.md); 1-D weights (norms) and other blocks do not count."""
     from safetensors.torch import save_file
 
-    from ds_spd.models.sharded import model_weight_files, weight_files
+    from ds_spd.models.weights import model_weight_files, weight_files
     from ds_spd.stages.lr import default_lr, weight_rms
     smol = model_weight_files("default")
     lr, note = default_lr(smol, list(range(30)))

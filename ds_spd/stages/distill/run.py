@@ -43,7 +43,7 @@ def resolve_lr(cfg: SPDConfig, spec: RunSpec, plan: Plan) -> tuple[float, str | 
     """``spd.distill.lr`` if set, else the lr scaled to the trained blocks' weights (ds_spd.stages.lr), read
     from the safetensors headers the layer-wise trainer checked (the joint trainer: the model's files)."""
     from ds_spd.errors import DataError
-    from ds_spd.models.sharded import model_weight_files
+    from ds_spd.models.weights import model_weight_files
     from ds_spd.stages.lr import default_lr
     if cfg.distill.lr is not None:
         return cfg.distill.lr, None
