@@ -32,8 +32,12 @@ def free_port() -> int:
 
 
 def port_in_use(port: int, host: str = "") -> bool:
-    """Whether ``port`` cannot be bound on ``host`` (all interfaces by default), as the launcher's store binds it."""
+    """Whether ``port`` cannot be bound on ``host`` (all interfaces by default), as the launcher's store binds it:
+    with SO_REUSEADDR, as torch's TCPStore does, so a listener is found but the TIME_WAIT connections a finished
+    launch leaves on the port for a minute are not (without it, a command run right after another on the default
+    port was refused, and DeepSpeed's launcher then waited 30 s before ending the other rank)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -114,3 +114,32 @@ def test_default_grain_is_deepspeeds():
 
     from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
     assert DEFAULT_TP_GRAIN_SIZE == DeepSpeedTPConfig().tp_grain_size
+
+
+def test_master_port_check_matches_how_the_store_binds():
+    """A port with a listener is in use; one a finished launch left in TIME_WAIT is not (torch's TCPStore binds it
+    with SO_REUSEADDR: it was refused for a minute after every run on the default port, proved below by the
+    store itself binding it)."""
+    import datetime
+    import socket
+    import time
+
+    from torch.distributed import TCPStore
+
+    from ds_spd.ports import port_in_use
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        assert port_in_use(port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()   # the server side closes first: its end waits in TIME_WAIT
+    time.sleep(0.2)
+    client.close()
+    with socket.socket() as plain:
+        with pytest.raises(OSError):
+            plain.bind(("", port))   # the old check's bind: refused
+    assert not port_in_use(port)
+    TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))   # and the store does bind it
