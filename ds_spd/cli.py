@@ -17,7 +17,7 @@ from ds_spd.choices import COMM_PATHS, DTYPES, LOAD_MODES, SCAN_METHODS, SCAN_ME
 from ds_spd.config import DistillConfig, ScanConfig, resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
-from ds_spd.ranks import is_main_rank
+from ds_spd.ranks import is_main_rank, same_build_tools
 
 
 def parse_blocks(text: str) -> list[int]:
@@ -555,6 +555,7 @@ def _finish_distributed() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    same_build_tools()   # before anything can build DeepSpeed's ops
     args, unknown = build_parser().parse_known_args(argv)
     _exit_on_sigterm()
     try:

@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 from ds_spd.choices import COMM_PATHS
 from ds_spd.errors import LaunchError
 from ds_spd.ports import free_port, port_in_use
-from ds_spd.ranks import world_size
+from ds_spd.ranks import same_build_tools, world_size
 
 #: dtypes DeepSpeed's shared-memory inference all-reduce handles; it silently skips others.
 _SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -167,6 +167,7 @@ def release_shm_buffer() -> None:
 
 def prepare_dist_env() -> None:
     """Environment DeepSpeed's distributed init needs, for any launcher (or none)."""
+    same_build_tools()
     # torchrun / accelerate set LOCAL_WORLD_SIZE but not LOCAL_SIZE, which DeepSpeed's CPU shared-memory
     # all-reduce reads; without it AutoTP inference crashed (SIGSEGV).
     if "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:

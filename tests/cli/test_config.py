@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import sys
 
 import pytest
 from helpers import ROOT, tiny_config
@@ -143,3 +144,21 @@ def test_master_port_check_matches_how_the_store_binds():
             plain.bind(("", port))   # the old check's bind: refused
     assert not port_in_use(port)
     TCPStore("127.0.0.1", port, 1, True, timeout=datetime.timedelta(seconds=5))   # and the store does bind it
+
+
+def test_every_process_finds_the_same_ninja(monkeypatch):
+    """Started with or without the venv on PATH, a process puts its environment's tools first (once), so DeepSpeed's
+    shm op is built by one ninja: two ninja versions sharing the op's cache rebuilt it at every switch (four times,
+    ~35 s of both cores each, in one test-suite run)."""
+    import shutil
+
+    from ds_spd.ranks import same_build_tools
+    tools = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(tools, "ninja")):
+        pytest.skip("no ninja in this Python environment")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", "/usr/bin", tools, "/bin"]))
+    same_build_tools()
+    assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/local/bin", "/usr/bin", "/bin"]
+    assert shutil.which("ninja") == os.path.join(tools, "ninja")
+    same_build_tools()
+    assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/local/bin", "/usr/bin", "/bin"]
