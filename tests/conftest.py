@@ -24,6 +24,23 @@ def kv1_dir(tmp_path_factory):
     return save_tiny(str(tmp_path_factory.mktemp("tiny_llama_kv1")), **KV1)
 
 
+#: The test files that take longest (wall seconds summed over their tests in one `make test`, DS_SPD_TEST_CPU
+#: below; 2026-12-02), longest first. pytest-xdist's ``--dist loadfile`` hands out files in collection order, so
+#: these go first and the short ones fill in at the end (longest-first scheduling): a long file collected last
+#: kept one worker busy after the others had finished. Only an order: a file missing here runs after them.
+LONGEST_FIRST = ("cli/test_safety.py", "serve/test_serve.py", "stages/test_layerwise.py", "cli/test_multinode.py",
+                 "stages/test_distill.py", "stages/test_readme_path_gemma.py", "core/test_multirank.py",
+                 "stages/test_readme_path.py", "cli/test_cli_ranks.py", "stages/test_recipe.py",
+                 "models/test_families.py", "stages/test_planner.py", "models/test_real_model.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)   # stable: a file's tests keep their order
+
+
 # DS_SPD_TEST_CPU=FILE: per test, the CPU seconds of this process and of the processes it waited for (launchers
 # and their ranks included), appended as JSON lines: a cost that, unlike wall time, does not depend on what ran
 # beside the test (docs/testing.md).

@@ -162,8 +162,9 @@ def match_neurons(layer: nn.Module, rotary: nn.Module, x: torch.Tensor, groups, 
     """Neuron-level MLP matching: every MLP neuron goes to the rank on which its SPD contribution stays
     closest to its TP one. Neuron j's error on rank r is ``||W_down[:, j]||^2 * mean_t (a_j(u_r) - a_j(u))^2``
     (a_j: its gated activation; u: the TP block's MLP input, u_r: rank r's SPD MLP input), and neurons are
-    assigned under the ranks' widths to minimise the summed error (a transportation problem: exact by the
-    Hungarian algorithm on neuron x slot, greedy by regret beyond 4096 neurons). Unlike slice matching it
+    assigned under the ranks' widths to minimise the summed error (a transportation problem: at tp 2 exact by a
+    sort on the cost difference; above, exact by the Hungarian algorithm on neuron x slot, greedy by regret beyond
+    4096 neurons). Unlike slice matching it
     acts where every rank holds one KV head (head scattering is then the identity). Returns the original
     neuron at each position of the new order."""
     adapter, attn, mlp = _adapter(layer), layer.self_attn, layer.mlp
@@ -192,7 +193,10 @@ def _assign(cost: torch.Tensor, widths: tuple[int, ...]) -> tuple[int, ...]:
     of bin 0, then bin 1, ... (each bin's in ascending order)."""
     n = cost.shape[0]
     bin_of = [r for r, w in enumerate(widths) for _ in range(w)]
-    if n <= 4096:
+    if len(widths) == 2:   # tp 2, exact: bin 0 takes the items that gain most by it (a sort, not O(n^3))
+        first = set((cost[:, 0] - cost[:, 1]).argsort(stable=True)[:widths[0]].tolist())
+        chosen = {i: 0 if i in first else 1 for i in range(n)}
+    elif n <= 4096:
         from scipy.optimize import linear_sum_assignment
         rows, slots = linear_sum_assignment(cost[:, bin_of].numpy())
         chosen = {int(i): bin_of[s] for i, s in zip(rows, slots)}

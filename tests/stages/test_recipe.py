@@ -263,6 +263,13 @@ def test_neuron_assignment_is_optimal_and_respects_widths(monkeypatch):
         return sum(cost[i, r].item() for r, b in enumerate(bs) for i in b)
     best = min(total([p[:3], p[3:5], p[5:]]) for p in itertools.permutations(range(6)))
     assert sorted(order) == list(range(6)) and total(bins) == pytest.approx(best)
+    # two bins (tp 2): the sort gives the Hungarian algorithm's assignment (the optimum: unique without ties)
+    from scipy.optimize import linear_sum_assignment
+    two = torch.rand(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    rows, slots = linear_sum_assignment(two[:, [0] * 180 + [1] * 120].numpy())
+    hungarian = tuple(sorted(int(i) for i, s in zip(rows, slots) if s < 180))
+    hungarian += tuple(sorted(int(i) for i, s in zip(rows, slots) if s >= 180))
+    assert headgroup._assign(two, (180, 120)) == hungarian
     big = torch.rand(5000, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     greedy = headgroup._assign(big, (2000, 2000, 1000))   # beyond the exact solver's size: greedy by regret
     assert sorted(greedy) == list(range(5000))

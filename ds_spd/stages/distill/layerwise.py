@@ -166,6 +166,17 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                       settings: DistillSettings, work_dir: str | None = None, budget_bytes: int | None = None,
                       use_accelerate: bool = False, progress: bool = True) -> DistillResult:
     """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring)."""
+    # what is alive now lives through the walk: frozen, the gc.collect() after each block scans only what that
+    # block made (a full collection cost 0.3 s on Gemma 3, twice a block)
+    gc.freeze()
+    try:
+        return _walk(source, plan, segments, ds_config, settings, work_dir, budget_bytes, use_accelerate, progress)
+    finally:
+        gc.unfreeze()
+
+
+def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
+          work_dir: str | None, budget_bytes: int | None, use_accelerate: bool, progress: bool) -> DistillResult:
     blocks = plan.trained_blocks
     if not blocks:
         return DistillResult({}, {})
