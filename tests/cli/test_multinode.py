@@ -37,24 +37,17 @@ def run_nodes(args: list[str], nnodes: int = 2, nproc: int = 1, timeout: int = 6
 
 
 @needs_namespaces
-def test_two_hosts_equal_virtual_tp(tiny_dir, tmp_path):
-    """eval at tp 2 on two hosts of one rank each, generate at tp 4 on two hosts of two ranks each: the
-    perplexity and the tokens of virtual TP."""
-    from helpers import run_cli_batch
+def test_two_hosts_equal_virtual_tp(tmp_path):
+    """eval at tp 4 on two hosts of two ranks each (every all-reduce crosses the hosts: DeepSpeed's shared-memory
+    path is off) gives virtual TP's perplexity and accuracy; greedy decoding across hosts: the server test below."""
     # 4 KV heads and 4 x 64 MLP columns: tp 4 over 2 nodes x 2 ranks
     even = save_tiny(str(tmp_path / "even"), **{**EVEN, "intermediate_size": 256})
-    common = ["--model", tiny_dir, "--spd-blocks", "1,3", "--max-samples", "4", "--seq-len", "32", "--json"]
-    gen = ["--model", even, "--spd-blocks", "0,2", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
-    references = run_cli_batch([["eval", "--virtual-tp", "2", *common], ["generate", "--virtual-tp", "4", *gen]],
-                               str(tmp_path))   # both virtual references in one process
-    virtual, g_virtual = (last_json(r["stdout"]) for r in references)
-    node0 = last_json(run_nodes(["eval", "--tp", "2", *common])[0])
-    assert node0["mode"] == "tp" and node0["spd_blocks"] == [1, 3]
-    assert node0["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
-    assert node0["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-9)
-    g_nodes = last_json(run_nodes(["generate", "--tp", "4", *gen], nproc=2)[0])
-    assert g_nodes["mode"] == "tp" and g_nodes["tp_size"] == 4
-    assert g_nodes["generations"][0]["token_ids"] == g_virtual["generations"][0]["token_ids"]
+    common = ["--model", even, "--spd-blocks", "0,2", "--max-samples", "4", "--seq-len", "32", "--json"]
+    virtual = last_json(run_cli(["eval", "--virtual-tp", "4", *common]).stdout)
+    nodes = last_json(run_nodes(["eval", "--tp", "4", *common], nproc=2)[0])
+    assert nodes["mode"] == "tp" and nodes["tp_size"] == 4 and nodes["spd_blocks"] == [0, 2]
+    assert nodes["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
+    assert nodes["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-9)
 
 
 @needs_namespaces
