@@ -512,7 +512,7 @@ def refuse_not_applicable(args) -> None:
         if unused:
             raise SPDInputError(f"{', '.join(unused)}: only used to validate a budget (--max-ppl-increase)")
     for flag in _REAL:
-        if getattr(args, flag) is not None and args.virtual_tp is not None:
+        if getattr(args, flag, None) is not None and getattr(args, "virtual_tp", None) is not None:
             raise SPDInputError(f"--{flag} does not apply with --virtual-tp: that is virtual TP in one process "
                                 "(--load and --comm choose how real TP ranks load and communicate)")
     if args.command == "scan" and args.checkpoint is not None:

@@ -44,3 +44,10 @@ def test_a_flag_the_command_does_not_offer_is_refused_by_name(capsys):
                    "flags it honours)"]
     assert main(["generate", "--virtual-tp", "2", "--load", "full"]) == 2
     assert "--load does not apply with --virtual-tp" in capsys.readouterr().err
+
+
+def test_prepare_model_takes_no_shared_flag(tiny_dir, capsys):
+    """The one command without the shared flags runs (its namespace has none of them) and prints the model's path."""
+    from ds_spd.cli import main
+    assert main(["prepare-model", "--model", tiny_dir]) == 0
+    assert capsys.readouterr().out.strip() == tiny_dir
