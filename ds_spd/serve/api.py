@@ -12,8 +12,9 @@ Exposed safely: with an API key, ``/v1/*`` needs ``Authorization: Bearer KEY`` (
 more sequences in flight than the running batch plus the waiting queue get 429 with Retry-After. Parsing,
 validation and tokenization run in worker threads, so a large request never stalls ``/health`` or the streams.
 
-The HTTP side runs in its own thread with its own event loop; it hands requests to the engine loop (main
-thread) through :class:`ServeState` and reads results from a per-request asyncio queue the loop feeds.
+The HTTP side runs in its own thread with its own event loop; it hands requests to the engine loop
+(ds_spd.serve.engine, main thread) through :class:`ServeState` and reads results from a per-request asyncio
+queue the loop feeds.
 """
 from __future__ import annotations
 
