@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     _exit_on_sigterm()
     try:
         if unknown:   # a flag another command has, or none: refused by name, in one line
-            raise SPDInputError(f"unrecognized arguments: {' '.join(unknown)} (`ds-spd {args.command} --help` lists "
+            raise SPDInputError(f"unrecognized arguments: {' '.join(unknown)} (ds-spd {args.command} --help lists "
                                 "the flags it honours)")
         refuse_not_applicable(args)
         COMMANDS[args.command](args)

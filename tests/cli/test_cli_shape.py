@@ -40,7 +40,7 @@ def test_a_flag_the_command_does_not_offer_is_refused_by_name(capsys):
     from ds_spd.cli import main
     assert main(["bench", "--checkpoint", "ck"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ds-spd bench: error: unrecognized arguments: --checkpoint ck (`ds-spd bench --help` lists the "
+    assert err == ["ds-spd bench: error: unrecognized arguments: --checkpoint ck (ds-spd bench --help lists the "
                    "flags it honours)"]
     assert main(["generate", "--virtual-tp", "2", "--load", "full"]) == 2
     assert "--load does not apply with --virtual-tp" in capsys.readouterr().err
