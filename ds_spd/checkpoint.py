@@ -69,7 +69,10 @@ def read_provenance(path: str) -> dict:
 def checkpoint_files(path: str, blocks=None) -> WeightFiles:
     """The distilled tensors of the checkpoint at ``path`` (those of ``blocks`` only, if given), headers read."""
     stored = single_file(os.path.join(path, WEIGHTS), PlanError)
-    return stored if blocks is None else stored.subset(lambda name: block_of(name) in set(blocks))
+    if blocks is None:
+        return stored
+    chosen = set(blocks)
+    return stored.subset(lambda name: block_of(name) in chosen)
 
 
 def block_of(name: str) -> int:

@@ -105,15 +105,13 @@ def _shared(p: argparse.ArgumentParser, command: str) -> None:
                                             for d in (*MODEL_FLAGS, *DATA_FLAGS) if d not in honours})
 
 
-def _section_flags(p: argparse.ArgumentParser, section: type, skip: tuple[str, ...] = ()) -> None:
+def _section_flags(p: argparse.ArgumentParser, section: type) -> None:
     """One flag per field of a config section (ds_spd.config's ScanConfig, DistillConfig): ``--field-name``,
     its type, choices and help from the field, default None so the config (or the model's recipe) applies."""
     import typing
     choices = getattr(section, "CHOICES", {})
     g = p.add_argument_group(f"the config's spd.{section.SECTION} (flags override)")
     for name, field in section.model_fields.items():
-        if name in skip:
-            continue
         kind = next((t for t in typing.get_args(field.annotation) if t is not type(None)), field.annotation)
         flag = "--" + name.removesuffix("_gb").replace("_", "-")
         extra = {"metavar": "GB"} if name.endswith("_gb") else {}
