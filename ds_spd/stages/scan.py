@@ -42,14 +42,23 @@ def all_reduce_sums(values: list[float]) -> list[float]:
 
 @contextmanager
 def suffix_of(model: nn.Module, start: int):
-    """Run only blocks ``start..L-1``: the model is fed ``inputs_embeds`` = the cached input of block ``start``."""
+    """Run only blocks ``start..L-1``: the model is fed ``inputs_embeds`` = the cached input of block ``start``.
+
+    Models with per-layer attention types (Gemma 2/3: sliding and full layers, each with its own mask and
+    rotary base) look a layer's type up by its position in ``config.layer_types``, so the types are sliced with
+    the layers; without that, block ``start + k`` ran with block k's mask and rotary embedding."""
     inner = model.model
-    layers = inner.layers
+    layers, config = inner.layers, inner.config
+    types = getattr(config, "layer_types", None)
     inner.layers = nn.ModuleList(list(layers)[start:])
+    if types is not None:
+        config.layer_types = list(types)[start:]
     try:
         yield model
     finally:
         inner.layers = layers
+        if types is not None:
+            config.layer_types = types
 
 
 def cache_bytes(model_config, n_segments: int, seq_len: int, dtype=torch.float32, metric: str = "ppl") -> int:
@@ -135,9 +144,6 @@ def scan(model: nn.Module, segments: torch.Tensor, batch_size: int = 4, method: 
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     n_layers = len(decoder_layers(model))
-    layer_types = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-    if len(layer_types) > 1:
-        use_cache = False  # per-layer mask types would be misaligned in a suffix run
     start_time = time.perf_counter()
     set_spd_blocks(model, [])
     cache = None

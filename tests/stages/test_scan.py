@@ -31,6 +31,25 @@ def test_cached_scan_equals_naive(setup, method, metric):
     assert ds_spd.get_spd_blocks(model) == ()  # the scan leaves the model as it found it
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_suffix_runs_keep_each_blocks_layer_type(family):
+    """Gemma 2/3 mix sliding and full layers (their own masks and rotary bases): a run from a cached block input
+    equals the whole model from every start, and the cached scan equals the naive one (the distilled ranking
+    scores Gemma 3 this way; block k of a suffix once ran with layer k's type)."""
+    from ds_spd.stages.scan import BlockInputs, score
+    model = ds_spd.virtualize(tiny_model(family, sliding_window=8, query_pre_attn_scalar=16, num_hidden_layers=4,
+                                         layer_types=["sliding_attention", "full_attention"] * 2), 2)
+    segments = torch.randint(0, 384, (4, 20), generator=torch.Generator().manual_seed(1))
+    cache = BlockInputs.capture(model, segments, 2, progress=False)
+    whole = score(model, segments, 2)
+    assert [score(model, segments, 2, "ppl", cache, s) for s in range(4)] == pytest.approx([whole] * 4, rel=1e-6)
+    assert model.config.layer_types == ["sliding_attention", "full_attention"] * 2   # restored
+    cached = scan(model, segments, 2, "isolated", "ppl", use_cache=True, progress=False)
+    naive = scan(model, segments, 2, "isolated", "ppl", use_cache=False, progress=False)
+    assert cached.forwards_equivalent < naive.forwards_equivalent
+    torch.testing.assert_close(torch.tensor(cached.sensitivity), torch.tensor(naive.sensitivity), atol=1e-5, rtol=1e-4)
+
+
 def test_cumulative_scan_equals_brute_force(setup):
     """Recompute every step from scratch with the plain evaluator: ppl(SPD on i..L-1) - ppl(SPD on i+1..L-1)."""
     model, segments = setup
