@@ -299,52 +299,24 @@ def cmd_eval(args) -> None:
 
 
 def cmd_scan(args) -> None:
+    from ds_spd.stages import scan_run
     from ds_spd.tools.plots import plot_plan
-    cfg = config_from_args(args)
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
     _hold(args.out, "plan output")
-    checkpoint = args.checkpoint
-    if checkpoint is None and cfg.scan.ranking == "distilled":
-        given = [f for f in ("in_memory", "no_cache", "activation_budget_gb", "last") if getattr(args, f)]
-        if given:
-            raise SPDInputError(f"--{given[0].replace('_gb', '').replace('_', '-')} does not apply to the distilled "
-                                "ranking (the config's, or the model's default): add --ranking zero-shot")
-        from ds_spd.stages.ranking import distil_every_block
-        checkpoint = distil_every_block(cfg, args.out, args.config, progress=is_main_rank())
-    plan, result, runner = _scan(args, cfg, checkpoint)
+    run = scan_run.prepare(config_from_args(args), args.out, metric=args.metric, checkpoint=args.checkpoint,
+                           in_memory=args.in_memory, no_cache=args.no_cache, last=args.last,
+                           activation_budget_gb=args.activation_budget_gb, virtual_tp=args.virtual_tp,
+                           split_given=args.split is not None, config_path=args.config)
+    plan, result, runner = scan_run.execute(run, progress=is_main_rank())
     if is_main_rank():
         plan.save(args.out)
         plot_plan(plan, png)
     _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
                f"({result.forwards_equivalent:.1f} forward-equivalents)")
-    _report(args, {"plan": args.out, "method": result.method, "ranking": cfg.scan.ranking if checkpoint is None
-                   else "distilled", "head_dtype": cfg.scan.head_dtype, "baseline": result.baseline,
+    _report(args, {"plan": args.out, "method": result.method, "ranking": "distilled" if run.kind == "distilled"
+                   else run.cfg.scan.ranking, "head_dtype": run.cfg.scan.head_dtype, "baseline": result.baseline,
                    "sensitivity": result.sensitivity, "seconds": result.seconds,
                    "forwards_equivalent": result.forwards_equivalent, "streamed": runner is None, **result.extra}, runner)
-
-
-def _scan(args, cfg, checkpoint: str | None):
-    """The scan the flags ask for: distill-aware (each block alone with a checkpoint's weights, in memory), in
-    memory, or streamed from the weight files; (plan, result, runner or None)."""
-    from ds_spd.build import build_runner
-    from ds_spd.run import resolve_run
-    from ds_spd.stages import scan
-    s, progress = cfg.scan, is_main_rank()
-    in_memory = args.in_memory or args.no_cache or checkpoint is not None
-    calibration = cfg.calibration.model_dump()
-    if checkpoint is not None and args.split is None:   # costs with distilled weights: on text not trained on
-        calibration["split"] = s.ranking_split
-    spec = resolve_run(cfg.updated(checkpoint=None, calibration=calibration), virtual_tp=args.virtual_tp or cfg.tp_size,
-                       data_parallel=True, data_section="calibration", read_weights=not in_memory)
-    if not in_memory:
-        budget = None if args.activation_budget_gb is None else int(args.activation_budget_gb * 2**30)
-        return (*scan.streamed_scan_to_plan(spec, s.method, args.metric, budget, f"{args.out}.activations",
-                                            args.last, progress, s.head_dtype), None)
-    runner = build_runner(spec, data_parallel=True)
-    if checkpoint is not None:
-        states = _distilled_states(checkpoint, spec)
-        return (*scan.distilled_scan_to_plan(runner, states, checkpoint, args.metric, progress, s.head_dtype), runner)
-    return (*scan.scan_to_plan(runner, s.method, args.metric, not args.no_cache, progress, s.head_dtype), runner)
 
 
 def _distilled_states(checkpoint: str | None, spec) -> dict | None:
