@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 # the venv's tools first, as its activate script does: every process the tests start then builds DeepSpeed's shm
-# op with the same ninja (ds_spd.core.comm.same_build_tools says why that matters)
+# op with the same ninja (ds_spd.ranks.same_build_tools says why that matters)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo serve test test-fast clean
