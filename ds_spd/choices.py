@@ -4,7 +4,7 @@ on them read these). Importing this module imports nothing heavy, so ``ds-spd --
 DTYPES = ("float32", "bfloat16", "float16")
 COMM_PATHS = ("auto", "gloo")             # DeepSpeed's inference all-reduce (shm / NCCL), or torch.distributed
 SCAN_METHODS = ("isolated", "cumulative")  # each block alone (default: ranks better), or the paper's cumulative
-SCAN_HEAD_DTYPES = ("bfloat16", "float32")  # the scan's head matmul: bf16 ranks as fp32 does, at 0.7x the time
+SCAN_HEAD_DTYPES = ("auto", "bfloat16", "float32")  # the scan's head matmul; auto: bf16 where it is faster here
 SCAN_RANKINGS = ("zero-shot", "distilled")  # each block's cost as it is, or alone with its weights distilled once
 SCAN_METRICS = ("ppl", "kl")
 INPUT_SOURCES = ("original", "prefix")     # distillation block inputs: original model, or the zero-shot SPD prefix

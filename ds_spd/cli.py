@@ -314,7 +314,7 @@ def cmd_scan(args) -> None:
     _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
                f"({result.forwards_equivalent:.1f} forward-equivalents)")
     _report(args, {"plan": args.out, "method": result.method, "ranking": "distilled" if run.kind == "distilled"
-                   else run.cfg.scan.ranking, "head_dtype": run.cfg.scan.head_dtype, "baseline": result.baseline,
+                   else run.cfg.scan.ranking, "head_dtype": plan.scan["head_dtype"], "baseline": result.baseline,
                    "sensitivity": result.sensitivity, "seconds": result.seconds,
                    "forwards_equivalent": result.forwards_equivalent, "streamed": runner is None, **result.extra}, runner)
 

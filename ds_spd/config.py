@@ -121,7 +121,8 @@ class ScanConfig(_Strict):
                          "cost alone after distilling every block once with the distill settings (kept beside the "
                          "plan, resumable; Gemma 3 270M's default: docs/recovery.md)")
     head_dtype: str = Field(SCAN_HEAD_DTYPES[0], description=f"one of {SCAN_HEAD_DTYPES}: the head's matmul while "
-                            "scoring (logits and softmax stay fp32)")
+                            "scoring (logits and softmax stay fp32); auto: bf16 where it is faster than fp32 here "
+                            "(GPUs, CPUs with bf16 units), measured once")
     ranking_split: str = Field("validation", description="the calibration corpus's split a distilled ranking is "
                                "measured on (unless --split is given): text distillation did not train on, since "
                                "costs on the training text favour the blocks that fit it best (docs/recovery.md)")

@@ -11,6 +11,7 @@ tokens: 9 chunks; SmolLM2's 49k vocabulary: 2). Measured: ``eval`` of Gemma 3 27
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 def head_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
     """The model with its head's matmul in ``dtype`` for the duration (a cast copy; the model's own head, tied
     or not, is untouched); the logits, log-softmax and everything after stay fp32. The scan ranks with it:
-    with Gemma 3's 262k vocabulary the head is ~5/6 of a streamed fp32 scan, and in bf16 the scan takes 0.70x
-    the time with the same ranking up to near ties (docs/recovery.md, "Scan cost"). ``None``: the head as it is."""
+    with Gemma 3's 262k vocabulary the head is ~5/6 of a streamed fp32 scan, and in bf16 (where the hardware has
+    bf16 units: :func:`faster_head_dtype`) the scan takes 0.70x the time with the same ranking up to near ties
+    (docs/recovery.md, "Scan cost"). ``None``: the head as it is."""
     hf = _hf(model)
     own = hf.lm_head
     if dtype is None or own.weight.dtype == dtype:
@@ -60,6 +62,32 @@ def head_in(model: nn.Module, dtype: torch.dtype | None) -> Iterator[nn.Module]:
         yield model
     finally:
         hf.lm_head = own
+
+
+def faster_head_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """bf16 where its matmul is faster than fp32 here, else fp32: on GPUs and CPUs with bf16 units (AMX) the
+    bf16 head took 0.70x the scan's time; on a CPU without them (AVX2: bf16 emulated) its matmul took 4.8x as
+    long as fp32's and one Gemma 3 distilled-scan measurement (64 x 256 tokens) 388 s instead of 129 s
+    (docs/recovery.md, "Scan cost"). Measured once per process on a head-sized product (256 tokens, hidden
+    1024, 8192 vocabulary rows; 0.2 s on a CPU), whatever the model, so every scan of a process (and of a
+    machine, away from the threshold) scores in the same dtype."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return _faster_cpu_dtype()
+
+
+@functools.lru_cache(maxsize=1)
+def _faster_cpu_dtype() -> torch.dtype:
+    import time
+    x, w = torch.randn(256, 1024), torch.randn(8192, 1024)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        F.linear(a, b)   # warm-up
+        start = time.perf_counter()
+        F.linear(a, b)
+        seconds[dtype] = time.perf_counter() - start
+    return torch.bfloat16 if seconds[torch.bfloat16] < 0.8 * seconds[torch.float32] else torch.float32
 
 
 def token_chunks(n_tokens: int, vocab: int, budget: int | None = None) -> list[slice]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -54,6 +55,15 @@ class ScanRun:
     @property
     def cfg(self) -> SPDConfig:
         return self.spec.config
+
+    @cached_property
+    def head_dtype(self) -> torch.dtype:
+        """The head's matmul dtype while scoring (ds_spd.models.head.head_in); ``auto`` measured here."""
+        from ds_spd.models.head import faster_head_dtype
+        name = self.cfg.scan.head_dtype
+        if name == "auto":
+            return faster_head_dtype("cuda" if torch.cuda.is_available() else "cpu")
+        return getattr(torch, name)
 
 
 def prepare(cfg: SPDConfig, out: str, *, metric: str = "ppl", checkpoint: str | None = None,
@@ -119,8 +129,8 @@ def execute(run: ScanRun, progress: bool = True):
         _distil_every_block(run.distill_first, progress)
     rank, world = init_data_parallel()
     cfg, d, s = run.cfg, run.cfg.calibration, run.cfg.scan
-    head_dtype = getattr(torch, s.head_dtype)   # the head's matmul while scoring (ds_spd.models.head.head_in)
-    how = {"cached": run.use_cache, "head_dtype": s.head_dtype}
+    head_dtype = run.head_dtype
+    how = {"cached": run.use_cache, "head_dtype": str(head_dtype).removeprefix("torch.")}
     if run.kind == "streamed":
         from ds_spd.models.loading import load_tokenizer
         from ds_spd.stages.streaming import BlockSource

@@ -12,7 +12,8 @@ from ds_spd.plan import load_plan
 @pytest.mark.real_model
 def test_readme_path_smollm2_its_recipe_keeps_the_cumulative_scan(tmp_path):
     scan, distill, _ = readme_path("default", tmp_path)
-    assert (scan["method"], scan["ranking"], scan["head_dtype"]) == ("cumulative", "zero-shot", "bfloat16")
+    assert (scan["method"], scan["ranking"]) == ("cumulative", "zero-shot")
+    assert scan["head_dtype"] in ("bfloat16", "float32")   # auto: resolved to what is faster on this machine
     assert distill["lr"] == 3e-4                                    # the lr rule on SmolLM2's weights
 
 

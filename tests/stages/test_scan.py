@@ -83,6 +83,28 @@ def test_bf16_head_ranks_as_fp32_and_leaves_the_model_alone(setup):
     assert pairs and all(b[i] < b[j] for i, j in pairs)
 
 
+def test_faster_head_dtype_is_the_faster_one_here():
+    """``scan.head_dtype = "auto"``: bf16 only where its matmul is clearly faster than fp32 on this machine
+    (without bf16 units a CPU emulates it: 4.8x slower on this AVX2 machine, docs/recovery.md)."""
+    import time
+
+    from ds_spd.models.head import faster_head_dtype
+    chosen = faster_head_dtype()
+    x, w = torch.randn(256, 1024), torch.randn(8192, 1024)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        torch.nn.functional.linear(a, b)
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.nn.functional.linear(a, b)
+        seconds[dtype] = time.perf_counter() - start
+    ratio = seconds[torch.bfloat16] / seconds[torch.float32]
+    if not 0.6 < ratio < 1.0:   # away from the 0.8 threshold the choice must agree with a second measurement
+        assert chosen == (torch.bfloat16 if ratio < 0.8 else torch.float32), (chosen, ratio)
+    assert faster_head_dtype() is chosen and faster_head_dtype("cuda") == torch.bfloat16   # once a process
+
+
 # ---------------------------------------------------------------- the streamed scan (one block resident at a time)
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
