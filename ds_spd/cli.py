@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from ds_spd.choices import COMM_PATHS, DTYPES, LOAD_MODES, SCAN_METHODS, SCAN_METRICS
+from ds_spd.choices import COMM_PATHS, DTYPES, LOAD_MODES, SCAN_METHODS
 from ds_spd.config import DistillConfig, ScanConfig, resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
@@ -132,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scan", help="block sensitivity scan (virtual TP) -> plan.json")
     _shared(sc, "scan")
     _section_flags(sc, ScanConfig)
-    sc.add_argument("--metric", choices=SCAN_METRICS, default=SCAN_METRICS[0])
     sc.add_argument("--no-cache", action="store_true",
                     help="naive scan on the loaded model: a full forward per measurement")
     sc.add_argument("--in-memory", action="store_true",
@@ -303,7 +302,7 @@ def cmd_scan(args) -> None:
     from ds_spd.tools.plots import plot_plan
     png = check_output_file(_plot_path(args, check_output_file(args.out, "plan output")), "plot output")
     _hold(args.out, "plan output")
-    run = scan_run.prepare(config_from_args(args), args.out, metric=args.metric, checkpoint=args.checkpoint,
+    run = scan_run.prepare(config_from_args(args), args.out, checkpoint=args.checkpoint,
                            in_memory=args.in_memory, no_cache=args.no_cache, last=args.last,
                            activation_budget_gb=args.activation_budget_gb, virtual_tp=args.virtual_tp,
                            split_given=args.split is not None, config_path=args.config)
@@ -311,11 +310,11 @@ def cmd_scan(args) -> None:
     if is_main_rank():
         plan.save(args.out)
         plot_plan(plan, png)
-    _say(args, f"wrote {args.out} and {png}: baseline {args.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
+    _say(args, f"wrote {args.out} and {png}: baseline {run.metric} {result.baseline:.4f}, {result.seconds:.1f} s "
                f"({result.forwards_equivalent:.1f} forward-equivalents)")
     _report(args, {"plan": args.out, "method": result.method, "ranking": "distilled" if run.kind == "distilled"
-                   else run.cfg.scan.ranking, "head_dtype": plan.scan["head_dtype"], "baseline": result.baseline,
-                   "sensitivity": result.sensitivity, "seconds": result.seconds,
+                   else run.cfg.scan.ranking, "metric": run.metric, "head_dtype": plan.scan["head_dtype"],
+                   "baseline": result.baseline, "sensitivity": result.sensitivity, "seconds": result.seconds,
                    "forwards_equivalent": result.forwards_equivalent, "streamed": runner is None, **result.extra}, runner)
 
 

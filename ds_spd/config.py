@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
-                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_RANKINGS)
+                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
+                            SCAN_RANKINGS)
 from ds_spd.embedded import embedded
 from ds_spd.errors import ConfigError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
@@ -113,13 +114,16 @@ class ScanConfig(_Strict):
 
     SECTION: ClassVar[str] = "scan"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "method": SCAN_METHODS, "ranking": SCAN_RANKINGS, "head_dtype": SCAN_HEAD_DTYPES}
+        "method": SCAN_METHODS, "metric": SCAN_METRICS, "ranking": SCAN_RANKINGS, "head_dtype": SCAN_HEAD_DTYPES}
 
     method: str = Field(SCAN_METHODS[0], description=f"one of {SCAN_METHODS}: each block alone in SPD form, or the "
                         "paper's (last block first, cumulatively)")
+    metric: str = Field(SCAN_METRICS[0], description=f"one of {SCAN_METRICS}: a block's cost as the change of "
+                        "perplexity (the paper's; its sign rewards a change that suits the calibration text) or as "
+                        "the KL divergence from the TP model's next-token distribution (never below 0)")
     ranking: str = Field(SCAN_RANKINGS[0], description=f"one of {SCAN_RANKINGS}: each block's zero-shot cost, or its "
                          "cost alone after distilling every block once with the distill settings (kept beside the "
-                         "plan, resumable; Gemma 3 270M's default: docs/recovery.md)")
+                         "plan, resumable; docs/recovery.md)")
     head_dtype: str = Field(SCAN_HEAD_DTYPES[0], description=f"one of {SCAN_HEAD_DTYPES}: the head's matmul while "
                             "scoring (logits and softmax stay fp32); auto: bf16 where it is faster than fp32 here "
                             "(GPUs, CPUs with bf16 units), measured once")

@@ -7,17 +7,18 @@ The scans (docs/recovery.md, "Sensitivity scan and plan"):
 - ``streamed`` (the default): the blocks read one at a time from the safetensors files (ds_spd.stages.scan);
 - ``in-memory`` (``--in-memory`` / ``--no-cache``): the whole model loaded, block inputs cached in RAM;
 - ``distilled``: each block alone in SPD form with a checkpoint's distilled weights (``--checkpoint``), on the
-  ranking split. The distilled ranking (``scan.ranking = "distilled"``, Gemma 3 270M's default) makes that
-  checkpoint first: every block distilled once (each trains from the original model's inputs, so the result
-  does not depend on which blocks are chosen later), kept in ``OUT.ranking/`` beside the plan (its
-  ``plan.json``: every block, SB; ``checkpoint/`` and its work dir): an interrupted run resumes, a finished one
-  is reused.
+  ranking split. The distilled ranking (``scan.ranking = "distilled"``) makes that checkpoint first: every block
+  distilled once (each trains from the original model's inputs, so the result does not depend on which blocks
+  are chosen later), kept in ``OUT.ranking/`` beside the plan (its ``plan.json``: every block, SB;
+  ``checkpoint/`` and its work dir): an interrupted run resumes, a finished one is reused.
 
-Why the distilled ranking: a block's zero-shot cost does not say what it costs after distillation. Costs are
-measured on the validation split (``scan.ranking_split``): on the text the weights were trained on, the blocks
-that fit it best look cheapest. Measured on Gemma 3 270M at tp 2 (docs/recovery.md, "The README's path with
-defaults"): its 5 blocks cost +15.6% on unseen text after distillation, the zero-shot isolated ranking's +14.1%;
-the validation split is the calibration corpus's own text, and does not predict unseen-text cost.
+What each ranking delivered (docs/recovery.md, "The README's path with defaults"; Gemma 3 270M at tp 2, 5 of
+18 blocks, unseen text after distillation): the distilled ranking (costs on the validation split) +15.6%, the
+zero-shot isolated scan by perplexity +14.1%, by KL (``scan.metric = "kl"``, Gemma's default) +5.0%. A
+perplexity delta has a sign: a block whose SPD form happens to suit the calibration text (or, after
+distillation, fits it) scores below zero and is ranked cheapest; KL measures how far the block moves the model
+whichever way (on Gemma 3 the blocks that moved it least were the ones distillation recovered on unseen text;
+one model, one text).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class ScanRun:
         return getattr(torch, name)
 
 
-def prepare(cfg: SPDConfig, out: str, *, metric: str = "ppl", checkpoint: str | None = None,
+def prepare(cfg: SPDConfig, out: str, *, checkpoint: str | None = None,
             in_memory: bool = False, no_cache: bool = False, activation_budget_gb: float | None = None,
             last: int | None = None, virtual_tp: int | None = None, split_given: bool = False,
             config_path: str | None = None) -> ScanRun:
@@ -90,7 +91,7 @@ def prepare(cfg: SPDConfig, out: str, *, metric: str = "ppl", checkpoint: str | 
     if checkpoint is not None and distill_first is None:   # given: made for this model, tp size and grain
         from ds_spd.checkpoint import open_checkpoint
         open_checkpoint(checkpoint, spec.model_config, spec.tp_size, cfg.tp_grain_size)
-    return ScanRun(spec, kind, out, metric, checkpoint, distill_first, use_cache=not no_cache,
+    return ScanRun(spec, kind, out, s.metric, checkpoint, distill_first, use_cache=not no_cache,
                    budget_bytes=None if activation_budget_gb is None else int(activation_budget_gb * 2**30),
                    last=last)
 

@@ -162,3 +162,18 @@ def test_every_process_finds_the_same_ninja(monkeypatch):
     assert shutil.which("ninja") == os.path.join(tools, "ninja")
     same_build_tools()
     assert os.environ["PATH"].split(os.pathsep) == [tools, "/usr/local/bin", "/usr/bin", "/bin"]
+
+
+def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_overrides_it():
+    gemma = resolve_spd_config({}, model="gemma3-270m")
+    assert (gemma.scan.method, gemma.scan.metric, gemma.scan.ranking) == ("isolated", "kl", "zero-shot")
+    assert (gemma.calibration.max_samples, gemma.distill.segments, gemma.distill.lr) == (16, 128, 1e-4)
+    smol = resolve_spd_config({}, model="default")
+    assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
+    # the user's choice of scan or data replaces the recipe's, and what the recipe tied to it
+    paper = resolve_spd_config({}, model="gemma3-270m", scan={"method": "cumulative"})
+    assert (paper.scan.method, paper.scan.metric) == ("cumulative", "ppl")
+    assert resolve_spd_config({}, model="gemma3-270m", scan={"ranking": "distilled"}).scan.metric == "ppl"
+    more = resolve_spd_config({}, model="gemma3-270m", data={"max_samples": 64}, data_section="calibration")
+    assert (more.calibration.max_samples, more.distill.segments) == (64, None)
+    assert resolve_spd_config({"spd": {"scan": {"metric": "ppl"}}}, model="gemma3-270m").scan.metric == "ppl"
