@@ -22,7 +22,8 @@ more than 5% is an outlier: in the SmolLM2 tp-2 cumulative scan blocks 0, 1 and 
 - ``count`` / ``fraction``: the N least sensitive blocks;
 - thresholds alone: every block with |r| <= t2 (all that B2B is expected to recover), no ESB;
 - ``max_increase`` (accuracy budget, e.g. 0.01 = +1% perplexity): start at the largest N whose predicted
-  increase (baseline + sum of the N sensitivities) is within budget, then *validate by evaluating*: step
+  increase (baseline + sum of the N sensitivities; for a KL scan the summed KL in nats, a first-order proxy
+  of the log-perplexity increase) is within budget, then *validate by evaluating*: step
   down one block at a time until the measured increase is within budget, then up while the next block
   still fits. The measure is zero-shot SPD, or (``plan --checkpoint``) SPD with the checkpoint's distilled
   weights: distillation in the loop, so the budget holds for the distilled model.

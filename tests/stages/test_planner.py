@@ -61,6 +61,26 @@ def test_budget_is_validated_by_measurement():
     assert plan.selection["validation_baseline"] == 20.0
 
 
+def test_a_kl_scan_ranks_and_budgets_in_nats():
+    plan = scanned_plan()
+    plan.scan = {"method": "isolated", "metric": "kl", "baseline": 0.0}
+    for b, kl in zip(plan.blocks, [0.3, 0.0, 0.004, 0.02, 0.01, 0.06]):
+        b.sensitivity = kl
+    chosen = select(plan, count=5)
+    # r = the KL itself (no baseline to divide by): 0 -> ISB, up to 0.05 nats -> SB, beyond -> ESB
+    assert chosen.spd_blocks == [1, 2, 3, 4, 5]
+    assert {b.index: b.cls for b in chosen.blocks if b.cls != "TP"} == {1: "ISB", 2: "SB", 3: "SB", 4: "SB", 5: "ESB"}
+    # the budget's first guess is the summed KL (0, .004, .014 within 3%; .034 not), then the measurement decides
+    calls = []
+
+    def measure(blocks):
+        calls.append(sorted(blocks))
+        return 10.0 * (1 + 0.01 * len(blocks))
+
+    assert select(plan, max_increase=0.03, measure=measure).spd_blocks == [1, 2, 4]
+    assert calls == [[], [1, 2, 4], [1, 2, 3, 4]]
+
+
 def test_selection_errors():
     with pytest.raises(PlanError, match="one rule"):
         select(scanned_plan(), count=2, fraction=0.5)
