@@ -101,27 +101,48 @@ def token_chunks(n_tokens: int, vocab: int, budget: int | None = None) -> list[s
 class TokenScores:
     logprobs: torch.Tensor          # log p(target) per token, fp32, the shape of ``targets``
     top1: torch.Tensor              # argmax token per position
-    kl_sum: float | None = None     # sum over tokens of KL(base || model), when a base was given
+    kl_sum: float | None = None     # sum over tokens of KL(reference || model), when a reference was given
+
+
+class Reference:
+    """The unmodified model's next-token log-probs for one batch of final hidden states, chunk by chunk (the
+    chunks of :func:`score_tokens`), computed on first use and, with ``keep``, kept: the streamed scan scores
+    every measurement's stream of a batch against the same reference, so the head runs on it once instead of
+    once per stream (Gemma 3 270M's KL scan: 20 head passes a batch instead of 38). Kept: tokens x vocab x 4
+    bytes (Gemma 3, 4 x 255 tokens: 1.0 GiB)."""
+
+    def __init__(self, model: nn.Module, hidden: torch.Tensor, keep: bool = True):
+        self.model, self.hidden, self.keep = model, hidden.reshape(-1, hidden.shape[-1]), keep
+        self._chunks: dict[tuple[int, int], torch.Tensor] = {}
+
+    def log_probs(self, part: slice) -> torch.Tensor:
+        key = (part.start, part.stop)
+        if key not in self._chunks:
+            lp = F.log_softmax(head_logits(self.model, self.hidden[part]), -1)
+            if not self.keep:
+                return lp
+            self._chunks[key] = lp
+        return self._chunks[key]
 
 
 @torch.no_grad()
 def score_tokens(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                 base_hidden: torch.Tensor | None = None) -> TokenScores:
-    """Per-token scores of final hidden states ``[..., d]`` against ``targets`` ``[...]``, chunk by chunk; with
-    ``base_hidden`` (the unmodified model's final hidden states), also the summed KL(p_base || p_model)."""
+                 reference: Reference | torch.Tensor | None = None) -> TokenScores:
+    """Per-token scores of final hidden states ``[..., d]`` against ``targets`` ``[...]``, chunk by chunk; with a
+    ``reference`` (the unmodified model's final hidden states, or a :class:`Reference` of them), also the summed
+    KL(p_reference || p_model)."""
     d = hidden.shape[-1]
     h, t = hidden.reshape(-1, d), targets.reshape(-1)
-    b = None if base_hidden is None else base_hidden.reshape(-1, d)
+    ref = Reference(model, reference, keep=False) if isinstance(reference, torch.Tensor) else reference
     logprobs, top1, kl = torch.empty(t.shape, dtype=torch.float32), torch.empty(t.shape, dtype=torch.long), 0.0
     for part in token_chunks(t.numel(), _hf(model).config.vocab_size):
         logits = head_logits(model, h[part])
         lp = F.log_softmax(logits, -1)
         logprobs[part] = lp.gather(-1, t[part].unsqueeze(-1)).squeeze(-1).cpu()
         top1[part] = logits.argmax(-1).cpu()
-        if b is not None:
-            kl += F.kl_div(lp, F.log_softmax(head_logits(model, b[part]), -1), log_target=True,
-                           reduction="sum").item()
-    return TokenScores(logprobs.view(targets.shape), top1.view(targets.shape), kl if b is not None else None)
+        if ref is not None:
+            kl += F.kl_div(lp, ref.log_probs(part), log_target=True, reduction="sum").item()
+    return TokenScores(logprobs.view(targets.shape), top1.view(targets.shape), kl if ref is not None else None)
 
 
 def kl_to(model: nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:

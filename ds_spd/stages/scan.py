@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ds_spd.choices import SCAN_METHODS as METHODS, SCAN_METRICS as METRICS
-from ds_spd.models.head import final_hidden, head_in, score_tokens
+from ds_spd.models.head import Reference, final_hidden, head_in, score_tokens
 from ds_spd.core.inject import decoder_layers, distilled_in, model_device, set_spd_blocks
 
 
@@ -244,9 +244,10 @@ def scan_streamed(source, segments: torch.Tensor, batch_size: int = 4, method: s
             base = final_hidden(head, inputs_embeds=unmodified.read(b0, b0 + targets.shape[0]))[:, :-1]
             nll[None] -= score_tokens(head, base, targets).logprobs.double().sum().item()
             bar.update()
+            reference = Reference(head, base) if metric == "kl" else None   # the head on it once a batch
             for k, stream in streams.items():
                 hidden = final_hidden(head, inputs_embeds=stream.read(b0, b0 + targets.shape[0]))[:, :-1]
-                scores = score_tokens(head, hidden, targets, base if metric == "kl" else None)
+                scores = score_tokens(head, hidden, targets, reference)
                 nll[k] -= scores.logprobs.double().sum().item()
                 kl[k] += scores.kl_sum or 0.0
                 bar.update()

@@ -134,6 +134,12 @@ def test_head_in_chunks_equals_whole_logits(budget, monkeypatch):
     torch.testing.assert_close(scores.logprobs, lp.gather(-1, targets[..., None])[..., 0], atol=1e-5, rtol=1e-5)
     assert torch.equal(scores.top1, logits.argmax(-1))
     assert scores.kl_sum == pytest.approx(F.kl_div(lp, base_lp, log_target=True, reduction="sum").item(), rel=1e-5)
+    # a kept reference (the streamed scan scores every stream of a batch against one): the same sums, bitwise,
+    # its log-probs computed once
+    reference = head.Reference(model, base_h)
+    for _ in range(2):
+        assert head.score_tokens(model, h, targets, reference).kl_sum == scores.kl_sum
+    assert len(reference._chunks) == len(head.token_chunks(targets.numel(), 384))
     # differentiable KL: the same value and gradient as the whole-logits computation
     h1 = h.clone().requires_grad_(True)
     h2 = h.clone().requires_grad_(True)
