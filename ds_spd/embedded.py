@@ -36,7 +36,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   # docs/recovery.md, Gemma 3 270M: distillation on 128 segments at lr 1e-4 (chosen on validation
                   # at tp 2 and tp 4); blocks ranked by the KL of each block alone in SPD form, zero-shot, on 16
                   # calibration segments (the README's path, 5 of 18 blocks at tp 2: +5.0% on unseen text, the
-                  # perplexity-ranked scans' blocks +14-16%; 15 min on 2 AVX2 cores where 64 segments take an hour)
+                  # perplexity-ranked scans' blocks +14-16%; a scan's time grows with its segments: docs/recovery.md)
                   recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.lr", 1e-4),
                           ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16))),
 )}
