@@ -6,7 +6,8 @@ runner and leaves the ranks running (it passes no signal on within one node), it
 SIGTERM to every rank and exits 1 whatever they did, and every launch on a host takes master port 29500.
 
 - **Ports.** Without ``--master_port`` in ``$DS_LAUNCH_ARGS`` a free one is drawn (ds_spd.ports), so several
-  launches share a host; a given port that is already bound here is refused at once, naming the flag.
+  launches share a host; a given port that is already bound here is refused at once, naming the flag. For
+  ``serve``, a ``--port`` that cannot be bound on ``--host`` is refused too, before any rank starts.
 - **Signals.** The runner runs in its own session, so a terminal's Ctrl-C reaches only this process. SIGTERM or
   SIGINT here sends one SIGTERM to every rank: a server drains and stops, any other command stops. A second
   signal sends a second SIGTERM (a server cancels what is left); a third kills the whole launch. If this
@@ -23,7 +24,8 @@ import subprocess
 import sys
 import time
 
-from ds_spd.ports import free_port, port_in_use
+from ds_spd.errors import SPDInputError
+from ds_spd.ports import bind_http, free_port, port_in_use
 
 USAGE = "usage: launch/tp.sh N COMMAND [ARGS...]  (extra launcher flags in $DS_LAUNCH_ARGS)"
 _LOCAL = ("", "localhost", "127.0.0.1", "::1")
@@ -53,6 +55,17 @@ def runner_command(n: int, args: list[str], launch_args: list[str]) -> list[str]
         port_args = []
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), *port_args, *launch_args,
             "--module", "ds_spd", *args]
+
+
+def check_http_port(args: list[str]) -> None:
+    """``serve``: the HTTP port rank 0 will listen on, tried here before any rank starts (a second instead of
+    every rank's imports; rank 0 tries again when started by another launcher)."""
+    if args[:1] != ["serve"]:
+        return
+    from ds_spd.cli import build_parser
+    flags, _ = build_parser().parse_known_args(args)
+    if flags.port:
+        bind_http(flags.host, flags.port).close()
 
 
 def rank_processes(root_pid: int) -> list:
@@ -119,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        check_http_port(argv[1:])
+    except SPDInputError as err:
+        print(f"ds-spd {argv[1]}: error: {err}", file=sys.stderr)
+        return 2
     cmd = runner_command(int(argv[0]), argv[1:], shlex.split(os.environ.get("DS_LAUNCH_ARGS", "")))
     return supervise(cmd)
 

@@ -1,9 +1,11 @@
-"""Ports for the processes ds_spd starts (launcher master ports), without importing torch: the launch
-supervisor (``ds_spd.launch``) picks one before any rank starts."""
+"""Ports for the processes ds_spd starts (launcher master ports, a server's HTTP port), without importing torch:
+the launch supervisor (``ds_spd.launch``) picks and checks them before any rank starts."""
 from __future__ import annotations
 
 import secrets
 import socket
+
+from ds_spd.errors import SPDInputError
 
 
 def _ephemeral_low() -> int:
@@ -43,3 +45,18 @@ def port_in_use(port: int, host: str = "") -> bool:
         except OSError:
             return True
     return False
+
+
+def bind_http(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything heavy: a port in use is a clear error, not a late crash."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SPDInputError(f"cannot listen on {host}:{port}: {err.strerror}: choose another --port "
+                            "(or stop what holds it)") from None
+    sock.listen(2048)
+    return sock

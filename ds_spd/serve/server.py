@@ -28,13 +28,13 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
 
 from ds_spd.errors import SPDInputError
+from ds_spd.ports import bind_http
 from ds_spd.serve.engine import Engine, Shutdown, follow
 
 
@@ -88,21 +88,6 @@ def _loopback(host: str) -> bool:
 
 def _log(text: str) -> None:
     print(f"ds-spd serve: {text}", file=sys.stderr, flush=True)
-
-
-def bind_http(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before anything heavy: a port in use is a clear error, not a late crash."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise SPDInputError(f"cannot listen on {host}:{port}: {err.strerror}: choose another --port "
-                            "(or stop what holds it)") from None
-    sock.listen(2048)
-    return sock
 
 
 def _broadcast_object(obj):

@@ -51,15 +51,10 @@ def test_two_hosts_equal_virtual_tp(tmp_path):
 
 
 @needs_namespaces
-def test_data_parallel_scan_and_distill_across_hosts(tiny_dir, tmp_path):
-    """The virtual-TP stages spread their data over ranks on different hosts (gloo): the scan equals one
-    process, and ZeRO-2 distillation on 2 hosts equals the same 2 ranks on one host."""
-    data = ["--max-samples", "4", "--seq-len", "32", "--tp", "2"]
-    single = last_json(run_cli(["scan", "--model", tiny_dir, *data, "--virtual-tp", "2", "--batch-size", "2",
-                                "--out", str(tmp_path / "a.json"), "--json"]).stdout)
-    hosts = last_json(run_nodes(["scan", "--model", tiny_dir, *data, "--batch-size", "2",
-                                 "--out", str(tmp_path / "b.json"), "--json"])[0])
-    assert hosts["sensitivity"] == pytest.approx(single["sensitivity"], abs=1e-5 * single["baseline"])
+def test_data_parallel_distill_across_hosts(tiny_dir, tmp_path):
+    """The virtual-TP stages spread their data over ranks on different hosts (gloo): ZeRO-2 distillation on 2
+    hosts equals the same 2 ranks on one host. (The data-parallel scan equals one process under the launcher:
+    tests/stages/test_planner.py; its all-reduce of sums is the same call across hosts.)"""
     plan = tiny_plan_file(tiny_dir, tmp_path, ["SB", "TP", "ESB", "TP"])
     args = ["distill", "--plan", plan, "--model", tiny_dir, "--max-samples", "8", "--seq-len", "24", "--epochs", "2",
             "--lr", "2e-3", "--json"]

@@ -253,28 +253,47 @@ def test_distill_complete_resume_and_fingerprint(distill_setup):
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and prov["run"]["settings"]["lr"] == 0.01
 
 
+def _killer(when: str) -> list[str]:
+    """Runs the CLI and SIGKILLs it right after epoch ``when`` (or finished block ``blockN``) is saved."""
+    return [sys.executable, os.path.join(ROOT, "tests", "support", "kill_after_epoch.py"), when]
+
+
 @pytest.mark.parametrize("trainer", ["layerwise", "joint"])
 def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
+    """SIGKILL right after epoch 2 of 3 is saved, then resume: bitwise the uninterrupted run. Layer-wise, the resume
+    is killed again right after block 0 is stored, and the next one goes on with block 2, never training block 0
+    again; its uninterrupted run spills every activation to files (--activation-budget 0): the same weights."""
     args, tmp = distill_setup
     args = [*args, "--trainer", trainer]
+    out, layerwise = str(tmp / "a"), trainer == "layerwise"
     shm_before = shm_buffers()
-    killed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"], check=False,
-                     runner=[sys.executable, os.path.join(ROOT, "tests", "support", "kill_after_epoch.py"), "2"])
+    killed = run_cli([*args, "--out", out, "--epochs", "3"], check=False, runner=_killer("2"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert_no_shm_left(shm_before, "a SIGKILLed run")
-    state = tmp / "a.work" / ("block000" if trainer == "layerwise" else "")   # layer-wise: per block
+    work = tmp / "a.work"
+    state = work / ("block000" if layerwise else "")   # layer-wise: per block
     assert not (tmp / "a").exists() and (state / "latest").read_text().strip() == "epoch2"
     assert not (state / "epoch1").exists()   # only the latest epoch's training state is kept
-    resumed = run_cli([*args, "--out", str(tmp / "a"), "--epochs", "3"])
-    assert "resuming from epoch 2 of 3" in resumed.stderr
-    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3"])
+    if layerwise:
+        again = run_cli([*args, "--out", out, "--epochs", "3"], check=False, runner=_killer("block0"))
+        assert again.returncode == -9 and "resuming from epoch 2 of 3" in again.stderr, again.stderr[-2000:]
+        assert (work / "block000.json").is_file() and not (work / "block002.json").exists()
+        stamp = os.stat(work / "block000.safetensors").st_mtime_ns
+    resumed = run_cli([*args, "--out", out, "--epochs", "3"])
+    if layerwise:
+        assert "block 0 already trained" in resumed.stderr
+        assert os.stat(work / "block000.safetensors").st_mtime_ns == stamp   # never trained again
+    else:
+        assert "resuming from epoch 2 of 3" in resumed.stderr
+    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3", *(["--activation-budget", "0"] if layerwise else [])])
     from safetensors.torch import load_file
     a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
-    assert sorted(a) == sorted(b)
+    assert sorted(a) == sorted(b) and {k.split(".")[2] for k in a} == {"0", "2"}
     for k in a:
         assert torch.equal(a[k], b[k]), k          # bitwise
-    hist = [json.load(open(tmp / d / "provenance.json"))["history"] for d in ("a", "b")]
-    assert hist[0] == hist[1] and [h["epoch"] for h in hist[0]] == [1, 2, 3]
+    hist = [json.load(open(tmp / d / "provenance.json")) for d in ("a", "b")]
+    assert hist[0]["history"] == hist[1]["history"] and [h["epoch"] for h in hist[0]["history"]] == [1, 2, 3]
+    assert hist[0]["trainer"] == trainer
 
 
 # ---------------------------------------------------------------- values that were silently ignored

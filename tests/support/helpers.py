@@ -232,7 +232,7 @@ KV1_SHAPE = {**KV1, "num_hidden_layers": 4}
 
 # ---------------------------------------------------------------- the README's path, quick preset
 
-QUICK = ["--max-samples", "4", "--seq-len", "32", "--batch-size", "2"]
+QUICK = ["--max-samples", "2", "--seq-len", "32", "--batch-size", "2"]
 
 
 def readme_path(model: str, tmp_path, extra: list[str] = ()) -> tuple[dict, dict, str]:
