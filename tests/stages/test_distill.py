@@ -175,6 +175,8 @@ def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
 
 @pytest.mark.multirank
 def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
+    """distill -> eval of its checkpoint under the deepspeed launcher (sharded loading) == virtual TP, all-reduces
+    counted per kind."""
     plan = tiny_plan_file(tiny_dir, tmp_path, ["ESB", "SB", "TP", "SB"])
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps(CPU_ZERO2))
@@ -194,9 +196,18 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert prov["settings"]["lr"] == lr and prov["lr_rule"] == note and f"distill: {note}" in runs[0]["stderr"]
     virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
+    # each rank reads only its slices (sharded loading, the default; == the full load bitwise: test_sharded_load)
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
+    assert real["load"] == "sharded" and real["mode"] == "tp" and virtual["mode"] == "virtual"
     assert real["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
+    assert real["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-9)
     assert real["spd_blocks"] == virtual["spd_blocks"] == [0, 1, 3]
+    assert virtual["allreduce_per_forward"] == 2 * 4 - 3
+    assert real["allreduce_per_forward"] == 2 * 4 - 3 + 1   # + lm_head
+    assert real["allreduce_seconds_per_forward"] > 0
+    # AutoTP's row-parallel lm_head all-reduce goes through ds_spd's reducer: counted and timed
+    assert real["allreduce_by_kind_per_forward"]["lm_head"] == 1
+    assert real["allreduce_seconds_by_kind_per_forward"]["lm_head"] > 0
     assert virtual["perplexity"] != pytest.approx(zero_shot["perplexity"], rel=1e-4)  # the weights were loaded
 
 
