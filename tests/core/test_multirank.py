@@ -1,5 +1,5 @@
-"""Real multi-rank TP on 2 and 4 CPU ranks (tests/support/tp_worker.py, tests/support/replication_worker.py), proved by equality;
-the CLI on real ranks: tests/test_cli_ranks.py."""
+"""Real multi-rank TP on 2 and 4 CPU ranks (tests/support/tp_worker.py, tests/support/replication_worker.py), proved by
+equality; the CLI on real ranks: tests/cli/test_cli_ranks.py."""
 import json
 
 import pytest
@@ -8,12 +8,19 @@ from helpers import FAMILIES, KV1_SHAPE, check_tp_worker, launch, tiny_config
 pytestmark = pytest.mark.multirank
 
 
-def test_real_tp_matches_hf_and_virtual_on_gloo(tiny_even_dir, tmp_path):
-    """An even split on the gloo path (the shm path and the uneven split: every family in
-    tests/test_families.py::test_real_tp_matches_virtual)."""
-    prefix, blocks = str(tmp_path / "res_gloo"), [0, 2]
-    launch(["tests/support/tp_worker.py", tiny_even_dir, prefix, ",".join(map(str, blocks)), "gloo"])
-    check_tp_worker([json.load(open(f"{prefix}.rank{r}.json")) for r in (0, 1)], blocks, "even, gloo")
+def test_real_tp_matches_hf_and_virtual_every_family_shm_and_gloo(tiny_dir, tiny_even_dir, tmp_path):
+    """Every family and LLaMA with an uneven split (6/3 heads: 4 + 2 query heads) on the shm path, and an even
+    split on the gloo path, in one launch of 2 CPU ranks (tests/support/tp_worker.py checks each model in turn)."""
+    from helpers import save_tiny
+    models = {"llama-uneven": (tiny_dir, "auto"), "even, gloo": (tiny_even_dir, "gloo"),
+              **{f: (save_tiny(str(tmp_path / f), model_type=t, **o), "auto") for f, (t, o) in FAMILIES.items()}}
+    prefix, blocks = str(tmp_path / "res"), [0, 2]
+    launch(["tests/support/tp_worker.py", ",".join(d for d, _ in models.values()), prefix,
+            ",".join(map(str, blocks)), ",".join(c for _, c in models.values())], timeout=900)
+    for i, name in enumerate(models):
+        check_tp_worker([json.load(open(f"{prefix}.{i}.rank{rank}.json")) for rank in (0, 1)], blocks, name)
+    uneven = json.load(open(f"{prefix}.0.rank0.json"))["layout_attn_cols"]
+    assert uneven == [64, 32]   # 4 + 2 query heads of 16
 
 
 # q3kv1: 3 query heads on one KV head, so at tp 2 its replicas hold 2 + 1 query heads (SmolLM2 at tp 6 in small)

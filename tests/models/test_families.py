@@ -1,14 +1,15 @@
 """Model families through their adapters (ds_spd.models.adapters), each with the LLaMA family's proofs, on tiny
 random configs: SPD off == HF; TP=1 SPD == HF; the SPD block == an independent hook-based reference of its
 block math (pre-norm: the paper's; sandwich: ds_spd's rank-local definition); head grouping keeps the plain
-TP function; virtual TP == 2 real ranks (tests/support/tp_worker.py); mixture-of-experts refused by name."""
+TP function; mixture-of-experts refused by name. (Virtual TP == 2 real ranks, every family:
+tests/core/test_multirank.py.)"""
 import copy
 import json
 
 import pytest
 import torch
-from helpers import (CPU_ZERO2, FAMILIES, KV1_SHAPE, check_tp_worker, independent_split, launch,
-                     plan_of_classes, save_tiny, tiny_config, tiny_model)
+from helpers import (CPU_ZERO2, FAMILIES, KV1_SHAPE, independent_split, plan_of_classes, save_tiny, tiny_config,
+                     tiny_model)
 
 import ds_spd
 from ds_spd.errors import LayoutError
@@ -142,22 +143,6 @@ def test_distill_trains_fused_and_sandwich_blocks(family):
 def test_moe_refused_by_name():
     with pytest.raises(LayoutError, match=r"model_type='mixtral'.*mixture-of-experts.*supports model types llama"):
         TPLayout.for_model(tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2), 2)
-
-
-@pytest.mark.multirank
-def test_real_tp_matches_virtual(tiny_dir, tmp_path):
-    """Every family, and LLaMA with an uneven split (6/3 heads: 4 + 2 query heads), in one launch of 2 CPU ranks
-    (tests/support/tp_worker.py checks each model in turn, on the shm path; tests/core/test_multirank.py has gloo)."""
-    models = {"llama-uneven": tiny_dir, **{f: save_tiny(str(tmp_path / f), model_type=t, **o)
-                                           for f, (t, o) in FAMILIES.items()}}
-    prefix, blocks = str(tmp_path / "res"), [0, 2]
-    launch(["tests/support/tp_worker.py", ",".join(models.values()), prefix, ",".join(map(str, blocks)), "auto"],
-           timeout=900)
-    for i, family in enumerate(models):
-        results = [json.load(open(f"{prefix}.{i}.rank{rank}.json")) for rank in (0, 1)]
-        check_tp_worker(results, blocks, family)
-    uneven = json.load(open(f"{prefix}.0.rank0.json"))["layout_attn_cols"]
-    assert uneven == [64, 32]   # 4 + 2 query heads of 16
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,7 +1,8 @@
 """Run under ``deepspeed --num_gpus N``: compares real TP (tp N) against HF and virtual TP; one JSON per rank.
 
-Usage: tp_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS(comma list) COMM
-(several model dirs: one launch checks them all, writing OUT_PREFIX.<i>.rank<r>.json for the i-th)
+Usage: tp_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS(comma list) COMM[,COMM...]
+(several model dirs: one launch checks them all, writing OUT_PREFIX.<i>.rank<r>.json for the i-th, each on its
+own comm path, or all on one)
 """
 import copy
 import json
@@ -18,9 +19,10 @@ def main():
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
     model_dirs, out_prefix, blocks, comm = args
     blocks = [int(b) for b in blocks.split(",") if b]
-    dirs = model_dirs.split(",")
+    dirs, comms = model_dirs.split(","), comm.split(",")
     for i, model_dir in enumerate(dirs):
-        check(model_dir, out_prefix if len(dirs) == 1 else f"{out_prefix}.{i}", blocks, comm)
+        check(model_dir, out_prefix if len(dirs) == 1 else f"{out_prefix}.{i}", blocks,
+              comms[i] if len(comms) > 1 else comm)
 
 
 def check(model_dir, out_prefix, blocks, comm):
