@@ -36,11 +36,12 @@ serve: setup
 
 # pytest workers: one more than the cores (the tests spend part of their time waiting on the ranks and servers
 # they launch; on 2 cores 3 workers took 8 min 53 s, 2 took 9 min 45 s); a test file's tests run on one worker,
-# in order (they share its module fixtures: the 2-rank server, the bad-input batch, the sharded model directories)
+# in order (they share its module fixtures: the 2-rank server, the bad-input batch, the sharded model directories);
+# files are handed out longest first (tests/conftest.py), not reordered by their number of tests
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
 	$(PY) -m ds_spd prepare-model --model gemma3-270m > /dev/null   # the tests' second model (once, ~65 s)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank and not real_model"

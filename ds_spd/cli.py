@@ -520,6 +520,9 @@ def _finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None:   # DeepSpeed's cached clone of the world group died with it: a later engine in
+            groups._WORLD_GROUP = None   # this process (a test, a notebook) would broadcast over the dead clone
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,13 +25,15 @@ def kv1_dir(tmp_path_factory):
 
 
 #: The test files that take longest (wall seconds summed over their tests in one `make test`, DS_SPD_TEST_CPU
-#: below; 2026-12-02), longest first. pytest-xdist's ``--dist loadfile`` hands out files in collection order, so
-#: these go first and the short ones fill in at the end (longest-first scheduling): a long file collected last
-#: kept one worker busy after the others had finished. Only an order: a file missing here runs after them.
-LONGEST_FIRST = ("cli/test_safety.py", "serve/test_serve.py", "stages/test_layerwise.py", "cli/test_multinode.py",
-                 "stages/test_distill.py", "stages/test_readme_path_gemma.py", "core/test_multirank.py",
-                 "stages/test_readme_path.py", "cli/test_cli_ranks.py", "stages/test_recipe.py",
-                 "models/test_families.py", "stages/test_planner.py", "models/test_real_model.py")
+#: below; 2026-12-03), longest first. pytest-xdist's ``--dist loadfile`` hands out files in collection order when
+#: told not to reorder them by test count (``--no-loadscope-reorder``, in the Makefile), so these go first and the
+#: short ones fill in at the end (longest-first scheduling): a long file handed out last kept one worker busy
+#: after the others had finished. Only an order: a file missing here runs after them.
+LONGEST_FIRST = ("cli/test_safety.py", "serve/test_serve.py", "stages/test_distill.py", "core/test_multirank.py",
+                 "cli/test_multinode.py", "stages/test_recipe.py", "cli/test_cli_ranks.py",
+                 "stages/test_readme_path.py", "stages/test_planner.py", "models/test_real_model.py",
+                 "models/test_sharded_load.py", "stages/test_readme_path_gemma.py", "tools/test_lm_eval.py",
+                 "stages/test_layerwise.py", "stages/test_scan.py")
 
 
 def pytest_collection_modifyitems(items):

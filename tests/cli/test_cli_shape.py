@@ -51,3 +51,28 @@ def test_prepare_model_takes_no_shared_flag(tiny_dir, capsys):
     from ds_spd.cli import main
     assert main(["prepare-model", "--model", tiny_dir]) == 0
     assert capsys.readouterr().out.strip() == tiny_dir
+
+
+def test_an_engine_after_a_finished_command_in_the_same_process(tiny_dir, capsys):
+    """`main` shuts its process group down when a command ends; DeepSpeed's cached clone of the world group must go
+    with it, or the next training engine in the same process (a test worker, a notebook) fails on the dead
+    clone ("Group ... is not registered": found when the test files ran in another order)."""
+    import copy
+
+    import torch
+    from helpers import CPU_ZERO2, plan_of_classes, tiny_model
+
+    import ds_spd
+    from ds_spd.cli import main
+    from ds_spd.stages.distill.joint import distill
+    from ds_spd.stages.distill.kit import DistillSettings
+
+    def train():
+        model = ds_spd.virtualize(tiny_model(), 2)
+        segments = torch.randint(0, 384, (4, 16), generator=torch.Generator().manual_seed(1))
+        return distill(model, plan_of_classes(model, ["SB", "TP", "TP", "TP"]), segments, copy.deepcopy(CPU_ZERO2),
+                       DistillSettings(epochs=1, lr=2e-3, micro_batch=4), progress=False)
+    train()                                                       # an engine: DeepSpeed clones the world group
+    assert main(["prepare-model", "--model", tiny_dir]) == 0     # ... and a command ends the process group
+    capsys.readouterr()
+    assert sorted(train().block_states) == [0]

@@ -226,29 +226,60 @@ def distill_setup(tiny_dir, tmp_path):
             "--json"], tmp_path
 
 
-def test_distill_complete_resume_and_fingerprint(distill_setup):
+def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
+    """One 2-epoch run, then what a user does next: the same command again (recognised as complete, nothing
+    rewritten), another lr or other data (refused, naming the keys, before any training state is loaded), fewer
+    epochs (refused), its checkpoint at another tp size (refused) and in eval, a run of another plan into the
+    same --out (refused); more epochs train on from the finished ones; --restart starts over with a new lr."""
     args, tmp = distill_setup
     out = str(tmp / "ck")
     shm_before = shm_buffers()
     first = last_json(run_cli([*args, "--out", out, "--epochs", "2"]).stdout)
     assert first["epochs_trained"] == [1, 2]
     assert_no_shm_left(shm_before, "distill")
+    assert sorted(os.listdir(out)) == sorted(FILES) and WEIGHTS in FILES   # safetensors, no pickles
+    # a finished block's training state is removed (only its weights stay in the work dir)
+    assert not [d for d in os.listdir(out + ".work") if os.path.isdir(os.path.join(out + ".work", d))]
     snapshot = _tree(out)
-    # in one process (tests/support/cli_batch.py): a finished run is recognised and nothing rewritten; another lr or
-    # other calibration data refused, naming the keys, before any training state is loaded; fewer epochs than
-    # the work dir holds refused
-    done, lr, data, fewer = run_cli_batch([[*args, "--out", out, "--epochs", "2"],
-                                           [*args, "--out", out, "--epochs", "3", "--lr", "1e-2"],
-                                           [*args, "--out", out, "--epochs", "3", "--max-samples", "4"],
-                                           [*args, "--out", out, "--epochs", "1"]], str(tmp))
+    os.makedirs(tmp / "other")
+    plan = args[args.index("--plan") + 1]
+    foreign = [a if a != plan else tiny_plan_file(tiny_dir, tmp / "other", ["ESB", "ISB", "SB", "TP"]) for a in args]
+    evals = ["eval", "--model", tiny_dir, "--checkpoint", out, *DATA, "--batch-size", "4"]
+    # in one process (tests/support/cli_batch.py), none of them trains
+    done, lr, data, fewer, wrong_tp, ev, other = run_cli_batch([
+        [*args, "--out", out, "--epochs", "2"],
+        [*args, "--out", out, "--epochs", "3", "--lr", "1e-2"],
+        [*args, "--out", out, "--epochs", "3", "--max-samples", "4"],
+        [*args, "--out", out, "--epochs", "1"],
+        [*evals, "--virtual-tp", "3"],
+        [*evals, "--virtual-tp", "2", "--json"],
+        [*foreign, "--out", out, "--epochs", "4"]], str(tmp))
     assert done["code"] == 0 and "already complete" in done["stderr"] and last_json(done["stdout"])["already_complete"]
     assert lr["code"] == 2 and "settings.lr: 0.002 -> 0.01" in lr["stderr"] and "--restart" in lr["stderr"]
     assert data["code"] == 2 and "calibration.max_samples: 8 -> 4" in data["stderr"]
     assert fewer["code"] == 2 and "holds 2 trained epochs" in fewer["stderr"]
+    assert wrong_tp["code"] == 2 and "tp size 2, not 3" in wrong_tp["stderr"]
+    ev = last_json(ev["stdout"])
+    assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
+    assert other["code"] == 2 and "holds training state of another run" in other["stderr"] \
+        and "plan:" in other["stderr"]
     assert _tree(out) == snapshot
+    # more epochs: each block trains on from its finished ones
+    more = run_cli([*args, "--out", out, "--epochs", "3"])
+    assert "block 0 finished 2 epochs, 3 asked" in more.stderr
+    resumed = last_json(more.stdout)
+    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and resumed["epochs_trained"] == [1, 2, 3]
+    assert prov["settings"]["lr"] == 2e-3 and prov["lr_rule"] == "set by the user"
+    assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
+    saved = json.load(open(os.path.join(out, "plan.json")))
+    # head grouping (default: every trained block, neuron matching): the plan records both permutations
+    assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))
+    assert saved["blocks"][1]["head_permutation"] is None   # ISB: zero-shot, not trained
+    assert sorted(saved["blocks"][2]["mlp_permutation"]) == list(range(200))   # every neuron, once
     # --restart starts over with the new lr
     proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"])
-    assert "resuming" not in proc.stderr
+    assert "resuming" not in proc.stderr and "finished 2 epochs" not in proc.stderr
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and prov["run"]["settings"]["lr"] == 0.01
 

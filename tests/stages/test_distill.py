@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import (CPU_ZERO2, DATA, DISTILL_DATA, EVEN, launch, last_json, plan_of_classes, run_cli, tiny_model,
+from helpers import (CPU_ZERO2, DATA, DISTILL_DATA, EVEN, launch, last_json, plan_of_classes, tiny_model,
                      tiny_plan_file)
 
 import ds_spd
@@ -130,47 +130,6 @@ def test_distilled_block_generalises_at_the_shipped_settings():
             layer.load_state_dict(result.block_states[i])
             trained = torch.nn.functional.mse_loss(layer(x, **kwargs), y).item()
         assert trained < 0.97 * zero_shot, (i, trained, zero_shot)   # measured: 0.91 (block 0), 0.91 (block 2)
-
-
-def test_cli_distill_checkpoint_resume_and_eval(tiny_dir, tmp_path):
-    plan = tiny_plan_file(tiny_dir, tmp_path, ["SB", "ISB", "ESB", "TP"])
-    cfg = tmp_path / "ds.json"
-    cfg.write_text(json.dumps({**CPU_ZERO2, "spd": {"distill": {"lr": 2e-3}}}))
-    out = str(tmp_path / "ckpt")
-    args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--json"]
-    first = last_json(run_cli([*args, "--epochs", "2"]).stdout)
-    assert sorted(os.listdir(out)) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
-    assert not any(f.endswith(".bin") or f.endswith(".pt") for f in os.listdir(out))
-    # a finished block's training state is removed (only its weights stay in the work dir); asked for more
-    # epochs, it trains again from the start (resuming mid-block is tested in test_layerwise)
-    assert not [d for d in os.listdir(out + ".work") if os.path.isdir(os.path.join(out + ".work", d))]
-    # in one process (tests/support/cli_batch.py): the second training run (one per process at most), then the checkpoint
-    # rejected for another tp size, evaluation with it (virtual TP), a work dir from another plan refused
-    from helpers import run_cli_batch
-    other = tiny_plan_file(tiny_dir, tmp_path / "..", ["ESB", "ISB", "SB", "TP"])
-    proc, wrong_tp, ev, foreign = run_cli_batch([
-        [*args, "--epochs", "3"],
-        ["eval", "--model", tiny_dir, "--virtual-tp", "3", "--checkpoint", out, *DATA],
-        ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"],
-        ["distill", "--config", str(cfg), "--plan", other, *DISTILL_DATA, "--out", out, "--epochs", "4"]],
-        str(tmp_path))
-    assert proc["code"] == 0 and "block 0 finished 2 epochs, 3 asked" in proc["stderr"]
-    resumed = last_json(proc["stdout"])
-    prov = json.load(open(os.path.join(out, "provenance.json")))
-    assert [h["epoch"] for h in prov["history"]] == [1, 2, 3]
-    assert prov["settings"]["lr"] == 2e-3 and prov["lr_rule"] == "set by the user"
-    assert resumed["epochs_trained"] == [1, 2, 3]
-    assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
-    saved = json.load(open(os.path.join(out, "plan.json")))
-    # head grouping (default: every trained block, neuron matching): the plan records both permutations
-    assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))
-    assert saved["blocks"][1]["head_permutation"] is None   # ISB: zero-shot, not trained
-    assert sorted(saved["blocks"][2]["mlp_permutation"]) == list(range(200))   # every neuron, once
-    assert wrong_tp["code"] == 2 and "tp size 2, not 3" in wrong_tp["stderr"]
-    ev = last_json(ev["stdout"])
-    assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
-    assert foreign["code"] == 2 and "holds training state of another run" in foreign["stderr"] \
-        and "plan:" in foreign["stderr"]
 
 
 @pytest.mark.multirank
