@@ -76,13 +76,15 @@ def test_output_file_rules(tmp_path):
         outputs.check_output_file(str(foreign / "p.json"), "plan output")
 
 
-def test_plan_out_onto_directory_leaves_no_tmp(tiny_dir, tmp_path):
+def test_plan_out_onto_directory_leaves_no_tmp(tiny_dir, tmp_path, capsys):
     from bad_inputs import _plan
+
+    from ds_spd.cli import main
     plan = _plan(str(tmp_path), tiny_dir)
     target = tmp_path / "d"
     target.mkdir()
-    proc = run_cli(["plan", "--plan", plan, "--spd-count", "1", "--out", str(target)], check=False)
-    assert proc.returncode == 2 and "is a directory" in proc.stderr
+    assert main(["plan", "--plan", plan, "--spd-count", "1", "--out", str(target)]) == 2   # in this process
+    assert "is a directory" in capsys.readouterr().err
     assert os.listdir(target) == [] and not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
