@@ -513,18 +513,6 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def _finish_distributed() -> None:
-    """Leave together and shut the process group down: a rank exiting while another still writes (rank 0
-    saves the checkpoint) aborted in gloo's thread teardown ("terminate called without an active exception")."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-        groups = sys.modules.get("deepspeed.utils.groups")
-        if groups is not None:   # DeepSpeed's cached clone of the world group died with it: a later engine in
-            groups._WORLD_GROUP = None   # this process (a test, a notebook) would broadcast over the dead clone
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     same_build_tools()   # before anything can build DeepSpeed's ops
@@ -536,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "the flags it honours)")
         refuse_not_applicable(args)
         COMMANDS[args.command](args)
-        _finish_distributed()
+        from ds_spd.core.comm import finish_comm
+        finish_comm()
     except SPDInputError as err:
         print(f"ds-spd {args.command}: error: {err}", file=sys.stderr)
         return 2

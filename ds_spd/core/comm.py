@@ -8,6 +8,7 @@ forward is the same number in both modes.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -128,6 +129,20 @@ def init_comm() -> None:
     if not torch.cuda.is_available() and not all_ranks_local() and ds_comm.cdb is not None:
         ds_comm.cdb.shm_vector_kernel_level = 0
     release_shm_buffer()
+
+
+def finish_comm() -> None:
+    """Leave together and shut the process group down at the end of a command: a rank exiting while another still
+    writes (rank 0 saves the checkpoint) aborted in gloo's thread teardown ("terminate called without an active
+    exception"). DeepSpeed's cached clone of the world group dies with the group, so it is dropped too: a later
+    engine in the same process (a test worker, a notebook) would broadcast over the dead clone ("Group ... is not
+    registered")."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None:
+            groups._WORLD_GROUP = None
 
 
 def shm_buffer_path() -> str:
