@@ -8,7 +8,7 @@ from helpers import launch, last_json
 pytestmark = pytest.mark.multirank
 
 
-def test_cli_generate_under_torchrun_equals_virtual(tiny_dir):
+def test_cli_generate_under_torchrun_equals_virtual(tiny_dir, capsys):
     """generate under torchrun, which sets LOCAL_WORLD_SIZE but not LOCAL_SIZE (DeepSpeed's CPU path crashed without
     it): the same tokens as virtual TP. (eval under the deepspeed launcher == virtual TP, with sharded loading and
     all-reduces counted: tests/stages/test_distill.py's checkpoint round trip, tests/models/test_real_model.py.)"""
@@ -16,12 +16,12 @@ def test_cli_generate_under_torchrun_equals_virtual(tiny_dir):
     import subprocess
     import sys
 
-    from helpers import ROOT, clean_env, free_port, run_cli
-    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8", "--json"]
-    g_virtual = last_json(run_cli(["generate", "--virtual-tp", "2", *gen]).stdout)
+    from helpers import ROOT, clean_env, cli_json, free_port
+    gen = ["--model", tiny_dir, "--spd-blocks", "0-3", "--prompt", "def main", "--max-new-tokens", "8"]
+    g_virtual = cli_json(["generate", "--virtual-tp", "2", *gen], capsys)   # in this process
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ds_spd",
-                           "generate", *gen], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           "generate", *gen, "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env=clean_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     g_real = last_json(proc.stdout)

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import EVEN, ROOT, clean_env, free_port, last_json, run_cli, save_tiny, tiny_plan_file
+from helpers import EVEN, ROOT, clean_env, cli_json, free_port, last_json, save_tiny, tiny_plan_file
 
 from ds_spd.tools.serve_process import namespaces_work
 
@@ -37,17 +37,17 @@ def run_nodes(args: list[str], nnodes: int = 2, nproc: int = 1, timeout: int = 6
 
 
 @needs_namespaces
-def test_two_hosts_equal_virtual_tp(tmp_path):
+def test_two_hosts_equal_virtual_tp(tmp_path, capsys):
     """eval at tp 4 on two hosts of two ranks each (every all-reduce crosses the hosts: DeepSpeed's shared-memory
     path is off) gives virtual TP's perplexity and accuracy; greedy decoding across hosts: the server test below."""
     # 4 KV heads and 4 x 64 MLP columns: tp 4 over 2 nodes x 2 ranks
     even = save_tiny(str(tmp_path / "even"), **{**EVEN, "intermediate_size": 256})
-    common = ["--model", even, "--spd-blocks", "0,2", "--max-samples", "4", "--seq-len", "32", "--json"]
-    virtual = last_json(run_cli(["eval", "--virtual-tp", "4", *common]).stdout)
-    nodes = last_json(run_nodes(["eval", "--tp", "4", *common], nproc=2)[0])
+    common = ["--model", even, "--spd-blocks", "0,2", "--max-samples", "4", "--seq-len", "32"]
+    ref = cli_json(["eval", "--virtual-tp", "4", *common], capsys)
+    nodes = last_json(run_nodes(["eval", "--tp", "4", *common, "--json"], nproc=2)[0])
     assert nodes["mode"] == "tp" and nodes["tp_size"] == 4 and nodes["spd_blocks"] == [0, 2]
-    assert nodes["perplexity"] == pytest.approx(virtual["perplexity"], rel=1e-5)
-    assert nodes["accuracy"] == pytest.approx(virtual["accuracy"], abs=1e-9)
+    assert nodes["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+    assert nodes["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-9)
 
 
 @needs_namespaces
@@ -66,14 +66,14 @@ def test_data_parallel_distill_across_hosts(tiny_dir, tmp_path):
 
 
 @needs_namespaces
-def test_serve_across_two_hosts(tiny_dir):
+def test_serve_across_two_hosts(tiny_dir, capsys):
     """`serve` on two simulated hosts (rank 0's host serves HTTP; the plans cross hosts): greedy text equals
     `generate` in virtual TP, and Ctrl-C stops both nodes."""
     import requests
 
     from ds_spd.tools.serve_process import ServerProcess
-    gen = last_json(run_cli(["generate", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,2", "--prompt",
-                             "def main", "--max-new-tokens", "8", "--json"]).stdout)
+    gen = cli_json(["generate", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,2", "--prompt", "def main",
+                   "--max-new-tokens", "8"], capsys)
     srv = ServerProcess(["--model", tiny_dir, "--tp", "2", "--spd-blocks", "0,2", "--served-model-name", "tiny"],
                         hosts=2)
     try:

@@ -232,30 +232,33 @@ def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
     """One 2-epoch run, then what a user does next: the same command again (recognised as complete, nothing
     rewritten), another lr or other data (refused, naming the keys, before any training state is loaded), fewer
     epochs (refused), its checkpoint at another tp size (refused) and in eval, a run of another plan into the
-    same --out (refused); more epochs train on from the finished ones; --restart starts over with a new lr."""
+    same --out (refused); more epochs train on from the finished ones; --restart starts over with a new lr.
+    Every command through the CLI's main in one process (tests/support/cli_batch.py), as a notebook would."""
     args, tmp = distill_setup
     out = str(tmp / "ck")
     shm_before = shm_buffers()
-    first = last_json(run_cli([*args, "--out", out, "--epochs", "2"]).stdout)
-    assert first["epochs_trained"] == [1, 2]
-    assert_no_shm_left(shm_before, "distill")
-    assert sorted(os.listdir(out)) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
-    # a finished block's training state is removed (only its weights stay in the work dir)
-    assert not [d for d in os.listdir(out + ".work") if os.path.isdir(os.path.join(out + ".work", d))]
-    snapshot = _tree(out)
     os.makedirs(tmp / "other")
     plan = args[args.index("--plan") + 1]
     foreign = [a if a != plan else tiny_plan_file(tiny_dir, tmp / "other", ["ESB", "ISB", "SB", "TP"]) for a in args]
     evals = ["eval", "--model", tiny_dir, "--checkpoint", out, *DATA, "--batch-size", "4"]
-    # in one process (tests/support/cli_batch.py), none of them trains
-    done, lr, data, fewer, wrong_tp, ev, other = run_cli_batch([
+    first, done, lr, data, fewer, wrong_tp, ev, other, more, restart = run_cli_batch([
+        {"argv": [*args, "--out", out, "--epochs", "2"], "snapshot": [out, out + ".work"]},
         [*args, "--out", out, "--epochs", "2"],
         [*args, "--out", out, "--epochs", "3", "--lr", "1e-2"],
         [*args, "--out", out, "--epochs", "3", "--max-samples", "4"],
         [*args, "--out", out, "--epochs", "1"],
         [*evals, "--virtual-tp", "3"],
         [*evals, "--virtual-tp", "2", "--json"],
-        [*foreign, "--out", out, "--epochs", "4"]], str(tmp))
+        {"argv": [*foreign, "--out", out, "--epochs", "4"], "snapshot": [out]},
+        {"argv": [*args, "--out", out, "--epochs", "3"], "snapshot": [out]},
+        {"argv": [*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"], "snapshot": [out]}], str(tmp))
+    assert first["code"] == 0, first["stderr"][-3000:]
+    assert last_json(first["stdout"])["epochs_trained"] == [1, 2]
+    assert_no_shm_left(shm_before, "distill")
+    snapshot = first["snapshot"][out]
+    assert sorted(snapshot) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
+    # a finished block's training state is removed (only its weights stay in the work dir)
+    assert not [p for p, content in first["snapshot"][out + ".work"].items() if content is None]
     assert done["code"] == 0 and "already complete" in done["stderr"] and last_json(done["stdout"])["already_complete"]
     assert lr["code"] == 2 and "settings.lr: 0.002 -> 0.01" in lr["stderr"] and "--restart" in lr["stderr"]
     assert data["code"] == 2 and "calibration.max_samples: 8 -> 4" in data["stderr"]
@@ -265,24 +268,22 @@ def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
     assert ev["spd_blocks"] == [0, 1, 2] and ev["dtype"] == "float32"   # what was evaluated, in the JSON
     assert other["code"] == 2 and "holds training state of another run" in other["stderr"] \
         and "plan:" in other["stderr"]
-    assert _tree(out) == snapshot
+    assert other["snapshot"][out] == snapshot                          # nothing rewritten by any of them
     # more epochs: each block trains on from its finished ones
-    more = run_cli([*args, "--out", out, "--epochs", "3"])
-    assert "block 0 finished 2 epochs, 3 asked" in more.stderr
-    resumed = last_json(more.stdout)
-    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert more["code"] == 0 and "block 0 finished 2 epochs, 3 asked" in more["stderr"], more["stderr"][-3000:]
+    resumed, prov = last_json(more["stdout"]), more["snapshot"][out]["provenance.json"]
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and resumed["epochs_trained"] == [1, 2, 3]
     assert prov["settings"]["lr"] == 2e-3 and prov["lr_rule"] == "set by the user"
-    assert resumed["final_mse"]["0"] < first["initial_mse"]["0"]
-    saved = json.load(open(os.path.join(out, "plan.json")))
+    assert resumed["final_mse"]["0"] < last_json(first["stdout"])["initial_mse"]["0"]
+    saved = more["snapshot"][out]["plan.json"]
     # head grouping (default: every trained block, neuron matching): the plan records both permutations
     assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))
     assert saved["blocks"][1]["head_permutation"] is None   # ISB: zero-shot, not trained
     assert sorted(saved["blocks"][2]["mlp_permutation"]) == list(range(200))   # every neuron, once
     # --restart starts over with the new lr
-    proc = run_cli([*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"])
-    assert "resuming" not in proc.stderr and "finished 2 epochs" not in proc.stderr
-    prov = json.load(open(os.path.join(out, "provenance.json")))
+    assert restart["code"] == 0 and "resuming" not in restart["stderr"] \
+        and "finished 2 epochs" not in restart["stderr"], restart["stderr"][-3000:]
+    prov = restart["snapshot"][out]["provenance.json"]
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and prov["run"]["settings"]["lr"] == 0.01
 
 
@@ -312,13 +313,16 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
         assert again.returncode == -9 and "resuming from epoch 2 of 3" in again.stderr, again.stderr[-2000:]
         assert (work / "block000.json").is_file() and not (work / "block002.json").exists()
         stamp = os.stat(work / "block000.safetensors").st_mtime_ns
-    resumed = run_cli([*args, "--out", out, "--epochs", "3"])
+    resumed, uninterrupted = run_cli_batch([   # the resume and the uninterrupted run in one process
+        [*args, "--out", out, "--epochs", "3"],
+        [*args, "--out", str(tmp / "b"), "--epochs", "3", *(["--activation-budget", "0"] if layerwise else [])]],
+        str(tmp / "batch"))
+    assert resumed["code"] == uninterrupted["code"] == 0, (resumed["stderr"][-3000:], uninterrupted["stderr"][-3000:])
     if layerwise:
-        assert "block 0 already trained" in resumed.stderr
+        assert "block 0 already trained" in resumed["stderr"]
         assert os.stat(work / "block000.safetensors").st_mtime_ns == stamp   # never trained again
     else:
-        assert "resuming from epoch 2 of 3" in resumed.stderr
-    run_cli([*args, "--out", str(tmp / "b"), "--epochs", "3", *(["--activation-budget", "0"] if layerwise else [])])
+        assert "resuming from epoch 2 of 3" in resumed["stderr"]
     from safetensors.torch import load_file
     a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
     assert sorted(a) == sorted(b) and {k.split(".")[2] for k in a} == {"0", "2"}

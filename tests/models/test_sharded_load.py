@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import EVEN, launch, tiny_model, tiny_tokenizer
+from helpers import EVEN, launch_workers, tiny_model, tiny_tokenizer
 
 from ds_spd.errors import DataError
 from ds_spd.models.sharded import check_weight_files, meta_model
@@ -59,7 +59,7 @@ def test_sharded_load_equals_full_load(model_dirs, tmp_path):
     prefix = str(tmp_path / "res")
     ck = _spd_checkpoint(model_dirs["llama-uneven"], str(tmp_path / "ck"), 1)
     entries = [*model_dirs.values(), f"{model_dirs['llama-uneven']}@{ck}"]   # the last with the overlay
-    launch(["tests/support/sharded_worker.py", ",".join(entries), prefix, "1,2"], timeout=900)   # one launch
+    launch_workers(["tests/support/sharded_worker.py", ",".join(entries), prefix, "1,2"])   # one launch
     for i, name in enumerate([*MODELS, "llama+checkpoint"]):
         results = [json.load(open(f"{prefix}.{i}.rank{r}.json")) for r in (0, 1)]
         for res in results:

@@ -13,7 +13,7 @@ import time
 import requests
 import pytest
 import torch
-from helpers import ROOT, last_json, run_cli, save_tiny, tiny_model, tiny_tokenizer
+from helpers import ROOT, cli_json, run_cli, save_tiny, tiny_model, tiny_tokenizer
 from helpers import assert_no_shm_left, shm_buffers
 from serve_helpers import ServerProcess, wait_gone
 
@@ -261,10 +261,10 @@ def _openai_error(r, status: int) -> dict:
 
 
 @pytest.mark.multirank
-def test_greedy_through_server_equals_generate(server, chat_dir):
+def test_greedy_through_server_equals_generate(server, chat_dir, capsys):
     """One request, then 8 concurrent ones: the server's greedy text equals `ds-spd generate`'s for each prompt."""
-    gen = last_json(run_cli(["generate", "--virtual-tp", "2", "--model", chat_dir, *SPD, "--prompt", *PROMPTS,
-                             "--max-new-tokens", "12", "--json"]).stdout)
+    gen = cli_json(["generate", "--virtual-tp", "2", "--model", chat_dir, *SPD, "--prompt", *PROMPTS,
+                    "--max-new-tokens", "12"], capsys)
     expected = [g["completion"] for g in gen["generations"]]
     client = _client(server)
     one = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)

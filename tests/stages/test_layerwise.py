@@ -126,10 +126,10 @@ def lw_setup(tiny_dir, tmp_path):
 
 @pytest.mark.multirank
 def test_two_ranks_layerwise_equals_joint(lw_setup):
-    """`--trainer joint` and `--trainer layerwise` under the launcher: each rank computes a share of the activation
+    """`--trainer joint` and `--trainer layerwise` on 2 ranks: each rank computes a share of the activation
     batches and the owners broadcast them, so every rank still trains on exactly the activations the joint
     trainer captures (bitwise equal weights, gradient clipping off)."""
-    from helpers import launch
+    from helpers import launch_workers
     from safetensors.torch import load_file
 
     from ds_spd.checkpoint import WEIGHTS
@@ -137,7 +137,7 @@ def test_two_ranks_layerwise_equals_joint(lw_setup):
     cfg = tmp / "ds_noclip.json"
     cfg.write_text(json.dumps({**CPU_ZERO2, "gradient_clipping": 0.0, "spd": {"distill": {"lr": 2e-3}}}))
     args = [a if a != str(tmp / "ds.json") else str(cfg) for a in args]
-    launch(["tests/support/trainers_worker.py", str(tmp), *args[1:], "--epochs", "2"])   # both, one launch
+    launch_workers(["tests/support/trainers_worker.py", str(tmp), *args[1:], "--epochs", "2"])   # both, one launch
     a, b = load_file(str(tmp / "joint" / WEIGHTS)), load_file(str(tmp / "layerwise" / WEIGHTS))
     assert sorted(a) == sorted(b)
     for k in a:

@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from helpers import launch, last_json, run_cli, tiny_config
+from helpers import cli_json, launch, last_json, tiny_config
 
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan, load_plan
@@ -118,10 +118,10 @@ def test_cli_scan_plan_eval(tiny_dir, tmp_path):
 
 
 @pytest.mark.multirank
-def test_scan_data_parallel_under_launcher_equals_single_process(tiny_dir, tmp_path):
+def test_scan_data_parallel_under_launcher_equals_single_process(tiny_dir, tmp_path, capsys):
     data = ["--max-samples", "4", "--seq-len", "32", "--batch-size", "2", "--tp", "2"]
-    single = last_json(run_cli(["scan", "--model", tiny_dir, *data, "--virtual-tp", "2",
-                                "--out", str(tmp_path / "a.json"), "--json"]).stdout)
+    single = cli_json(["scan", "--model", tiny_dir, *data, "--virtual-tp", "2", "--out", str(tmp_path / "a.json")],
+                      capsys)   # in this process
     multi = last_json(launch(["ds_spd", "scan", "--model", tiny_dir, *data, "--out", str(tmp_path / "b.json"),
                               "--json"], module=True).stdout)
     assert multi["baseline"] == pytest.approx(single["baseline"], rel=1e-5)

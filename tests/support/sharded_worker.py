@@ -1,4 +1,4 @@
-"""Run under ``deepspeed --num_gpus N`` (tp N): sharded loading (meta model, each rank reads its slices) against the
+"""Run on N CPU ranks (torchrun, or ``deepspeed --num_gpus N``; tp N): sharded loading (meta model, each rank reads its slices) against the
 full load (every rank loads the model, AutoTP shards it). Writes OUT_PREFIX.<i>.rank<r>.json per model dir.
 
 Usage: sharded_worker.py MODEL_DIR[@CHECKPOINT_DIR][,...] OUT_PREFIX SPD_BLOCKS
@@ -16,7 +16,7 @@ from ds_spd.models.sharded import meta_model
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     model_dirs, out_prefix, blocks = args
     blocks = [int(b) for b in blocks.split(",") if b]
     for i, entry in enumerate(model_dirs.split(",")):

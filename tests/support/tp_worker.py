@@ -1,8 +1,10 @@
-"""Run under ``deepspeed --num_gpus N``: compares real TP (tp N) against HF and virtual TP; one JSON per rank.
+"""Run on N CPU ranks (torchrun, or ``deepspeed --num_gpus N``): real TP (tp N) against HF and virtual TP, and
+where asked sharded loading against the full load (sharded_worker.py), for several models in one launch; one
+JSON per rank and check.
 
-Usage: tp_worker.py MODEL_DIR[,MODEL_DIR...] OUT_PREFIX SPD_BLOCKS(comma list) COMM[,COMM...]
-(several model dirs: one launch checks them all, writing OUT_PREFIX.<i>.rank<r>.json for the i-th, each on its
-own comm path, or all on one)
+Usage: tp_worker.py SPEC_JSON OUT_PREFIX SPD_BLOCKS(comma list)
+SPEC_JSON: a list of {"dir": MODEL_DIR, "comm": "auto" | "gloo", "sharded": bool}; for the i-th model the real-TP
+checks go to OUT_PREFIX.tp.<i>.rank<r>.json and the sharded-loading ones to OUT_PREFIX.sharded.<i>.rank<r>.json
 """
 import copy
 import json
@@ -16,13 +18,15 @@ import ds_spd
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
-    model_dirs, out_prefix, blocks, comm = args
+    import sharded_worker   # beside this script, on its sys.path
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+    spec_file, out_prefix, blocks = args
     blocks = [int(b) for b in blocks.split(",") if b]
-    dirs, comms = model_dirs.split(","), comm.split(",")
-    for i, model_dir in enumerate(dirs):
-        check(model_dir, out_prefix if len(dirs) == 1 else f"{out_prefix}.{i}", blocks,
-              comms[i] if len(comms) > 1 else comm)
+    with open(spec_file) as f:
+        for i, model in enumerate(json.load(f)):
+            check(model["dir"], f"{out_prefix}.tp.{i}", blocks, model["comm"])
+            if model["sharded"]:
+                sharded_worker.check(model["dir"], f"{out_prefix}.sharded.{i}", blocks, None)
 
 
 def check(model_dir, out_prefix, blocks, comm):
