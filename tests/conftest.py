@@ -29,11 +29,11 @@ def kv1_dir(tmp_path_factory):
 #: told not to reorder them by test count (``--no-loadscope-reorder``, in the Makefile), so these go first and the
 #: short ones fill in at the end (longest-first scheduling): a long file handed out last kept one worker busy
 #: after the others had finished. Only an order: a file missing here runs after them.
-LONGEST_FIRST = ("cli/test_safety.py", "serve/test_serve.py", "stages/test_distill.py", "core/test_multirank.py",
-                 "cli/test_multinode.py", "stages/test_recipe.py", "cli/test_cli_ranks.py",
-                 "stages/test_readme_path.py", "stages/test_planner.py", "models/test_real_model.py",
-                 "models/test_sharded_load.py", "stages/test_readme_path_gemma.py", "tools/test_lm_eval.py",
-                 "stages/test_layerwise.py", "stages/test_scan.py")
+LONGEST_FIRST = ("serve/test_serve.py", "cli/test_safety.py", "stages/test_distill.py", "cli/test_multinode.py",
+                 "stages/test_recipe.py", "stages/test_readme_path_gemma.py", "stages/test_readme_path.py",
+                 "stages/test_planner.py", "core/test_multirank.py", "cli/test_cli_ranks.py",
+                 "models/test_real_model.py", "tools/test_lm_eval.py", "stages/test_scan.py",
+                 "stages/test_layerwise.py", "models/test_sharded_load.py")
 
 
 def pytest_collection_modifyitems(items):
