@@ -177,9 +177,9 @@ def assert_no_shm_left(before: set[str], what: str, wait: float = 20.0) -> None:
 
 
 def check_tp_worker(results: list[dict], blocks: list[int], name: str) -> None:
-    """The per-rank results of tests/support/tp_worker.py for one model: AutoTP's shards on every layer == the layout;
-    SPD off == HF, real == virtual with SPD on ``blocks``, SPD really changed the function; 2 all-reduces per
-    non-SPD block, 1 per SPD block, +1 for AutoTP's row-parallel lm_head; generation identical on every path
+    """The per-rank results of tests/support/tp_worker.py for one model: AutoTP's shards on every layer == the
+    layout; SPD off == HF, real == virtual with SPD on ``blocks``, SPD really changed the function; 2 all-reduces
+    per non-SPD block, 1 per SPD block, +1 for AutoTP's row-parallel lm_head; generation identical on every path
     and every rank."""
     for rank, res in enumerate(results):
         assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][rank]}, name
