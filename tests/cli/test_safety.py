@@ -253,7 +253,8 @@ def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
         {"argv": [*args, "--out", out, "--epochs", "3"], "snapshot": [out]},
         {"argv": [*args, "--out", out, "--epochs", "3", "--lr", "1e-2", "--restart"], "snapshot": [out]}], str(tmp))
     assert first["code"] == 0, first["stderr"][-3000:]
-    assert last_json(first["stdout"])["epochs_trained"] == [1, 2]
+    first_run = last_json(first["stdout"])
+    assert first_run["epochs_trained"] == [1, 2]
     assert_no_shm_left(shm_before, "distill")
     snapshot = first["snapshot"][out]
     assert sorted(snapshot) == ["config.json", "plan.json", "provenance.json", "spd_blocks.safetensors"]
@@ -274,7 +275,7 @@ def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
     resumed, prov = last_json(more["stdout"]), more["snapshot"][out]["provenance.json"]
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and resumed["epochs_trained"] == [1, 2, 3]
     assert prov["settings"]["lr"] == 2e-3 and prov["lr_rule"] == "set by the user"
-    assert resumed["final_mse"]["0"] < last_json(first["stdout"])["initial_mse"]["0"]
+    assert resumed["final_mse"]["0"] < first_run["initial_mse"]["0"]
     saved = more["snapshot"][out]["plan.json"]
     # head grouping (default: every trained block, neuron matching): the plan records both permutations
     assert all(saved["blocks"][i]["head_permutation"] is not None for i in (0, 2))

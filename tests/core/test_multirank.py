@@ -17,14 +17,15 @@ KV_SHAPES = {"kv1-qwen2": {**KV1, "model_type": "qwen2"},   # q/k/v biases
                 for f in ("phi3", "gemma3")}}   # fused qkv; sandwich norms, q/k norms, sliding windows
 
 
-def run_tp_worker(models: dict[str, tuple[str, str, bool]], tmp_path, nprocs: int) -> tuple[str, list[int]]:
-    """tests/support/tp_worker.py on ``nprocs`` ranks for ``models`` (name: dir, comm, sharded check), one launch."""
+def run_tp_worker(models: dict[str, tuple[str, str, bool]], tmp_path, nprocs: int) -> str:
+    """tests/support/tp_worker.py on ``nprocs`` ranks for ``models`` (name: dir, comm, sharded check), one launch;
+    its results' prefix."""
     spec, prefix, blocks = tmp_path / "spec.json", str(tmp_path / "res"), [0, 2]
     spec.write_text(json.dumps([{"dir": d, "comm": c, "sharded": s} for d, c, s in models.values()]))
     launch_workers(["tests/support/tp_worker.py", str(spec), prefix, ",".join(map(str, blocks))], nprocs=nprocs)
     for i, name in enumerate(models):
         check_tp_worker([json.load(open(f"{prefix}.tp.{i}.rank{r}.json")) for r in range(nprocs)], blocks, name)
-    return prefix, blocks
+    return prefix
 
 
 def check_replication(prefix: str, i: int, name: str, shape: dict, tp: int) -> None:
@@ -51,12 +52,11 @@ def test_real_tp_2_ranks_every_family_shm_and_gloo_and_kv_replication(tiny_dir, 
               **{f: (save_tiny(str(tmp_path / f), model_type=t, **o), "auto", False) for f, (t, o) in FAMILIES.items()},
               "kv1": (kv1_dir, "auto", True), "q3kv1": (save_tiny(str(tmp_path / "q3kv1"), **KV_SHAPES["q3kv1"]),
                                                       "auto", True)}
-    prefix, _ = run_tp_worker(models, tmp_path, nprocs=2)
+    prefix = run_tp_worker(models, tmp_path, nprocs=2)
     assert json.load(open(f"{prefix}.tp.0.rank0.json"))["layout_attn_cols"] == [64, 32]   # 4 + 2 query heads of 16
-    names = list(models)
-    check_replication(prefix, names.index("kv1"), "kv1", KV1, 2)
-    check_replication(prefix, names.index("q3kv1"), "q3kv1", KV_SHAPES["q3kv1"], 2)
-    q3 = names.index("q3kv1")
+    kv1, q3 = list(models).index("kv1"), list(models).index("q3kv1")
+    check_replication(prefix, kv1, "kv1", KV1, 2)
+    check_replication(prefix, q3, "q3kv1", KV_SHAPES["q3kv1"], 2)
     assert [json.load(open(f"{prefix}.tp.{q3}.rank{r}.json"))["layout_attn_cols"][r] for r in (0, 1)] == [32, 16]
 
 
@@ -66,6 +66,6 @@ def test_kv_replication_on_4_ranks(kv1_dir, tmp_path):
     shapes = {"kv1": KV1, **{n: KV_SHAPES[n] for n in ("kv1-qwen2", "kv1-phi3", "kv1-gemma3")}}
     models = {n: (kv1_dir if n == "kv1" else save_tiny(str(tmp_path / n), **s), "auto", True)
               for n, s in shapes.items()}
-    prefix, _ = run_tp_worker(models, tmp_path, nprocs=4)
+    prefix = run_tp_worker(models, tmp_path, nprocs=4)
     for i, (name, shape) in enumerate(shapes.items()):
         check_replication(prefix, i, name, shape, 4)

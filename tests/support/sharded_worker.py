@@ -1,5 +1,6 @@
-"""Run on N CPU ranks (torchrun, or ``deepspeed --num_gpus N``; tp N): sharded loading (meta model, each rank reads its slices) against the
-full load (every rank loads the model, AutoTP shards it). Writes OUT_PREFIX.<i>.rank<r>.json per model dir.
+"""Run on N CPU ranks (torchrun, or ``deepspeed --num_gpus N``; tp N): sharded loading (meta model, each rank reads
+its slices) against the full load (every rank loads the model, AutoTP shards it). Writes OUT_PREFIX.<i>.rank<r>.json
+per model dir.
 
 Usage: sharded_worker.py MODEL_DIR[@CHECKPOINT_DIR][,...] OUT_PREFIX SPD_BLOCKS
 (a model with @CHECKPOINT_DIR runs with that SPD checkpoint overlaid instead of SPD_BLOCKS)

@@ -1,6 +1,6 @@
-"""Run on N CPU ranks (torchrun, or ``deepspeed --num_gpus N``): ``ds-spd distill ARGS --trainer T --out OUT_PREFIX/T`` for the joint, then
-the layer-wise trainer, in one launch (the CLI's command, twice in one process group, which ``cli.main`` would
-shut down after the first).
+"""Run on N CPU ranks (torchrun, or ``deepspeed --num_gpus N``): ``ds-spd distill ARGS --trainer T --out
+OUT_PREFIX/T`` for the joint, then the layer-wise trainer, in one launch (the CLI's command, twice in one process
+group, which ``cli.main`` would shut down after the first).
 
 Usage: trainers_worker.py OUT_PREFIX DISTILL_ARGS...
 """
