@@ -7,7 +7,9 @@ SCAN_METHODS = ("isolated", "cumulative")  # each block alone (default: ranks be
 SCAN_HEAD_DTYPES = ("auto", "bfloat16", "float32")  # the scan's head matmul; auto: bf16 where it is faster here
 SCAN_RANKINGS = ("zero-shot", "distilled")  # each block's cost as it is, or alone with its weights distilled once
 SCAN_METRICS = ("ppl", "kl")
-INPUT_SOURCES = ("original", "prefix")     # distillation block inputs: original model, or the zero-shot SPD prefix
+# distillation block inputs / targets: the original model's (paper), the zero-shot SPD prefix's (inputs and
+# targets both move), or the chain as it will run with the original model's outputs as targets (asymmetric)
+INPUT_SOURCES = ("original", "prefix", "chain")
 LOAD_MODES = ("sharded", "full")         # real TP: each rank reads its slices, or every rank loads the full model
 DISTILL_TRAINERS = ("layerwise", "joint")  # one block resident at a time, or every trained block in one engine
 MLP_MATCHINGS = ("slice", "neuron")          # head grouping's MLP step: whole AutoTP slices (paper), or each neuron

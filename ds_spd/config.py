@@ -64,7 +64,10 @@ class DistillConfig(_Strict):
     lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate (default: scaled to the trained blocks' "
                                 "weights, ds_spd.stages.lr: 3e-4 on SmolLM2, 5e-5 on Gemma 3 270M)")
     input_source: str = Field("original", description=f"one of {INPUT_SOURCES}: block inputs from the original "
-                              "model (paper) or from the plan's zero-shot SPD prefix")
+                              "model with its outputs as targets (paper); from the plan's zero-shot SPD prefix "
+                              "with the teacher run on them as targets; or from the chain as it will run (the "
+                              "blocks before in their trained SPD form) with the original model's outputs as "
+                              "targets, so each block learns to undo the drift before it (layerwise only)")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
@@ -106,6 +109,9 @@ class DistillConfig(_Strict):
             raise ValueError("activation_budget_gb applies to the layerwise trainer only")
         if self.patience is not None and self.val_segments == 0:
             raise ValueError("patience needs held-out segments (val_segments > 0) to measure improvement on")
+        if self.input_source == "chain" and self.trainer != "layerwise":
+            raise ValueError("input_source 'chain' trains the blocks in order, each on the outputs of those trained "
+                             "before it: the layerwise trainer only")
         return self
 
 

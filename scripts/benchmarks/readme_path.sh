@@ -11,14 +11,7 @@ cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 model=${1:?usage: readme_path.sh MODEL TP COUNTS}; tp=${2:?TP}; counts=${3:?COUNTS, e.g. 5,9}
 out=docs/results/readme_path/${model}_tp$tp; mkdir -p "$out/logs"
-step() {  # NAME COMMAND...: run it with --json unless $out/step_NAME.json exists; keep its JSON line there
-  local name=$1; shift
-  [[ -s "$out/step_$name.json" ]] && { echo "== $name: done before"; return; }
-  echo "== $name: $*"; local start=$SECONDS
-  "$@" --json 2> "$out/logs/$name.log" | grep '^{' | tail -1 > "$out/step_$name.json.part" \
-    || { echo "step '$name' failed; the end of $out/logs/$name.log:" >&2; tail -25 "$out/logs/$name.log" >&2; exit 1; }
-  mv "$out/step_$name.json.part" "$out/step_$name.json"; echo "   $((SECONDS - start)) s"
-}
+source scripts/benchmarks/steps.sh
 unseen=$(python -c "import sys; sys.path.insert(0, 'scripts/experiments'); import recovery_recipes as r; \
 print(r.unseen_text('$out'))")
 text=(--text "$unseen" --max-samples 32)

@@ -293,13 +293,14 @@ def _killer(when: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "tests", "support", "kill_after_epoch.py"), when]
 
 
-@pytest.mark.parametrize("trainer", ["layerwise", "joint"])
-def test_resume_after_sigkill_equals_uninterrupted_run(trainer, distill_setup):
+@pytest.mark.parametrize("trainer,source", [("layerwise", "original"), ("layerwise", "chain"), ("joint", "original")])
+def test_resume_after_sigkill_equals_uninterrupted_run(trainer, source, distill_setup):
     """SIGKILL right after epoch 2 of 3 is saved, then resume: bitwise the uninterrupted run. Layer-wise, the resume
     is killed again right after block 0 is stored, and the next one goes on with block 2, never training block 0
-    again; its uninterrupted run spills every activation to files (--activation-budget 0): the same weights."""
+    again; its uninterrupted run spills every activation to files (--activation-budget 0): the same weights. In
+    chain mode block 2 trains on the outputs of block 0's stored weights (and block 1 in zero-shot SPD form)."""
     args, tmp = distill_setup
-    args = [*args, "--trainer", trainer]
+    args = [*args, "--trainer", trainer, "--input-source", source]
     out, layerwise = str(tmp / "a"), trainer == "layerwise"
     shm_before = shm_buffers()
     killed = run_cli([*args, "--out", out, "--epochs", "3"], check=False, runner=_killer("2"))

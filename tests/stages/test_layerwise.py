@@ -62,6 +62,73 @@ def test_layerwise_equals_joint_trainer(family, source, budget, classes, tmp_pat
     assert not torch.equal(layer.block_states[0]["mlp.up_proj.weight"], base.model.layers[0].mlp.up_proj.weight)
 
 
+def _chain_run(base, segments, plan, settings, work_dir=None, seen=None, monkeypatch=None):
+    """distill_layerwise in chain mode; ``seen``: block -> (student inputs, targets) as handed to training."""
+    from ds_spd.stages.distill import layerwise
+    if seen is not None:
+        train = layerwise._train_block
+
+        def spy(i, teacher, rotary, layout, cls, x, y, *rest):
+            seen[i] = (x.read(0, len(x)).clone(), y.read(0, len(y)).clone())
+            return train(i, teacher, rotary, layout, cls, x, y, *rest)
+        monkeypatch.setattr(layerwise, "_train_block", spy)
+    return distill_layerwise(BlockSource.from_model(base, 2, 64), plan, segments, copy.deepcopy(CPU_ZERO2), settings,
+                             work_dir=work_dir, progress=False)
+
+
+def test_chain_trains_on_the_chain_as_it_runs_against_the_teachers_outputs(monkeypatch):
+    """input_source "chain": block 2 (ESB) trains on the outputs of block 0 with its distilled weights and block 1 in
+    zero-shot SPD form (the model as it will run), against the original model's block-2 outputs; block 0, before
+    any SPD block, on the original inputs."""
+    from ds_spd.core.inject import distilled_in
+    from ds_spd.stages.scan import BlockInputs
+    base = tiny_model("llama")
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(3))
+    plan = _plan(base.config, ["SB", "ISB", "ESB", "TP"])
+    seen = {}
+    result = _chain_run(base, segments, plan, DistillSettings(epochs=2, lr=2e-3, micro_batch=4, input_source="chain"),
+                        seen=seen, monkeypatch=monkeypatch)
+    assert sorted(seen) == sorted(result.block_states) == [0, 2]
+    model = ds_spd.virtualize(copy.deepcopy(base), 2)
+    original = BlockInputs.capture(model, segments, 4, progress=False).inputs   # the teacher chain
+    with distilled_in(model, result.block_states, [0, 1]):
+        chain = BlockInputs.capture(model, segments, 4, progress=False).inputs
+    assert torch.equal(seen[0][0], original[0]) and torch.allclose(seen[0][1], original[1], atol=1e-5)
+    assert torch.allclose(seen[2][0], chain[2], atol=1e-5), (seen[2][0] - chain[2]).abs().max()
+    assert torch.allclose(seen[2][1], original[3], atol=1e-5)
+    assert (chain[2] - original[2]).abs().max() > 1e-2      # the chain really drifted: a different input
+
+
+def test_chain_retrains_the_blocks_after_a_changed_one(tmp_path, capsys):
+    """A block's chain inputs depend on the weights trained before it: asking for more epochs retrains block 0
+    (its training state was removed when it finished), so block 2, after it in the chain, is trained again
+    too; the result is bitwise a fresh run's. The same run again trains nothing."""
+    base = tiny_model("llama")
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(4))
+    plan = _plan(base.config, ["SB", "ISB", "ESB", "TP"])
+    settings = DistillSettings(epochs=2, lr=2e-3, micro_batch=4, input_source="chain", patience=3)
+    work = str(tmp_path / "work")
+    first = _chain_run(base, segments, plan, settings, work)
+    again = _chain_run(base, segments, plan, settings, work)
+    assert all(torch.equal(first.block_states[i][k], again.block_states[i][k]) for i in (0, 2)
+               for k in first.block_states[i])
+    capsys.readouterr()
+    more = settings.model_copy(update={"epochs": 3})
+    resumed = _chain_run(base, segments, plan, more, work)
+    assert "block 2: the blocks before it changed since it was trained" in capsys.readouterr().err
+    fresh = _chain_run(base, segments, plan, more, str(tmp_path / "fresh"))
+    for i in (0, 2):
+        for k, v in fresh.block_states[i].items():
+            assert torch.equal(resumed.block_states[i][k], v), (i, k)
+    assert not torch.equal(resumed.block_states[2]["mlp.up_proj.weight"], first.block_states[2]["mlp.up_proj.weight"])
+
+
+def test_chain_needs_the_layerwise_trainer():
+    from ds_spd.config import DistillConfig
+    with pytest.raises(ValueError, match="input_source 'chain' .* layerwise trainer only"):
+        DistillConfig(input_source="chain", trainer="joint")
+
+
 def test_default_clipping_couples_the_joint_trainers_blocks():
     """DeepSpeed clips gradients at 1.0 by default; the joint engine clips the global norm over all its blocks,
     the layer-wise trainer each block's own. Where norms exceed 1 (tiny Gemma 3 here) block 0 trained with

@@ -8,6 +8,14 @@ outputs become the next block's inputs (``input_source="original"``, the paper's
 next inputs come from the block in its plan form (zero-shot SPD for the plan's SPD blocks). Then the block
 is dropped. Resident at any time: one teacher block, its student and optimizer state, the activations.
 
+``"chain"`` walks two streams (asymmetric reconstruction, as OmniQuant and AdaRound train quantised blocks):
+the teacher's (the original model) and the student chain's (the model as it will run: every block before in
+its final form, trained SPD, zero-shot SPD or TP). A trained block learns to map the chain's inputs to the
+teacher's outputs, so it undoes the drift the SPD blocks before it left in the residual stream instead of
+imitating the teacher on inputs it will never see. The streams are one store until the first SPD block.
+A block's inputs then depend on the weights trained before it: its resume key holds a digest of them
+(``upstream``), and a block whose upstream changed is trained again.
+
 Activations beyond ``budget_bytes`` live in files under the work dir (``activations/``), read segment by
 segment (ds_spd.stages.streaming).
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -86,7 +95,13 @@ def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
     from safetensors.torch import load_file
     with open(meta) as f:
         info = json.load(f)
-    if info.get("client") != client:
+    saved = info.get("client") or {}
+    if "upstream" in client and {k: v for k, v in saved.items() if k != "upstream"} == \
+            {k: v for k, v in client.items() if k != "upstream"} and saved.get("upstream") != client["upstream"]:
+        print(f"distill: block {i}: the blocks before it changed since it was trained (its inputs with them): "
+              "trained again", file=sys.stderr, flush=True)
+        return None
+    if saved != client:
         raise PlanError(f"finished block {i} in {work_dir!r} is from another run: use another --work-dir, or --restart")
     check_epochs(len(info["history"]), epochs, work_dir)
     finished = len(info["history"]) == epochs or info.get("stopped_early")
@@ -103,6 +118,47 @@ def _save_done(work_dir: str, i: int, state: dict, info: dict) -> None:
     weights, meta = _done_paths(work_dir, i)
     write_atomic(weights, lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, tmp))
     write_atomic(meta, json.dumps(info))   # written last: its presence marks the block finished
+
+
+def _drop_stale_state(block_dir: str, upstream: str) -> None:
+    """Chain mode: an unfinished block's training state is kept only while the blocks before it are the ones
+    it was trained after (``upstream`` file in its state directory, written before its first epoch)."""
+    import torch.distributed as dist
+    marker = os.path.join(block_dir, "upstream")
+    if _rank0():
+        if os.path.isdir(block_dir):
+            saved = open(marker).read() if os.path.isfile(marker) else None
+            if saved != upstream:
+                print(f"distill: {block_dir}: trained after other weights of the blocks before it: starts over",
+                      file=sys.stderr, flush=True)
+                import shutil
+                shutil.rmtree(block_dir)   # ds_spd's own training state, under the work dir it fingerprinted
+        os.makedirs(block_dir, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(upstream)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A digest of a block's weights (names, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def chain_block(teacher: SPDDecoderLayer, cls: str, state: dict[str, torch.Tensor] | None) -> SPDDecoderLayer:
+    """Block ``teacher`` in the form it will run: trained (``state``, SPD), zero-shot SPD (ISB) or TP."""
+    if state is None:
+        teacher.spd = cls != "TP"
+        return teacher
+    block = copy.deepcopy(teacher)
+    block.load_state_dict(state)
+    block.spd = True
+    return block
 
 
 def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cls: str, x: ActivationStore,
@@ -125,6 +181,8 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     trainer = Trainer(distiller, ds_config, settings, use_accelerate,
                       settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
     block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
+    if block_dir and "upstream" in client:
+        _drop_stale_state(block_dir, client["upstream"])
     best = BestEpochs([i], settings.stop_patience) if held_out is not None else None
     found = resume(trainer, block_dir, client, settings, best, f"block {i}", progress)
     start_epoch = found["epoch"] if found else 0
@@ -184,6 +242,7 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
         raise PlanError(f"the blocks are read for tp size {source.layout.tp_size}, the plan is for {plan.tp_size}")
     torch.manual_seed(settings.seed)
     classes = {b.index: b.cls for b in plan.blocks}
+    chain = settings.input_source == "chain"
     prefix = set(plan.spd_blocks) if settings.input_source == "prefix" else set()
     budget = ActivationBudget(default_budget_bytes() if budget_bytes is None else budget_bytes)
     stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
@@ -191,16 +250,21 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
     store = stores.new
     x = store()
     source.first_inputs(segments, settings.micro_batch, x, shared=True)
+    xs = x            # chain: the student chain's inputs (the teacher's store until the first SPD block)
+    upstream = hashlib.sha256()   # chain: what the blocks before are (classes, trained weights' digests)
     done: dict[int, dict] = {}
+    last = max(blocks)
     t0 = time.perf_counter()
-    for i in tqdm(range(max(blocks) + 1), desc="layer-wise distill", disable=not progress):
+    for i in tqdm(range(last + 1), desc="layer-wise distill", disable=not progress):
         teacher = source.block(i)
         y = None
         if i in blocks:
             client = {"plan": plan_digest(plan), "block": i, "class": classes[i],
                       "input_source": settings.input_source}
+            if chain:
+                client["upstream"] = upstream.hexdigest()[:16]
             found = _load_done(work_dir, i, client, settings.epochs)
-            if found is None or (not prefix and i < max(blocks)):   # to train on, or the next block's inputs
+            if found is None or (not prefix and i < last):   # to train on, or the next block's inputs
                 y = store()
                 run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
             if found is not None:
@@ -208,9 +272,29 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
                 if progress:
                     print(f"distill: block {i} already trained ({work_dir}): not trained again", file=sys.stderr)
             else:
-                done[i] = _train_block(i, teacher, source.rotary, source.layout, classes[i], x, y, ds_config,
+                done[i] = _train_block(i, teacher, source.rotary, source.layout, classes[i], xs, y, ds_config,
                                        settings, work_dir, client, use_accelerate, progress)
-        if i < max(blocks):
+        elif chain and i < last:
+            y = store()
+            run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
+        if i == last:
+            if y is not None:
+                y.close()
+        elif chain:   # two streams: the teacher's outputs, and the chain's through block i in its final form
+            teacher.spd = False
+            if xs is x and classes[i] == "TP":
+                nxt_s = y     # no SPD block yet: the chain is the teacher
+            else:
+                state = done[i]["state"] if i in done else None
+                nxt_s = store()
+                run_block(chain_block(teacher, classes[i], state), source.rotary, xs, nxt_s, settings.micro_batch,
+                          shared=True)
+                upstream.update(f"{i}:{classes[i]}:{'' if state is None else state_digest(state)};".encode())
+            if xs is not x:
+                xs.close()
+            x.close()
+            x, xs = y, nxt_s
+        else:
             if y is not None and not prefix:
                 nxt = y          # the teacher's outputs are the next block's original inputs
             else:
@@ -220,11 +304,11 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
                 if y is not None:
                     y.close()
             x.close()
-            x = nxt
-        elif y is not None:
-            y.close()
+            x = xs = nxt
         del teacher
         gc.collect()
+    if xs is not x:
+        xs.close()
     x.close()
     stores.remove_directory()
     wall = time.perf_counter() - t0

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Distillation inputs, chosen on validation: the original model's (paper) against the chain as it will run (each
+# block trained on the outputs of the trained SPD blocks before it, against the original model's outputs). The
+# README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
+# other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
+# second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads
+# the first 32 x 256 tokens, inside the first half). The unseen test text is not read here.
+#   nice bash scripts/experiments/input_source_chain.sh default 21,30 chain,original
+#   nice bash scripts/experiments/input_source_chain.sh gemma3-270m 9,13 chain,original
+# Resumable: a step whose JSON exists is not run again; checkpoints are kept under runs/chain/ (for the test).
+{   # parsed whole before it runs: editing the file meanwhile does not change a running experiment
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+model=${1:?usage: input_source_chain.sh MODEL COUNTS SOURCES}; counts=${2:?COUNTS}; sources=${3:-chain,original}
+path=docs/results/readme_path/${model}_tp2; out=docs/results/input_chain/${model}_tp2; ck=runs/chain/${model}_tp2
+mkdir -p "$out/logs" "$ck"
+STEP_PREFIX=""
+source scripts/benchmarks/steps.sh
+python -c "import sys; sys.path.insert(0, 'scripts/experiments'); import recovery_recipes as r; r.unseen_text('$path')" >/dev/null
+[[ -s "$out/second_half.txt" ]] || python -c "t = open('$path/readmes_pinned.txt').read(); \
+i = t.index('\n\n', len(t) // 2); open('$out/second_half.txt', 'w').write(t[i + 2:])"
+evals() {  # NAME ARGS...: the three validation texts
+  local name=$1; shift
+  OMP_NUM_THREADS=2 step "val_pydoc_$name" python -m ds_spd eval --model "$model" --virtual-tp 2 "$@" \
+    --dataset pydoc --split validation --max-samples 35
+  OMP_NUM_THREADS=2 step "val_shakespeare_$name" python -m ds_spd eval --model "$model" --virtual-tp 2 "$@" \
+    --dataset shakespeare --split validation --max-samples 32
+  OMP_NUM_THREADS=2 step "val_ood_$name" python -m ds_spd eval --model "$model" --virtual-tp 2 "$@" \
+    --text "$out/second_half.txt" --max-samples 32
+}
+evals tp --spd-blocks none
+for n in ${counts//,/ }; do
+  plan=$path/plan$n.json
+  [[ -s $plan ]] || python -m ds_spd plan --plan "$path/scanned.json" --spd-count "$n" --out "$plan" > /dev/null
+  for src in ${sources//,/ }; do
+    step "distill${n}_$src" launch/tp.sh 2 distill --model "$model" --plan "$plan" --input-source "$src" \
+      --out "$ck/ck${n}_$src"
+    evals "${n}_$src" --checkpoint "$ck/ck${n}_$src"
+  done
+done
+echo "== done: $model $counts $sources"
+exit
+}
