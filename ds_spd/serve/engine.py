@@ -1,6 +1,6 @@
 """The serve loop, every rank in lockstep: inbox -> schedule -> broadcast -> run -> deliver, one step at a time.
 
-Rank 0 runs :class:`Engine`: it takes requests from the HTTP thread's inbox (ds_spd.serve.api.ServeState),
+Rank 0 runs :class:`Engine`: it takes requests from the HTTP thread's inbox (ds_spd.serve.state.ServeState),
 asks the scheduler for the next :class:`~ds_spd.serve.step.StepPlan`, sends it to the other ranks, runs it
 (ds_spd.serve.executor), samples and delivers the new text to each request. The other ranks run :func:`follow`:
 receive a plan, run it, until the stop plan. Nobody waits inside a collective for requests: an idle rank 0
@@ -15,7 +15,7 @@ import queue
 import time
 from dataclasses import dataclass
 
-from ds_spd.serve.api import Delta, ServeState
+from ds_spd.serve.state import Delta, ServeState
 from ds_spd.serve.executor import StepExecutor
 from ds_spd.serve.metrics import ServeMetrics
 from ds_spd.serve.scheduler import Event, Scheduler, Sequence
@@ -55,7 +55,7 @@ class Engine:
                  metrics: ServeMetrics, shutdown: Shutdown, log=print):
         self.state, self.scheduler, self.executor, self.sender = state, scheduler, executor, sender
         self.metrics, self.shutdown, self.log = metrics, shutdown, log
-        self.requests: dict = {}   # request id -> the live request (ds_spd.serve.api.LiveRequest)
+        self.requests: dict = {}   # request id -> the live request (ds_spd.serve.state.LiveRequest)
 
     def run(self) -> None:
         """Steps until a shutdown has drained (or timed out); then the other ranks are told to stop."""

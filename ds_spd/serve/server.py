@@ -149,7 +149,8 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     import uvicorn
 
     from ds_spd.models.loading import load_tokenizer
-    from ds_spd.serve.api import ServeState, build_app
+    from ds_spd.serve.app import build_app
+    from ds_spd.serve.state import ServeState
     from ds_spd.serve.metrics import ServeMetrics
 
     tokenizer = load_tokenizer(spec.config.model)

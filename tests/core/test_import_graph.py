@@ -36,3 +36,14 @@ def test_the_check_sees_function_level_imports(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("def f():\n    from ds_spd.models import sharded\n    from ds_spd.checkpoint import x\n")
     assert {"ds_spd.models.sharded", "ds_spd.checkpoint"} <= imports_of(str(path))
+
+
+def test_the_engine_imports_no_http_framework():
+    """The serve loop (and every follower rank) gets its queue and deltas from ds_spd.serve.state, not from the HTTP
+    side: importing it loads no web framework and no pydantic."""
+    import subprocess
+    import sys
+    code = ("import sys, ds_spd.serve.engine, ds_spd.serve.server; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette', 'pydantic', 'uvicorn'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

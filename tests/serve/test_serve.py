@@ -99,7 +99,8 @@ def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
     long prefill) must not end the answer early."""
     import asyncio
 
-    from ds_spd.serve.api import Delta, LiveRequest, ServeState, _collect
+    from ds_spd.serve.serving import _collect
+    from ds_spd.serve.state import Delta, LiveRequest, ServeState
     from ds_spd.serve.metrics import ServeMetrics
 
     class StillConnected:
