@@ -25,9 +25,10 @@ import hmac
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ds_spd.serve.openapi import body_reference, openapi_schema
 from ds_spd.serve.protocol import ChatBody, CompletionBody, validation_error
 from ds_spd.serve.serving import error_response, serve
 from ds_spd.serve.state import RequestError, ServeState
@@ -128,40 +129,22 @@ def build_app(state: ServeState, api_key: str | None = None, max_request_bytes: 
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "ds_spd", "max_model_len": state.max_len}]}
 
-    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionBody))
+    @app.post("/v1/completions", openapi_extra=body_reference(CompletionBody))
     async def completions(request: Request):
         return await serve(state, request, "completion")
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatBody))
+    @app.post("/v1/chat/completions", openapi_extra=body_reference(ChatBody))
     async def chat(request: Request):
         return await serve(state, request, "chat")
 
-    _publish_body_schemas(app)
+    def published() -> dict:   # built once, on the first request for it (the routes are all there then)
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(app, state, api_key is not None, max_request_bytes)
+        return app.openapi_schema
+    app.openapi = published
     return Gate(app, api_key, max_request_bytes)
 
 
 def _error(err: RequestError) -> JSONResponse:
     headers = {"Retry-After": "1"} if err.status == 429 else None
     return error_response(err.status, err.message, err.param, err.code, headers)
-
-
-def _body_schema(model: type[BaseModel]) -> dict:
-    """The route's request body in the OpenAPI schema (the body is parsed by hand, off the event loop)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
-
-
-def _publish_body_schemas(app: FastAPI) -> None:
-    from fastapi.openapi.utils import get_openapi
-
-    def openapi():
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version="1", routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CompletionBody, ChatBody):
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
-            app.openapi_schema = schema
-        return app.openapi_schema
-    app.openapi = openapi

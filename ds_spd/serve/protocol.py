@@ -5,10 +5,10 @@ not numbers. The bodies' constraints are what the published OpenAPI schema state
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
 
 from ds_spd.serve.sampling import SamplingParams
 from ds_spd.serve.state import RequestError
@@ -28,22 +28,28 @@ UNSUPPORTED = {"suffix": (None,), "best_of": (None, 1), "tools": (None, []), "to
                "function_call": (None,)}
 
 
+def _integral(v):
+    """JSON Schema's integer (the published schema's type): 3.0 is 3. Booleans and text stay refused."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral), Strict()]
 _INT64 = 2**63   # seeds, token counts: what a 64-bit integer holds (a 5000-digit number is refused by name)
 _PENALTY = dict(ge=-2, le=2, strict=True)
 
 
 class _Sampling(_Body):
     model: str
-    max_tokens: Optional[int] = Field(None, gt=0, lt=_INT64, strict=True)
+    max_tokens: Optional[JsonInt] = Field(None, gt=0, lt=_INT64, strict=True)
     temperature: float = Field(1.0, ge=0, le=2, strict=True)
     top_p: float = Field(1.0, gt=0, le=1, strict=True)
-    top_k: int = Field(0, ge=-1, lt=_INT64, strict=True,
+    top_k: JsonInt = Field(0, ge=-1, lt=_INT64, strict=True,
                        description="vLLM's extension: sample from the k best tokens (0 or -1: all)")
     ignore_eos: bool = Field(False, strict=True,
                              description="vLLM's extension: go on past end-of-sequence up to max_tokens")
-    seed: Optional[int] = Field(None, ge=-_INT64, lt=_INT64, strict=True)
+    seed: Optional[JsonInt] = Field(None, ge=-_INT64, lt=_INT64, strict=True)
     stop: Union[str, list[str], None] = None
-    n: int = Field(1, ge=1, le=16, strict=True)
+    n: JsonInt = Field(1, ge=1, le=16, strict=True)
     stream: bool = Field(False, strict=True)
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None   # metadata for the client's own accounting; not used
@@ -52,7 +58,7 @@ class _Sampling(_Body):
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, strict=True,
                                                 description="vLLM's extension: > 1 discourages prompt and output tokens")
     logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
-    min_tokens: int = Field(0, ge=0, lt=_INT64, strict=True,
+    min_tokens: JsonInt = Field(0, ge=0, lt=_INT64, strict=True,
                             description="vLLM's extension: no end-of-sequence before this many tokens")
     suffix: Any = None
     best_of: Any = None
@@ -101,14 +107,14 @@ class _Sampling(_Body):
                               min_tokens=self.min_tokens)
 
 
-_Prompt = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
-_PROMPT_LISTS = {str: TypeAdapter(list[str]), int: TypeAdapter(list[StrictInt]),
-                 list: TypeAdapter(list[list[StrictInt]])}
+_Prompt = Union[str, list[str], list[JsonInt], list[list[JsonInt]]]
+_PROMPT_LISTS = {str: TypeAdapter(list[str]), int: TypeAdapter(list[JsonInt]), float: TypeAdapter(list[JsonInt]),
+                 list: TypeAdapter(list[list[JsonInt]])}
 
 
 class CompletionBody(_Sampling):
     prompt: _Prompt
-    logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True,
+    logprobs: Optional[JsonInt] = Field(None, ge=0, le=20, strict=True,
                                     description="log-probabilities of each token, with this many alternatives")
     echo: bool = Field(False, strict=True, description="the prompt before the completion (with logprobs: scored)")
 
@@ -150,9 +156,9 @@ class ChatMessage(_Body):
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, gt=0, lt=_INT64, strict=True)
+    max_completion_tokens: Optional[JsonInt] = Field(None, gt=0, lt=_INT64, strict=True)
     logprobs: bool = Field(False, strict=True)
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20, strict=True)
+    top_logprobs: Optional[JsonInt] = Field(None, ge=0, le=20, strict=True)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

@@ -33,7 +33,8 @@ def prepare(state: ServeState, raw: bytes, endpoint: str):
             ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"])
         except Exception as err:   # the template's own checks (e.g. roles out of order) are the caller's error
-            raise RequestError("messages", f"the chat template refused these messages: {err}") from None
+            raise RequestError("messages", f"the chat template refused these messages: {err}",
+                               "chat_template_refused") from None
         prompts = [ids]
         max_tokens = body.max_completion_tokens or body.max_tokens or max(state.max_len - len(ids), 1)
     else:
@@ -41,7 +42,7 @@ def prepare(state: ServeState, raw: bytes, endpoint: str):
         items = _prompt_items(body.prompt)
         if len(items) * body.n > state.capacity:   # before tokenizing a million prompts
             raise RequestError("prompt", f"{len(items)} prompts x n={body.n} is more sequences than this server "
-                              f"holds ({state.capacity}: --max-seqs + --max-queue)")
+                              f"holds ({state.capacity}: --max-seqs + --max-queue)", "too_many_sequences")
         prompts = _completion_prompts(state, items)
         max_tokens = body.max_tokens or 16
     if body.model != state.model_name:

@@ -529,6 +529,37 @@ def test_fuzzed_requests_get_openai_answers_and_the_server_survives(server, chat
     assert after == before
 
 
+@pytest.mark.multirank
+def test_schemathesis_finds_the_published_schema_true(server):
+    """Schemathesis, every check, against the shared server's own /openapi.json: bodies valid under the schema
+    (accepted, or refused only for a joint limit no schema states, by its documented code) and bodies that
+    violate it (refused), each answer's status, content type, headers and body as the schema documents them,
+    the bearer key enforced. A dozen examples per operation and mode, derandomized (the hostile bytes are
+    the fuzz test's)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+    from ds_spd.serve.openapi import JOINT_LIMIT_CODES
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    session, seen = requests.Session(), {}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        for mode in (GenerationMode.POSITIVE, *([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])):
+            @settings(max_examples=12, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call(base_url=server.url, headers=AUTH, session=session, timeout=120)
+                seen.setdefault(op.label, set()).add(response.status_code)
+                joint = response.status_code == 400 and response.json()["error"]["code"] in JOINT_LIMIT_CODES
+                case.validate_response(response, headers=AUTH, excluded_checks=[positive_data_acceptance] if joint else None)
+            check()
+    assert {200, 400} <= seen["POST /v1/completions"] and {200, 400} <= seen["POST /v1/chat/completions"], seen
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+
+
 def _model_logprobs(chat_dir, ids: list[int]) -> torch.Tensor:
     """The tiny model's own log-probabilities ``[len(ids), V]`` with the server's SPD blocks, in one process."""
     import ds_spd
