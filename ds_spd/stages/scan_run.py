@@ -12,10 +12,8 @@ The scans (docs/recovery.md, "Sensitivity scan and plan"):
   are chosen later), kept in ``OUT.ranking/`` beside the plan (its ``plan.json``: every block, SB;
   ``checkpoint/`` and its work dir): an interrupted run resumes, a finished one is reused.
 
-What each ranking delivered (docs/recovery.md, "The README's path with defaults"; Gemma 3 270M at tp 2, 5 of
-18 blocks, unseen text after distillation): the distilled ranking (costs on the validation split) +15.6%, the
-zero-shot isolated scan by perplexity +14.1%, by KL (``scan.metric = "kl"``, Gemma's default) +5.0%. A
-perplexity delta has a sign: a block whose SPD form happens to suit the calibration text (or, after
+Which ranking suits which model, with what each delivered, is docs/recovery.md's ("The README's path with
+defaults"). A perplexity delta has a sign: a block whose SPD form happens to suit the calibration text (or, after
 distillation, fits it) scores below zero and is ranked cheapest; KL measures how far the block moves the model
 whichever way (on Gemma 3 the blocks that moved it least were the ones distillation recovered on unseen text;
 one model, one text).

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
-from ds_spd.ranks import world_size
+from ds_spd.ranks import is_main_rank, world_size
 from ds_spd.stages.distill.kit import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, Trainer,
                                       block_mse, check_epochs, grouped, peak_memory, plan_digest, resume,
                                       run_epochs, split_held_out, steps_per_epoch)
@@ -76,12 +76,6 @@ class _SegmentPairs(Dataset):
 
 def _done_paths(work_dir: str, i: int) -> tuple[str, str]:
     return os.path.join(work_dir, f"block{i:03d}.safetensors"), os.path.join(work_dir, f"block{i:03d}.json")
-
-
-def _rank0() -> bool:
-    """Rank 0 of the data-parallel group (or the only process): the one that writes the work dir."""
-    import torch.distributed as dist
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
@@ -125,7 +119,7 @@ def _drop_stale_state(block_dir: str, upstream: str) -> None:
     it was trained after (``upstream`` file in its state directory, written before its first epoch)."""
     import torch.distributed as dist
     marker = os.path.join(block_dir, "upstream")
-    if _rank0():
+    if is_main_rank():
         if os.path.isdir(block_dir):
             saved = open(marker).read() if os.path.isfile(marker) else None
             if saved != upstream:
@@ -193,7 +187,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
         if val is not None:
             val_history.append(val[0])
         if block_dir:
-            if best is not None and _rank0():
+            if best is not None and is_main_rank():
                 best.save(block_dir)
             trainer.save(block_dir, epoch, {"client": client, "history": history, "val": val_history})
     tokens, seconds = run_epochs(trainer, train, settings, start_epoch, f"block {i}", progress, end_of_epoch,
@@ -208,11 +202,11 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
             "seconds": seconds,
             "tokens": tokens, "grouping": None if grouping is None else grouping.to_json(),
             "zero_stage": trainer.zero_stage}
-    if work_dir and _rank0():
+    if work_dir and is_main_rank():
         _save_done(work_dir, i, state, info)
     if dist.is_initialized():
         dist.barrier()
-    if block_dir and os.path.isdir(block_dir) and _rank0():
+    if block_dir and os.path.isdir(block_dir) and is_main_rank():
         import shutil
         shutil.rmtree(block_dir)   # the finished block's file supersedes its training state
     del trainer, distiller, student
