@@ -18,6 +18,7 @@ from ds_spd.config import DistillConfig, ScanConfig, resolve_spd_config
 from ds_spd.errors import SPDInputError
 from ds_spd.outputs import check_output_dir, check_output_file
 from ds_spd.ranks import is_main_rank, same_build_tools
+from ds_spd.settings import add_flags, from_args
 
 
 def parse_blocks(text: str) -> list[int]:
@@ -161,37 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="discard the work dir's training state (of another run) and start over")
     be = sub.add_parser("bench", help="latency: DeepSpeed AutoTP vs ds_spd at SPD fractions, shm and gloo paths")
     _shared(be, "bench")
-    be.add_argument("--fractions", default="0,0.25,0.5,0.75,1", help="SPD fractions (of the plan's order if --plan)")
-    be.add_argument("--comm-paths", default="auto,gloo")
-    be.add_argument("--repeats", type=int, default=5)
-    be.add_argument("--decode-tokens", type=int, default=16)
-    be.add_argument("--prefill-len", type=int, default=512)
-    be.add_argument("--decode-batches", default="1,8")
+    from ds_spd.tools.settings import BenchSettings
+    add_flags(be.add_argument_group("benchmark"), BenchSettings)
     be.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.png, bench.md")
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server on a resident TP + SPD engine (continuous batching)")
     _shared(sv, "serve")
-    g = sv.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address rank 0 listens on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port, printed at start)")
-    g.add_argument("--served-model-name", help="the model name clients send (default: the model directory's name)")
-    g.add_argument("--max-seqs", type=int, default=8, help="sequences in the running batch (KV-cache slots)")
-    g.add_argument("--max-model-len", type=int,
-                   help="tokens per sequence, prompt and completion (default: 2048 or the model's limit if lower)")
-    g.add_argument("--max-step-tokens", type=int, default=2048,
-                   help="tokens per engine step: one per running sequence, the rest prefill (a longer prompt is "
-                        "prefilled in chunks across steps)")
-    g.add_argument("--shutdown-timeout", type=float, default=10.0,
-                   help="after SIGTERM / Ctrl-C, seconds running requests may take to finish")
-    g.add_argument("--exit-linger", type=float, default=2.0,
-                   help="after a rank died, seconds rank 0 answers 503 before it exits")
-    g.add_argument("--token-log", metavar="DIR", help="at exit, every rank writes the tokens it ran per sequence")
-    g.add_argument("--api-key", default=os.environ.get("DS_SPD_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $DS_SPD_API_KEY; prefer the "
-                        "variable: a flag shows in ps)")
-    g.add_argument("--max-request-mb", type=float, default=4.0,
-                   help="request bodies over this many MiB get 413 before they are read whole")
-    g.add_argument("--max-queue", type=int, default=256,
-                   help="sequences that may wait for a slot; beyond, requests get 429 with Retry-After")
+    from ds_spd.serve.settings import ServeSettings
+    add_flags(sv.add_argument_group("server"), ServeSettings)
     bs = sub.add_parser("bench-serve", help="serving benchmark (vLLM-style): TP vs SPD servers side by side, or one "
                                             "running server (--url)")
     _shared(bs, "bench-serve")
@@ -388,10 +365,7 @@ def cmd_bench(args) -> None:
     check_output_dir(args.out, "bench output", names=bench.OUTPUT_FILES)
     _hold(args.out, "bench output")
     spec = resolve_run(cfg.updated(plan=None, spd_blocks=None), read_weights=False)   # bench loads the full model
-    settings = bench.BenchSettings(fractions=tuple(float(f) for f in args.fractions.split(",")),
-                                   comm_paths=tuple(args.comm_paths.split(",")), prefill_len=args.prefill_len,
-                                   decode_batches=tuple(int(b) for b in args.decode_batches.split(",")),
-                                   decode_tokens=args.decode_tokens, repeats=args.repeats)
+    settings = from_args(bench.BenchSettings, args)
     command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
         os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size, " ".join(a for a in sys.argv[1:] if "--local_rank" not in a))
     result = bench.bench_run(spec, settings, order, args.out, command, progress=is_main_rank())
@@ -401,12 +375,9 @@ def cmd_bench(args) -> None:
 
 def cmd_serve(args) -> None:
     from ds_spd.run import resolve_run
-    from ds_spd.serve.server import ServeSettings, serve
-    settings = ServeSettings(host=args.host, port=args.port, model_name=args.served_model_name,
-                             max_seqs=args.max_seqs, max_model_len=args.max_model_len,
-                             max_step_tokens=args.max_step_tokens, shutdown_timeout=args.shutdown_timeout,
-                             exit_linger=args.exit_linger, token_log=args.token_log, api_key=args.api_key,
-                             max_request_mb=args.max_request_mb, max_queue=args.max_queue)
+    from ds_spd.serve.server import serve
+    from ds_spd.serve.settings import ServeSettings
+    settings = from_args(ServeSettings, args)
     serve(resolve_run(config_from_args(args), virtual_tp=args.virtual_tp), settings)
 
 

@@ -31,44 +31,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 from ds_spd.errors import SPDInputError
+from ds_spd.serve.settings import ServeSettings
 from ds_spd.ports import bind_http
 from ds_spd.serve.engine import Engine, Shutdown, follow
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: str | None = None       # served name; default: the model's directory name
-    max_seqs: int = 8                   # sequences holding a cache slot (the running batch)
-    max_model_len: int | None = None    # context per sequence (prompt + completion); default min(2048, model's)
-    max_step_tokens: int = 2048         # tokens per step: one per running sequence, the rest for prefill
-    shutdown_timeout: float = 10.0      # seconds running requests may take to finish after SIGTERM
-    exit_linger: float = 2.0            # seconds rank 0 keeps answering 503 after a rank died
-    token_log: str | None = None        # write each rank's fed tokens per sequence here at exit (tests)
-    api_key: str | None = None          # Bearer token required on /v1/* (None: open)
-    max_request_mb: float = 4.0         # larger request bodies get 413 before they are read whole
-    max_queue: int = 256                # sequences waiting for a slot; beyond, 429 with Retry-After
-
-    def __post_init__(self):
-        checks = {"--port": 0 <= self.port <= 65535, "--max-seqs": self.max_seqs >= 1,
-                  "--max-model-len": self.max_model_len is None or self.max_model_len >= 2,
-                  "--max-step-tokens": self.max_step_tokens > self.max_seqs,
-                  "--shutdown-timeout": self.shutdown_timeout >= 0, "--exit-linger": self.exit_linger >= 0,
-                  "--max-request-mb": self.max_request_mb > 0, "--max-queue": self.max_queue >= 0,
-                  "--api-key": self.api_key is None or len(self.api_key.strip()) > 0}
-        bad = [flag for flag, ok in checks.items() if not ok]
-        if bad:
-            raise SPDInputError(f"{bad[0]} is out of range (port 0-65535; --max-seqs >= 1; --max-model-len >= 2; "
-                                "--max-step-tokens > --max-seqs; timeouts >= 0; --max-request-mb > 0; "
-                                "--max-queue >= 0; --api-key not empty)")
-
-    @property
-    def max_request_bytes(self) -> int:
-        return int(self.max_request_mb * 2**20)
 
 
 #: signals this close together (seconds) are one stop request: Ctrl-C reaches the launcher and rank 0 at once,

@@ -31,29 +31,16 @@ import copy
 import random
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ds_spd.build import build_engine
+from ds_spd.tools.settings import BenchSettings
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 from ds_spd.outputs import MD_MARK
 from ds_spd.tools.plots import save_figure
-
-
-@dataclass
-class BenchSettings:
-    fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    comm_paths: tuple[str, ...] = ("auto", "gloo")
-    prefill_len: int = 512
-    decode_batches: tuple[int, ...] = (1, 8)
-    decode_prompt: int = 16
-    decode_tokens: int = 16
-    repeats: int = 5
-    warmup: int = 1
-    seed: int = 0
 
 
 def _sync():

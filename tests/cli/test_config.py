@@ -180,3 +180,37 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     more = resolve_spd_config({}, model="gemma3-270m", data={"max_samples": 64}, data_section="calibration")
     assert (more.calibration.max_samples, more.distill.segments) == (64, None)
     assert resolve_spd_config({"spd": {"scan": {"metric": "ppl"}}}, model="gemma3-270m").scan.metric == "ppl"
+
+
+def test_serve_and_bench_flags_are_generated_from_their_settings(monkeypatch):
+    """Each serve / bench setting is declared once (a field with default, bound and help): every field is a flag with
+    that default, the parsed flags build the settings, a value out of its bound is refused naming the flag (a
+    secret's value never shown), and the API key's default comes from the environment."""
+    from dataclasses import fields
+
+    from ds_spd.cli import build_parser
+    from ds_spd.errors import SPDInputError
+    from ds_spd.serve.settings import ServeSettings
+    from ds_spd.settings import flag_of, from_args
+    from ds_spd.tools.settings import BenchSettings
+    monkeypatch.setenv("DS_SPD_API_KEY", "sk-from-env")
+    parser = build_parser()
+    for command, cls in (("serve", ServeSettings), ("bench", BenchSettings)):
+        args = parser.parse_args([command])
+        built = from_args(cls, args)
+        for f in fields(cls):
+            if f.metadata.get("cli", True):
+                assert flag_of(f) in parser._subparsers._group_actions[0].choices[command].format_help(), f.name
+        defaults = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+        assert {k: v for k, v in vars(built).items() if k != "api_key"} == \
+            {k: v for k, v in defaults.items() if k != "api_key"}
+    assert from_args(ServeSettings, parser.parse_args(["serve"])).api_key == "sk-from-env"
+    args = parser.parse_args(["serve", "--served-model-name", "m", "--max-seqs", "3", "--max-step-tokens", "3"])
+    with pytest.raises(SPDInputError, match=r"--max-step-tokens 3 is out of range: more than --max-seqs"):
+        from_args(ServeSettings, args)
+    with pytest.raises(SPDInputError, match=r"^--api-key is out of range: not empty$"):
+        from_args(ServeSettings, parser.parse_args(["serve", "--api-key", "  "]))
+    bench = from_args(BenchSettings, parser.parse_args(["bench", "--fractions", "0,0.5", "--decode-batches", "2"]))
+    assert bench.fractions == (0.0, 0.5) and bench.decode_batches == (2,)
+    with pytest.raises(SPDInputError, match=r"--fractions \(0.0, 1.5\) is out of range: each in \[0, 1\]"):
+        from_args(BenchSettings, parser.parse_args(["bench", "--fractions", "0,1.5"]))
