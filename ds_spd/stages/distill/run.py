@@ -60,7 +60,7 @@ def resolve_lr(cfg: SPDConfig, spec: RunSpec, plan: Plan) -> tuple[float, str | 
 def untrained_note(plan: Plan) -> list[str]:
     """What distillation leaves untrained (the plan's ISB blocks), each with its scanned cost relative to the
     baseline; a block today's planner would train (a plan written before blocks were classed by the size of
-    their delta: a negative delta was ISB until 2026-12-02) is flagged."""
+    their delta, when a negative delta made a block ISB) is flagged."""
     isb = [b for b in plan.blocks if b.cls == "ISB"]
     if not isb:
         return []
