@@ -17,9 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ds_spd.core.inject import decoder_layers, set_spd_blocks
-from ds_spd.ranks import world_size
-from ds_spd.stages.distill.kit import (BestEpochs, DistillSettings, Trainer, run_epochs, split_held_out,
-                                      steps_per_epoch)
+from ds_spd.stages.distill.kit import DistillSettings, fit, held_out_count
 
 
 class EndToEndKL(nn.Module):
@@ -74,24 +72,19 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
         students[i] = student
     module = EndToEndKL(model, students, spd_blocks)
     data = TensorDataset(segments)
-    train, held_out = split_held_out(data, kl_settings)
-    probe = held_out if held_out is not None else TensorDataset(segments[:kl_settings.micro_batch])
+    held_out = held_out_count(len(data), kl_settings)
     start = time.perf_counter()
     try:
-        trainer = Trainer(module, ds_config, kl_settings, use_accelerate,
-                          kl_settings.epochs * steps_per_epoch(len(train), world_size(), kl_settings.micro_batch))
-        best = BestEpochs(module.indices, kl_settings.stop_patience)   # epoch 0 (run_epochs): the B2B weights
-        history = []
-
-        def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
-            history.append({"epoch": epoch, "kl": mean[0], **({"val_kl": val[0]} if val is not None else {})})
-        run_epochs(trainer, train, kl_settings, 0, "end-to-end KL", progress, end_of_epoch, segments.shape[1],
-                   probe, best)
-        initial, final = best.start[module.indices[0]], best.loss[module.indices[0]]
-        return {"states": best.state, "history": history, "initial_kl": initial, "final_kl": final,
-                "best_epoch": best.epoch[module.indices[0]], "seconds": time.perf_counter() - start,
-                "measured_on": "held-out calibration segments" if held_out is not None else
-                "the first calibration micro-batch"}
+        # epoch 0 is the B2B weights; the epoch is chosen on the held-out segments, else the first micro-batch
+        fitted = fit(module, data, ds_config, kl_settings, use_accelerate, blocks=module.indices,
+                     desc="end-to-end KL", progress=progress, tokens_per_item=segments.shape[1],
+                     probe=TensorDataset(segments[:kl_settings.micro_batch]))
+        first, best = module.indices[0], fitted.best
+        history = [{"epoch": h["epoch"], "kl": h["loss"][first], **({"val_kl": h["val"][first]} if "val" in h else {})}
+                   for h in fitted.history]
+        return {"states": fitted.states, "history": history, "initial_kl": best.start[first],
+                "final_kl": best.loss[first], "best_epoch": best.epoch[first], "seconds": time.perf_counter() - start,
+                "measured_on": "held-out calibration segments" if held_out else "the first calibration micro-batch"}
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)

@@ -21,10 +21,8 @@ from ds_spd.core.comm import CommStats, VirtualReduce
 from ds_spd.core.inject import decoder_layers, model_device, set_spd_blocks
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
-from ds_spd.ranks import is_main_rank, world_size
-from ds_spd.stages.distill.kit import (BestEpochs, BlockDistiller, BlockPairs, DistillResult, DistillSettings,
-                                      Trainer, block_mse, grouped, peak_memory, plan_digest, resume, run_epochs,
-                                      split_held_out, steps_per_epoch)
+from ds_spd.stages.distill.kit import (BlockDistiller, BlockPairs, DistillResult, DistillSettings, block_mse, fit,
+                                      grouped, peak_memory, plan_digest)
 from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs, find_grouping, permute_block
 from ds_spd.stages.scan import BlockInputs
 
@@ -84,34 +82,17 @@ def distill(model: nn.Module, plan: Plan, segments: torch.Tensor, ds_config: dic
     first = (pairs.inputs[:, :mb].transpose(0, 1), pairs.targets[:, :mb].transpose(0, 1))
     with torch.no_grad():
         _, initial = distiller(first[0].to(model_device(model)), first[1].to(model_device(model)))
-    train, held_out = split_held_out(pairs, settings)
-    trainer = Trainer(distiller, ds_config, settings, use_accelerate,
-                      settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
     client = {"plan": plan_digest(plan), "blocks": blocks, "input_source": settings.input_source,
               "groupings": {str(i): [list(g.groups), g.mlp_permutation] for i, g in groupings.items()}}
-    best = BestEpochs(blocks, settings.stop_patience) if held_out is not None else None
-    # the work dir's fingerprint was checked before (ds_spd.workdir): only then is its training state loaded
-    found = resume(trainer, checkpoint_dir, client, settings, best, f"blocks {blocks}", progress)
-    start_epoch = found["epoch"] if found else 0
-    history = [{**h, "loss": {int(k): v for k, v in h["loss"].items()},
-                **({"val": {int(k): v for k, v in h["val"].items()}} if "val" in h else {})}
-               for h in (found or {}).get("history", [])]
-
-    def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
-        history.append({"epoch": epoch, "loss": dict(zip(blocks, mean)),
-                        **({"val": dict(zip(blocks, val))} if val is not None else {})})
-        if checkpoint_dir:
-            if best is not None and is_main_rank():
-                best.save(checkpoint_dir)
-            trainer.save(checkpoint_dir, epoch, {"client": client, "history": history})
-    tokens, seconds = run_epochs(trainer, train, settings, start_epoch, "distill", progress, end_of_epoch,
-                                 pairs.inputs.shape[2], held_out, best)
-    states = best.state if best is not None else trainer.gathered_state()
+    fitted = fit(distiller, pairs, ds_config, settings, use_accelerate, blocks=blocks, desc="distill",
+                 progress=progress, tokens_per_item=pairs.inputs.shape[2], state_dir=checkpoint_dir, client=client)
+    states, best = fitted.states, fitted.best
     layers = decoder_layers(model)
     final = block_mse({i: layers[i] for i in blocks}, states, model.model.rotary_emb, *first)
-    return DistillResult(block_states=states, groupings=groupings, history=history,
+    return DistillResult(block_states=states, groupings=groupings, history=fitted.history,
                          initial_mse=dict(zip(blocks, initial.tolist())), final_mse=dict(zip(blocks, final.tolist())),
-                         seconds=seconds, tokens_per_second=tokens * len(blocks) / max(seconds, 1e-9),
-                         peak_memory_bytes=peak_memory(), zero_stage=trainer.zero_stage,
+                         seconds=fitted.seconds,
+                         tokens_per_second=fitted.tokens * len(blocks) / max(fitted.seconds, 1e-9),
+                         peak_memory_bytes=peak_memory(), zero_stage=fitted.zero_stage,
                          best_epoch=dict(best.epoch) if best is not None else {},
                          start_val=dict(best.start) if best is not None else {})

@@ -27,6 +27,7 @@ from ds_spd.core.inject import model_device
 from ds_spd.errors import PlanError
 from ds_spd.models.adapters import layer_type
 from ds_spd.plan import Plan
+from ds_spd.ranks import is_main_rank, world_size
 from ds_spd.stages.headgroup import HeadGrouping, attention_kwargs
 
 
@@ -383,6 +384,60 @@ def run_epochs(trainer: Trainer, pairs: Dataset, settings: DistillSettings, star
                 best.update(epoch + 1, val, trainer.gathered_state)
         end_of_epoch(epoch + 1, (total / max(count, 1)).tolist(), val)
     return tokens, time.perf_counter() - start
+
+
+@dataclass
+class Fitted:
+    """What :func:`fit` trained: the kept weights per block, every epoch's losses, and how."""
+
+    states: dict[int, dict[str, torch.Tensor]]   # the held-out-best epoch's weights (else the last epoch's)
+    history: list[dict]                          # per epoch: {"epoch", "loss": {block: v}, "val": {block: v}?}
+    best: BestEpochs | None
+    tokens: int
+    seconds: float
+    zero_stage: int | None
+
+
+def fit(module: nn.Module, data: Dataset, ds_config: dict, settings: DistillSettings, use_accelerate: bool, *,
+        blocks: list[int], desc: str, progress: bool, tokens_per_item: int, state_dir: str | None = None,
+        client: dict | None = None, probe: Dataset | None = None) -> Fitted:
+    """The one training recipe of every trainer (joint, layer-wise, end-to-end): the last ``val_segments`` items of
+    ``data`` held out, a :class:`Trainer` with its schedule over the asked epochs, the held-out epoch choice (on
+    ``probe`` where nothing is held out and a probe is given), resume from ``state_dir`` (checked against
+    ``client``) and a save after every epoch, the epochs; returns the kept weights."""
+    train, held_out = split_held_out(data, settings)
+    trainer = Trainer(module, ds_config, settings, use_accelerate,
+                      settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
+    measured = held_out if held_out is not None else probe
+    best = BestEpochs(blocks, settings.stop_patience) if measured is not None else None
+    # the work dir's fingerprint was checked before (ds_spd.workdir): only then is its training state loaded
+    found = resume(trainer, state_dir, client or {}, settings, best, desc, progress) if state_dir else None
+    start_epoch = found["epoch"] if found else 0
+    history = _history_of(found, blocks)
+
+    def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
+        history.append({"epoch": epoch, "loss": dict(zip(blocks, mean)),
+                        **({"val": dict(zip(blocks, val))} if val is not None else {})})
+        if state_dir:
+            if best is not None and is_main_rank():
+                best.save(state_dir)
+            trainer.save(state_dir, epoch, {"client": client, "history": history})
+    tokens, seconds = run_epochs(trainer, train, settings, start_epoch, desc, progress, end_of_epoch,
+                                 tokens_per_item, measured, best)
+    states = best.state if best is not None else trainer.gathered_state()
+    return Fitted(states, history, best, tokens, seconds, trainer.zero_stage)
+
+
+def _history_of(found: dict | None, blocks: list[int]) -> list[dict]:
+    """The epochs a resumed training state recorded (JSON: block keys as strings), as :func:`fit` keeps them; a
+    layer-wise state saved before :func:`fit` (a list of one block's losses, ``val`` beside it) converted."""
+    saved = (found or {}).get("history", [])
+    if saved and not isinstance(saved[0], dict):
+        val = found.get("val") or []
+        return [{"epoch": e + 1, "loss": {blocks[0]: v}, **({"val": {blocks[0]: val[e]}} if e < len(val) else {})}
+                for e, v in enumerate(saved)]
+    return [{**h, "loss": {int(k): v for k, v in h["loss"].items()},
+             **({"val": {int(k): v for k, v in h["val"].items()}} if "val" in h else {})} for h in saved]
 
 
 def held_out_count(n: int, settings: DistillSettings) -> int:

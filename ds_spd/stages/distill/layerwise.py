@@ -50,10 +50,9 @@ from tqdm.auto import tqdm
 from ds_spd.core.block import SPDDecoderLayer
 from ds_spd.errors import PlanError
 from ds_spd.plan import Plan
-from ds_spd.ranks import is_main_rank, world_size
-from ds_spd.stages.distill.kit import (BestEpochs, BlockDistiller, DistillResult, DistillSettings, Trainer,
-                                      block_mse, check_epochs, grouped, peak_memory, plan_digest, resume,
-                                      run_epochs, split_held_out, steps_per_epoch)
+from ds_spd.ranks import is_main_rank
+from ds_spd.stages.distill.kit import (BlockDistiller, DistillResult, DistillSettings, block_mse, check_epochs, fit,
+                                      grouped, peak_memory, plan_digest)
 from ds_spd.stages.headgroup import HeadGrouping, find_grouping, permute_block
 from ds_spd.stages.streaming import (ActivationBudget, ActivationStore, ActivationStores, BlockSource,
                                      default_budget_bytes, run_block)
@@ -171,37 +170,22 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     first = (x.read(0, mb)[:, None], y.read(0, mb)[:, None])
     with torch.no_grad():
         _, initial = distiller(*first)
-    train, held_out = split_held_out(_SegmentPairs(x, y), settings)
-    trainer = Trainer(distiller, ds_config, settings, use_accelerate,
-                      settings.epochs * steps_per_epoch(len(train), world_size(), settings.micro_batch))
     block_dir = os.path.join(work_dir, f"block{i:03d}") if work_dir else None
     if block_dir and "upstream" in client:
         _drop_stale_state(block_dir, client["upstream"])
-    best = BestEpochs([i], settings.stop_patience) if held_out is not None else None
-    found = resume(trainer, block_dir, client, settings, best, f"block {i}", progress)
-    start_epoch = found["epoch"] if found else 0
-    history, val_history = (found["history"], found.get("val", [])) if found else ([], [])
-
-    def end_of_epoch(epoch: int, mean: list[float], val: list[float] | None) -> None:
-        history.append(mean[0])
-        if val is not None:
-            val_history.append(val[0])
-        if block_dir:
-            if best is not None and is_main_rank():
-                best.save(block_dir)
-            trainer.save(block_dir, epoch, {"client": client, "history": history, "val": val_history})
-    tokens, seconds = run_epochs(trainer, train, settings, start_epoch, f"block {i}", progress, end_of_epoch,
-                                 x.shape[1], held_out, best)
-    state = best.state[i] if best is not None else trainer.gathered_state()[i]
+    fitted = fit(distiller, _SegmentPairs(x, y), ds_config, settings, use_accelerate, blocks=[i], desc=f"block {i}",
+                 progress=progress, tokens_per_item=x.shape[1], state_dir=block_dir, client=client)
+    state, best = fitted.states[i], fitted.best
     final = block_mse({i: teacher}, {i: state}, rotary, *first)
-    info = {"client": client, "history": history, "val_history": val_history,
+    info = {"client": client, "history": [h["loss"][i] for h in fitted.history],
+            "val_history": [h["val"][i] for h in fitted.history if "val" in h],
             "best_epoch": best.epoch[i] if best is not None else None,
             "start_val": best.start.get(i) if best is not None else None,
-            "stopped_early": len(history) < settings.epochs,
+            "stopped_early": len(fitted.history) < settings.epochs,
             "initial_mse": initial[0].item(), "final_mse": final[0].item(),
-            "seconds": seconds,
-            "tokens": tokens, "grouping": None if grouping is None else grouping.to_json(),
-            "zero_stage": trainer.zero_stage}
+            "seconds": fitted.seconds,
+            "tokens": fitted.tokens, "grouping": None if grouping is None else grouping.to_json(),
+            "zero_stage": fitted.zero_stage}
     if work_dir and is_main_rank():
         _save_done(work_dir, i, state, info)
     if dist.is_initialized():
@@ -209,7 +193,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     if block_dir and os.path.isdir(block_dir) and is_main_rank():
         import shutil
         shutil.rmtree(block_dir)   # the finished block's file supersedes its training state
-    del trainer, distiller, student
+    del fitted, distiller, student
     gc.collect()
     return {"state": state, **info}
 
