@@ -283,7 +283,8 @@ def cmd_scan(args) -> None:
                            in_memory=args.in_memory, no_cache=args.no_cache, last=args.last,
                            activation_budget_gb=args.activation_budget_gb, virtual_tp=args.virtual_tp,
                            split_given=args.split is not None, config_path=args.config)
-    plan, result, runner = scan_run.execute(run, progress=is_main_rank())
+    report = scan_run.execute(run, progress=is_main_rank())
+    plan, result, runner = report.plan, report.result, report.runner
     if is_main_rank():
         plan.save(args.out)
         plot_plan(plan, png)
@@ -347,12 +348,11 @@ def cmd_distill(args) -> None:
     if is_main_rank():
         for line in distill_run.untrained_note(run.plan):
             print(f"distill: {line}", file=sys.stderr, flush=True)
-    result = distill_run.execute(run, progress=is_main_rank())
-    runner = result.pop("runner")
-    _say(args, f"wrote {run.out}: {len(result['final_mse'])} blocks, epochs {result['epochs_trained']}, "
-               f"{result['seconds']:.1f} s, {result['tokens_per_second']:.0f} block-tokens/s, "
-               f"peak memory {result['peak_memory_bytes'] / 2**30:.2f} GiB (rank 0)")
-    _report(args, result, runner)
+    report = distill_run.execute(run, progress=is_main_rank())
+    _say(args, f"wrote {run.out}: {len(report.final_mse)} blocks, epochs {report.epochs_trained}, "
+               f"{report.seconds:.1f} s, {report.tokens_per_second:.0f} block-tokens/s, "
+               f"peak memory {report.peak_memory_bytes / 2**30:.2f} GiB (rank 0)")
+    _report(args, report.to_json(), report.runner)
 
 
 def cmd_bench(args) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from ds_spd.config import SPDConfig
 from ds_spd.errors import SPDInputError
+from ds_spd.plan import Plan
 from ds_spd.run import RunSpec
 from ds_spd.stages.scan import ScanResult, cache_bytes, scan, scan_distilled, scan_streamed
 
@@ -97,7 +98,7 @@ def prepare(cfg: SPDConfig, out: str, *, checkpoint: str | None = None,
 def _every_block_run(cfg: SPDConfig, out: str, config_path: str | None):
     """The distilled ranking's distill run: every block of the model, SB, into ``OUT.ranking/checkpoint``."""
     from ds_spd.models.loading import load_model_config
-    from ds_spd.plan import Plan, load_plan
+    from ds_spd.plan import load_plan
     from ds_spd.stages.distill import run as distill_run
     base = ranking_dir(out)
     plan_path, checkpoint = os.path.join(base, "plan.json"), os.path.join(base, "checkpoint")
@@ -117,9 +118,18 @@ def _every_block_run(cfg: SPDConfig, out: str, config_path: str | None):
                                plan_path, config_path, model=cfg.model)
 
 
-def execute(run: ScanRun, progress: bool = True):
-    """Measure; returns (the plan with every block's sensitivity and no block chosen, the ScanResult, the
-    runner of an in-memory scan or None)."""
+@dataclass
+class ScanReport:
+    """What a scan measured: the plan with every block's sensitivity and no block chosen, the raw result, and the
+    runner of an in-memory scan (None when streamed)."""
+
+    plan: Plan
+    result: ScanResult
+    runner: object = None
+
+
+def execute(run: ScanRun, progress: bool = True) -> ScanReport:
+    """Measure (see :class:`ScanReport`)."""
     from ds_spd.data import segments_for
     from ds_spd.run import init_data_parallel
     if run.distill_first is not None:
@@ -138,7 +148,7 @@ def execute(run: ScanRun, progress: bool = True):
                        f"{d.seq_len} tokens per rank on {world} rank(s)")
         result = scan_streamed(source, segments, d.batch_size, s.method, run.metric, run.budget_bytes,
                                f"{run.out}.activations", run.last, progress, head_dtype)
-        return plan_of_scan(cfg, run.spec.model_config, result, world, {**how, **result.extra}), result, None
+        return ScanReport(plan_of_scan(cfg, run.spec.model_config, result, world, {**how, **result.extra}), result)
     from ds_spd.build import build_runner
     runner = build_runner(run.spec, data_parallel=True)
     segments = segments_for(d, runner.tokenizer, rank, world)
@@ -154,7 +164,7 @@ def execute(run: ScanRun, progress: bool = True):
                        "per rank")
         result = scan(runner.hf_model, segments, d.batch_size, s.method, run.metric, use_cache=run.use_cache,
                       progress=progress, head_dtype=head_dtype)
-    return plan_of_scan(cfg, runner.hf_model.config, result, world, how), result, runner
+    return ScanReport(plan_of_scan(cfg, runner.hf_model.config, result, world, how), result, runner)
 
 
 def _distil_every_block(distill, progress: bool) -> None:
@@ -165,7 +175,7 @@ def _distil_every_block(distill, progress: bool) -> None:
     _say(progress, f"scan: distilled ranking: distilling all {len(distill.plan.blocks)} blocks once into "
                    f"{distill.out} ({distill.lr_note or f'lr {distill.settings.lr:g}'}, "
                    f"{distill.cfg.calibration.max_samples} segments)")
-    distill_run.execute(distill, progress=progress).pop("runner", None)
+    distill_run.execute(distill, progress=progress)
 
 
 def _say(progress: bool, text: str) -> None:
@@ -175,7 +185,6 @@ def _say(progress: bool, text: str) -> None:
 
 def plan_of_scan(cfg: SPDConfig, model_config, result: ScanResult, world: int, how: dict):
     """A plan (no blocks chosen yet) holding a scan's sensitivities and how they were measured."""
-    from ds_spd.plan import Plan
     d = cfg.calibration
     plan = Plan.from_blocks(cfg.model, model_config, cfg.tp_size, [], tp_grain_size=cfg.tp_grain_size,
                             data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},

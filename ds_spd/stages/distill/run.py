@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -122,6 +122,40 @@ class DistillRun:
         return prov.get("run") == self.fingerprint and prov.get("epochs") == self.settings.epochs
 
 
+@dataclass
+class DistillReport:
+    """What a distill run trained and measured (``--json`` prints it, less the runner); the fields in
+    :data:`PROVENANCE_FIELDS` are also recorded in the checkpoint's provenance."""
+
+    checkpoint: str
+    initial_mse: dict[int, float]
+    final_mse: dict[int, float]
+    last_epoch_loss: dict[int, float]
+    epochs_trained: list[int]
+    seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+    zero_stage: int | None
+    trainer: str
+    wall_seconds: float
+    spilled_bytes: int
+    model: str
+    tp_size: int
+    lr: float
+    segments: int
+    best_epoch: dict[int, int]
+    held_out_start: dict[int, float]
+    kl_stage: dict | None
+    runner: object = None    # the loaded runner (joint trainer or KL stage), for a caller that evaluates next
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "runner"}
+
+
+PROVENANCE_FIELDS = ("zero_stage", "initial_mse", "final_mse", "last_epoch_loss", "seconds", "tokens_per_second",
+                     "trainer", "wall_seconds", "spilled_bytes", "best_epoch", "held_out_start", "kl_stage")
+
+
 def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str | None = None,
             restart: bool = False) -> DistillRun:
     """Every check of a distill run that reads no weights (see the module docstring); the model is ``model``
@@ -161,8 +195,8 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     return run
 
 
-def execute(run: DistillRun, progress: bool = True) -> dict:
-    """Load, train (resuming from the work dir), write the checkpoint on rank 0; returns the report dict."""
+def execute(run: DistillRun, progress: bool = True) -> DistillReport:
+    """Load, train (resuming from the work dir), write the checkpoint on rank 0; returns what was trained."""
     import torch.distributed as dist
 
     from ds_spd import __version__
@@ -208,7 +242,14 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
             print(f"distill: end-to-end KL {e2e['initial_kl']:.4g} -> {e2e['final_kl']:.4g} "
                   f"(epoch {e2e['best_epoch']} kept, {e2e['measured_on']})", file=sys.stderr)
     last_epoch = result.history[-1]["loss"] if result.history else {}
-    final = result.final_mse
+    report = DistillReport(
+        checkpoint=run.out, initial_mse=result.initial_mse, final_mse=result.final_mse, last_epoch_loss=last_epoch,
+        epochs_trained=[h["epoch"] for h in result.history], seconds=result.seconds,
+        tokens_per_second=result.tokens_per_second, peak_memory_bytes=result.peak_memory_bytes,
+        zero_stage=result.zero_stage, trainer=run.settings.trainer, wall_seconds=result.wall_seconds,
+        spilled_bytes=result.spilled_bytes, model=run.cfg.model, tp_size=run.plan.tp_size, lr=run.settings.lr,
+        segments=d.max_samples, best_epoch=result.best_epoch, held_out_start=result.start_val, kl_stage=e2e,
+        runner=runner)
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
                              head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
@@ -216,27 +257,17 @@ def execute(run: DistillRun, progress: bool = True) -> dict:
                              if b.index in result.groupings else None)
                   for b in run.plan.blocks]
         plan = run.plan.model_copy(update={"blocks": blocks, "tp_grain_size": run.cfg.tp_grain_size})
+        measured = {k: v for k, v in report.to_json().items() if k in PROVENANCE_FIELDS}
         provenance = {"run": run.fingerprint, "epochs": run.settings.epochs, "ds_spd": __version__,
-                      "torch": torch.__version__, "settings": run.settings.knobs(), "zero_stage": result.zero_stage,
+                      "torch": torch.__version__, "settings": run.settings.knobs(),
                       "launcher": "accelerate" if run.use_accelerate else "deepspeed", "ranks": world_size(),
                       "bf16": bool(run.ds_config.get("bf16", {}).get("enabled")), "calibration": d.model_dump(),
-                      "initial_mse": result.initial_mse, "final_mse": final, "last_epoch_loss": last_epoch,
                       "mse_measured_on": "the first calibration micro-batch, before and after B2B (before any end-to-end stage)",
                       "lr_rule": run.lr_note or "set by the user", "history": result.history,
-                      "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                      "peak_memory_bytes_rank0": result.peak_memory_bytes, "trainer": run.settings.trainer,
-                      "wall_seconds": result.wall_seconds, "spilled_bytes": result.spilled_bytes,
-                      "best_epoch": result.best_epoch, "held_out_start": result.start_val, "kl_stage": e2e}
+                      "peak_memory_bytes_rank0": result.peak_memory_bytes, **measured}
         save_checkpoint(run.out, plan, result.block_states, run.spec.model_config, provenance)
         if progress:
-            for i in sorted(final):
-                print(f"block {i:3d} ({run.plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> {final[i]:.4g}",
-                      file=sys.stderr)
-    return {"checkpoint": run.out, "initial_mse": result.initial_mse, "final_mse": final,
-            "last_epoch_loss": last_epoch,
-            "epochs_trained": [h["epoch"] for h in result.history], "seconds": result.seconds,
-            "tokens_per_second": result.tokens_per_second, "peak_memory_bytes": result.peak_memory_bytes,
-            "zero_stage": result.zero_stage, "trainer": run.settings.trainer, "wall_seconds": result.wall_seconds,
-            "spilled_bytes": result.spilled_bytes, "model": run.cfg.model, "tp_size": run.plan.tp_size,
-            "lr": run.settings.lr, "segments": d.max_samples, "best_epoch": result.best_epoch, "held_out_start": result.start_val, "kl_stage": e2e,
-            "runner": runner}
+            for i in sorted(report.final_mse):
+                print(f"block {i:3d} ({run.plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> "
+                      f"{report.final_mse[i]:.4g}", file=sys.stderr)
+    return report
