@@ -30,6 +30,7 @@ def kv1_dir(tmp_path_factory):
 #: short ones fill in at the end (longest-first scheduling): a long file handed out last kept one worker busy
 #: after the others had finished. Only an order: a file missing here runs after them.
 LONGEST_FIRST = ("serve/test_serve.py", "cli/test_safety.py", "stages/test_distill.py", "cli/test_multinode.py",
+                 "serve/test_faults.py",
                  "stages/test_recipe.py", "stages/test_readme_path_gemma.py", "stages/test_readme_path.py",
                  "stages/test_planner.py", "core/test_multirank.py", "cli/test_cli_ranks.py",
                  "models/test_real_model.py", "tools/test_lm_eval.py", "stages/test_scan.py",

@@ -8,7 +8,7 @@ a 5xx, a connection error or another shape fails the run, which Hypothesis then 
 
     python -m ds_spd.tools.fuzz_serve --url http://127.0.0.1:8000 --examples 3000 [--api-key KEY]
 
-The tests run a bounded number of examples against a real 2-rank server (tests/test_serve.py).
+The tests run a bounded number of examples against a real 2-rank server (tests/serve/test_serve.py).
 """
 from __future__ import annotations
 

@@ -13,87 +13,14 @@ import time
 import requests
 import pytest
 import torch
-from helpers import ROOT, cli_json, run_cli, save_tiny, tiny_model, tiny_tokenizer
-from helpers import assert_no_shm_left, shm_buffers
-from serve_helpers import ServerProcess, wait_gone
+from helpers import ROOT, assert_no_shm_left, cli_json, run_cli, shm_buffers
+from serve_helpers import API_KEY, AUTH, PROMPTS, SPD, ServerProcess, post, wait_gone
 
-from ds_spd.serve.executor import StepExecutor
-from ds_spd.serve.sampling import SamplingParams, generator_for, sample
-from ds_spd.serve.scheduler import Scheduler, Sequence
-from ds_spd.serve.step import STOP, StepPlan
+from ds_spd.serve.sampling import SamplingParams
 
-PROMPTS = ["def main", "The class of", "x", "import os and sys and then", "while True: pass", "a b c d e f g",
-           "return", "lambda x"]
-SPD = ["--spd-blocks", "0,2"]
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 # ---------------------------------------------------------------- in process: the batching itself
-def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256):
-    ex = StepExecutor(model, torch.device("cpu"), slots, max_len)
-    sched = Scheduler(tok, set(), slots, max_len, step_tokens)
-    sched.add(seqs)
-    moves = forwards = 0
-    while sched.has_work():
-        plan = sched.plan()
-        if plan is None:
-            break
-        moves += len(plan.moves)
-        forwards += len(plan.forwards)
-        wired = StepPlan.from_wire(json.loads(json.dumps(plan.to_wire())))   # as the other ranks receive it
-        assert wired == plan
-        sched.complete(plan, ex.run(wired))
-    return moves, forwards
-
-
-@pytest.mark.parametrize("step_tokens", [2048, 5])
-def test_continuous_batching_greedy_equals_generate(step_tokens):
-    """Sequences joining and leaving a batch of 4 slots (different lengths, compaction moves, prefill split
-    into 4-token chunks with step_tokens 5) produce exactly HF generate's greedy tokens, prompt by prompt."""
-    import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
-    lengths = [20, 5, 13, 20, 2, 9, 17, 11]
-    ref = []
-    for p, n in zip(PROMPTS, lengths):
-        ids = tok(p, return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-        ref.append(out[0, ids.shape[1]:].tolist())
-    seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
-            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
-    moves, forwards = _run_all(model, tok, seqs, step_tokens=step_tokens)
-    assert [s.output for s in seqs] == ref
-    assert all(s.finish_reason == "length" for s in seqs)
-    assert moves > 0   # sequences finished out of order: the running ones were compacted
-    if step_tokens == 5:   # "import os and sys and then" cannot prefill in one step
-        assert forwards > _run_all(model, tok, [Sequence("a", 0, tok(PROMPTS[3]).input_ids,
-                                                         SamplingParams(max_tokens=2, temperature=0))])[1]
-
-
-def test_choices_of_one_prompt_share_its_prefill():
-    """n > 1: the other choices copy the first one's prompt cache and prefill only the last prompt token; greedy,
-    every choice still equals HF generate's tokens."""
-    import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
-    prompt = tok(PROMPTS[3]).input_ids
-    ids = torch.tensor([prompt])
-    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(prompt):]
-    ex = StepExecutor(model, torch.device("cpu"), 4, 256)
-    sched = Scheduler(tok, set(), 4, 256, 2048)
-    seqs = [Sequence("r", i, prompt, SamplingParams(max_tokens=10, temperature=0)) for i in range(3)]
-    sched.add(seqs)
-    prefilled, forks = 0, 0
-    while sched.has_work():
-        plan = sched.plan()
-        if plan is None:
-            break
-        forks += sum(m.length == len(prompt) - 1 for m in plan.moves)
-        prefilled += sum(len(f.tokens[0]) for f in plan.forwards if f.kind == "prefill")
-        sched.complete(plan, ex.run(plan))
-    assert [s.output for s in seqs] == [ref.tolist()] * 3
-    assert forks == 2 and prefilled == len(prompt) + 2
-
-
 def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
     """The non-streamed path polls for a gone client once a second; a first token that takes longer (a queue, a
     long prefill) must not end the answer early."""
@@ -121,114 +48,7 @@ def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
     assert body["usage"]["completion_tokens"] == 2
 
 
-def test_paired_serving_ratios_pair_by_repeat():
-    from ds_spd.tools.bench_serve import paired_table
-    runs = [{"path": "gloo", "load_name": "rate 1", "engine": e, "repeat": k, "output_throughput": 10.0,
-             "tpot": {"p50_ms": base * (0.8 if e == "all" else 1.0)}, "ttft": {"p50_ms": 5.0}, "e2el": {"p50_ms": 9.0}}
-            for k, base in enumerate([50.0, 70.0, 60.0]) for e in ("tp", "all")]
-    (row,) = paired_table(runs)
-    assert row["engine"] == "all" and row["tpot"]["ratio"] == pytest.approx(0.8)
-    assert row["tpot"]["effect"] == "faster" and row["ttft"]["effect"] == "no effect"
-
-
-def test_sampling_is_seeded_per_choice_and_filters():
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    hot = SamplingParams(max_tokens=1, temperature=1.0, seed=7)
-    draw = lambda p, i: [sample(logits, p, g) for g in [generator_for(p.seed, i)] for _ in range(20)]  # noqa: E731
-    assert draw(hot, 0) == draw(hot, 0)            # the same seed and choice: the same tokens
-    assert draw(hot, 0) != draw(hot, 1)            # another choice of the same request: another stream
-    best = int(logits.argmax())
-    for p in (SamplingParams(1, temperature=0), SamplingParams(1, temperature=1.5, top_k=1, seed=1),
-              SamplingParams(1, temperature=1.0, top_p=1e-6, seed=1)):
-        assert set(draw(p, 0)) == {best}
-    top3 = set(torch.topk(logits, 3).indices.tolist())
-    assert set(draw(SamplingParams(1, temperature=5.0, top_k=3, seed=2), 0)) <= top3
-
-
-def test_sampler_is_total_on_extreme_values_and_non_finite_logits():
-    """Values that once raised inside torch.multinomial (and killed every rank) give the best token; NaN never
-    wins; a row with no finite logit is a SamplingError for its sequence, not a crash."""
-    from ds_spd.serve.sampling import SamplingError
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    best = int(logits.argmax())
-    for p in (SamplingParams(1, temperature=1e-39), SamplingParams(1, temperature=0.5, top_p=1e-300),
-              SamplingParams(1, temperature=1e-5, top_p=1e-300, top_k=3)):
-        assert {sample(logits, p, generator_for(1, i)) for i in range(10)} == {best}, p
-    assert SamplingParams(1, temperature=1e-39).greedy
-    poisoned = logits.clone()
-    poisoned[3], poisoned[4] = float("nan"), float("inf")
-    assert sample(poisoned, SamplingParams(1, temperature=0), generator_for(1, 0)) == 4
-    assert {sample(poisoned, SamplingParams(1, temperature=1.0, seed=2), generator_for(2, i)) for i in range(20)} \
-        .isdisjoint({3})
-    with pytest.raises(SamplingError):
-        sample(torch.full((50,), float("nan")), SamplingParams(1), generator_for(1, 0))
-
-
-def test_only_loopback_addresses_count_as_private():
-    """Binding any other address without an API key prints a warning (ds_spd.serve.server)."""
-    from ds_spd.serve.server import _loopback
-    assert all(_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
-    assert not any(_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "myhost"))
-
-
-def test_step_plan_wire_and_shutdown_rules():
-    """The stop plan survives the wire (every other field is checked by the batching tests' round trip); a
-    signal within SAME_STOP of the first is the same stop, a later one ends the grace period at once."""
-    from ds_spd.serve.engine import Shutdown
-    assert StepPlan.from_wire(json.loads(json.dumps(STOP.to_wire()))) is STOP
-    with pytest.raises(ValueError, match="unknown forward kind"):
-        StepPlan.from_wire({"moves": [], "done": [], "forwards": [
-            {"kind": "verify", "slot": 0, "offsets": [0], "tokens": [[1]], "seqs": ["a/0"]}]})
-    stop = Shutdown(timeout=10.0, same_stop=2.0)
-    assert not stop.requested and stop.request(100.0) and stop.deadline == 110.0
-    assert not stop.request(101.5) and stop.deadline == 110.0 and stop.signals == 1   # the launcher's copy
-    assert stop.request(103.0) and stop.deadline == 103.0 and stop.signals == 2
-
-
-def test_a_sequence_that_cannot_be_sampled_fails_alone():
-    """One sequence's failure in a step ends that sequence with an error event; the others in the step go on."""
-    sched = Scheduler(tiny_tokenizer(), set(), 2, 64, 32)
-    bad, good = (Sequence(r, 0, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0)) for r in ("bad", "good"))
-    sched.add([bad, good])
-    plan = sched.plan()
-    assert [f.seqs for f in plan.forwards] == [[bad.id], [good.id]]
-    events = sched.complete(plan, [torch.full((1, 384), float("nan")), torch.randn(1, 384)])
-    assert [(e.seq.request_id, e.error is not None) for e in events] == [("bad", True), ("good", False)]
-    assert bad.finish_reason == "error" and "no finite logit" in events[0].error and len(good.output) == 1
-    plan = sched.plan()
-    assert plan.done == [bad.id] and plan.forwards[0].seqs == [good.id]
-
-
-def test_stop_string_is_cut_and_never_streamed():
-    tok = tiny_tokenizer()
-    ids = tok("the value of x STOP then more text").input_ids
-    sched = Scheduler(tok, set(), 2, 128, 64)
-    s = Sequence("r", 0, [1], SamplingParams(max_tokens=100, stop=("STOP",)))
-    streamed = ""
-    for t in ids:
-        s.output.append(t)
-        streamed += sched._advance(s, t).delta
-        assert "STOP"[:2] not in streamed.replace("the value of x", "")
-        if s.finished:
-            break
-    assert s.finish_reason == "stop" and streamed == s.text == "the value of x "
-
-
 # ---------------------------------------------------------------- a real server on 2 ranks
-
-
-@pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    path = save_tiny(str(tmp_path_factory.mktemp("tiny_chat")))
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(path)
-    return path
-
-
-API_KEY = "sk-ds-spd-test-0123456789"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -246,11 +66,6 @@ def server(chat_dir, tmp_path_factory):
 def _client(server, api_key=API_KEY):
     from openai import OpenAI
     return OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=120)
-
-
-def _post(server, path, body, timeout=120, data=None, headers=None):
-    return requests.post(f"{server.url}{path}", json=body, data=data, timeout=timeout,
-                         headers={**AUTH, **(headers or {})})
 
 
 def _openai_error(r, status: int) -> dict:
@@ -323,7 +138,7 @@ def test_curl_streams_sse_ending_done(server):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    ref = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 5,
+    ref = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 5,
                                             "temperature": 0}).json()
     assert "".join(c["choices"][0]["text"] for c in chunks) == ref["choices"][0]["text"]
     assert subprocess.run(["curl", "-sf", f"{server.url}/health"], capture_output=True).returncode == 0
@@ -378,12 +193,12 @@ BAD_REQUESTS = [  # (body or raw text, the param named in the error)
 
 @pytest.mark.multirank
 def test_bad_requests_get_400_and_leave_others_alone(server):
-    ref = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 40,
+    ref = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 40,
                                             "temperature": 0}).json()["choices"][0]["text"]
     result = {}
 
     def running():
-        result["text"] = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 40,
+        result["text"] = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 40,
                                                            "temperature": 0}).json()["choices"][0]["text"]
     t = threading.Thread(target=running)
     t.start()
@@ -392,10 +207,10 @@ def test_bad_requests_get_400_and_leave_others_alone(server):
             r = requests.post(f"{server.url}/v1/completions", data=body,
                               headers={"content-type": "application/json", **AUTH}, timeout=30)
         else:
-            r = _post(server, "/v1/completions", body, timeout=30)
+            r = post(server, "/v1/completions", body, timeout=30)
         err = _openai_error(r, 400)
         assert err["type"] == "invalid_request_error" and err["param"] == param, (body, err)
-    chat = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": [], "max_tokens": 2})
+    chat = post(server, "/v1/chat/completions", {"model": "tiny", "messages": [], "max_tokens": 2})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
     # the framework's own answers are OpenAI's shape too
     assert _openai_error(requests.get(f"{server.url}/v1/completions", headers=AUTH, timeout=30), 405)["code"] == \
@@ -416,11 +231,11 @@ def _metric(server, name: str) -> float:
 def test_extreme_sampling_values_are_normalised_not_fatal(server):
     """A temperature that overflows the logits (1e-39) or a top_p that keeps nothing (1e-300) once killed every
     rank; now both are greedy, as the sampler keeps the best token, and the server stays healthy."""
-    greedy = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 6,
+    greedy = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 6,
                                                "temperature": 0}).json()["choices"][0]["text"]
     for extreme in ({"temperature": 1e-39}, {"temperature": 0.5, "top_p": 1e-300}, {"temperature": 2, "top_k": 1},
                     {"temperature": 1e-300, "top_p": 1e-300, "top_k": 1, "seed": -(2**63)}):
-        r = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 6, **extreme})
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 6, **extreme})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, (extreme, r.text)
     assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
 
@@ -473,7 +288,7 @@ def test_large_bodies_are_refused_without_stalling_anyone(server):
     while not gaps:
         time.sleep(0.01)
     start = time.monotonic()
-    huge = _post(server, "/v1/completions", None, data=b"x" * (50 * 2**20), headers={"content-type": "application/json"})
+    huge = post(server, "/v1/completions", None, data=b"x" * (50 * 2**20), headers={"content-type": "application/json"})
     assert _openai_error(huge, 413)["code"] == "request_too_large" and time.monotonic() - start < 5
     chunked = requests.post(f"{server.url}/v1/completions", data=(b"y" * 2**20 for _ in range(8)), timeout=60,
                             headers={"content-type": "application/json", **AUTH})
@@ -481,7 +296,7 @@ def test_large_bodies_are_refused_without_stalling_anyone(server):
     largest = json.dumps({"model": "tiny", "prompt": [1] * 1_300_000}).encode()   # 3.9 MB of token ids: allowed
     assert len(largest) < 4 * 2**20
     for _ in range(3):
-        assert _openai_error(_post(server, "/v1/completions", None, data=largest,
+        assert _openai_error(post(server, "/v1/completions", None, data=largest,
                                    headers={"content-type": "application/json"}), 400)["code"] == \
             "context_length_exceeded"
     for t in threads:
@@ -502,7 +317,7 @@ def test_full_queue_answers_429_with_retry_after(server):
     try:
         for r in streams:
             assert r.status_code == 200
-        over = _post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+        over = post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
         assert _openai_error(over, 429)["type"] == "rate_limit_error" and over.headers["Retry-After"] == "1"
     finally:
         for r in streams:
@@ -519,12 +334,12 @@ def test_fuzzed_requests_get_openai_answers_and_the_server_survives(server, chat
     field, extreme numbers, unknown fields, broken bytes); every answer a 200 or an OpenAI-shaped 4xx; then the
     server is healthy and greedy output is unchanged (docs/serving.md has a 3000-request run)."""
     from ds_spd.tools.fuzz_serve import fuzz
-    before = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 8,
+    before = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 8,
                                                "temperature": 0}).json()["choices"][0]["text"]
     result = fuzz(server.url, 60, API_KEY, seed=0)
     assert result["health"] == 200 and result["requests"] >= 60
     assert result["statuses"].get(200, 0) > 10 and set(result["statuses"]) <= {200, 400, 404, 413, 429}
-    after = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 8,
+    after = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 8,
                                               "temperature": 0}).json()["choices"][0]["text"]
     assert after == before
 
@@ -579,7 +394,7 @@ def test_echo_logprobs_through_the_server_equal_the_models_own(server, chat_dir)
     ref = _model_logprobs(chat_dir, ids)
     expected = [float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)]
     body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 3}
-    choice = _post(server, "/v1/completions", body).json()["choices"][0]
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert lp["token_logprobs"][1:len(ids)] == pytest.approx(expected, abs=1e-4)
@@ -606,7 +421,7 @@ def test_bias_penalties_and_min_tokens_change_what_they_should(server, chat_dir)
     output, streamed and not (their arithmetic: test_sampling_adjustments_are_vllms)."""
     client = _client(server)
     from transformers import AutoTokenizer
-    greedy = _post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 1,
+    greedy = post(server, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 1,
                                                "temperature": 0, "logprobs": 1}).json()["choices"][0]
     first = max(greedy["logprobs"]["top_logprobs"][0], key=greedy["logprobs"]["top_logprobs"][0].get)
     forced = 7
@@ -777,7 +592,7 @@ def test_a_second_server_shares_the_host_ctrl_c_drains_and_sigterm_stops_now(ser
         second.kill()
     # the server's temp log (ServerProcess made it) is gone, its text kept in memory
     assert not os.path.exists(second.log_path) and "ds-spd serve: stopped" in second.output()
-    assert _post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
+    assert post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 @pytest.mark.multirank
@@ -791,7 +606,7 @@ def test_sigterm_to_the_deepspeed_runner_drains_and_every_rank_exits(server):
     (runner,) = [p for p in psutil.Process(server.proc.pid).children() if "deepspeed.launcher.runner" in p.cmdline()]
     (launcher,) = runner.children()   # deepspeed.launcher.launch: it reports each rank's exit
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("r", _post(server, "/v1/completions", {
+    t = threading.Thread(target=lambda: result.setdefault("r", post(server, "/v1/completions", {
         "model": "tiny", "prompt": "def main", "max_tokens": 450, "n": 8, "temperature": 0, "ignore_eos": True})))
     t.start()
     time.sleep(0.3)
@@ -801,7 +616,7 @@ def test_sigterm_to_the_deepspeed_runner_drains_and_every_rank_exits(server):
         time.sleep(0.05)
     assert health == 503
     assert t.is_alive(), "the 8 x 450-token request must still be running for the drain to be tested"
-    refused = _post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+    refused = post(server, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
     assert refused.status_code == 503
     t.join()
     assert result["r"].status_code == 200
@@ -849,112 +664,3 @@ def test_bench_serve_url_against_transformers_serve(chat_dir, tmp_path):
 
 
 # ---------------------------------------------------------------- faults on their own servers
-@pytest.mark.multirank
-def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
-    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--exit-linger", "3"])
-    try:
-        pids = srv.rank_pids()
-        result = {}
-
-        def pending():
-            result["r"] = _post(srv, "/v1/completions", {"model": "tiny", "prompt": "def main", "max_tokens": 400,
-                                                         "temperature": 0})
-        t = threading.Thread(target=pending)
-        t.start()
-        time.sleep(0.5)
-        start = time.monotonic()
-        os.kill(pids[1], signal.SIGKILL)
-        t.join(timeout=30)
-        assert result["r"].status_code == 503 and "rank 1 died" in result["r"].json()["error"]["message"]
-        assert requests.get(f"{srv.url}/health", timeout=5).status_code == 503
-        srv.wait_exit(60)
-        assert time.monotonic() - start < 30
-        wait_gone(pids.values(), 30 - (time.monotonic() - start))
-    finally:
-        srv.kill()
-
-
-def test_a_master_port_in_use_is_refused_at_once(tmp_path):
-    """A --master_port that another launch holds: one line naming the flag, before any rank starts."""
-    import socket
-    with socket.socket() as held:
-        held.bind(("", 0))
-        held.listen(1)
-        port = held.getsockname()[1]
-        start = time.monotonic()
-        proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "tp.sh"), "2", "serve", "--model", "x"],
-                              capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "DS_LAUNCH_ARGS": f"--master_port {port}",
-                                   "DS_SPD_PYTHON": sys.executable})
-    assert proc.returncode != 0 and time.monotonic() - start < 20
-    assert f"master port {port} is in use" in proc.stderr and "--master_port" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr   # one line, no traceback
-
-
-def test_port_in_use_is_refused_before_any_rank_starts_or_loads(chat_dir):
-    """`launch/tp.sh 2 serve --port P` with P held: one line from the launcher, before any rank starts; a server
-    started another way (one process here; rank 0 under any launcher) refuses it before loading weights."""
-    import socket
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen(1)
-        port = held.getsockname()[1]
-        outs = []
-        for nprocs, tp in ((2, []), (0, ["--virtual-tp", "2"])):
-            start = time.monotonic()
-            srv = ServerProcess(["--model", chat_dir, *tp, "--port", str(port)], nprocs=nprocs, wait=False)
-            try:
-                code = srv.wait_exit(120)
-            finally:
-                srv.kill()
-            outs.append((code, srv.output(), time.monotonic() - start))
-    (tp_code, tp_out, tp_seconds), (one_code, one_out, _) = outs
-    line = f"ds-spd serve: error: cannot listen on 127.0.0.1:{port}"
-    assert tp_code == 2 and tp_out.strip().startswith(line) and len(tp_out.strip().splitlines()) == 1, tp_out
-    assert tp_seconds < 20   # no rank imported torch and DeepSpeed to find this out
-    assert one_code == 2 and line in one_out
-    assert "loading" not in one_out.lower().split("cannot listen")[0].split("ds-spd serve")[-1]
-    assert "Loading weights" not in one_out and "loading shards" not in one_out
-
-
-def test_free_port_is_below_the_kernels_ephemeral_range():
-    """Master ports are drawn where the kernel never hands one out (bind to 0, outgoing connections), so no other
-    process can take it between the choice and the launcher's bind (a server test failed in CI on that race)."""
-    from ds_spd.ports import _ephemeral_low, free_port
-    ports = {free_port() for _ in range(20)}
-    assert all(10000 <= p < _ephemeral_low() for p in ports) and len(ports) > 1
-
-
-def test_sampling_adjustments_are_vllms():
-    """Penalties and bias as vLLM and OpenAI define them; end-of-sequence barred before min_tokens."""
-    from ds_spd.serve.sampling import adjust
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0])
-    p = SamplingParams(1, presence_penalty=0.5, frequency_penalty=0.25)
-    out = adjust(logits, p, output=[3, 3, 1], prompt=[0], eos_ids={4})
-    assert out.tolist() == pytest.approx([2.0, -1.0 - 0.75, 0.5, 3.0 - 1.0, -2.0])
-    out = adjust(logits, SamplingParams(1, repetition_penalty=2.0), output=[1], prompt=[0], eos_ids=set())
-    assert out.tolist() == pytest.approx([1.0, -2.0, 0.5, 3.0, -2.0])   # prompt and output: > 0 divided, else times
-    out = adjust(logits, SamplingParams(1, logit_bias=((2, 10.0), (99, 5.0))), output=[], prompt=[], eos_ids=set())
-    assert out.tolist() == pytest.approx([2.0, -1.0, 10.5, 3.0, -2.0])   # an id past the vocabulary is ignored
-    held = SamplingParams(1, min_tokens=2)
-    assert adjust(logits, held, output=[1], prompt=[], eos_ids={4})[4] == float("-inf")
-    assert adjust(logits, held, output=[1, 2], prompt=[], eos_ids={4})[4] == -2.0
-    assert adjust(logits, SamplingParams(1), output=[1], prompt=[], eos_ids={4}) is logits   # nothing asked: no copy
-
-
-def test_prompt_logprobs_survive_chunked_prefill():
-    """A prompt prefilled in 4-token chunks (step budget 5) is scored exactly as in one forward: each chunk's
-    positions score the tokens after them, the last of a chunk the next chunk's first."""
-    import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
-    ids = tok(PROMPTS[3] + " and more words here").input_ids
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-    seq = Sequence("r", 0, ids, SamplingParams(max_tokens=1, temperature=0, logprobs=2, prompt_logprobs=2))
-    _run_all(model, tok, [seq], step_tokens=5)
-    assert [t for t, _, _ in seq.prompt_logprobs] == ids and seq.prompt_logprobs[0][1] is None
-    got = [lp for _, lp, _ in seq.prompt_logprobs[1:]]
-    assert got == pytest.approx([float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)], abs=1e-5)
-    assert all(alts[0][1] == pytest.approx(float(ref[j].max()), abs=1e-5)
-               for j, (_, _, alts) in enumerate(seq.prompt_logprobs[1:]))
-

@@ -37,3 +37,13 @@ def test_noise_warning_names_the_noisy_row():
     result = {"rows": list(rows.values()),
               "noise": {"start": {"other_processes_cpu_percent": 0.0}, "end": {"other_processes_cpu_percent": 0.0}}}
     assert noise_warnings(result) == ["decode_b1 on gloo: 0%-SPD spread 51% of the median over the repeats: noisy"]
+
+
+def test_paired_serving_ratios_pair_by_repeat():
+    from ds_spd.tools.bench_serve import paired_table
+    runs = [{"path": "gloo", "load_name": "rate 1", "engine": e, "repeat": k, "output_throughput": 10.0,
+             "tpot": {"p50_ms": base * (0.8 if e == "all" else 1.0)}, "ttft": {"p50_ms": 5.0}, "e2el": {"p50_ms": 9.0}}
+            for k, base in enumerate([50.0, 70.0, 60.0]) for e in ("tp", "all")]
+    (row,) = paired_table(runs)
+    assert row["engine"] == "all" and row["tpot"]["ratio"] == pytest.approx(0.8)
+    assert row["tpot"]["effect"] == "faster" and row["ttft"]["effect"] == "no effect"

@@ -1,0 +1,139 @@
+"""The scheduler and the step executor in one process (ds_spd.serve.scheduler, .executor, .step): continuous
+batching proved by equality with ``generate``, chunked prefill, stop strings, a sequence that fails alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import tiny_model, tiny_tokenizer
+from serve_helpers import PROMPTS
+
+from ds_spd.serve.executor import StepExecutor
+from ds_spd.serve.sampling import SamplingParams
+from ds_spd.serve.scheduler import Scheduler, Sequence
+from ds_spd.serve.step import STOP, StepPlan
+
+
+def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256):
+    ex = StepExecutor(model, torch.device("cpu"), slots, max_len)
+    sched = Scheduler(tok, set(), slots, max_len, step_tokens)
+    sched.add(seqs)
+    moves = forwards = 0
+    while sched.has_work():
+        plan = sched.plan()
+        if plan is None:
+            break
+        moves += len(plan.moves)
+        forwards += len(plan.forwards)
+        wired = StepPlan.from_wire(json.loads(json.dumps(plan.to_wire())))   # as the other ranks receive it
+        assert wired == plan
+        sched.complete(plan, ex.run(wired))
+    return moves, forwards
+
+
+@pytest.mark.parametrize("step_tokens", [2048, 5])
+def test_continuous_batching_greedy_equals_generate(step_tokens):
+    """Sequences joining and leaving a batch of 4 slots (different lengths, compaction moves, prefill split
+    into 4-token chunks with step_tokens 5) produce exactly HF generate's greedy tokens, prompt by prompt."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    lengths = [20, 5, 13, 20, 2, 9, 17, 11]
+    ref = []
+    for p, n in zip(PROMPTS, lengths):
+        ids = tok(p, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+        ref.append(out[0, ids.shape[1]:].tolist())
+    seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
+            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    moves, forwards = _run_all(model, tok, seqs, step_tokens=step_tokens)
+    assert [s.output for s in seqs] == ref
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert moves > 0   # sequences finished out of order: the running ones were compacted
+    if step_tokens == 5:   # "import os and sys and then" cannot prefill in one step
+        assert forwards > _run_all(model, tok, [Sequence("a", 0, tok(PROMPTS[3]).input_ids,
+                                                         SamplingParams(max_tokens=2, temperature=0))])[1]
+
+
+def test_choices_of_one_prompt_share_its_prefill():
+    """n > 1: the other choices copy the first one's prompt cache and prefill only the last prompt token; greedy,
+    every choice still equals HF generate's tokens."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    prompt = tok(PROMPTS[3]).input_ids
+    ids = torch.tensor([prompt])
+    ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(prompt):]
+    ex = StepExecutor(model, torch.device("cpu"), 4, 256)
+    sched = Scheduler(tok, set(), 4, 256, 2048)
+    seqs = [Sequence("r", i, prompt, SamplingParams(max_tokens=10, temperature=0)) for i in range(3)]
+    sched.add(seqs)
+    prefilled, forks = 0, 0
+    while sched.has_work():
+        plan = sched.plan()
+        if plan is None:
+            break
+        forks += sum(m.length == len(prompt) - 1 for m in plan.moves)
+        prefilled += sum(len(f.tokens[0]) for f in plan.forwards if f.kind == "prefill")
+        sched.complete(plan, ex.run(plan))
+    assert [s.output for s in seqs] == [ref.tolist()] * 3
+    assert forks == 2 and prefilled == len(prompt) + 2
+
+
+def test_step_plan_wire_and_shutdown_rules():
+    """The stop plan survives the wire (every other field is checked by the batching tests' round trip); a
+    signal within SAME_STOP of the first is the same stop, a later one ends the grace period at once."""
+    from ds_spd.serve.engine import Shutdown
+    assert StepPlan.from_wire(json.loads(json.dumps(STOP.to_wire()))) is STOP
+    with pytest.raises(ValueError, match="unknown forward kind"):
+        StepPlan.from_wire({"moves": [], "done": [], "forwards": [
+            {"kind": "verify", "slot": 0, "offsets": [0], "tokens": [[1]], "seqs": ["a/0"]}]})
+    stop = Shutdown(timeout=10.0, same_stop=2.0)
+    assert not stop.requested and stop.request(100.0) and stop.deadline == 110.0
+    assert not stop.request(101.5) and stop.deadline == 110.0 and stop.signals == 1   # the launcher's copy
+    assert stop.request(103.0) and stop.deadline == 103.0 and stop.signals == 2
+
+
+def test_a_sequence_that_cannot_be_sampled_fails_alone():
+    """One sequence's failure in a step ends that sequence with an error event; the others in the step go on."""
+    sched = Scheduler(tiny_tokenizer(), set(), 2, 64, 32)
+    bad, good = (Sequence(r, 0, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0)) for r in ("bad", "good"))
+    sched.add([bad, good])
+    plan = sched.plan()
+    assert [f.seqs for f in plan.forwards] == [[bad.id], [good.id]]
+    events = sched.complete(plan, [torch.full((1, 384), float("nan")), torch.randn(1, 384)])
+    assert [(e.seq.request_id, e.error is not None) for e in events] == [("bad", True), ("good", False)]
+    assert bad.finish_reason == "error" and "no finite logit" in events[0].error and len(good.output) == 1
+    plan = sched.plan()
+    assert plan.done == [bad.id] and plan.forwards[0].seqs == [good.id]
+
+
+def test_stop_string_is_cut_and_never_streamed():
+    tok = tiny_tokenizer()
+    ids = tok("the value of x STOP then more text").input_ids
+    sched = Scheduler(tok, set(), 2, 128, 64)
+    s = Sequence("r", 0, [1], SamplingParams(max_tokens=100, stop=("STOP",)))
+    streamed = ""
+    for t in ids:
+        s.output.append(t)
+        streamed += sched._advance(s, t).delta
+        assert "STOP"[:2] not in streamed.replace("the value of x", "")
+        if s.finished:
+            break
+    assert s.finish_reason == "stop" and streamed == s.text == "the value of x "
+
+
+def test_prompt_logprobs_survive_chunked_prefill():
+    """A prompt prefilled in 4-token chunks (step budget 5) is scored exactly as in one forward: each chunk's
+    positions score the tokens after them, the last of a chunk the next chunk's first."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    ids = tok(PROMPTS[3] + " and more words here").input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    seq = Sequence("r", 0, ids, SamplingParams(max_tokens=1, temperature=0, logprobs=2, prompt_logprobs=2))
+    _run_all(model, tok, [seq], step_tokens=5)
+    assert [t for t, _, _ in seq.prompt_logprobs] == ids and seq.prompt_logprobs[0][1] is None
+    got = [lp for _, lp, _ in seq.prompt_logprobs[1:]]
+    assert got == pytest.approx([float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)], abs=1e-5)
+    assert all(alts[0][1] == pytest.approx(float(ref[j].max()), abs=1e-5)
+               for j, (_, _, alts) in enumerate(seq.prompt_logprobs[1:]))
