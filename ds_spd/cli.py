@@ -172,25 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs = sub.add_parser("bench-serve", help="serving benchmark (vLLM-style): TP vs SPD servers side by side, or one "
                                             "running server (--url)")
     _shared(bs, "bench-serve")
-    g = bs.add_argument_group("serving benchmark")
-    g.add_argument("--url", help="benchmark this running server instead of starting servers")
-    g.add_argument("--api-key", default=os.environ.get("DS_SPD_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-                   help="with --url: the server's API key (default: $DS_SPD_API_KEY, else $OPENAI_API_KEY)")
-    g.add_argument("--backend", choices=("auto", "full", "openai"), default="auto",
-                   help="with --url: the request form; auto: the first the server accepts (token ids + ignore_eos, "
-                        "...); openai: text prompts, no extensions (the same requests for different servers)")
-    g.add_argument("--engines", help="servers to start: tp, plan (the --plan/--checkpoint blocks), all (every block "
-                                     "SPD); default tp,plan with a plan or checkpoint, else tp,all")
-    g.add_argument("--paths", default="shm,gloo", help="all-reduce paths: shm, gloo, 2hosts (two simulated hosts)")
-    g.add_argument("--rates", default="1,4,inf", help="request rates (Poisson arrivals per second; inf: all at once)")
-    g.add_argument("--concurrency", default="", help="more loads: all at once with at most this many in flight, e.g. 1,8")
-    g.add_argument("--num-requests", type=int, default=16, help="requests per load")
-    g.add_argument("--prompt-len", default="32,256", help="prompt lengths in tokens, uniform in MIN,MAX")
-    g.add_argument("--output-len", type=int, default=32, help="tokens generated per request (end-of-sequence ignored)")
-    g.add_argument("--repeats", type=int, default=3)
-    g.add_argument("--bench-seed", type=int, default=0, help="seed of the prompts, their lengths and the arrivals")
-    g.add_argument("--corpus", default="pydoc", help="shipped corpus the prompts are cut from (its test split)")
-    g.add_argument("--out", default="runs/bench_serve", help="directory for bench_serve.json, .md and .png")
+    from ds_spd.tools.settings import BenchServeSettings
+    add_flags(bs.add_argument_group("serving benchmark"), BenchServeSettings)
     prep = sub.add_parser("prepare-model", help="convert and cache the embedded default model")
     prep.add_argument("--model", default="default")
     return parser
@@ -296,32 +279,19 @@ def cmd_scan(args) -> None:
                    "forwards_equivalent": result.forwards_equivalent, "streamed": runner is None, **result.extra}, runner)
 
 
-def _distilled_states(checkpoint: str | None, spec) -> dict | None:
-    """The distilled weights of a checkpoint made for this run's model, tp size and grain (checked first)."""
-    if checkpoint is None:
-        return None
-    from ds_spd.checkpoint import open_checkpoint, read_block_states
-    open_checkpoint(checkpoint, spec.model_config, spec.tp_size, spec.config.tp_grain_size)
-    return read_block_states(checkpoint)
-
-
 def cmd_plan(args) -> None:
     from ds_spd.plan import load_plan
-    from ds_spd.stages.planner import perplexity_measure, select
+    from ds_spd.stages.planner import select, validation_measure
     from ds_spd.tools.plots import plot_plan
     plan = load_plan(args.plan)
     out = check_output_file(args.out or args.plan, "plan output")
     png = check_output_file(_plot_path(args, out), "plot output")
     _hold(out, "plan output")
     measure = None
-    if args.max_ppl_increase is not None:
-        from ds_spd.build import build_runner
-        from ds_spd.run import resolve_run
-        # validated on text the scan did not calibrate on; the checkpoint's weights are read here, not loaded
-        cfg = config_from_args(args, split=args.split or "validation", checkpoint=None, plan=None,
-                               model=args.model or plan.model)
-        spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")
-        measure = perplexity_measure(build_runner(spec), _distilled_states(args.checkpoint, spec))
+    if args.max_ppl_increase is not None:   # validated on text the scan did not calibrate on
+        measure = validation_measure(config_from_args(args, split=args.split or "validation", checkpoint=None,
+                                                      plan=None, model=args.model or plan.model),
+                                     plan, args.checkpoint)
     new = select(plan, count=args.spd_count, fraction=args.spd_fraction, thresholds=args.thresholds,
                  max_increase=args.max_ppl_increase, measure=measure)
     new.save(out)
@@ -366,8 +336,7 @@ def cmd_bench(args) -> None:
     _hold(args.out, "bench output")
     spec = resolve_run(cfg.updated(plan=None, spd_blocks=None), read_weights=False)   # bench loads the full model
     settings = from_args(bench.BenchSettings, args)
-    command = "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
-        os.environ.get("OMP_NUM_THREADS", "?"), cfg.tp_size, " ".join(a for a in sys.argv[1:] if "--local_rank" not in a))
+    command = bench.launch_command(cfg.tp_size, sys.argv[1:])
     result = bench.bench_run(spec, settings, order, args.out, command, progress=is_main_rank())
     _say(args, bench.markdown(result, command))
     _report(args, {"bench": os.path.join(args.out, "bench.json"), "model": cfg.model, "tp_size": cfg.tp_size})
@@ -384,50 +353,31 @@ def cmd_serve(args) -> None:
 def cmd_bench_serve(args) -> None:
     from ds_spd.models.loading import load_tokenizer
     from ds_spd.tools import bench_serve as bs
-    if args.backend != "auto" and not args.url:
-        raise SPDInputError("--backend chooses the request form for a running server: it needs --url")
-    check_output_dir(args.out, "bench-serve output", names=bs.OUTPUT_FILES)
-    _hold(args.out, "bench-serve output")
+    from ds_spd.tools.settings import BenchServeSettings
+    s = from_args(BenchServeSettings, args)
+    check_output_dir(s.out, "bench-serve output", names=bs.OUTPUT_FILES)
+    _hold(s.out, "bench-serve output")
     try:
-        loads, (lo, hi), paths = bs.parse_loads(args.rates, args.concurrency, args.prompt_len, args.paths,
-                                                args.output_len)
-        model = bs.served_model(args.url, args.api_key) if args.url else None
+        loads, (lo, hi), paths = bs.parse_loads(s.rates, s.concurrency, s.prompt_len, s.paths, s.output_len)
+        model = bs.served_model(s.url, s.api_key) if s.url else None
     except (ValueError, RuntimeError) as err:
         raise SPDInputError(str(err)) from None
-    cfg = None if args.url else config_from_args(args)
-    engines = None if args.url else _managed_engines(args, cfg, paths)   # checked before the tokenizer loads
-    tok = load_tokenizer(args.model or "default" if args.url else cfg.model)
-    work = bs.make_workload(tok, args.num_requests, (lo, hi), args.output_len, args.bench_seed, args.corpus)
+    cfg = None if s.url else config_from_args(args)
+    try:   # the engines to start, checked before the tokenizer loads (no weights read)
+        engines = None if s.url else bs.managed_engines(cfg, paths, s.engines)
+    except ValueError as err:
+        raise SPDInputError(str(err)) from None
+    tok = load_tokenizer(args.model or "default" if s.url else cfg.model)
+    work = bs.make_workload(tok, s.num_requests, (lo, hi), s.output_len, s.bench_seed, s.corpus)
     try:
-        result = bs.bench_url(args.url, model, args.api_key, args.backend, tok, work, loads, args.repeats,
-                              args.bench_seed) if args.url else bs.bench_side_by_side(
-            ["--model", cfg.model, "--tp", str(cfg.tp_size), "--dtype", cfg.dtype, "--max-model-len",
-             str(hi + args.output_len)], engines, paths, loads, work, "bench", args.repeats, cfg.tp_size,
-            args.bench_seed, progress=True)
+        result = bs.bench_url(s.url, model, s.api_key, s.backend, tok, work, loads, s.repeats, s.bench_seed) \
+            if s.url else bs.bench_side_by_side(bs.server_args(cfg, hi + s.output_len), engines, paths, loads, work,
+                                                "bench", s.repeats, cfg.tp_size, s.bench_seed, progress=True)
     except RuntimeError as err:   # no request form the server at --url accepts
         raise SPDInputError(str(err)) from None
     command = "ds-spd " + " ".join(sys.argv[1:])
-    bs.write_outputs(result, command, args.out)
-    print(bs.markdown(result, command), f"wrote {args.out}/bench_serve.json, .md, .png", sep="\n", flush=True)
-
-
-def _managed_engines(args, cfg, paths: list[str]) -> dict[str, list[str]]:
-    """bench-serve without --url: the serve arguments of each engine to start, checked (no weights read)."""
-    from ds_spd.run import resolve_run
-    from ds_spd.tools import bench_serve as bs
-    spec = resolve_run(cfg.updated(plan=None, checkpoint=None, spd_blocks=None), virtual_tp=cfg.tp_size,
-                       read_weights=False)
-    if "2hosts" in paths:
-        from ds_spd.tools.serve_process import namespaces_work
-        if not namespaces_work():
-            raise SPDInputError("--paths 2hosts simulates hosts with private mount namespaces: it needs "
-                                "`unshare -m` and mount (root)")
-    names = args.engines.split(",") if args.engines else (["tp", "plan"] if cfg.plan or cfg.checkpoint
-                                                          else ["tp", "all"])
-    try:
-        return bs.engines_for(cfg.plan, cfg.checkpoint, spec.model_config.num_hidden_layers, names)
-    except ValueError as err:
-        raise SPDInputError(str(err)) from None
+    bs.write_outputs(result, command, s.out)
+    print(bs.markdown(result, command), f"wrote {s.out}/bench_serve.json, .md, .png", sep="\n", flush=True)
 
 
 def cmd_prepare_model(args) -> None:

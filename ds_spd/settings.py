@@ -16,14 +16,17 @@ from ds_spd.errors import SPDInputError
 
 def setting(default: Any, help: str, *, check: Callable[[Any, Any], bool] | None = None, bound: str = "",
             flag: str | None = None, parse: Callable[[str], Any] | None = None, metavar: str | None = None,
-            env: tuple[str, ...] = (), cli: bool = True, secret: bool = False) -> Field:
+            env: tuple[str, ...] = (), cli: bool = True, secret: bool = False,
+            choices: tuple[str, ...] | None = None, refusal: str | None = None) -> Field:
     """A settings field. ``check(value, settings)`` is its bound (``bound`` says it in words); ``flag`` replaces
     ``--field-name``; ``parse`` reads the flag's text (default: the default's type); ``env``: variables read, in
     order, for the default (a secret is better passed so than as a flag, which shows in ps); ``cli=False``: not a
-    flag (a setting only code sets); ``secret``: its value is never shown in an error."""
+    flag (a setting only code sets); ``secret``: its value is never shown in an error; ``refusal``: the whole error
+    where the bound is not a range."""
     return field(default=default, metadata={"help": help, "check": check, "bound": bound, "flag": flag,
                                             "parse": parse, "metavar": metavar, "env": env, "cli": cli,
-                                            "secret": secret})
+                                            "secret": secret, "choices": choices,
+                                            "refusal": refusal})
 
 
 def flag_of(f: Field) -> str:
@@ -52,7 +55,7 @@ def add_flags(group: argparse._ActionsContainer, cls: type) -> None:
         if f.default not in (None, MISSING) and not f.metadata.get("env"):
             words += f"; default {_shown(f.default)}"
         group.add_argument(flag_of(f), dest=f.name, type=parse, default=default, help=words.replace("%", "%%"),
-                           metavar=f.metadata.get("metavar"))
+                           metavar=f.metadata.get("metavar"), choices=f.metadata.get("choices"))
 
 
 def _shown(value: Any) -> str:
@@ -71,6 +74,8 @@ def check_bounds(settings: Any) -> None:
         check = f.metadata.get("check")
         value = getattr(settings, f.name)
         if check is not None and not check(value, settings):
+            if f.metadata.get("refusal"):
+                raise SPDInputError(f.metadata["refusal"])
             shown = "" if f.metadata.get("secret") else f" {value!r}"
             raise SPDInputError(f"{flag_of(f)}{shown} is out of range: {f.metadata.get('bound') or 'see --help'}")
 

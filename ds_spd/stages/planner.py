@@ -140,6 +140,21 @@ def _budget(plan: Plan, order: list[int], th, max_increase: float, measure) -> P
         "measured": measured, "measured_increase": measured / base - 1, "tried": tried})
 
 
+def validation_measure(cfg, plan, checkpoint: str | None) -> Callable[[list[int]], float]:
+    """The budget rule's measure: the plan's model at its tp size (virtual TP) on the config's ``spd.data`` text,
+    with a checkpoint's distilled weights (checked against the model, tp size and grain first, then read, not
+    loaded)."""
+    from ds_spd.build import build_runner
+    from ds_spd.run import resolve_run
+    spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_section="data")
+    states = None
+    if checkpoint is not None:
+        from ds_spd.checkpoint import open_checkpoint, read_block_states
+        open_checkpoint(checkpoint, spec.model_config, spec.tp_size, spec.config.tp_grain_size)
+        states = read_block_states(checkpoint)
+    return perplexity_measure(build_runner(spec), states)
+
+
 def perplexity_measure(runner, states: dict | None = None) -> Callable[[list[int]], float]:
     """``measure(blocks)`` for a budget: the runner's perplexity on its ``spd.data`` text with those blocks SPD,
     carrying their distilled weights where ``states`` (a checkpoint's, ds_spd.checkpoint.read_block_states)

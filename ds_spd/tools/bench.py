@@ -43,6 +43,13 @@ from ds_spd.outputs import MD_MARK
 from ds_spd.tools.plots import save_figure
 
 
+def launch_command(tp_size: int, argv: list[str]) -> str:
+    """The command line a bench result records (the launcher's own --local_rank left out)."""
+    import os
+    return "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
+        os.environ.get("OMP_NUM_THREADS", "?"), tp_size, " ".join(a for a in argv if "--local_rank" not in a))
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()

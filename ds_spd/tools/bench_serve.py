@@ -270,6 +270,26 @@ def bench_url(url: str, model: str, api_key: str | None, backend_name: str, toke
     return {"runs": runs, "repeats": repeats, "paired": [], "backend": vars(backend)}
 
 
+def managed_engines(cfg, paths: list[str], names: str | None) -> dict[str, list[str]]:
+    """bench-serve without --url: the serve arguments of each engine to start (``names``: tp, plan, all; default
+    tp,plan with a plan or checkpoint, else tp,all), checked without reading weights; ValueError names the flag."""
+    from ds_spd.run import resolve_run
+    spec = resolve_run(cfg.updated(plan=None, checkpoint=None, spd_blocks=None), virtual_tp=cfg.tp_size,
+                       read_weights=False)
+    if "2hosts" in paths:
+        from ds_spd.tools.serve_process import namespaces_work
+        if not namespaces_work():
+            raise ValueError("--paths 2hosts simulates hosts with private mount namespaces: it needs `unshare -m` "
+                             "and mount (root)")
+    chosen = names.split(",") if names else (["tp", "plan"] if cfg.plan or cfg.checkpoint else ["tp", "all"])
+    return engines_for(cfg.plan, cfg.checkpoint, spec.model_config.num_hidden_layers, chosen)
+
+
+def server_args(cfg, max_model_len: int) -> list[str]:
+    """The serve arguments every started engine shares: the model, tp size, dtype and a context for the workload."""
+    return ["--model", cfg.model, "--tp", str(cfg.tp_size), "--dtype", cfg.dtype, "--max-model-len", str(max_model_len)]
+
+
 def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: list[str]) -> dict[str, list[str]]:
     """serve arguments of each engine: TP (no SPD block), the plan's (or checkpoint's) blocks, every block."""
     table = {"tp": ["--spd-blocks", "none"], "all": ["--spd-blocks", f"0-{n_layers - 1}"]}

@@ -183,7 +183,7 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
 
 
 def test_serve_and_bench_flags_are_generated_from_their_settings(monkeypatch):
-    """Each serve / bench setting is declared once (a field with default, bound and help): every field is a flag with
+    """Each serve / bench / bench-serve setting is declared once (a field with default, bound and help): every field is a flag with
     that default, the parsed flags build the settings, a value out of its bound is refused naming the flag (a
     secret's value never shown), and the API key's default comes from the environment."""
     from dataclasses import fields
@@ -192,10 +192,10 @@ def test_serve_and_bench_flags_are_generated_from_their_settings(monkeypatch):
     from ds_spd.errors import SPDInputError
     from ds_spd.serve.settings import ServeSettings
     from ds_spd.settings import flag_of, from_args
-    from ds_spd.tools.settings import BenchSettings
+    from ds_spd.tools.settings import BenchServeSettings, BenchSettings
     monkeypatch.setenv("DS_SPD_API_KEY", "sk-from-env")
     parser = build_parser()
-    for command, cls in (("serve", ServeSettings), ("bench", BenchSettings)):
+    for command, cls in (("serve", ServeSettings), ("bench", BenchSettings), ("bench-serve", BenchServeSettings)):
         args = parser.parse_args([command])
         built = from_args(cls, args)
         for f in fields(cls):
@@ -205,6 +205,7 @@ def test_serve_and_bench_flags_are_generated_from_their_settings(monkeypatch):
         assert {k: v for k, v in vars(built).items() if k != "api_key"} == \
             {k: v for k, v in defaults.items() if k != "api_key"}
     assert from_args(ServeSettings, parser.parse_args(["serve"])).api_key == "sk-from-env"
+    assert from_args(BenchServeSettings, parser.parse_args(["bench-serve"])).api_key == "sk-from-env"
     args = parser.parse_args(["serve", "--served-model-name", "m", "--max-seqs", "3", "--max-step-tokens", "3"])
     with pytest.raises(SPDInputError, match=r"--max-step-tokens 3 is out of range: more than --max-seqs"):
         from_args(ServeSettings, args)
