@@ -68,6 +68,9 @@ class DistillConfig(_Strict):
                               "with the teacher run on them as targets; or from the chain as it will run (the "
                               "blocks before in their trained SPD form) with the original model's outputs as "
                               "targets, so each block learns to undo the drift before it (layerwise only)")
+    loss_window: int = Field(0, ge=0, description="layerwise: measure each trained block's error after this many "
+                             "following original blocks (frozen), against the original model's outputs there: an "
+                             "error counts by what it does downstream (0: at the block's own output, the paper's)")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
@@ -109,6 +112,8 @@ class DistillConfig(_Strict):
             raise ValueError("activation_budget_gb applies to the layerwise trainer only")
         if self.patience is not None and self.val_segments == 0:
             raise ValueError("patience needs held-out segments (val_segments > 0) to measure improvement on")
+        if self.loss_window and self.trainer != "layerwise":
+            raise ValueError("loss_window applies to the layerwise trainer only")
         if self.input_source == "chain" and self.trainer != "layerwise":
             raise ValueError("input_source 'chain' trains the blocks in order, each on the outputs of those trained "
                              "before it: the layerwise trainer only")

@@ -123,10 +123,42 @@ def test_chain_retrains_the_blocks_after_a_changed_one(tmp_path, capsys):
     assert not torch.equal(resumed.block_states[2]["mlp.up_proj.weight"], first.block_states[2]["mlp.up_proj.weight"])
 
 
-def test_chain_needs_the_layerwise_trainer():
+def test_loss_window_measures_the_error_after_the_next_original_block(monkeypatch):
+    """loss_window 1: block 0 (SB) trains against the original model's output after block 1 (its target), through
+    block 1 frozen in TP form; its reported starting MSE is exactly that (the student's output through the original
+    block 1, against the teacher's); block 1's weights are not trained."""
+    from ds_spd.stages.scan import BlockInputs
+    base = tiny_model("llama")
+    segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(5))
+    plan = _plan(base.config, ["SB", "TP", "TP", "TP"])
+    settings = DistillSettings(epochs=1, lr=2e-3, micro_batch=4, loss_window=1, val_segments=0)
+    seen = {}
+    result = _chain_run(base, segments, plan, settings, seen=seen, monkeypatch=monkeypatch)
+    model = ds_spd.virtualize(copy.deepcopy(base), 2)
+    original = BlockInputs.capture(model, segments, 4, progress=False).inputs
+    assert torch.equal(seen[0][0], original[0]) and torch.allclose(seen[0][1], original[2], atol=1e-5)
+    from ds_spd.core.inject import decoder_layers
+    layers = decoder_layers(model)
+    student = copy.deepcopy(layers[0])
+    student.spd = True
+    from ds_spd.stages.headgroup import attention_kwargs, find_grouping, permute_block
+    grouping = find_grouping(student, model.model.rotary_emb, original[0][:8], BlockSource.from_model(base, 2, 64).layout,
+                             "neuron")
+    permute_block(student, grouping, BlockSource.from_model(base, 2, 64).layout)
+    x = original[0][:4]
+    with torch.no_grad():
+        h = student(x, **attention_kwargs(model.model.rotary_emb, x, student))
+        h = layers[1](h, **attention_kwargs(model.model.rotary_emb, h, layers[1]))
+    assert result.initial_mse[0] == pytest.approx(torch.nn.functional.mse_loss(h, original[2][:4]).item(), rel=1e-5)
+    assert sorted(result.block_states) == [0]
+
+
+def test_chain_and_loss_window_need_the_layerwise_trainer():
     from ds_spd.config import DistillConfig
     with pytest.raises(ValueError, match="input_source 'chain' .* layerwise trainer only"):
         DistillConfig(input_source="chain", trainer="joint")
+    with pytest.raises(ValueError, match="loss_window applies to the layerwise trainer only"):
+        DistillConfig(loss_window=1, trainer="joint")
 
 
 def test_default_clipping_couples_the_joint_trainers_blocks():

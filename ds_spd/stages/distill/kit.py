@@ -62,13 +62,19 @@ class BlockPairs(Dataset):
 
 
 class BlockDistiller(nn.Module):
-    """The student blocks, trained together; ``forward`` returns the summed loss and the per-block MSEs."""
+    """The student blocks, trained together; ``forward`` returns the summed loss and the per-block MSEs.
 
-    def __init__(self, students: dict[int, SPDDecoderLayer], rotary: nn.Module):
+    ``followers``: per student, frozen original blocks its output runs through before the loss (a loss past the
+    block, ``loss_window``): the targets are then the original model's outputs after those blocks."""
+
+    def __init__(self, students: dict[int, SPDDecoderLayer], rotary: nn.Module,
+                 followers: dict[int, list[SPDDecoderLayer]] | None = None):
         super().__init__()
         self.indices = sorted(students)
         self.blocks = nn.ModuleList([students[i] for i in self.indices])
         self._rotary = (rotary,)  # not a submodule: its inv_freq must stay fp32 when the engine casts to bf16
+        # not submodules either: frozen, never the engine's to partition, cast or optimise
+        self._followers = tuple(tuple((followers or {}).get(i, ())) for i in self.indices)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor):
         dtype = self.blocks[0].input_layernorm.weight.dtype
@@ -79,7 +85,13 @@ class BlockDistiller(nn.Module):
             kind = layer_type(block.self_attn.config, block.self_attn.layer_idx)
             if kind not in kwargs:
                 kwargs[kind] = attention_kwargs(self._rotary[0], inputs[:, j], block)
-            losses.append(F.mse_loss(block(inputs[:, j], **kwargs[kind]).float(), targets[:, j].float()))
+            out = block(inputs[:, j], **kwargs[kind])
+            for follower in self._followers[j]:
+                kind = layer_type(follower.self_attn.config, follower.self_attn.layer_idx)
+                if kind not in kwargs:
+                    kwargs[kind] = attention_kwargs(self._rotary[0], inputs[:, j], follower)
+                out = follower(out, **kwargs[kind])
+            losses.append(F.mse_loss(out.float(), targets[:, j].float()))
         losses = torch.stack(losses)
         return losses.sum(), losses.detach()
 
@@ -459,7 +471,8 @@ def split_held_out(pairs: Dataset, settings: DistillSettings) -> tuple[Dataset, 
 
 @torch.no_grad()
 def block_mse(templates: dict[int, nn.Module], states: dict[int, dict[str, torch.Tensor]], rotary: nn.Module,
-              inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+              inputs: torch.Tensor, targets: torch.Tensor,
+              followers: dict[int, list[nn.Module]] | None = None) -> torch.Tensor:
     """Per-block MSE of the weights ``states`` (loaded into SPD copies of ``templates``) on ``inputs``
     ``[B, n_blocks, T, d]``: the plain forward, outside any engine, as initial_mse is measured."""
     copies = {}
@@ -469,4 +482,4 @@ def block_mse(templates: dict[int, nn.Module], states: dict[int, dict[str, torch
         block.spd = True
         copies[i] = block
     device = model_device(next(iter(copies.values())))
-    return BlockDistiller(copies, rotary)(inputs.to(device), targets.to(device))[1].float().cpu()
+    return BlockDistiller(copies, rotary, followers)(inputs.to(device), targets.to(device))[1].float().cpu()

@@ -16,6 +16,10 @@ imitating the teacher on inputs it will never see. The streams are one store unt
 A block's inputs then depend on the weights trained before it: its resume key holds a digest of them
 (``upstream``), and a block whose upstream changed is trained again.
 
+``loss_window`` N measures a trained block's error after the next N original blocks (frozen, resident beside it),
+against the teacher stream there (BRECQ's and CBQ's windows): an error counts by what the blocks after it make of
+it. Each training step then runs N + 1 blocks forward and backward.
+
 Activations beyond ``budget_bytes`` live in files under the work dir (``activations/``), read segment by
 segment (ds_spd.stages.streaming).
 
@@ -154,9 +158,26 @@ def chain_block(teacher: SPDDecoderLayer, cls: str, state: dict[str, torch.Tenso
     return block
 
 
+def _window_target(source: BlockSource, i: int, y: ActivationStore, settings: DistillSettings, store
+                   ) -> tuple[ActivationStore, list[SPDDecoderLayer]]:
+    """``loss_window``: the original blocks after block ``i`` (frozen, as many as the model has) and the teacher
+    stream's outputs after them (``y``: after block i), the trained block's target."""
+    target, followers = y, []
+    for j in range(i + 1, min(i + settings.loss_window, source.config.num_hidden_layers - 1) + 1):
+        block = source.block(j).requires_grad_(False)
+        nxt = store()
+        run_block(block, source.rotary, target, nxt, settings.micro_batch, shared=True)
+        if target is not y:
+            target.close()
+        target = nxt
+        followers.append(block)
+    return target, followers
+
+
 def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cls: str, x: ActivationStore,
                  y: ActivationStore, ds_config: dict, settings: DistillSettings, work_dir: str | None,
-                 client: dict, use_accelerate: bool, progress: bool) -> dict:
+                 client: dict, use_accelerate: bool, progress: bool,
+                 followers: list[SPDDecoderLayer] = ()) -> dict:
     import torch.distributed as dist
     student = copy.deepcopy(teacher)
     student.spd = True
@@ -165,7 +186,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
         grouping = find_grouping(student, rotary, x.read(0, min(settings.hg_segments, len(x))), layout,
                                  settings.mlp_matching)
         permute_block(student, grouping, layout)
-    distiller = BlockDistiller({i: student}, rotary)
+    distiller = BlockDistiller({i: student}, rotary, {i: list(followers)})
     mb = min(settings.micro_batch, len(x))
     first = (x.read(0, mb)[:, None], y.read(0, mb)[:, None])
     with torch.no_grad():
@@ -176,7 +197,7 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
     fitted = fit(distiller, _SegmentPairs(x, y), ds_config, settings, use_accelerate, blocks=[i], desc=f"block {i}",
                  progress=progress, tokens_per_item=x.shape[1], state_dir=block_dir, client=client)
     state, best = fitted.states[i], fitted.best
-    final = block_mse({i: teacher}, {i: state}, rotary, *first)
+    final = block_mse({i: teacher}, {i: state}, rotary, *first, followers={i: list(followers)})
     info = {"client": client, "history": [h["loss"][i] for h in fitted.history],
             "val_history": [h["val"][i] for h in fitted.history if "val" in h],
             "best_epoch": best.epoch[i] if best is not None else None,
@@ -250,8 +271,11 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
                 if progress:
                     print(f"distill: block {i} already trained ({work_dir}): not trained again", file=sys.stderr)
             else:
-                done[i] = _train_block(i, teacher, source.rotary, source.layout, classes[i], xs, y, ds_config,
-                                       settings, work_dir, client, use_accelerate, progress)
+                target, followers = _window_target(source, i, y, settings, store)
+                done[i] = _train_block(i, teacher, source.rotary, source.layout, classes[i], xs, target, ds_config,
+                                       settings, work_dir, client, use_accelerate, progress, followers)
+                if target is not y:
+                    target.close()
         elif chain and i < last:
             y = store()
             run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
