@@ -42,3 +42,29 @@ def test_the_check_finds_what_it_forbids(tmp_path):
                     "[history](changelog.md#test-suite-time-2026-11-to-2026-12-03); 2.0000001, 1e-4, 0xdeadbeef1.\n")
     assert [f.split(": ", 1)[1] for f in findings(str(page))] == [
         "work-item number 'issue 30'", "commit hash 'bf4c055'", "date '2026-12-03'"]
+
+
+# ---------------------------------------------------------------- headline figures: one source, quoted exactly
+
+def _pct(r: dict) -> str:
+    return f"{100 * (r['ratio'] - 1):+.1f}% [{100 * (r['ci95'][0] - 1):+.1f}, {100 * (r['ci95'][1] - 1):+.1f}]"
+
+
+def test_the_readme_quotes_the_readme_path_and_demo_figures_of_their_artefacts():
+    """Each headline figure lives in its artefact (docs/results/); the README and docs/recovery.md quote it, and a
+    quote that drifts from the artefact fails here."""
+    import json
+
+    from ds_spd.tools.evaluation import paired_ratio_ci
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    recovery = open(os.path.join(ROOT, "docs", "recovery.md"), encoding="utf-8").read()
+    for model in ("default", "gemma3-270m"):
+        summary = json.load(open(os.path.join(ROOT, "docs", "results", "readme_path", f"{model}_tp2", "summary.json")))
+        for n, row in summary["counts"].items():
+            quoted = _pct(row["distilled"])
+            assert quoted in readme and quoted in recovery, (model, n, quoted)
+    demo = os.path.join(ROOT, "docs", "results", "demo")
+    tp, distilled, zero = (json.load(open(os.path.join(demo, f"eval_{k}.json"))) for k in ("tp", "distilled", "zero_shot"))
+    r = paired_ratio_ci(tp, distilled)
+    assert f"{r['ratio']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" in readme
+    assert f"zero-shot {paired_ratio_ci(tp, zero)['ratio']:.3f}" in readme
