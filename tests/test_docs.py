@@ -51,13 +51,13 @@ def _pct(r: dict) -> str:
 
 
 def test_the_readme_quotes_the_readme_path_and_demo_figures_of_their_artefacts():
-    """Each headline figure lives in its artefact (docs/results/); the README and docs/recovery.md quote it, and a
+    """Each headline figure lives in its artefact (docs/results/); the README and docs/experiments.md quote it, and a
     quote that drifts from the artefact fails here."""
     import json
 
     from ds_spd.tools.evaluation import paired_ratio_ci
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    recovery = open(os.path.join(ROOT, "docs", "recovery.md"), encoding="utf-8").read()
+    recovery = open(os.path.join(ROOT, "docs", "experiments.md"), encoding="utf-8").read()
     for model in ("default", "gemma3-270m"):
         summary = json.load(open(os.path.join(ROOT, "docs", "results", "readme_path", f"{model}_tp2", "summary.json")))
         for n, row in summary["counts"].items():
