@@ -9,9 +9,8 @@ import pytest
 import torch
 from bad_inputs import CASES, ENV, TINY_DATA
 from helpers import (ROOT, assert_no_shm_left, file_tree as _tree, last_json, run_cli, run_cli_batch, shm_buffers,
-                     tiny_config, tiny_model, tiny_plan_file)
+                     tiny_config, tiny_plan_file)
 
-import ds_spd
 from ds_spd import outputs
 from ds_spd.checkpoint import FILES, WEIGHTS, open_checkpoint, save_checkpoint
 from ds_spd.errors import OutputError, PlanError
@@ -340,25 +339,6 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trainer, source, distill_
 def test_eval_seed_is_used(quick_runs):
     one, two, again = (last_json(r["stdout"])["perplexity"] for r in quick_runs[1][1:])
     assert one != two and again == one
-
-
-def test_head_grouping_uses_the_configured_grain():
-    """HG must match MLP slices of the layout the ranks hold (tp_grain_size 100: 100 + 100 columns, not the
-    default grain's 128 + 72)."""
-    from ds_spd.stages.distill.joint import build_students
-    from ds_spd.stages.distill.kit import BlockPairs, DistillSettings
-    from ds_spd.stages.headgroup import permute_block
-    from ds_spd.core.layout import TPLayout
-    model = ds_spd.virtualize(tiny_model(), 2, tp_grain_size=100)
-    plan = Plan.from_blocks("tiny", model.config, 2, [], tp_grain_size=100)
-    plan.blocks[0].cls = "ESB"
-    x = torch.randn(1, 4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    students, groupings = build_students(model, plan, [0], BlockPairs(x, x), DistillSettings(hg_segments=4))
-    assert groupings[0].mlp_cols == (100, 100) == students[0].mlp_cols
-    default = TPLayout.for_model(model.config, 2)
-    assert default.mlp_cols == (128, 72)
-    with pytest.raises(ValueError, match="build both from one TPLayout"):
-        permute_block(students[0], groupings[0], default)
 
 
 def test_reselection_keeps_or_drops_both_permutations():

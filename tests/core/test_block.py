@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import EVEN, KV1, SMOL_HEADS, independent_split, tiny_config, tiny_model
+from helpers import EVEN, KV1, SMOL_HEADS, reference_logits, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.core.block import SPDDecoderLayer
@@ -18,44 +18,6 @@ def _ids(vocab=384, shape=(2, 12)):
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
-
-
-def reference_logits(model, ids, tp, spd_blocks):
-    """docs/method.md section 1 computed with hooks on the unmodified HF model (no ds_spd block code).
-
-    A pre-hook on o_proj captures the concatenated head outputs; a hook on each SPD layer replaces its
-    output by X + sum_r Y_r + b_o + sum_r MLP_r(Norm2(X + Y_r + b_o)) + b_d.
-    """
-    model = copy.deepcopy(model)
-    attn_cols, mlp_cols = independent_split(model.config, tp)
-    assert (attn_cols, mlp_cols) == (list(TPLayout.for_model(model.config, tp).attn_cols),
-                                     list(TPLayout.for_model(model.config, tp).mlp_cols))
-    handles = []
-    for i, layer in enumerate(model.model.layers):
-        if i not in spd_blocks:
-            continue
-        heads = {}
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda m, args, heads=heads: heads.__setitem__("h", args[0])))
-
-        def replace(layer, args, kwargs, output, heads=heads):
-            x = args[0] if args else kwargs["hidden_states"]
-            att, mlp = layer.self_attn, layer.mlp
-            o_b = att.o_proj.bias if att.o_proj.bias is not None else 0
-            d_b = mlp.down_proj.bias if mlp.down_proj.bias is not None else 0
-            out, a0, m0 = x + o_b + d_b, 0, 0
-            for a, m in zip(attn_cols, mlp_cols):
-                y = heads["h"][..., a0:a0 + a] @ att.o_proj.weight[:, a0:a0 + a].T
-                u = layer.post_attention_layernorm(x + y + o_b)
-                g = u @ mlp.gate_proj.weight[m0:m0 + m].T
-                up = u @ mlp.up_proj.weight[m0:m0 + m].T
-                if mlp.gate_proj.bias is not None:
-                    g, up = g + mlp.gate_proj.bias[m0:m0 + m], up + mlp.up_proj.bias[m0:m0 + m]
-                out = out + y + (mlp.act_fn(g) * up) @ mlp.down_proj.weight[:, m0:m0 + m].T
-                a0, m0 = a0 + a, m0 + m
-            return out
-        handles.append(layer.register_forward_hook(replace, with_kwargs=True))
-    return _logits(model, ids)
 
 
 def test_layout_matches_deepspeed_split():

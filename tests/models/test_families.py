@@ -4,11 +4,10 @@ block math (pre-norm: the paper's; sandwich: ds_spd's rank-local definition); he
 TP function; mixture-of-experts refused by name. (Virtual TP == 2 real ranks, every family:
 tests/core/test_multirank.py.)"""
 import copy
-import json
 
 import pytest
 import torch
-from helpers import (CPU_ZERO2, FAMILIES, KV1_SHAPE, independent_split, plan_of_classes, save_tiny, tiny_config,
+from helpers import (CPU_ZERO2, FAMILIES, KV1_SHAPE, plan_of_classes, reference_logits, tiny_config,
                      tiny_model)
 
 import ds_spd
@@ -27,47 +26,6 @@ def _ids(shape=(2, 12)):
 @torch.no_grad()
 def _logits(model, ids):
     return model(ids).logits
-
-
-def _mlp(mlp):
-    """gate, up, down weights and the activation, read straight from the HF module."""
-    if hasattr(mlp, "gate_up_proj"):
-        gate, up = mlp.gate_up_proj.weight.chunk(2)
-        return gate, up, mlp.down_proj.weight, mlp.activation_fn
-    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, mlp.act_fn
-
-
-def reference_logits(model, ids, tp, blocks):
-    """The SPD block math computed with hooks on the unmodified HF model (no ds_spd block code):
-    pre-norm  out = X + sum_r [Y_r + MLP_r(N2(X + Y_r))];
-    sandwich  out = X + Na(sum_r Y_r) + No(sum_r MLP_r(Nf(X + Na(Y_r))))."""
-    model = copy.deepcopy(model)
-    attn_cols, mlp_cols = independent_split(model.config, tp)
-    assert (attn_cols, mlp_cols) == (list(TPLayout.for_model(model.config, tp).attn_cols),
-                                     list(TPLayout.for_model(model.config, tp).mlp_cols))
-    for i, layer in enumerate(model.model.layers):
-        if i not in blocks:
-            continue
-        heads = {}
-        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, heads=heads: heads.__setitem__("h", args[0]))
-
-        def replace(layer, args, kwargs, output, heads=heads):
-            x = args[0] if args else kwargs["hidden_states"]
-            gate, up, down, act = _mlp(layer.mlp)
-            sandwich = hasattr(layer, "pre_feedforward_layernorm")
-            ys, zs, a0, m0 = [], [], 0, 0
-            for a, m in zip(attn_cols, mlp_cols):
-                y = heads["h"][..., a0:a0 + a] @ layer.self_attn.o_proj.weight[:, a0:a0 + a].T
-                u = (layer.pre_feedforward_layernorm(x + layer.post_attention_layernorm(y)) if sandwich
-                     else layer.post_attention_layernorm(x + y))
-                zs.append((act(u @ gate[m0:m0 + m].T) * (u @ up[m0:m0 + m].T)) @ down[:, m0:m0 + m].T)
-                ys.append(y)
-                a0, m0 = a0 + a, m0 + m
-            if sandwich:
-                return x + layer.post_attention_layernorm(sum(ys)) + layer.post_feedforward_layernorm(sum(zs))
-            return x + sum(ys) + sum(zs)
-        layer.register_forward_hook(replace, with_kwargs=True)
-    return _logits(model, ids)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -62,6 +62,24 @@ def test_scatter_heads_maximises_within_group_distance():
     assert sorted(u for g in heuristic for u in g) == list(range(24))
 
 
+def test_head_grouping_uses_the_configured_grain():
+    """HG must match MLP slices of the layout the ranks hold (tp_grain_size 100: 100 + 100 columns, not the
+    default grain's 128 + 72)."""
+    from ds_spd.stages.distill.joint import build_students
+    from ds_spd.plan import Plan
+    from ds_spd.stages.distill.kit import BlockPairs
+    model = ds_spd.virtualize(tiny_model(), 2, tp_grain_size=100)
+    plan = Plan.from_blocks("tiny", model.config, 2, [], tp_grain_size=100)
+    plan.blocks[0].cls = "ESB"
+    x = torch.randn(1, 4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    students, groupings = build_students(model, plan, [0], BlockPairs(x, x), DistillSettings(hg_segments=4))
+    assert groupings[0].mlp_cols == (100, 100) == students[0].mlp_cols
+    default = TPLayout.for_model(model.config, 2)
+    assert default.mlp_cols == (128, 72)
+    with pytest.raises(ValueError, match="build both from one TPLayout"):
+        permute_block(students[0], groupings[0], default)
+
+
 def test_scatter_heads_greedy_path_against_the_exhaustive_optimum(monkeypatch):
     """The greedy + swaps path (used beyond _EXHAUSTIVE_LIMIT partitions), forced on sizes where the exhaustive
     search also runs: measured here on 60 random instances it reaches the optimum in 47, worst 94.6%, mean 99.7%."""

@@ -9,8 +9,8 @@ import json
 import os
 from typing import Callable
 
-DISTILL_DATA = ["--max-samples", "2", "--seq-len", "24"]
-TINY_DATA = [*DISTILL_DATA, "--batch-size", "2"]
+REFUSED_DATA = ["--max-samples", "2", "--seq-len", "24"]   # what a refused command would read: little
+TINY_DATA = [*REFUSED_DATA, "--batch-size", "2"]
 
 
 def _binary(tmp: str, name: str) -> str:
@@ -130,28 +130,28 @@ CASES: list[Case] = [
     ("plan --out onto a directory", "output path",
      lambda t, m: ["plan", "--plan", _plan(t, m), "--spd-count", "1", "--out", t], "is a directory"),
     ("distill --out onto an existing non-checkpoint directory", "output path",
-     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", _foreign_dir(t), *DISTILL_DATA],
+     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", _foreign_dir(t), *REFUSED_DATA],
      "was not written by ds_spd"),
     ("distill --out onto a file", "output path",
-     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", _text(t, "f", "x"), *DISTILL_DATA],
+     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", _text(t, "f", "x"), *REFUSED_DATA],
      "is a file"),
     ("distill --out in an unwritable place", "output path",
-     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", "/proc/ds_spd_test/ck", *DISTILL_DATA],
+     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", "/proc/ds_spd_test/ck", *REFUSED_DATA],
      "cannot write"),
     ("distill work dir that ds_spd did not write", "trusted input",
      lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--out", os.path.join(t, "ck"),
-                   "--work-dir", _work_dir_without_fingerprint(t), *DISTILL_DATA], "has no ds_spd_run.json"),
+                   "--work-dir", _work_dir_without_fingerprint(t), *REFUSED_DATA], "has no ds_spd_run.json"),
     ("eval --spd-blocks outside the checkpoint's SPD blocks", "plan mismatch",
      lambda t, m: ["eval", "--checkpoint", _checkpoint_of_block_1(t, m), "--spd-blocks", "2,3", "--model", m, *V,
                    *TINY_DATA], "blocks [2, 3] are not SPD blocks of checkpoint"),
     ("distill --activation-budget with the joint trainer", "ignored flag",
      lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--trainer", "joint", "--activation-budget", "1",
-                   "--out", os.path.join(t, "ck"), *DISTILL_DATA],
+                   "--out", os.path.join(t, "ck"), *REFUSED_DATA],
      "activation_budget_gb applies to the layerwise trainer only"),
     ("plan for another tp_grain_size", "plan mismatch",
      lambda t, m: ["eval", "--plan", _plan(t, m, tp_grain_size=32), "--model", m, *V], "tp_grain_size 32, not 64"),
     ("a flag the command cannot honour (distill --spd-blocks)", "ignored flag",
-     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--spd-blocks", "1", *DISTILL_DATA],
+     lambda t, m: ["distill", "--plan", _plan(t, m), "--model", m, "--spd-blocks", "1", *REFUSED_DATA],
      "unrecognized arguments: --spd-blocks 1"),
     ("generate with an empty prompt", "bad value",
      lambda t, m: ["generate", "--prompt", "", "--model", m, *V], "an empty prompt has no token"),

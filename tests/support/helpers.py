@@ -271,3 +271,58 @@ def readme_path(model: str, tmp_path, extra: list[str] = ()) -> tuple[dict, dict
     with open(f"{ckpt}/provenance.json") as f:
         assert set(json.load(f)["final_mse"]) == {str(i) for i in trained}
     return scan, distill, plan
+
+
+def _mlp_parts(mlp):
+    """gate, up, down weights, their biases (gate, up) and the activation, read straight from the HF module."""
+    if hasattr(mlp, "gate_up_proj"):   # fused (Phi-3)
+        gate, up = mlp.gate_up_proj.weight.chunk(2)
+        return gate, up, None, None, mlp.down_proj.weight, mlp.activation_fn
+    return (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.gate_proj.bias, mlp.up_proj.bias, mlp.down_proj.weight,
+            mlp.act_fn)
+
+
+def reference_logits(model, ids, tp: int, blocks) -> torch.Tensor:
+    """The SPD block math (docs/method.md section 1) computed with hooks on the unmodified HF model, no ds_spd block
+    code: the one reference the block tests and the family tests compare with.
+
+    A pre-hook on o_proj captures the concatenated head outputs; a hook on each SPD layer replaces its output by
+    pre-norm  X + sum_r [Y_r + MLP_r(N2(X + Y_r + b_o))] + b_o + b_d;
+    sandwich  X + Na(sum_r Y_r) + No(sum_r MLP_r(Nf(X + Na(Y_r)))).
+    The split is computed independently (:func:`independent_split`) and checked against ds_spd's layout."""
+    import copy
+
+    from ds_spd.core.layout import TPLayout
+    model = copy.deepcopy(model)
+    attn_cols, mlp_cols = independent_split(model.config, tp)
+    layout = TPLayout.for_model(model.config, tp)
+    assert (attn_cols, mlp_cols) == (list(layout.attn_cols), list(layout.mlp_cols))
+    for i, layer in enumerate(model.model.layers):
+        if i not in blocks:
+            continue
+        heads = {}
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args, heads=heads: heads.__setitem__("h", args[0]))
+
+        def replace(layer, args, kwargs, output, heads=heads):
+            x = args[0] if args else kwargs["hidden_states"]
+            gate, up, g_b, u_b, down, act = _mlp_parts(layer.mlp)
+            o_b = layer.self_attn.o_proj.bias if layer.self_attn.o_proj.bias is not None else 0
+            d_b = layer.mlp.down_proj.bias if layer.mlp.down_proj.bias is not None else 0
+            sandwich = hasattr(layer, "pre_feedforward_layernorm")
+            ys, zs, a0, m0 = [], [], 0, 0
+            for a, m in zip(attn_cols, mlp_cols):
+                y = heads["h"][..., a0:a0 + a] @ layer.self_attn.o_proj.weight[:, a0:a0 + a].T
+                u = (layer.pre_feedforward_layernorm(x + layer.post_attention_layernorm(y)) if sandwich
+                     else layer.post_attention_layernorm(x + y + o_b))
+                g, h = u @ gate[m0:m0 + m].T, u @ up[m0:m0 + m].T
+                if g_b is not None:
+                    g, h = g + g_b[m0:m0 + m], h + u_b[m0:m0 + m]
+                zs.append((act(g) * h) @ down[:, m0:m0 + m].T)
+                ys.append(y)
+                a0, m0 = a0 + a, m0 + m
+            if sandwich:
+                return x + layer.post_attention_layernorm(sum(ys)) + layer.post_feedforward_layernorm(sum(zs))
+            return x + sum(ys) + sum(zs) + o_b + d_b
+        layer.register_forward_hook(replace, with_kwargs=True)
+    with torch.no_grad():
+        return model(ids).logits
