@@ -75,6 +75,24 @@ def _generation_answers(secured: bool, max_mb: float, answer: str) -> dict:
     return answers
 
 
+#: pydantic writes a bound of an Optional field with a before-validator under its own name (``ge``), which JSON Schema
+#: does not know (the bound would be unpublished): the standard keywords
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _standard_bounds(node):
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number"):
+            for ours, standard in _BOUNDS.items():
+                if ours in node:
+                    node[standard] = node.pop(ours)
+        for value in node.values():
+            _standard_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _standard_bounds(value)
+
+
 def _tighten(body: dict, state: ServeState) -> None:
     """The limits the server enforces on a body, written into its JSON schema."""
     props = body["properties"]
@@ -117,6 +135,7 @@ def openapi_schema(app, state: ServeState, secured: bool, max_request_bytes: int
     for model in (CompletionBody, ChatBody):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
+        _standard_bounds(body)
         _tighten(body, state)
         components[model.__name__] = body
     components["ChatMessage"]["properties"]["content"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
