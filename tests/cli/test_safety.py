@@ -297,11 +297,20 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trainer, source, distill_
     """SIGKILL right after epoch 2 of 3 is saved, then resume: bitwise the uninterrupted run. Layer-wise, the resume
     is killed again right after block 0 is stored, and the next one goes on with block 2, never training block 0
     again; its uninterrupted run spills every activation to files (--activation-budget 0): the same weights. In
-    chain mode block 2 trains on the outputs of block 0's stored weights (and block 1 in zero-shot SPD form)."""
+    chain mode the kill comes inside block 2 (epoch 2 saved), which trains on the outputs of block 0's weights and
+    block 1 in zero-shot SPD form: the resumed run rebuilds that chain from block 0's stored weights."""
     args, tmp = distill_setup
     args = [*args, "--trainer", trainer, "--input-source", source]
-    out, layerwise = str(tmp / "a"), trainer == "layerwise"
+    out, layerwise, chain = str(tmp / "a"), trainer == "layerwise", source == "chain"
     shm_before = shm_buffers()
+    if chain:
+        killed = run_cli([*args, "--out", out, "--epochs", "3"], check=False, runner=_killer("block2:2"))
+        assert killed.returncode == -9, killed.stderr[-2000:]
+        work = tmp / "a.work"
+        assert (work / "block000.json").is_file() and (work / "block002" / "latest").read_text().strip() == "epoch2"
+        assert (work / "block002" / "upstream").is_file()
+        stamp = os.stat(work / "block000.safetensors").st_mtime_ns
+        return _resume_equals_uninterrupted(args, tmp, out, trainer, stamp, "resuming from epoch 2 of 3 (block 2")
     killed = run_cli([*args, "--out", out, "--epochs", "3"], check=False, runner=_killer("2"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert_no_shm_left(shm_before, "a SIGKILLed run")
@@ -314,16 +323,23 @@ def test_resume_after_sigkill_equals_uninterrupted_run(trainer, source, distill_
         assert again.returncode == -9 and "resuming from epoch 2 of 3" in again.stderr, again.stderr[-2000:]
         assert (work / "block000.json").is_file() and not (work / "block002.json").exists()
         stamp = os.stat(work / "block000.safetensors").st_mtime_ns
+    _resume_equals_uninterrupted(args, tmp, out, trainer, stamp if layerwise else None,
+                                 "block 0 already trained" if layerwise else "resuming from epoch 2 of 3")
+
+
+def _resume_equals_uninterrupted(args, tmp, out, trainer, stamp, resumed_says):
+    """The killed run resumed and an uninterrupted run (layer-wise: every activation spilled), in one process: bitwise
+    the same weights and history; a stored block (``stamp``: its file's mtime) never trained again."""
+    layerwise = trainer == "layerwise"
     resumed, uninterrupted = run_cli_batch([   # the resume and the uninterrupted run in one process
         [*args, "--out", out, "--epochs", "3"],
         [*args, "--out", str(tmp / "b"), "--epochs", "3", *(["--activation-budget", "0"] if layerwise else [])]],
         str(tmp / "batch"))
     assert resumed["code"] == uninterrupted["code"] == 0, (resumed["stderr"][-3000:], uninterrupted["stderr"][-3000:])
-    if layerwise:
+    assert resumed_says in resumed["stderr"], resumed["stderr"][-3000:]
+    if stamp is not None:
         assert "block 0 already trained" in resumed["stderr"]
-        assert os.stat(work / "block000.safetensors").st_mtime_ns == stamp   # never trained again
-    else:
-        assert "resuming from epoch 2 of 3" in resumed["stderr"]
+        assert os.stat(tmp / "a.work" / "block000.safetensors").st_mtime_ns == stamp   # never trained again
     from safetensors.torch import load_file
     a, b = load_file(str(tmp / "a" / WEIGHTS)), load_file(str(tmp / "b" / WEIGHTS))
     assert sorted(a) == sorted(b) and {k.split(".")[2] for k in a} == {"0", "2"}
