@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from ds_spd.serve.protocol import UNSUPPORTED, ChatBody, CompletionBody
-from ds_spd.serve.state import ServeState
+from ds_spd.serve.protocol import BIAS_LIMIT, MAX_BIASED, MAX_STOPS, UNSUPPORTED, ChatBody, CompletionBody
+from ds_spd.serve.state import STATUSES, ServeState
 
 #: 400 codes a body valid under the published schema can still get (the joint limits a schema cannot state)
 JOINT_LIMIT_CODES = ("context_length_exceeded", "too_many_sequences", "chat_template_refused")
@@ -75,24 +75,6 @@ def _generation_answers(secured: bool, max_mb: float, answer: str) -> dict:
     return answers
 
 
-#: pydantic writes a bound of an Optional field with a before-validator under its own name (``ge``), which JSON Schema
-#: does not know (the bound would be unpublished): the standard keywords
-_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
-
-
-def _standard_bounds(node):
-    if isinstance(node, dict):
-        if node.get("type") in ("integer", "number"):
-            for ours, standard in _BOUNDS.items():
-                if ours in node:
-                    node[standard] = node.pop(ours)
-        for value in node.values():
-            _standard_bounds(value)
-    elif isinstance(node, list):
-        for value in node:
-            _standard_bounds(value)
-
-
 def _tighten(body: dict, state: ServeState) -> None:
     """The limits the server enforces on a body, written into its JSON schema."""
     props = body["properties"]
@@ -106,12 +88,14 @@ def _tighten(body: dict, state: ServeState) -> None:
     for name, unused in UNSUPPORTED.items():
         props[name] = {"enum": list(unused), "description": "not supported here: only the value meaning 'not used'"}
     props["stop"] = {"anyOf": [{"type": "string", "minLength": 1},
-                               {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
-                               {"type": "null"}], "description": "up to 4 non-empty strings"}
-    props["logit_bias"] = {"anyOf": [{"type": "object", "maxProperties": 300, "propertyNames": {"pattern": "^[0-9]+$"},
-                                      "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                               {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOPS},
+                               {"type": "null"}], "description": f"up to {MAX_STOPS} non-empty strings"}
+    props["logit_bias"] = {"anyOf": [{"type": "object", "maxProperties": MAX_BIASED,
+                                      "propertyNames": {"pattern": "^[0-9]+$"},
+                                      "additionalProperties": {"type": "number", "minimum": -BIAS_LIMIT,
+                                                               "maximum": BIAS_LIMIT}},
                                      {"type": "null"}],
-                           "description": "token id (a string of digits) -> bias in [-100, 100]"}
+                           "description": f"token id (a string of digits) -> bias in [-{BIAS_LIMIT}, {BIAS_LIMIT}]"}
     needs = [("stream_options", "stream")] + ([("top_logprobs", "logprobs")] if "top_logprobs" in props else [])
     body["allOf"] = [{"if": {"required": [field], "properties": {field: {"not": {"type": "null"}}}},
                       "then": {"required": [flag], "properties": {flag: {"const": True}}}} for field, flag in needs]
@@ -135,7 +119,6 @@ def openapi_schema(app, state: ServeState, secured: bool, max_request_bytes: int
     for model in (CompletionBody, ChatBody):
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
-        _standard_bounds(body)
         _tighten(body, state)
         components[model.__name__] = body
     components["ChatMessage"]["properties"]["content"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {
@@ -149,7 +132,7 @@ def openapi_schema(app, state: ServeState, secured: bool, max_request_bytes: int
         "application/json": {"schema": {"type": "object", "required": ["object", "data"]}}}},
         **({"401": _error("no valid API key")} if secured else {})}
     status = {"type": "object", "required": ["status"],
-              "properties": {"status": {"enum": ["loading", "ready", "draining", "dead"]}}}
+              "properties": {"status": {"enum": list(STATUSES)}}}
     paths["/health"]["get"]["responses"] = {
         "200": {"description": "every rank is alive and serving", "content": {"application/json": {"schema": status}}},
         "503": {"description": "loading, draining, or a rank died", "content": {"application/json": {"schema": status}}}}

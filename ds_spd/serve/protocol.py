@@ -34,20 +34,30 @@ def _integral(v):
 
 
 JsonInt = Annotated[int, BeforeValidator(_integral), Strict()]
+
+
+def _bounded(**bounds):
+    """A :data:`JsonInt` within ``bounds`` (ge, gt, le, lt), the bounds inside the type: on an Optional field with
+    a before-validator, bounds given to the field are enforced but published under pydantic's own names (``ge``),
+    which no JSON Schema reader knows."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral), Strict()]
+MAX_STOPS = 4          # stop strings a request may give
+MAX_BIASED = 300       # token ids a logit_bias may name
+BIAS_LIMIT = 100       # |bias| at most
 _INT64 = 2**63   # seeds, token counts: what a 64-bit integer holds (a 5000-digit number is refused by name)
 _PENALTY = dict(ge=-2, le=2, strict=True)
 
 
 class _Sampling(_Body):
     model: str
-    max_tokens: Optional[JsonInt] = Field(None, gt=0, lt=_INT64, strict=True)
+    max_tokens: Optional[_bounded(gt=0, lt=_INT64)] = None
     temperature: float = Field(1.0, ge=0, le=2, strict=True)
     top_p: float = Field(1.0, gt=0, le=1, strict=True)
     top_k: JsonInt = Field(0, ge=-1, lt=_INT64, strict=True,
                        description="vLLM's extension: sample from the k best tokens (0 or -1: all)")
     ignore_eos: bool = Field(False, strict=True,
                              description="vLLM's extension: go on past end-of-sequence up to max_tokens")
-    seed: Optional[JsonInt] = Field(None, ge=-_INT64, lt=_INT64, strict=True)
+    seed: Optional[_bounded(ge=-_INT64, lt=_INT64)] = None
     stop: Union[str, list[str], None] = None
     n: JsonInt = Field(1, ge=1, le=16, strict=True)
     stream: bool = Field(False, strict=True)
@@ -57,7 +67,7 @@ class _Sampling(_Body):
     frequency_penalty: Optional[float] = Field(None, **_PENALTY)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=10, strict=True,
                                                 description="vLLM's extension: > 1 discourages prompt and output tokens")
-    logit_bias: Optional[dict[str, float]] = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: Optional[dict[str, float]] = Field(None, description=f"token id (as a string) -> bias in [-{BIAS_LIMIT}, {BIAS_LIMIT}]")
     min_tokens: JsonInt = Field(0, ge=0, lt=_INT64, strict=True,
                             description="vLLM's extension: no end-of-sequence before this many tokens")
     suffix: Any = None
@@ -82,8 +92,8 @@ class _Sampling(_Body):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else list(v or [])
-        if any(not s for s in stops) or len(stops) > 4:
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if any(not s for s in stops) or len(stops) > MAX_STOPS:
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
         return stops
 
     @field_validator("logit_bias")
@@ -91,8 +101,9 @@ class _Sampling(_Body):
     def _bias(cls, v):
         if v is None:
             return v
-        if len(v) > 300 or any(not k.isdigit() or not -100 <= b <= 100 for k, b in v.items()):
-            raise ValueError("logit_bias maps up to 300 token ids (strings of digits) to biases in [-100, 100]")
+        if len(v) > MAX_BIASED or any(not k.isdigit() or not -BIAS_LIMIT <= b <= BIAS_LIMIT for k, b in v.items()):
+            raise ValueError(f"logit_bias maps up to {MAX_BIASED} token ids (strings of digits) to biases in "
+                             f"[-{BIAS_LIMIT}, {BIAS_LIMIT}]")
         return v
 
     def params(self, max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | None = None
@@ -114,8 +125,8 @@ _PROMPT_LISTS = {str: TypeAdapter(list[str]), int: TypeAdapter(list[JsonInt]), f
 
 class CompletionBody(_Sampling):
     prompt: _Prompt
-    logprobs: Optional[JsonInt] = Field(None, ge=0, le=20, strict=True,
-                                    description="log-probabilities of each token, with this many alternatives")
+    logprobs: Optional[_bounded(ge=0, le=20)] = Field(
+        None, description="log-probabilities of each token, with this many alternatives")
     echo: bool = Field(False, strict=True, description="the prompt before the completion (with logprobs: scored)")
 
     def sampling(self, max_tokens: int) -> SamplingParams:
@@ -156,9 +167,9 @@ class ChatMessage(_Body):
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[JsonInt] = Field(None, gt=0, lt=_INT64, strict=True)
+    max_completion_tokens: Optional[_bounded(gt=0, lt=_INT64)] = None
     logprobs: bool = Field(False, strict=True)
-    top_logprobs: Optional[JsonInt] = Field(None, ge=0, le=20, strict=True)
+    top_logprobs: Optional[_bounded(ge=0, le=20)] = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

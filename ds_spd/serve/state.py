@@ -25,6 +25,10 @@ class RequestError(ValueError):
 
 
 
+#: what /health reports: the server starts loading, serves when ready, drains on a stop, is dead after a rank died
+STATUSES = ("loading", "ready", "draining", "dead")
+
+
 @dataclass(eq=False)
 class LiveRequest:
     """One HTTP request in flight: its sequences' events arrive on ``events`` (from the engine thread)."""
@@ -67,7 +71,7 @@ class ServeState:
     def __init__(self, model_name: str, tokenizer, max_len: int, metrics, max_seqs: int = 8, max_queue: int = 256):
         self.model_name, self.tokenizer, self.max_len, self.metrics = model_name, tokenizer, max_len, metrics
         self.capacity = max_seqs + max_queue   # sequences in flight: the running batch and the waiting queue
-        self.status = "loading"          # loading | ready | draining | dead
+        self.status = "loading"          # one of STATUSES
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.live: dict[str, LiveRequest] = {}
         self.lock = threading.Lock()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import random
 import statistics
 import time
@@ -45,7 +46,6 @@ from ds_spd.tools.plots import save_figure
 
 def launch_command(tp_size: int, argv: list[str]) -> str:
     """The command line a bench result records (the launcher's own --local_rank left out)."""
-    import os
     return "OMP_NUM_THREADS=%s deepspeed --num_gpus %d --module ds_spd %s" % (
         os.environ.get("OMP_NUM_THREADS", "?"), tp_size, " ".join(a for a in argv if "--local_rank" not in a))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ds_spd.choices import COMM_PATHS
 from ds_spd.settings import check_bounds, comma_list, setting
 
 
@@ -17,8 +18,8 @@ class BenchSettings:
                                            check=lambda v, s: bool(v) and all(0 <= f <= 1 for f in v),
                                            bound="each in [0, 1]")
     comm_paths: tuple[str, ...] = setting(("auto", "gloo"), "all-reduce paths: auto (shared memory / NCCL), gloo",
-                                          parse=comma_list(str), check=lambda v, s: bool(v) and set(v) <= {"auto", "gloo"},
-                                          bound="auto, gloo")
+                                          parse=comma_list(str), check=lambda v, s: bool(v) and set(v) <= set(COMM_PATHS),
+                                          bound=", ".join(COMM_PATHS))
     prefill_len: int = setting(512, "prompt tokens of the timed prefill", check=lambda v, s: v >= 1, bound=">= 1")
     decode_batches: tuple[int, ...] = setting((1, 8), "batch sizes of the timed decode steps",
                                               parse=comma_list(int), check=lambda v, s: bool(v) and min(v) >= 1,

@@ -93,8 +93,7 @@ def _load_done(work_dir: str | None, i: int, client: dict, epochs: int):
     with open(meta) as f:
         info = json.load(f)
     saved = info.get("client") or {}
-    if "upstream" in client and {k: v for k, v in saved.items() if k != "upstream"} == \
-            {k: v for k, v in client.items() if k != "upstream"} and saved.get("upstream") != client["upstream"]:
+    if {k for k in saved.keys() | client.keys() if saved.get(k) != client.get(k)} == {"upstream"}:
         print(f"distill: block {i}: the blocks before it changed since it was trained (its inputs with them): "
               "trained again", file=sys.stderr, flush=True)
         return None
@@ -283,7 +282,6 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
             if y is not None:
                 y.close()
         elif chain:   # two streams: the teacher's outputs, and the chain's through block i in its final form
-            teacher.spd = False
             if xs is x and classes[i] == "TP":
                 nxt_s = y     # no SPD block yet: the chain is the teacher
             else:
