@@ -1,5 +1,3 @@
-import sys
+from ds_spd.cli import entry
 
-from ds_spd.cli import main
-
-sys.exit(main())
+entry()

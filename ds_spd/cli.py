@@ -368,7 +368,9 @@ def cmd_bench_serve(args) -> None:
     except ValueError as err:
         raise SPDInputError(str(err)) from None
     tok = load_tokenizer(args.model or "default" if s.url else cfg.model)
-    work = bs.make_workload(tok, s.num_requests, (lo, hi), s.output_len, s.bench_seed, s.corpus)
+    # a workload per repeat and load (and one to warm managed servers up): no prompt repeats (DataError if too few)
+    work = bs.make_workload(tok, s.num_requests, (lo, hi), s.output_len, s.bench_seed, s.corpus,
+                            s.repeats * len(loads) + (not s.url))
     try:
         result = bs.bench_url(s.url, model, s.api_key, s.backend, tok, work, loads, s.repeats, s.bench_seed) \
             if s.url else bs.bench_side_by_side(bs.server_args(cfg, hi + s.output_len), engines, paths, loads, work,
@@ -434,7 +436,33 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
-def main(argv: list[str] | None = None) -> int:
+def entry() -> None:
+    """The ``ds-spd`` program (``python -m ds_spd`` too): :func:`main`, then a rank of a multi-rank run that
+    finished its command leaves without tearing down the interpreter: atexit handlers run, output is flushed, and
+    the process exits with no C++ destructor left to run (ZeRO-3 distillation under the deepspeed launcher once
+    aborted in that teardown, after its checkpoint was written: "terminate called without an active exception",
+    exit 250). The process group is not destroyed either: every rank passed the final barrier."""
+    import atexit
+    import threading
+    code = main(teardown=False)
+    if _MULTI_RANK_DONE:
+        for thread in threading.enumerate():   # what interpreter shutdown would wait for
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        atexit._run_exitfuncs()
+        os._exit(code)
+    sys.exit(code)
+
+
+_MULTI_RANK_DONE = False   # set by main(teardown=False) once a multi-rank command passed its final barrier
+
+
+def main(argv: list[str] | None = None, teardown: bool = True) -> int:
+    """Run one ``ds-spd`` command line; the exit status. ``teardown``: destroy the process group at the end (in a
+    process that goes on, e.g. a test or a notebook)."""
+    global _MULTI_RANK_DONE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     same_build_tools()   # before anything can build DeepSpeed's ops
     args, unknown = build_parser().parse_known_args(argv)
@@ -446,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_not_applicable(args)
         COMMANDS[args.command](args)
         from ds_spd.core.comm import finish_comm
-        finish_comm()
+        _MULTI_RANK_DONE = finish_comm(destroy=teardown) and not teardown
     except SPDInputError as err:
         print(f"ds-spd {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -47,9 +47,12 @@ def add_flags(group: argparse._ActionsContainer, cls: type) -> None:
             continue
         default = _default(f)
         parse = f.metadata.get("parse") or (type(f.default) if f.default not in (None, MISSING) else str)
-        if parse is bool:
-            raise TypeError(f"setting {f.name}: a boolean needs its own flag form")
         words = f.metadata.get("help", "")
+        if parse is bool:   # a switch: off unless given
+            if f.default is not False:
+                raise TypeError(f"setting {f.name}: a boolean setting is a switch that defaults to False")
+            group.add_argument(flag_of(f), dest=f.name, action="store_true", help=words.replace("%", "%%"))
+            continue
         if f.metadata.get("bound"):
             words += f" ({f.metadata['bound']})"
         if f.default not in (None, MISSING) and not f.metadata.get("env"):

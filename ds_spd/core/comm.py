@@ -131,18 +131,22 @@ def init_comm() -> None:
     release_shm_buffer()
 
 
-def finish_comm() -> None:
-    """Leave together and shut the process group down at the end of a command: a rank exiting while another still
-    writes (rank 0 saves the checkpoint) aborted in gloo's thread teardown ("terminate called without an active
-    exception"). DeepSpeed's cached clone of the world group dies with the group, so it is dropped too: a later
-    engine in the same process (a test worker, a notebook) would broadcast over the dead clone ("Group ... is not
-    registered")."""
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.barrier()
+def finish_comm(destroy: bool = True) -> bool:
+    """Leave together at the end of a command (a rank exiting while another still writes, rank 0 saving the
+    checkpoint, aborted in gloo's thread teardown: "terminate called without an active exception"), and shut the
+    process group down (``destroy``). DeepSpeed's cached clone of the world group dies with the group, so it is
+    dropped too: a later engine in the same process (a test worker, a notebook) would broadcast over the dead
+    clone ("Group ... is not registered"). True if this process was in a group of several ranks."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return False
+    several = torch_dist.get_world_size() > 1
+    torch_dist.barrier()
+    if destroy or not several:
         torch_dist.destroy_process_group()
         groups = sys.modules.get("deepspeed.utils.groups")
         if groups is not None:
             groups._WORLD_GROUP = None
+    return several
 
 
 def shm_buffer_path() -> str:

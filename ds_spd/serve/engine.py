@@ -142,7 +142,7 @@ class Engine:
         if s.finished and len(s.output) > 1:
             self.metrics.tpot.observe((time.monotonic() - s.first_token) / (len(s.output) - 1))
         req.push(("delta", Delta(s.index, event.delta, s.finish_reason, len(s.output), event.logprobs,
-                                 event.prompt_logprobs)))
+                                 event.prompt_logprobs, s.cached)))
 
 
 def follow(receiver, executor: StepExecutor) -> None:

@@ -16,10 +16,10 @@ from ds_spd.serve.step import StepPlan
 
 
 class StepExecutor:
-    def __init__(self, model: torch.nn.Module, device: torch.device, slots: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, device: torch.device, slots: int, max_len: int, pool_slots: int = 0):
         config = model.config
         self.model, self.device = model, device
-        self.cache = SlotCache(config.num_hidden_layers, slots, max_len)
+        self.cache = SlotCache(config.num_hidden_layers, slots, max_len, spare=pool_slots)
         self.layer_types = getattr(config, "layer_types", None)
         self.window = getattr(config, "sliding_window", None)
         self.fed: dict[str, list[int]] = {}   # tokens fed per sequence (kept only with a token log)

@@ -5,7 +5,9 @@ joined at different times. Here every layer holds ``[slots, kv_heads, max_len, h
 rank's own, learnt from the first update), each sequence owns one slot and its own length, and a forward
 covers the rows ``slot .. slot + B - 1`` with ``T`` new tokens each, written at every row's own offset. The
 scheduler keeps the running sequences in slots ``0 .. B - 1`` (a finished one is replaced by the last: one
-copy), so a batched decode reads a view of the cache, never a gathered copy.
+copy), so a batched decode reads a view of the cache, never a gathered copy. ``spare`` slots after those hold the
+prefix cache's pool (ds_spd.serve.prefix_cache): never a forward's row, only copied from and to; their memory is
+left untouched (not zeroed) until a copy writes it.
 
 The attention mask is explicit (``[B, 1, T, kv_len]`` bool, one per layer type where a model has sliding
 layers): key ``j`` is visible to query ``t`` of row ``b`` iff ``j <= offset_b + t`` (and within the window).
@@ -20,9 +22,9 @@ from transformers.cache_utils import Cache
 class SlotCache(Cache):
     """Per-slot KV storage, passed to an HF model as its ``cache``; :meth:`select` picks the rows of a forward."""
 
-    def __init__(self, num_layers: int, slots: int, max_len: int):
+    def __init__(self, num_layers: int, slots: int, max_len: int, spare: int = 0):
         super().__init__(layers=[])
-        self.num_layers, self.slots, self.max_len = num_layers, slots, max_len
+        self.num_layers, self.slots, self.max_len, self.spare = num_layers, slots, max_len, spare
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self._first, self._rows, self._pos, self._kv_len = 0, 0, None, 0
@@ -55,9 +57,12 @@ class SlotCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.keys[layer_idx] is None:   # this rank's KV heads are known only now
             b, h, _, d = key_states.shape
-            shape = (self.slots, h, self.max_len, d)
-            self.keys[layer_idx] = key_states.new_zeros(shape)
-            self.values[layer_idx] = value_states.new_zeros(shape)
+            shape = (self.slots + self.spare, h, self.max_len, d)
+            self.keys[layer_idx] = key_states.new_empty(shape)
+            self.values[layer_idx] = value_states.new_empty(shape)
+            # a batch reads every row up to its longest: masked, but a stale value must still be finite
+            self.keys[layer_idx][:self.slots].zero_()
+            self.values[layer_idx][:self.slots].zero_()
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._one is not None:
             slot, start, end = self._one
@@ -74,7 +79,7 @@ class SlotCache(Cache):
 
     # ---- slot moves the scheduler asks for
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Slot ``dst`` takes slot ``src``'s first ``length`` positions (compaction, or ``n`` > 1 forks)."""
+        """Slot ``dst`` takes slot ``src``'s first ``length`` positions (compaction, a cached prefix, the pool)."""
         for store in (self.keys, self.values):
             for t in store:
                 if t is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 
@@ -26,12 +26,33 @@ class _CommCollector:
         yield CounterMetricFamily("ds_spd:forwards", "Model forwards (decode and prefill)", value=self.stats.forwards)
 
 
+class _PrefixCollector:
+    """The prefix cache's counters (ds_spd.serve.prefix_cache.PrefixCache), read at scrape (token counts, as
+    vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``)."""
+
+    cache = None   # the scheduler's PrefixCache, when the cache is on
+
+    def collect(self):
+        if self.cache is None:
+            return
+        c = self.cache
+        yield CounterMetricFamily("ds_spd:prefix_cache_queries", "Prompt tokens admitted (looked up in the "
+                                  "prefix cache)", value=c.queried)
+        yield CounterMetricFamily("ds_spd:prefix_cache_hits", "Prompt tokens copied from a cached prefix instead of "
+                                  "prefilled", value=c.hits)
+        yield GaugeMetricFamily("ds_spd:prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries since "
+                                "start", value=c.hit_rate)
+        yield GaugeMetricFamily("ds_spd:prefix_cache_entries", "Finished sequences held in the prefix cache's pool",
+                                value=len(c.entries))
+
+
 class ServeMetrics:
     def __init__(self, spd_blocks: int, num_blocks: int, tp_size: int):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("ds_spd:requests", "Finished requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)
-        self.prompt_tokens = Counter("ds_spd:prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("ds_spd:prompt_tokens", "Prompt tokens received (ds_spd:prefix_cache_hits of "
+                                     "them were not prefilled)", registry=r)
         self.generation_tokens = Counter("ds_spd:generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("ds_spd:num_requests_running", "Sequences holding a cache slot", registry=r)
         self.waiting = Gauge("ds_spd:num_requests_waiting", "Sequences queued for a slot (queue depth)", registry=r)
@@ -51,3 +72,5 @@ class ServeMetrics:
         Gauge("ds_spd:tp_size", "Tensor-parallel size", registry=r).set(tp_size)
         self.comm = _CommCollector()
         r.register(self.comm)
+        self.prefix = _PrefixCollector()
+        r.register(self.prefix)

@@ -23,9 +23,12 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "message": {"type": "string"}, "type": {"type": "string"},
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
-_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-          "properties": {k: {"type": "integer", "minimum": 0}
-                         for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+_COUNT = {"type": "integer", "minimum": 0}
+_USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"],
+          "properties": {**{k: _COUNT for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+                         "prompt_tokens_details": {
+                             "type": "object", "required": ["cached_tokens"], "properties": {"cached_tokens": {
+                                 **_COUNT, "description": "prompt tokens reused from the prefix cache, not prefilled"}}}}}
 
 
 def _answer(object_name: str, choice: dict) -> dict:

@@ -14,7 +14,8 @@ Requests wait in a FIFO queue while ``max_seqs`` sequences hold slots. Rank 0 sa
 (:mod:`ds_spd.serve.sampling`), detokenises incrementally, and finishes a sequence on an end-of-sequence
 token, a stop string or ``max_tokens``. A request with ``n`` > 1 is ``n`` sequences sharing one prompt list: the
 first is prefilled, the others copy its prompt's cache (all but the last position, which each prefills itself to
-get its first logits).
+get its first logits). With a prefix cache (ds_spd.serve.prefix_cache), any new sequence starts from the longest
+token-exact prefix another request's sequence has cached, running or finished.
 """
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ds_spd.serve.prefix_cache import Hit, PrefixCache, Source, common_prefix
 from ds_spd.serve.sampling import SamplingParams, adjust, generator_for, sample, top_logprobs
 from ds_spd.serve.step import Forward, Move, StepPlan
+
+#: a sequence waits a step for a prompt being prefilled when that saves at least this many prefill tokens (or all
+#: it could save): a shared chat-template header alone is not worth a step
+MIN_WAIT_GAIN = 16
 
 #: one token's log-probability report: (token id, its log-probability or None for a prompt's first token,
 #: [(alternative token id, log-probability)], best first)
@@ -48,6 +54,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     prompt_logprobs: list | None = None   # TokenLogprob per prompt token, with ``params.prompt_logprobs``
+    cached: int = 0                  # prompt tokens copied from a cached prefix instead of prefilled
 
     def __post_init__(self):
         if self.generator is None:
@@ -65,6 +72,12 @@ class Sequence:
     def prefilled(self) -> bool:
         return self.offset >= len(self.prompt)
 
+    def source(self) -> Source:
+        """What this sequence has cached, as a prefix source: the tokens fed so far, and their scores if scored."""
+        scored = self.params.prompt_logprobs
+        return Source(self.slot, (self.prompt + self.output)[:self.offset],
+                      self.prompt_logprobs if scored is not None else None, scored or 0)
+
 
 @dataclass
 class Event:
@@ -79,7 +92,11 @@ class Event:
 
 
 class Scheduler:
-    def __init__(self, tokenizer, eos_ids: set[int], max_seqs: int, max_len: int, max_step_tokens: int):
+    """``prefix_cache``: reuse prefixes across requests (its pool keeps finished sequences); None: only the ``n``
+    choices of one prompt share its prefill."""
+
+    def __init__(self, tokenizer, eos_ids: set[int], max_seqs: int, max_len: int, max_step_tokens: int,
+                 prefix_cache: PrefixCache | None = None):
         if max_step_tokens <= max_seqs:
             raise ValueError(f"max_step_tokens ({max_step_tokens}) must exceed max_seqs ({max_seqs}): every step "
                              "decodes one token per running sequence and needs room left for a prefill")
@@ -89,6 +106,8 @@ class Scheduler:
         self.running: list[Sequence] = []       # slots 0 .. R-1, in slot order
         self.prefilling: list[Sequence] = []    # slots R .., in slot order; at most the last is part-filled
         self._done: list[str] = []
+        self.across = prefix_cache is not None
+        self.cache = prefix_cache if prefix_cache is not None else PrefixCache(max_seqs, 0)
 
     # ---- requests in and out
     def add(self, seqs: list[Sequence]) -> None:
@@ -126,21 +145,43 @@ class Scheduler:
             budget, complete = self._prefill_chunk(s, budget, forwards)
         while complete and budget > 0 and self.waiting and len(self.running) + len(self.prefilling) < self.max_seqs:
             s = self.waiting[0]
-            if any(t.prompt is s.prompt for t in self.prefilling):
-                break   # another choice of its prompt is being prefilled: fork from it next step
+            hit = self._hit(s)
+            if self._worth_waiting(s, hit):
+                break   # a prompt being prefilled will hold more of this one: start from it next step
             self.waiting.popleft()
             s.slot = len(self.running) + len(self.prefilling)
             self.prefilling.append(s)
-            twin = next((t for t in self.running if t.prompt is s.prompt), None)
-            if twin is not None and len(s.prompt) > 1:   # n > 1: copy the prompt's cache, prefill its last token
-                moves.append(Move(twin.slot, s.slot, len(s.prompt) - 1))
-                s.offset = len(s.prompt) - 1
-                s.prompt_logprobs = twin.prompt_logprobs
+            if hit.length:   # copy the cached prefix; prefill the rest
+                moves.append(Move(hit.source.slot, s.slot, hit.length))
+                s.offset = s.cached = hit.length
+                s.prompt_logprobs = hit.scores
+            self.cache.count(len(s.prompt), hit.length)
             budget, complete = self._prefill_chunk(s, budget, forwards)
         done, self._done = self._done, []
         if not forwards and not moves and not done:
             return None
         return StepPlan(moves, forwards, done)
+
+    def _shares(self, t: Sequence, s: Sequence) -> bool:
+        return self.across or t.prompt is s.prompt
+
+    def _hit(self, s: Sequence) -> Hit:
+        """The longest prefix of ``s``'s prompt cached by a live sequence or the pool."""
+        live = [t.source() for t in (*self.running, *self.prefilling) if t.offset > 0 and self._shares(t, s)]
+        return self.cache.best(s.prompt, s.params.prompt_logprobs, live)
+
+    def _worth_waiting(self, s: Sequence, hit: Hit) -> bool:
+        """Whether a sequence being prefilled will, once prefilled, give ``s`` enough more than ``hit``."""
+        scored = s.params.prompt_logprobs
+        most = len(s.prompt) - 1   # the last prompt token is always prefilled
+        for t in self.prefilling:
+            k = t.params.prompt_logprobs
+            if not self._shares(t, s) or (scored is not None and (k is None or k < scored)):
+                continue
+            gain = min(common_prefix(t.prompt, s.prompt) - (scored is not None), most) - hit.length
+            if gain > 0 and gain >= min(MIN_WAIT_GAIN, most - hit.length):
+                return True
+        return False
 
     def _prefill_chunk(self, s: Sequence, budget: int, forwards: list) -> tuple[int, bool]:
         """Add up to ``budget`` of ``s``'s prompt tokens; returns the budget left and whether the prompt is in."""
@@ -153,13 +194,18 @@ class Scheduler:
         return budget - n, s.offset + n == len(s.prompt)
 
     def _compact(self) -> list[Move]:
-        """Drop finished sequences; move the last running ones into the holes, then the prefilling ones after."""
+        """Drop finished sequences (the pool keeps their KV first); move the last running ones into the holes, then
+        the prefilling ones after."""
+        moves = []
         for s in (*self.running, *self.prefilling):
-            if s.finished and s.id not in self._done:
-                self._done.append(s.id)
+            if s.finished:
+                if s.id not in self._done:
+                    self._done.append(s.id)
+                if self.across and s.finish_reason != "error":
+                    moves += filter(None, [self.cache.keep(s.source())])
         self.running = [s for s in self.running if not s.finished]
         self.prefilling = [s for s in self.prefilling if not s.finished]
-        r, moves = len(self.running), []
+        r = len(self.running)
         holes = sorted(set(range(r)) - {s.slot for s in self.running})
         outside = [s for s in self.running if s.slot >= r]
         for hole, s in zip(holes, outside):

@@ -107,9 +107,19 @@ def _engine(spec, settings: ServeSettings):
     from ds_spd.build import build_runner
     from ds_spd.serve.executor import StepExecutor
     runner = build_runner(spec)
-    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len)
+    executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len,
+                            _pool_slots(spec, settings, runner.hf_model.dtype.itemsize))
     executor.log_tokens = settings.token_log is not None
     return runner, executor
+
+
+def _pool_slots(spec, settings: ServeSettings, element_size: int) -> int:
+    """The prefix cache's pool slots within ``--prefix-cache-gb`` (the same on every rank: from the config)."""
+    from ds_spd.serve.prefix_cache import pool_slots, slot_bytes
+    if settings.no_prefix_cache:
+        return 0
+    one = slot_bytes(spec.model_config, spec.tp_size, spec.virtual, settings.max_model_len, element_size)
+    return pool_slots(settings.prefix_cache_gb, one)
 
 
 def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
@@ -170,12 +180,17 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
             threading.Timer(settings.exit_linger, lambda: os._exit(1)).start()
         sender.watch(on_death)
     eos = _eos_ids(tokenizer, runner.hf_model)
-    sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens)
+    from ds_spd.serve.prefix_cache import PrefixCache
+    pool = executor.cache.spare
+    cache = None if settings.no_prefix_cache else PrefixCache(settings.max_seqs, pool)
+    metrics.prefix.cache = cache
+    sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens, cache)
     state.status = "ready"
     mode = "virtual" if spec.virtual else "real"
     _log(f"ready on http://{host}:{port}: model '{state.model_name}', {mode} TP {spec.tp_size}, "
          f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
-         f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, loaded in {runner.load_seconds:.1f} s")
+         f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, prefix cache "
+         f"{'off' if cache is None else f'on ({pool} finished sequences)'}, loaded in {runner.load_seconds:.1f} s")
     try:
         Engine(state, sched, executor, sender, metrics, shutdown, _log).run()
     except Exception:

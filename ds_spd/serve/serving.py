@@ -156,15 +156,18 @@ class _Logprobs:
         return self.content(entries) if self.chat else self.completion(entries, offset)
 
 
-def _usage(req: LiveRequest, generated: int) -> dict:
+def _usage(req: LiveRequest, generated: int, cached: dict[int, int]) -> dict:
+    """OpenAI's usage; ``cached``: each choice's prompt tokens reused from the prefix cache (a prompt counts once:
+    its first choice's, as ``prompt_tokens`` counts it once)."""
     prompt = sum(len(p) for p in req.prompts)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.get(i, 0) for i in range(0, req.choices, req.n))}}
 
 
 async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSONResponse:
     total, n = req.choices, req.n
     texts = {i: req.echo[i // n] if req.echo else "" for i in range(total)}
-    reasons, generated, entries = {}, 0, {i: [] for i in range(total)}
+    reasons, generated, entries, cached = {}, 0, {i: [] for i in range(total)}, {}
     want = req.params.logprobs is not None
     agen = _events(state, req)
     try:
@@ -182,6 +185,7 @@ async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSO
             except StopAsyncIteration:
                 break
             texts[d.index] += d.text
+            cached.setdefault(d.index, d.cached)
             entries[d.index] += (d.prompt_logprobs or []) + (d.logprobs or [])
             if d.finish_reason is not None:
                 reasons[d.index], generated = d.finish_reason, generated + d.tokens
@@ -197,7 +201,7 @@ async def _collect(state: ServeState, req: LiveRequest, request: Request) -> JSO
                     "finish_reason": reasons[i]} for i in range(total)]
         obj = "text_completion"
     return JSONResponse({"id": req.id, "object": obj, "created": created, "model": state.model_name,
-                         "choices": choices, "usage": _usage(req, generated)})
+                         "choices": choices, "usage": _usage(req, generated, cached)})
 
 
 async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
@@ -219,12 +223,13 @@ async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
                     "finish_reason": reason}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-    generated, finished = 0, False
+    generated, finished, cached = 0, False, {}
     try:
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(req.choices)])
         async for d in _events(state, req):
+            cached.setdefault(d.index, d.cached)
             if d.finish_reason is not None:
                 generated += d.tokens
             if d.prompt_logprobs is not None or (req.echo and d.tokens == 1):   # echo: the prompt first
@@ -234,7 +239,7 @@ async def _stream(state: ServeState, req: LiveRequest, include_usage: bool):
             yield chunk([choice(d.index, d.text, d.finish_reason, d.logprobs, offsets[d.index])])
             offsets[d.index] += len(d.text)
         if include_usage:
-            yield chunk([], _usage(req, generated))
+            yield chunk([], _usage(req, generated, cached))
         finished = True
         yield "data: [DONE]\n\n"
     except RequestError as err:

@@ -25,6 +25,11 @@ class ServeSettings:
     max_step_tokens: int = setting(2048, "tokens per engine step: one per running sequence, the rest prefill (a "
                                    "longer prompt is prefilled in chunks across steps)",
                                    check=lambda v, s: v > s.max_seqs, bound="more than --max-seqs")
+    prefix_cache_gb: float = setting(1.0, "GiB of KV per rank that keeps finished sequences for prefix reuse, least "
+                                     "recently used evicted first (0: only running sequences' prefixes are reused)",
+                                     check=lambda v, s: v >= 0, bound=">= 0")
+    no_prefix_cache: bool = setting(False, "prefill every prompt from its first token (the n choices of one prompt "
+                                    "still share its prefill)")
     shutdown_timeout: float = setting(10.0, "after SIGTERM / Ctrl-C, seconds running requests may take to finish",
                                       check=lambda v, s: v >= 0, bound=">= 0")
     exit_linger: float = setting(2.0, "after a rank died, seconds rank 0 answers 503 before it exits",

@@ -63,6 +63,7 @@ class Delta:
     tokens: int                                 # tokens generated so far
     logprobs: list | None = None                # TokenLogprob of the new tokens (ds_spd.serve.scheduler)
     prompt_logprobs: list | None = None         # with the first token, for ``echo`` with ``logprobs``
+    cached: int = 0                             # prompt tokens reused from the prefix cache (ds_spd.serve.prefix_cache)
 
 
 class ServeState:

@@ -47,16 +47,20 @@ class Record:
 
 
 def make_workload(tokenizer, n: int, prompt_len: tuple[int, int], output_len: int, seed: int,
-                  dataset: str = "pydoc") -> list[tuple[list[int], int]]:
-    """``n`` (prompt token ids, max_tokens): prompts of uniform random length cut from the corpus's test split."""
+                  dataset: str = "pydoc", count: int = 1) -> list[list[tuple[list[int], int]]]:
+    """``count`` workloads of ``n`` (prompt token ids, max_tokens) each: prompts of uniform random length cut from
+    distinct windows of the corpus's test split, so no prompt repeats another's start (a server with a prefix
+    cache would answer a repeat from it: one workload per repeat and load)."""
     from ds_spd.data import load_texts, token_segments
     rng = random.Random(seed)
-    windows = token_segments(load_texts(None, dataset, "test"), tokenizer, prompt_len[1], n, seed)
-    if windows.shape[0] < n:
+    windows = token_segments(load_texts(None, dataset, "test"), tokenizer, prompt_len[1], n * count, seed)
+    if windows.shape[0] < n * count:
         from ds_spd.errors import DataError
-        raise DataError(f"the {dataset} test split has only {windows.shape[0]} prompts of {prompt_len[1]} tokens: "
-                        "ask for fewer requests or shorter prompts")
-    return [(w[:rng.randint(*prompt_len)].tolist(), output_len) for w in windows]
+        raise DataError(f"the {dataset} test split has only {windows.shape[0]} prompts of {prompt_len[1]} tokens, "
+                        f"{n * count} needed ({n} requests x {count} loads and repeats, none repeated): ask for "
+                        "fewer, shorter prompts, or --corpus shakespeare (20x the text)")
+    prompts = [(w[:rng.randint(*prompt_len)].tolist(), output_len) for w in windows]
+    return [prompts[i * n:(i + 1) * n] for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -258,15 +262,16 @@ def served_model(url: str, api_key: str | None) -> str:
         raise RuntimeError(f"cannot reach a server at {url}: {err}") from None
 
 
-def bench_url(url: str, model: str, api_key: str | None, backend_name: str, tokenizer, workload, loads: list[Load],
-              repeats: int, seed: int) -> dict:
-    """Every load against a running OpenAI-compatible server, ``repeats`` times; the request form is
-    ``backend_name``'s or probed (``auto``: RuntimeError where no form works)."""
+def bench_url(url: str, model: str, api_key: str | None, backend_name: str, tokenizer, workloads: list,
+              loads: list[Load], repeats: int, seed: int) -> dict:
+    """Every load against a running OpenAI-compatible server, ``repeats`` times (``workloads[rep * len(loads) +
+    i]``: load i's prompts in repeat rep); the request form is ``backend_name``'s or probed (``auto``:
+    RuntimeError where no form works)."""
     backend = NAMED_BACKENDS.get(backend_name) or probe_backend(url, model, tokenizer, auth_headers(api_key))
     runs = [{"path": "url", "engine": model, "load": asdict(load), "load_name": load.name, "repeat": rep,
-             **asyncio.run(run_load(url, model, workload, load.rate, load.concurrency, seed + rep, api_key, backend,
-                                    tokenizer))}
-            for rep in range(repeats) for load in loads]
+             **asyncio.run(run_load(url, model, workloads[rep * len(loads) + i], load.rate, load.concurrency,
+                                    seed + rep, api_key, backend, tokenizer))}
+            for rep in range(repeats) for i, load in enumerate(loads)]
     return {"runs": runs, "repeats": repeats, "paired": [], "backend": vars(backend)}
 
 
@@ -305,7 +310,10 @@ def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: 
 
 
 def bench_side_by_side(base_args: list[str], engines: dict[str, list[str]], paths: list[str], loads: list[Load],
-                       workload, model_name: str, repeats: int, tp: int, seed: int = 0, progress: bool = True) -> dict:
+                       workloads: list, model_name: str, repeats: int, tp: int, seed: int = 0,
+                       progress: bool = True) -> dict:
+    """Every engine on every path, the loads in a shuffled engine order per repeat (``workloads`` as
+    :func:`bench_url` takes them, and one more for the warm-up): each engine gets the same prompts."""
     from tqdm.auto import tqdm
 
     from ds_spd.tools.serve_process import ServerProcess
@@ -321,15 +329,16 @@ def bench_side_by_side(base_args: list[str], engines: dict[str, list[str]], path
                 servers[name] = ServerProcess([*base_args, *args, "--comm", spec["comm"], "--served-model-name",
                                                model_name], nprocs=tp, hosts=tp if spec["hosts"] > 1 else 1)
             for name, srv in servers.items():   # warm-up: first-touch of the KV cache and the kernels
-                asyncio.run(run_load(srv.url, model_name, workload[:4], math.inf, None, seed))
+                asyncio.run(run_load(srv.url, model_name, workloads[-1][:4], math.inf, None, seed))
             order_rng = random.Random(seed)
             for rep in range(repeats):
-                for load in loads:
+                for i, load in enumerate(loads):
                     names = list(servers)
                     order_rng.shuffle(names)
                     for name in names:
                         bar.set_postfix_str(f"{path} {load.name} {name} #{rep}")
-                        summary = asyncio.run(run_load(servers[name].url, model_name, workload, load.rate,
+                        summary = asyncio.run(run_load(servers[name].url, model_name,
+                                                       workloads[rep * len(loads) + i], load.rate,
                                                        load.concurrency, seed + rep))
                         runs.append({"path": path, "engine": name, "load": asdict(load), "load_name": load.name,
                                      "repeat": rep, **summary})

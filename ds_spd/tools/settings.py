@@ -58,7 +58,9 @@ class BenchServeSettings:
                               check=lambda v, s: v >= 1, bound=">= 1")
     repeats: int = setting(3, "repeats of every load (paired by repeat)", check=lambda v, s: v >= 1, bound=">= 1")
     bench_seed: int = setting(0, "seed of the prompts, their lengths and the arrivals")
-    corpus: str = setting("pydoc", "shipped corpus the prompts are cut from (its test split)")
+    corpus: str = setting("shakespeare", "shipped corpus the prompts are cut from (its test split; every repeat "
+                          "and load gets prompts of its own, so a prefix cache cannot answer one from another: "
+                          "pydoc's split holds about 30 prompts of 256 tokens)")
     out: str = setting("runs/bench_serve", "directory for bench_serve.json, .md and .png")
 
     def __post_init__(self):

@@ -16,8 +16,29 @@ from serve_helpers import SPD, ServerProcess, post, wait_gone
 
 @pytest.mark.multirank
 def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
-    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--exit-linger", "3"])
+    """A prefix cache of one pool slot first (eviction through the server): a prompt evicted by another is
+    prefilled again and answered the same, the other is reused. Then SIGKILL to rank 1 mid-request: 503 for the
+    pending request, /health 503, every rank exits."""
+    from transformers import AutoConfig
+
+    from ds_spd.serve.prefix_cache import slot_bytes
+    one = slot_bytes(AutoConfig.from_pretrained(chat_dir), 2, False, 512, 4)
+    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--exit-linger", "3",
+                         "--max-model-len", "512", "--prefix-cache-gb", str(1.5 * one / 2**30)])
     try:
+        assert "prefix cache on (1 finished sequences)" in srv.output()
+        a, b = "def main import os and sys and then return x " * 3, "while True pass lambda x the class of " * 3
+
+        def ask(prompt):
+            body = post(srv, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 4,
+                                                 "temperature": 0}).json()
+            return body["choices"][0]["text"], body["usage"]["prompt_tokens_details"]["cached_tokens"], \
+                body["usage"]["prompt_tokens"]
+        first_a, first_b = ask(a), ask(b)          # b's sequence evicts a's from the one pool slot
+        again_a, again_b = ask(a), ask(b)          # each was evicted by the other: prefilled again, same answer
+        assert again_a[0] == first_a[0] and again_a[1] < again_a[2] // 2
+        assert again_b[0] == first_b[0] and again_b[1] < again_b[2] // 2
+        assert ask(b)[1] >= again_b[2] - 1          # the last one in the pool is reused
         pids = srv.rank_pids()
         result = {}
 

@@ -137,3 +137,110 @@ def test_prompt_logprobs_survive_chunked_prefill():
     assert got == pytest.approx([float(ref[j, ids[j + 1]]) for j in range(len(ids) - 1)], abs=1e-5)
     assert all(alts[0][1] == pytest.approx(float(ref[j].max()), abs=1e-5)
                for j, (_, _, alts) in enumerate(seq.prompt_logprobs[1:]))
+
+
+# ---------------------------------------------------------------- prefix caching
+SYSTEM = "def main of the class lambda x while True pass import os and sys and then return x "
+
+
+def _waves(model, tok, waves, cache_slots, slots=3, step_tokens=2048):
+    """Requests in waves (each wave's prompts from the finished earlier ones' outputs, as a chat's turns); the
+    prefill tokens run, each wave's sequences and the cache (None: off)."""
+    from ds_spd.serve.prefix_cache import PrefixCache
+    cache = None if cache_slots is None else PrefixCache(slots, cache_slots)
+    ex = StepExecutor(model, torch.device("cpu"), slots, 256, pool_slots=cache_slots or 0)
+    sched = Scheduler(tok, set(), slots, 256, step_tokens, cache)
+    prefilled, done, steps = 0, [], []
+    for wave in waves:
+        seqs = wave(done)
+        sched.add(seqs)
+        while sched.has_work():
+            plan = sched.plan()
+            wired = StepPlan.from_wire(json.loads(json.dumps(plan.to_wire())))
+            assert wired == plan
+            prefilled += sum(len(f.tokens[0]) for f in plan.forwards if f.kind == "prefill")
+            steps.append((plan, [t.id for t in sched.prefilling]))
+            sched.complete(plan, ex.run(wired))
+        done.append(seqs)
+    _waves.steps = steps   # each plan, and the sequences being prefilled when it ran
+    return prefilled, done, cache
+
+
+def _chat_waves(tok, scored=None):
+    params = dict(max_tokens=6, temperature=0, prompt_logprobs=scored, logprobs=scored)
+    first = [tok(SYSTEM + p).input_ids for p in PROMPTS[:4]]
+
+    def wave1(done):   # 4 prompts behind one system prompt, 3 slots: the 4th waits for a slot
+        return [Sequence(f"a{i}", 0, ids, SamplingParams(**params)) for i, ids in enumerate(first)]
+
+    def wave2(done):   # the next turn of each: its whole conversation, then new words
+        return [Sequence(f"b{i}", 0, s.prompt + s.output + tok(" then " + PROMPTS[i + 4]).input_ids,
+                         SamplingParams(**params)) for i, s in enumerate(done[0])]
+    return [wave1, wave2]
+
+
+@pytest.mark.parametrize("scored", [None, 2])
+def test_prefix_cache_reuses_prefixes_and_changes_no_result(scored):
+    """Chats behind one system prompt, then their next turns (each resends its conversation), through a pool of 2
+    slots (so the 4 finished first turns evict each other): the greedy tokens equal the uncached run's, and with
+    ``echo`` + ``logprobs`` every prompt token's score too; far fewer tokens are prefilled, and each sequence says
+    how many it reused."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    plain, ref, _ = _waves(model, tok, _chat_waves(tok, scored), None)
+    cached, got, cache = _waves(model, tok, _chat_waves(tok, scored), 2)
+    assert [[s.output for s in w] for w in got] == [[s.output for s in w] for w in ref]
+    assert plain == sum(len(s.prompt) for w in ref for s in w) and cached < plain * 0.6
+    assert [s.cached for s in ref[0] + ref[1]] == [0] * 8
+    system = len(tok(SYSTEM).input_ids)
+    assert got[0][0].cached == 0 and all(s.cached >= system - 2 for s in got[0][1:])   # behind the first
+    assert sum(s.cached for s in got[1]) > 0 and cache.hits == sum(s.cached for w in got for s in w)
+    assert len(cache.entries) == 2
+    if scored:
+        for a, b in zip(ref[0] + ref[1], got[0] + got[1]):
+            assert [t for t, _, _ in a.prompt_logprobs] == [t for t, _, _ in b.prompt_logprobs] == a.prompt
+            assert [lp for _, lp, _ in b.prompt_logprobs[1:]] == pytest.approx(
+                [lp for _, lp, _ in a.prompt_logprobs[1:]], abs=1e-5)
+            assert [[i for i, _ in alts] for _, _, alts in b.prompt_logprobs] == \
+                [[i for i, _ in alts] for _, _, alts in a.prompt_logprobs]
+
+
+def test_prefix_cache_copy_outlives_the_eviction_of_its_source():
+    """A prompt copies a pooled prefix and is prefilled in 4-token chunks; meanwhile a running sequence finishes
+    and evicts that entry (a pool of 1 slot), overwriting its slot: the copy was made, the result is the uncached
+    one."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    long = tok(SYSTEM + SYSTEM).input_ids
+    other = tok(" ".join(reversed(SYSTEM.split()))).input_ids
+
+    def waves():
+        return [lambda done: [Sequence("a", 0, long[:40], SamplingParams(max_tokens=2, temperature=0))],
+                lambda done: [Sequence("c", 0, tok("x").input_ids, SamplingParams(max_tokens=4, temperature=0)),
+                              Sequence("b", 0, long[:40] + other, SamplingParams(max_tokens=3, temperature=0))]]
+    _, ref, _ = _waves(model, tok, waves(), None, step_tokens=5)
+    _, got, cache = _waves(model, tok, waves(), 1, step_tokens=5)
+    b = got[1][1]
+    assert b.cached == 40 and b.output == ref[1][1].output
+    evicting = [ids for plan, ids in _waves.steps for m in plan.moves if m.dst == 3 and m.length < 40]
+    assert evicting and b.id in evicting[0]   # c's KV overwrote the pool slot while b was being prefilled
+
+
+def test_prefix_match_rules():
+    """Token-exact matching: the last prompt token is always prefilled; a scored prompt stops one short of the
+    shared prefix and needs a source scored with as many alternatives; the pool keeps one entry per prefix."""
+    from ds_spd.serve.prefix_cache import PrefixCache, Source, common_prefix, reusable
+    a = list(range(200))
+    assert common_prefix(a, a[:130] + [7]) == 130 and common_prefix(a, a) == 200 and common_prefix([], a) == 0
+    src = Source(5, a, [(t, None, [(t, 0.0)] * 3) for t in a], k=3)
+    assert reusable(src, a, None) == 199 and reusable(src, a[:50] + [1, 2], None) == 50
+    assert reusable(src, a[:50] + [1, 2], 2) == 49 and reusable(src, a[:50] + [1, 2], 4) == 0
+    assert reusable(Source(5, a), a[:60], 1) == 0
+    pool = PrefixCache(first=4, slots=2)
+    assert pool.keep(Source(0, a[:10])).dst == 4
+    assert pool.keep(Source(1, a[:5])) is None                       # held by the longer entry
+    assert pool.keep(Source(1, a[:20])).dst == 4                     # extends it: replaces it
+    assert pool.keep(Source(2, [9, 9, 9])).dst == 5
+    hit = pool.best(a[:15] + [3], None, [])
+    assert (hit.source.slot, hit.length) == (4, 15)                   # now the most recently used
+    assert pool.keep(Source(0, [8, 8])).dst == 5                     # evicts [9, 9, 9], not the one just used

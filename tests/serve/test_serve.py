@@ -388,7 +388,7 @@ def _model_logprobs(chat_dir, ids: list[int]) -> torch.Tensor:
 def test_echo_logprobs_through_the_server_equal_the_models_own(server, chat_dir):
     """What lm-evaluation-harness's local-completions sends for loglikelihood (echo, logprobs, max_tokens 1): the
     prompt's log-probabilities through the 2-rank server equal the model's own, the first is null, the
-    generated token's too; streamed the same; chat's logprobs / top_logprobs through the openai client."""
+    generated token's too; streamed (from the prefix cache) the same; chat's logprobs / top_logprobs through the openai client."""
     from transformers import AutoTokenizer
     ids = AutoTokenizer.from_pretrained(chat_dir)("def main(x): return x + 1").input_ids
     ref = _model_logprobs(chat_dir, ids)
@@ -406,13 +406,54 @@ def test_echo_logprobs_through_the_server_equal_the_models_own(server, chat_dir)
                        timeout=60) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: {")]
     streamed = [v for c in chunks for v in (c["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
-    assert streamed == lp["token_logprobs"]
+    # sent again, the prompt is reused from the prefix cache: its last token is recomputed in a 1-token forward
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-4)
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
     chat = _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)   # greedy
+
+
+@pytest.mark.multirank
+def test_prefix_cache_through_the_server(server, chat_dir, capsys):
+    """Prompts behind one system text, in turn and 4 at once, and a chat's turns: each reports the prompt tokens it
+    reused (usage.prompt_tokens_details.cached_tokens, through the openai client), its greedy text equals
+    `ds-spd generate`'s, /metrics counts the hits."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    system = "while True pass lambda x return the class of def main import os and sys and then x y z " * 2
+    prompts = [system + p for p in PROMPTS]
+    gen = cli_json(["generate", "--virtual-tp", "2", "--model", chat_dir, *SPD, "--prompt", *prompts,
+                    "--max-new-tokens", "8"], capsys)
+    expected = [g["completion"] for g in gen["generations"]]
+    client, shared = _client(server), len(tok(system).input_ids) - 2
+    first = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=8, temperature=0)
+    second = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=8, temperature=0)
+    assert [first.choices[0].text, second.choices[0].text] == expected[:2]
+    assert first.usage.prompt_tokens_details.cached_tokens < shared <= second.usage.prompt_tokens_details.cached_tokens
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = client.completions.create(model="tiny", prompt=prompts[4 + i], max_tokens=8, temperature=0)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.choices[0].text for r in results] == expected[4:]
+    assert all(r.usage.prompt_tokens_details.cached_tokens >= shared for r in results)
+    turns = [{"role": "system", "content": system}, {"role": "user", "content": "def main"}]
+    one = client.chat.completions.create(model="tiny", messages=turns, max_tokens=6, temperature=0)
+    turns += [{"role": "assistant", "content": one.choices[0].message.content}, {"role": "user", "content": "x"}]
+    two = client.chat.completions.create(model="tiny", messages=turns, max_tokens=6, temperature=0)
+    # the second turn resends the first: at least its prompt is reused (the tokens of the reply too, where the
+    # template tokenizes them as they were generated)
+    assert two.usage.prompt_tokens_details.cached_tokens >= one.usage.prompt_tokens - 2
+    metrics = requests.get(f"{server.url}/metrics", timeout=10).text
+    hits = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("ds_spd:prefix_cache_hits")))
+    assert hits >= 5 * shared and "ds_spd:prefix_cache_hit_rate" in metrics
 
 
 @pytest.mark.multirank
@@ -553,10 +594,12 @@ def test_a_second_server_shares_the_host_ctrl_c_drains_and_sigterm_stops_now(ser
     default 29500 made the second wait and die). With a stream running, Ctrl-C (SIGINT to the terminal's
     foreground group) drains it: /health 503, the stream goes on. Then SIGTERM to the process the user started
     (not its group: a supervisor signals the top process) is the second stop: the stream ends with an error,
-    every rank exits, /dev/shm is clean, the launch exits 0, and the shared server still answers. (A drain that
+    every rank exits, /dev/shm is clean, the launch exits 0, and the shared server still answers (this one runs
+    without the prefix cache: its log says so). (A drain that
     runs to completion: the runner test below, on the shared server.)"""
     shm_before = shm_buffers()
-    second = ServerProcess(["--model", chat_dir, "--served-model-name", "tiny", "--shutdown-timeout", "120"])
+    second = ServerProcess(["--model", chat_dir, "--served-model-name", "tiny", "--shutdown-timeout", "120",
+                            "--no-prefix-cache"])
     try:
         pids = second.rank_pids()
         result: dict = {}
@@ -586,7 +629,7 @@ def test_a_second_server_shares_the_host_ctrl_c_drains_and_sigterm_stops_now(ser
         assert code == 0, out[-3000:]
         assert "error" in result["chunks"][-1] and "shutting down" in result["chunks"][-1]["error"]["message"]
         assert "launch/tp.sh: SIGINT: SIGTERM to 2 rank(s)" in out and "launch/tp.sh: SIGTERM: SIGTERM to 2" in out
-        assert "SIGTERM: stopping (now)" in out and "ds-spd serve: stopped" in out
+        assert "SIGTERM: stopping (now)" in out and "ds-spd serve: stopped" in out and "prefix cache off" in out
         assert_no_shm_left(shm_before, "a stopped server")
     finally:
         second.kill()

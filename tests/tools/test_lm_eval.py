@@ -74,3 +74,27 @@ def test_adapter_command_line(tiny_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f.endswith(".json")]
     assert files and "ds_spd_tiny_choice" in json.load(open(files[0]))["results"]
+
+
+def test_the_shipped_next_text_task_scores_offline(tiny_dir):
+    """configs/lm_eval's ds_spd_next_text (the prefix-cache benchmark's task, built offline from the shipped
+    corpora): 240 questions of four continuations; the in-process adapter scores a pydoc and a Shakespeare one."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from ds_spd.tools.lm_eval_adapter import SPDLM
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "configs/lm_eval/next_text.jsonl"))]
+    assert len(rows) == 240 and {r["corpus"] for r in rows} == {"pydoc", "shakespeare"}
+    assert all(len(set(r["choices"])) == 4 and 0 <= r["label"] < 4 for r in rows)
+    cwd = os.getcwd()
+    os.chdir(ROOT)   # the task names its data relative to the repository root
+    try:
+        res = simple_evaluate(model=SPDLM(model=tiny_dir, virtual_tp=2, spd_blocks="0", batch_size=4),
+                              tasks=["ds_spd_next_text"], samples={"ds_spd_next_text": [0, 30]},
+                              task_manager=TaskManager(include_path=os.path.join(ROOT, "configs/lm_eval")),
+                              log_samples=True)
+    finally:
+        os.chdir(cwd)
+    scored = res["samples"]["ds_spd_next_text"]
+    assert sorted(s["doc_id"] for s in scored) == [0, 30] and all(len(s["resps"]) == 4 for s in scored)
+    assert 0 <= res["results"]["ds_spd_next_text"]["acc,none"] <= 1
