@@ -179,14 +179,17 @@ def _chat_waves(tok, scored=None):
     return [wave1, wave2]
 
 
-@pytest.mark.parametrize("scored", [None, 2])
-def test_prefix_cache_reuses_prefixes_and_changes_no_result(scored):
+@pytest.mark.parametrize("family,scored", [("llama", None), ("llama", 2), ("gemma3_text", None)])
+def test_prefix_cache_reuses_prefixes_and_changes_no_result(family, scored):
     """Chats behind one system prompt, then their next turns (each resends its conversation), through a pool of 2
     slots (so the 4 finished first turns evict each other): the greedy tokens equal the uncached run's, and with
     ``echo`` + ``logprobs`` every prompt token's score too; far fewer tokens are prefilled, and each sequence says
-    how many it reused."""
+    how many it reused. Gemma 3's family with an 8-token sliding window on every other layer: a copied prefix
+    far longer than the window gives the same tokens."""
     import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    extra = dict(sliding_window=8, query_pre_attn_scalar=16,
+                 layer_types=["sliding_attention", "full_attention"] * 2) if family == "gemma3_text" else {}
+    model, tok = ds_spd.virtualize(tiny_model(family, **extra), 2, [0, 2]), tiny_tokenizer()
     plain, ref, _ = _waves(model, tok, _chat_waves(tok, scored), None)
     cached, got, cache = _waves(model, tok, _chat_waves(tok, scored), 2)
     assert [[s.output for s in w] for w in got] == [[s.output for s in w] for w in ref]
