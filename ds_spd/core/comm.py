@@ -63,7 +63,8 @@ class VirtualReduce:
         self.stats = stats
 
     def __call__(self, partials: torch.Tensor, kind: str) -> torch.Tensor:
-        self.stats.record(kind, partials[0].numel())
+        if not torch.compiler.is_compiling():
+            self.stats.record(kind, partials[0].numel())
         return partials.sum(0)
 
 
@@ -85,6 +86,8 @@ class AllReduce:
 
     def __call__(self, partials: torch.Tensor, kind: str) -> torch.Tensor:
         assert partials.shape[0] == 1, "real TP holds exactly one shard per rank"
+        if torch.compiler.is_compiling():   # inside a compiled step: the op itself, traced (no timer, no count)
+            return self._traced(partials[0].contiguous())
         if self.stats.timed:   # the whole reduce is timed: everything a dropped sync removes (copy, call, sync)
             self._sync()
         start = time.perf_counter()
@@ -97,6 +100,16 @@ class AllReduce:
         if self.stats.timed:
             self._sync()
         self.stats.record(kind, tensor.numel(), time.perf_counter() - start)
+        return tensor
+
+    def _traced(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The all-reduce as the compiler sees it: DeepSpeed's shared-memory op is a registered torch op with a
+        functional form (no graph break); gloo goes through torch.distributed, which dynamo maps to functional
+        collectives."""
+        if self.path == "auto" and self._group_is_world and tensor.dtype in _SHM_DTYPES:
+            torch.ops.deepspeed.inference_all_reduce_(tensor)
+        else:
+            torch_dist.all_reduce(tensor, group=self.group)
         return tensor
 
 

@@ -148,7 +148,10 @@ def _attach(model: nn.Module, owner, stats: CommStats, layout: TPLayout) -> None
     owner.get_spd_blocks = lambda: get_spd_blocks(model)
     if owner is not model:
         model.spd_stats, model.spd_layout = stats, layout
-    decoder_layers(model)[0].register_forward_pre_hook(lambda *_: setattr(stats, "forwards", stats.forwards + 1))
+    def count_forward(*_) -> None:   # not inside a compiled step: a changing int would be a guard (a recompile)
+        if not torch.compiler.is_compiling():
+            stats.forwards += 1
+    decoder_layers(model)[0].register_forward_pre_hook(count_forward)
 
 
 class RoutedRowParallel(nn.Module):

@@ -44,6 +44,18 @@ class SlotCache(Cache):
         self._one = (first_slot, offsets[0], offsets[0] + q_len) if len(offsets) == 1 else None
         return self._pos
 
+    def select_padded(self, offsets: list[int], rows: int, kv_len: int) -> torch.Tensor:
+        """A one-token step of rows ``0 ..`` padded to ``rows`` rows and ``kv_len`` keys (a compiled step's bucket:
+        shapes that repeat, so one graph serves many steps). A padding row writes at position ``kv_len - 1`` of its
+        slot, which no sequence reads before writing it itself, and sees every key (finite: slots start zeroed)."""
+        if rows > self.slots or max(offsets) + 1 > kv_len or kv_len > self.max_len:
+            raise ValueError(f"a padded step of {rows} rows x {kv_len} keys does not fit {len(offsets)} sequences "
+                             f"at {max(offsets)} tokens in {self.slots} slots x {self.max_len}")
+        pos = torch.tensor(offsets + [kv_len - 1] * (rows - len(offsets)))[:, None]
+        self._first, self._rows, self._pos, self._kv_len, self._one = 0, rows, pos, kv_len, None
+        self._rows_idx = torch.arange(rows)[:, None]
+        return pos
+
     def masks(self, layer_types: list[str] | None, sliding_window: int | None) -> torch.Tensor | dict:
         """The selected rows' attention mask; a dict by layer type where the model has sliding layers."""
         j = torch.arange(self._kv_len)[None, None, None, :]

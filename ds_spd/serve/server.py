@@ -108,7 +108,7 @@ def _engine(spec, settings: ServeSettings):
     from ds_spd.serve.executor import StepExecutor
     runner = build_runner(spec)
     executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len,
-                            _pool_slots(spec, settings, runner.hf_model.dtype.itemsize))
+                            _pool_slots(spec, settings, runner.hf_model.dtype.itemsize), compiled=settings.compile)
     executor.log_tokens = settings.token_log is not None
     return runner, executor
 
@@ -190,7 +190,8 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     _log(f"ready on http://{host}:{port}: model '{state.model_name}', {mode} TP {spec.tp_size}, "
          f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
          f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, prefix cache "
-         f"{'off' if cache is None else f'on ({pool} finished sequences)'}, loaded in {runner.load_seconds:.1f} s")
+         f"{'off' if cache is None else f'on ({pool} finished sequences)'}, "
+         f"{'compiled' if settings.compile else 'eager'} decode, loaded in {runner.load_seconds:.1f} s")
     try:
         Engine(state, sched, executor, sender, metrics, shutdown, _log).run()
     except Exception:

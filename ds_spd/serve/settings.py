@@ -30,6 +30,8 @@ class ServeSettings:
                                      check=lambda v, s: v >= 0, bound=">= 0")
     no_prefix_cache: bool = setting(False, "prefill every prompt from its first token (the n choices of one prompt "
                                     "still share its prefill)")
+    compile: bool = setting(False, "decode steps through torch.compile: one graph per bucket of batch size and "
+                            "context, compiled on first use (prefill stays eager)")
     shutdown_timeout: float = setting(10.0, "after SIGTERM / Ctrl-C, seconds running requests may take to finish",
                                       check=lambda v, s: v >= 0, bound=">= 0")
     exit_linger: float = setting(2.0, "after a rank died, seconds rank 0 answers 503 before it exits",

@@ -296,8 +296,10 @@ def server_args(cfg, max_model_len: int) -> list[str]:
 
 
 def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: list[str]) -> dict[str, list[str]]:
-    """serve arguments of each engine: TP (no SPD block), the plan's (or checkpoint's) blocks, every block."""
-    table = {"tp": ["--spd-blocks", "none"], "all": ["--spd-blocks", f"0-{n_layers - 1}"]}
+    """serve arguments of each engine: TP (no SPD block), the plan's (or checkpoint's) blocks, every block; TP with
+    compiled decode steps (``compiled``)."""
+    table = {"tp": ["--spd-blocks", "none"], "all": ["--spd-blocks", f"0-{n_layers - 1}"],
+             "compiled": ["--spd-blocks", "none", "--compile"]}
     if checkpoint:
         table["plan"] = ["--checkpoint", checkpoint]
     elif plan:
@@ -305,7 +307,7 @@ def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: 
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"engine(s) {missing} need " + ("--plan or --checkpoint" if "plan" in missing else
-                                                          "one of tp, plan, all"))
+                                                          "one of tp, plan, all, compiled"))
     return {n: table[n] for n in names}
 
 
@@ -328,8 +330,9 @@ def bench_side_by_side(base_args: list[str], engines: dict[str, list[str]], path
                 bar.set_postfix_str(f"{path}: starting {name}")
                 servers[name] = ServerProcess([*base_args, *args, "--comm", spec["comm"], "--served-model-name",
                                                model_name], nprocs=tp, hosts=tp if spec["hosts"] > 1 else 1)
-            for name, srv in servers.items():   # warm-up: first-touch of the KV cache and the kernels
-                asyncio.run(run_load(srv.url, model_name, workloads[-1][:4], math.inf, None, seed))
+            for name, srv in servers.items():   # warm-up: first-touch of the KV cache and the kernels, and every
+                # batch size up to the workload's (a compiled step compiles each bucket on first use)
+                asyncio.run(run_load(srv.url, model_name, workloads[-1], math.inf, None, seed))
             order_rng = random.Random(seed)
             for rep in range(repeats):
                 for i, load in enumerate(loads):

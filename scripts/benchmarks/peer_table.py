@@ -52,21 +52,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--checkpoint", help="serve this SPD checkpoint with ds-spd (default: TP, no SPD block)")
+    ap.add_argument("--serve-args", default="", help="more ds-spd serve flags, e.g. \"--compile\"")
     ap.add_argument("--out", default="runs/peers")
     args = ap.parse_args()
     from ds_spd.models.loading import default_model_dir
     model_dir = default_model_dir()   # the converted SmolLM2 (safetensors): both servers load these files
     os.makedirs(args.out, exist_ok=True)
-    ours = ServerProcess(["--max-model-len", "2048", *(["--checkpoint", args.checkpoint] if args.checkpoint else [])])
+    ours = ServerProcess(["--max-model-len", "2048", *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
+                          *args.serve_args.split()])
     theirs, their_url = transformers_serve(model_dir)
     runs = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
+            for name, url in (("ds-spd", ours.url), ("tp", their_url)):   # warm-up, not recorded: first touches,
+                bench_url_cli(url, ["--model", model_dir, *LOAD, "--bench-seed", "1000"],   # compiled buckets
+                              os.path.join(tmp, f"warm_{name}"), cwd=ROOT)
             for r in range(args.rounds):
                 order = [("ds-spd", ours.url), ("tp", their_url)]   # "tp": the reference of paired_table
                 for name, url in (order if r % 2 == 0 else order[::-1]):
-                    for run in bench_url_cli(url, ["--model", model_dir, *LOAD], os.path.join(tmp, f"{name}{r}"),
-                                             cwd=ROOT):
+                    # each round its own prompts (the same for both): a prefix cache cannot answer a round from
+                    # an earlier one
+                    for run in bench_url_cli(url, ["--model", model_dir, *LOAD, "--bench-seed", str(r)],
+                                             os.path.join(tmp, f"{name}{r}"), cwd=ROOT):
                         runs.append({**run, "engine": name, "path": "cpu", "repeat": r})
                         print(f"round {r} {name} {run['load_name']}: {run['output_throughput']:.1f} tok/s, "
                               f"TTFT p50 {run['ttft']['p50_ms']:.0f} ms, TPOT p50 {run['tpot']['p50_ms']:.0f} ms",

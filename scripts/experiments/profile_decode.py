@@ -12,27 +12,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> None:
+    from compiled_decode import engine_and_prompt
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--spd-blocks", default="none")
-    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rows", type=int, default=30)
-    args = ap.parse_args()
+    args, model, rank, prompt = engine_and_prompt(ap)
     import torch
     from transformers import DynamicCache
-
-    from ds_spd.build import build_runner
-    from ds_spd.config import parse_block_list, resolve_spd_config
-    from ds_spd.run import resolve_run
-    blocks = [] if args.spd_blocks == "none" else parse_block_list(args.spd_blocks)
-    cfg = resolve_spd_config(None, model=args.model, tp_size=int(os.environ.get("WORLD_SIZE", "1")),
-                             spd_blocks=blocks)
-    runner = build_runner(resolve_run(cfg))
-    model, rank = runner.hf_model, int(os.environ.get("RANK", "0"))
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
 
     @torch.no_grad()
     def decode(steps: int) -> None:

@@ -60,6 +60,24 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
         srv.kill()
 
 
+@pytest.mark.multirank
+def test_compiled_decode_on_real_ranks_equals_generate(chat_dir, capsys):
+    """`serve --compile` on 2 real TP ranks (the shared-memory all-reduce traced inside the graph): a greedy request
+    gives `ds-spd generate`'s text."""
+    from helpers import cli_json
+    prompt = "def main import os and sys and then"
+    gen = cli_json(["generate", "--virtual-tp", "2", "--model", chat_dir, *SPD, "--prompt", prompt,
+                    "--max-new-tokens", "10"], capsys)
+    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--compile"])
+    try:
+        assert "compiled decode" in srv.output()
+        body = post(srv, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 10,
+                                             "temperature": 0}).json()
+        assert body["choices"][0]["text"] == gen["generations"][0]["completion"]
+    finally:
+        srv.kill()
+
+
 def test_a_master_port_in_use_is_refused_at_once(tmp_path):
     """A --master_port that another launch holds: one line naming the flag, before any rank starts."""
     import socket

@@ -15,8 +15,8 @@ from ds_spd.serve.scheduler import Scheduler, Sequence
 from ds_spd.serve.step import STOP, StepPlan
 
 
-def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256):
-    ex = StepExecutor(model, torch.device("cpu"), slots, max_len)
+def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256, executor=None):
+    ex = executor or StepExecutor(model, torch.device("cpu"), slots, max_len)
     sched = Scheduler(tok, set(), slots, max_len, step_tokens)
     sched.add(seqs)
     moves = forwards = 0
@@ -247,3 +247,32 @@ def test_prefix_match_rules():
     hit = pool.best(a[:15] + [3], None, [])
     assert (hit.source.slot, hit.length) == (4, 15)                   # now the most recently used
     assert pool.keep(Source(0, [8, 8])).dst == 5                     # evicts [9, 9, 9], not the one just used
+
+
+# ---------------------------------------------------------------- the compiled decode step
+def _batching_run(model, tok, slots, compiled=None, lengths=(20, 5, 13, 20, 2, 9)):
+    ex = StepExecutor(model, torch.device("cpu"), slots, 512, compiled=compiled is not None)
+    if compiled == "eager":   # the padded-bucket path without the compiler: what it feeds the graph
+        ex.compiled = ex._decode
+    seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
+            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    _run_all(model, tok, seqs, slots=slots, max_len=512, executor=ex)
+    return [s.output for s in seqs]
+
+
+def test_padded_decode_buckets_change_no_token():
+    """The compiled step's inputs, run eagerly: rows padded to a power of two (3 running in a bucket of 4), keys
+    to 256; the padding rows write where no sequence reads first: every sequence's greedy tokens are unchanged."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    assert _batching_run(model, tok, 4, "eager", (8, 3, 6, 7)) == _batching_run(model, tok, 4, None, (8, 3, 6, 7))
+
+
+def test_compiled_decode_equals_eager():
+    """torch.compile of the decode step (one bucket: one slot, short sequences) on Gemma 3's family with
+    sliding-window layers, in virtual TP: the greedy tokens of the eager step. (LLaMA's family on 2 real ranks,
+    the all-reduce inside the graph: tests/serve/test_faults.py.)"""
+    import ds_spd
+    extra = dict(sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)
+    model, tok = ds_spd.virtualize(tiny_model("gemma3_text", **extra), 2, [0, 2]), tiny_tokenizer()
+    assert _batching_run(model, tok, 1, "compile", (12, 9)) == _batching_run(model, tok, 1, None, (12, 9))

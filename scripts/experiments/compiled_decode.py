@@ -1,0 +1,88 @@
+"""A compiled decode step on real TP ranks, against the eager one: HF's static cache, ``torch.compile`` of the
+model's forward for one-token steps (the all-reduce traced: DeepSpeed's shm op is a torch op), greedy tokens
+compared, ms per step paired over interleaved rounds.
+
+    torchrun --nproc_per_node 2 scripts/experiments/compiled_decode.py [--spd-blocks none] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def engine_and_prompt(ap: argparse.ArgumentParser):
+    """The flags every decode experiment takes, parsed; this rank's TP engine model, its rank and a 16-token prompt."""
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--spd-blocks", default="none")
+    ap.add_argument("--steps", type=int, default=32)
+    args = ap.parse_args()
+    import torch
+
+    from ds_spd.build import build_runner
+    from ds_spd.config import parse_block_list, resolve_spd_config
+    from ds_spd.run import resolve_run
+    blocks = [] if args.spd_blocks == "none" else parse_block_list(args.spd_blocks)
+    cfg = resolve_spd_config(None, model=args.model, tp_size=int(os.environ.get("WORLD_SIZE", "1")),
+                             spd_blocks=blocks)
+    model = build_runner(resolve_run(cfg)).hf_model
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    return args, model, int(os.environ.get("RANK", "0")), prompt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--mode", default="default", help="torch.compile mode")
+    ap.add_argument("--out", default=None)
+    args, model, rank, prompt = engine_and_prompt(ap)
+    import torch
+    import torch.distributed as dist
+    from transformers import StaticCache
+    n0 = prompt.shape[1]
+
+    def forward(ids, pos, cache):
+        return model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    compiled = torch.compile(forward, mode=args.mode, dynamic=False)
+
+    @torch.no_grad()
+    def decode(step_fn) -> tuple[list[int], float]:
+        cache = StaticCache(config=model.config, max_cache_len=n0 + args.steps + 1)
+        logits = forward(prompt, torch.arange(n0)[None], cache)
+        tokens = [int(logits.argmax(-1))]
+        dist.barrier()
+        start = time.perf_counter()
+        for i in range(args.steps):
+            logits = step_fn(torch.tensor([[tokens[-1]]]), torch.tensor([[n0 + i]]), cache)
+            tokens.append(int(logits.argmax(-1)))
+        dist.barrier()
+        return tokens, (time.perf_counter() - start) / args.steps
+
+    start = time.perf_counter()
+    decode(compiled)   # compiles
+    compile_s = time.perf_counter() - start
+    eager_tokens, _ = decode(forward)
+    compiled_tokens, _ = decode(compiled)
+    eager, comp = [], []
+    for r in range(args.rounds):
+        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            _, t = decode(forward if name == "eager" else compiled)
+            (eager if name == "eager" else comp).append(t)
+    if rank == 0:
+        ratios = [c / e for c, e in zip(comp, eager)]
+        res = {"model": args.model, "spd_blocks": args.spd_blocks, "steps": args.steps, "mode": args.mode,
+               "compile_seconds": compile_s, "same_greedy_tokens": eager_tokens == compiled_tokens,
+               "eager_ms": [1e3 * t for t in eager], "compiled_ms": [1e3 * t for t in comp],
+               "compiled_over_eager_median": statistics.median(ratios), "ratios": ratios}
+        print(json.dumps(res, indent=1))
+        if args.out:
+            json.dump(res, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
