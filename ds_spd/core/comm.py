@@ -87,27 +87,26 @@ class AllReduce:
     def __call__(self, partials: torch.Tensor, kind: str) -> torch.Tensor:
         assert partials.shape[0] == 1, "real TP holds exactly one shard per rank"
         if torch.compiler.is_compiling():   # inside a compiled step: the op itself, traced (no timer, no count)
-            return self._traced(partials[0].contiguous())
+            return self._reduce(partials[0].contiguous())
         if self.stats.timed:   # the whole reduce is timed: everything a dropped sync removes (copy, call, sync)
             self._sync()
         start = time.perf_counter()
-        tensor = partials[0].contiguous()
-        if self.path == "auto" and self._group_is_world and tensor.dtype in _SHM_DTYPES:
-            import deepspeed.comm as ds_comm
-            ds_comm.inference_all_reduce(tensor, group=self.group)
-        else:
-            torch_dist.all_reduce(tensor, group=self.group)
+        tensor = self._reduce(partials[0].contiguous())
         if self.stats.timed:
             self._sync()
         self.stats.record(kind, tensor.numel(), time.perf_counter() - start)
         return tensor
 
-    def _traced(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The all-reduce as the compiler sees it: DeepSpeed's shared-memory op is a registered torch op with a
-        functional form (no graph break); gloo goes through torch.distributed, which dynamo maps to functional
-        collectives."""
+    def _reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` in place over the group, on the chosen path. Inside a compiled step DeepSpeed's
+        shared-memory all-reduce is called as the torch op it registers (traced, no graph break); gloo goes through
+        torch.distributed, which dynamo maps to functional collectives."""
         if self.path == "auto" and self._group_is_world and tensor.dtype in _SHM_DTYPES:
-            torch.ops.deepspeed.inference_all_reduce_(tensor)
+            if torch.compiler.is_compiling():
+                torch.ops.deepspeed.inference_all_reduce_(tensor)
+            else:
+                import deepspeed.comm as ds_comm
+                ds_comm.inference_all_reduce(tensor, group=self.group)
         else:
             torch_dist.all_reduce(tensor, group=self.group)
         return tensor

@@ -37,7 +37,7 @@ class StepExecutor:
     def __init__(self, model: torch.nn.Module, device: torch.device, slots: int, max_len: int, pool_slots: int = 0,
                  compiled: bool = False):
         config = model.config
-        self.model, self.device, self.slots, self.max_len = model, device, slots, max_len
+        self.model, self.device = model, device
         self.compiled = None
         if compiled:
             import torch._dynamo.config as dynamo
@@ -57,11 +57,14 @@ class StepExecutor:
         (``keep=0``: every position's, ``[B, T, V]``)."""
         ids = torch.tensor(tokens, device=self.device)
         pos = self.cache.select(first_slot, offsets, ids.shape[1]).to(self.device)
-        mask = self.cache.masks(self.layer_types, self.window)
-        mask = {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
-                         logits_to_keep=keep)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=self._masks(), cache=self.cache,
+                         use_cache=True, logits_to_keep=keep)
         return out.logits if keep == 0 else out.logits[:, -1]
+
+    def _masks(self) -> torch.Tensor | dict:
+        """The selected rows' attention mask(s) on the model's device."""
+        mask = self.cache.masks(self.layer_types, self.window)
+        return {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
 
     def _decode(self, ids: torch.Tensor, pos: torch.Tensor, mask) -> torch.Tensor:
         return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
@@ -70,12 +73,11 @@ class StepExecutor:
     @torch.no_grad()
     def decode_compiled(self, offsets: list[int], tokens: list[list[int]]) -> torch.Tensor:
         """One token for rows ``0 ..`` through the compiled step, padded to its bucket; logits ``[B, V]``."""
-        rows = bucket(len(offsets), self.slots)
-        keys = bucket(max(offsets) + 1, self.max_len, MIN_KEYS)
+        rows = bucket(len(offsets), self.cache.slots)
+        keys = bucket(max(offsets) + 1, self.cache.max_len, MIN_KEYS)
         ids = torch.tensor([t[0] for t in tokens] + [0] * (rows - len(tokens)), device=self.device)[:, None]
         pos = self.cache.select_padded(offsets, rows, keys).to(self.device)
-        mask = self.cache.masks(self.layer_types, self.window)
-        mask = {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
+        mask = self._masks()
         stats = getattr(self.model, "spd_stats", None)
         if stats is not None:   # the compiled step does not count itself (a changing count would recompile it)
             stats.forwards += 1

@@ -36,13 +36,10 @@ class SlotCache(Cache):
             raise ValueError(f"rows {first_slot}..{first_slot + len(offsets) - 1} exceed the {self.slots} slots")
         if max(offsets) + q_len > self.max_len:
             raise ValueError(f"{max(offsets) + q_len} tokens exceed the cache length {self.max_len}")
-        self._first, self._rows = first_slot, len(offsets)
-        self._pos = torch.tensor(offsets)[:, None] + torch.arange(q_len)[None, :]
-        self._kv_len = max(offsets) + q_len
-        self._rows_idx = torch.arange(first_slot, first_slot + len(offsets))[:, None].expand_as(self._pos)
+        pos = torch.tensor(offsets)[:, None] + torch.arange(q_len)[None, :]
         # one row: a plain slice write (what every layer's update does; no index tensors)
-        self._one = (first_slot, offsets[0], offsets[0] + q_len) if len(offsets) == 1 else None
-        return self._pos
+        return self._rows_at(first_slot, pos, max(offsets) + q_len,
+                             (first_slot, offsets[0], offsets[0] + q_len) if len(offsets) == 1 else None)
 
     def select_padded(self, offsets: list[int], rows: int, kv_len: int) -> torch.Tensor:
         """A one-token step of rows ``0 ..`` padded to ``rows`` rows and ``kv_len`` keys (a compiled step's bucket:
@@ -51,9 +48,13 @@ class SlotCache(Cache):
         if rows > self.slots or max(offsets) + 1 > kv_len or kv_len > self.max_len:
             raise ValueError(f"a padded step of {rows} rows x {kv_len} keys does not fit {len(offsets)} sequences "
                              f"at {max(offsets)} tokens in {self.slots} slots x {self.max_len}")
-        pos = torch.tensor(offsets + [kv_len - 1] * (rows - len(offsets)))[:, None]
-        self._first, self._rows, self._pos, self._kv_len, self._one = 0, rows, pos, kv_len, None
-        self._rows_idx = torch.arange(rows)[:, None]
+        return self._rows_at(0, torch.tensor(offsets + [kv_len - 1] * (rows - len(offsets)))[:, None], kv_len, None)
+
+    def _rows_at(self, first_slot: int, pos: torch.Tensor, kv_len: int, one: tuple | None) -> torch.Tensor:
+        """The next forward's rows: slots ``first_slot ..``, one per row of ``pos`` (their positions ``[B, T]``),
+        keys up to ``kv_len``; ``one``: (slot, start, end) where a single row is written as a slice."""
+        self._first, self._rows, self._pos, self._kv_len, self._one = first_slot, pos.shape[0], pos, kv_len, one
+        self._rows_idx = torch.arange(first_slot, first_slot + pos.shape[0])[:, None].expand_as(pos)
         return pos
 
     def masks(self, layer_types: list[str] | None, sliding_window: int | None) -> torch.Tensor | dict:

@@ -21,7 +21,6 @@ window is a mask, so a copied prefix is the same KV the window reads after a pre
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from itertools import count
 
@@ -38,15 +37,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def slot_bytes(config, tp_size: int, virtual: bool, max_len: int, element_size: int) -> int:
+def slot_bytes(layout, num_layers: int, virtual: bool, max_len: int, element_size: int) -> int:
     """Bytes one slot of the KV cache takes on the fullest rank: every layer's keys and values for ``max_len``
-    positions of the rank's KV heads (``ceil(kv / tp)``: a rank holds its share, or one replicated head; a virtual
-    TP process holds every rank's)."""
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    local = math.ceil(kv / tp_size) * (tp_size if virtual else 1)
-    return config.num_hidden_layers * 2 * local * max_len * head_dim * element_size
+    positions of the rank's KV heads (ds_spd.core.layout.TPLayout: a rank's share, or its replicated head; a
+    virtual TP process holds every rank's)."""
+    heads = sum(layout.kv_heads) if virtual else max(layout.kv_heads)
+    return num_layers * 2 * heads * max_len * layout.head_dim * element_size
 
 
 def pool_slots(gb: float, one_slot: int) -> int:

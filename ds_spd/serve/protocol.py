@@ -41,6 +41,8 @@ def _bounded(**bounds):
     a before-validator, bounds given to the field are enforced but published under pydantic's own names (``ge``),
     which no JSON Schema reader knows."""
     return Annotated[int, Field(**bounds), BeforeValidator(_integral), Strict()]
+
+
 MAX_STOPS = 4          # stop strings a request may give
 MAX_BIASED = 300       # token ids a logit_bias may name
 BIAS_LIMIT = 100       # |bias| at most

@@ -118,7 +118,8 @@ def _pool_slots(spec, settings: ServeSettings, element_size: int) -> int:
     from ds_spd.serve.prefix_cache import pool_slots, slot_bytes
     if settings.no_prefix_cache:
         return 0
-    one = slot_bytes(spec.model_config, spec.tp_size, spec.virtual, settings.max_model_len, element_size)
+    one = slot_bytes(spec.layout, spec.model_config.num_hidden_layers, spec.virtual, settings.max_model_len,
+                     element_size)
     return pool_slots(settings.prefix_cache_gb, one)
 
 

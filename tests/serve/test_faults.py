@@ -21,8 +21,10 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
     pending request, /health 503, every rank exits."""
     from transformers import AutoConfig
 
+    from ds_spd.core.layout import TPLayout
     from ds_spd.serve.prefix_cache import slot_bytes
-    one = slot_bytes(AutoConfig.from_pretrained(chat_dir), 2, False, 512, 4)
+    config = AutoConfig.from_pretrained(chat_dir)
+    one = slot_bytes(TPLayout.for_model(config, 2), config.num_hidden_layers, False, 512, 4)
     srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--exit-linger", "3",
                          "--max-model-len", "512", "--prefix-cache-gb", str(1.5 * one / 2**30)])
     try:
