@@ -6,10 +6,10 @@ the last position of each row reaches the (vocabulary-sized) head, unless the pl
 (a prompt whose tokens are scored: ``echo`` with ``logprobs``), when every position does.
 
 ``compiled=True``: decode steps run through ``torch.compile`` (the all-reduce traced: DeepSpeed's shared-memory
-op is a torch op; ds_spd.core.comm), their shapes padded to buckets (rows to a power of two up to the slots, keys
-to a power of two from :data:`MIN_KEYS` up to the context), so one graph per bucket serves every step of that
-size; each rank compiles the same graphs in the same order, since every rank runs the same plans. Prefill stays
-eager (a prompt's length varies; it is compute-bound).
+op is a torch op; ds_spd.core.comm) with dynamic shapes: the batch's rows and its keys are symbols, so two graphs
+(one row, several rows: the compiler specializes a size of 1) serve every step. :meth:`StepExecutor.warm_up`
+compiles both before the first request, on every rank in the same order. A step whose keys fill the whole
+context (a slice of the whole cache, a third shape) and every prefill run eagerly (a prompt is compute-bound).
 """
 from __future__ import annotations
 
@@ -21,18 +21,6 @@ from ds_spd.serve.kv_cache import SlotCache
 from ds_spd.serve.step import StepPlan
 
 
-#: the smallest key bucket of a compiled decode step
-MIN_KEYS = 256
-
-
-def bucket(n: int, limit: int, floor: int = 1) -> int:
-    """The next power of two >= ``n`` (at least ``floor``), at most ``limit``."""
-    b = floor
-    while b < n:
-        b *= 2
-    return min(b, limit)
-
-
 class StepExecutor:
     def __init__(self, model: torch.nn.Module, device: torch.device, slots: int, max_len: int, pool_slots: int = 0,
                  compiled: bool = False):
@@ -41,15 +29,20 @@ class StepExecutor:
         self.compiled = None
         if compiled:
             import torch._dynamo.config as dynamo
-            # one graph per (rows, keys) bucket: up to log2(slots) x log2(context / MIN_KEYS) of them
-            dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-            self.compiled = torch.compile(self._decode, dynamic=False)
+
+            from ds_spd.models.attention import use_packed_decode_attention
+            use_packed_decode_attention(model)
+            # the model's float constants (norm eps, attention scale) as constants: traced as symbols, they make
+            # dynamo trace the step twice (half the warm-up on SmolLM2); this process-wide setting suits a server
+            dynamo.specialize_float = True
+            self.compiled = torch.compile(self._decode, dynamic=True)
         self.cache = SlotCache(config.num_hidden_layers, slots, max_len, spare=pool_slots)
         self.layer_types = getattr(config, "layer_types", None)
         self.window = getattr(config, "sliding_window", None)
         self.fed: dict[str, list[int]] = {}   # tokens fed per sequence (kept only with a token log)
         self.log_tokens = False
         self.seconds: list[float] = []        # wall time of each forward of the last plan
+        self.warm_up_seconds = 0.0            # compiling the decode graphs (warm_up)
 
     @torch.no_grad()
     def forward(self, first_slot: int, offsets: list[int], tokens: list[list[int]], keep: int = 1) -> torch.Tensor:
@@ -72,16 +65,32 @@ class StepExecutor:
 
     @torch.no_grad()
     def decode_compiled(self, offsets: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """One token for rows ``0 ..`` through the compiled step, padded to its bucket; logits ``[B, V]``."""
-        rows = bucket(len(offsets), self.cache.slots)
-        keys = bucket(max(offsets) + 1, self.cache.max_len, MIN_KEYS)
-        ids = torch.tensor([t[0] for t in tokens] + [0] * (rows - len(tokens)), device=self.device)[:, None]
-        pos = self.cache.select_padded(offsets, rows, keys).to(self.device)
+        """One token for rows ``0 ..`` through the compiled step; logits ``[B, V]``. Keys that would fill the
+        whole context take the eager step (that slice would be a third graph, for one step per longest sequence)."""
+        if max(offsets) + 1 >= self.cache.max_len:
+            return self.forward(0, offsets, tokens)
+        ids = torch.tensor(tokens, device=self.device)
+        pos = self.cache.select_decode(offsets).to(self.device)
         mask = self._masks()
         stats = getattr(self.model, "spd_stats", None)
         if stats is not None:   # the compiled step does not count itself (a changing count would recompile it)
             stats.forwards += 1
-        return self.compiled(ids, pos, mask)[:len(offsets)]
+        return self.compiled(ids, pos, mask)
+
+    def warm_up(self) -> float:
+        """Compile the decode graphs (one row; several) before serving; seconds taken (0 when not compiling).
+
+        Every rank calls it at the same point. The steps write one position of slots 0 and 1, which a sequence
+        later placed there prefills before it reads (a slot's positions are read only up to its length)."""
+        if self.compiled is None:
+            return 0.0
+        start = time.perf_counter()
+        self.forward(0, [0], [[0]])               # the eager step allocates the cache: the graphs read it as it stays
+        keys = min(self.cache.max_len - 1, 100)   # a size hint unlike any other dimension (no accidental equality)
+        for rows in sorted({1, min(2, self.cache.slots)}):
+            self.decode_compiled([keys - 1] * rows, [[0]] * rows)
+        self.warm_up_seconds = time.perf_counter() - start
+        return self.warm_up_seconds
 
     def run(self, plan: StepPlan) -> list[torch.Tensor]:
         """Apply a plan (slot moves, then forwards); the logits of each forward, for rank 0 to sample from."""

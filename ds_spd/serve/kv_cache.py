@@ -41,14 +41,13 @@ class SlotCache(Cache):
         return self._rows_at(first_slot, pos, max(offsets) + q_len,
                              (first_slot, offsets[0], offsets[0] + q_len) if len(offsets) == 1 else None)
 
-    def select_padded(self, offsets: list[int], rows: int, kv_len: int) -> torch.Tensor:
-        """A one-token step of rows ``0 ..`` padded to ``rows`` rows and ``kv_len`` keys (a compiled step's bucket:
-        shapes that repeat, so one graph serves many steps). A padding row writes at position ``kv_len - 1`` of its
-        slot, which no sequence reads before writing it itself, and sees every key (finite: slots start zeroed)."""
-        if rows > self.slots or max(offsets) + 1 > kv_len or kv_len > self.max_len:
-            raise ValueError(f"a padded step of {rows} rows x {kv_len} keys does not fit {len(offsets)} sequences "
-                             f"at {max(offsets)} tokens in {self.slots} slots x {self.max_len}")
-        return self._rows_at(0, torch.tensor(offsets + [kv_len - 1] * (rows - len(offsets)))[:, None], kv_len, None)
+    def select_decode(self, offsets: list[int]) -> torch.Tensor:
+        """One new token for each of rows ``0 ..``, written by index even for one row (a compiled step's form: one
+        graph whatever the rows' offsets); returns their position ids ``[B, 1]``."""
+        if len(offsets) > self.slots or max(offsets) + 1 > self.max_len:
+            raise ValueError(f"a decode step of {len(offsets)} sequences at up to {max(offsets)} tokens does not "
+                             f"fit {self.slots} slots x {self.max_len}")
+        return self._rows_at(0, torch.tensor(offsets)[:, None], max(offsets) + 1, None)
 
     def _rows_at(self, first_slot: int, pos: torch.Tensor, kv_len: int, one: tuple | None) -> torch.Tensor:
         """The next forward's rows: slots ``first_slot ..``, one per row of ``pos`` (their positions ``[B, T]``),

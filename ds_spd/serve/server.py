@@ -108,8 +108,10 @@ def _engine(spec, settings: ServeSettings):
     from ds_spd.serve.executor import StepExecutor
     runner = build_runner(spec)
     executor = StepExecutor(runner.hf_model, runner.device, settings.max_seqs, settings.max_model_len,
-                            _pool_slots(spec, settings, runner.hf_model.dtype.itemsize), compiled=settings.compile)
+                            _pool_slots(spec, settings, runner.hf_model.dtype.itemsize),
+                            compiled=not settings.enforce_eager)
     executor.log_tokens = settings.token_log is not None
+    executor.warm_up()   # every rank, before any plan: the graphs compile in lockstep
     return runner, executor
 
 
@@ -188,11 +190,13 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens, cache)
     state.status = "ready"
     mode = "virtual" if spec.virtual else "real"
+    decode = "eager decode" if executor.compiled is None else \
+        f"compiled decode ({executor.warm_up_seconds:.0f} s to compile)"
     _log(f"ready on http://{host}:{port}: model '{state.model_name}', {mode} TP {spec.tp_size}, "
          f"SPD blocks {list(spec.spd_blocks) or 'none'} of {spec.model_config.num_hidden_layers}, "
          f"{settings.max_seqs} sequences x {settings.max_model_len} tokens, prefix cache "
          f"{'off' if cache is None else f'on ({pool} finished sequences)'}, "
-         f"{'compiled' if settings.compile else 'eager'} decode, loaded in {runner.load_seconds:.1f} s")
+         f"{decode}, loaded in {runner.load_seconds:.1f} s")
     try:
         Engine(state, sched, executor, sender, metrics, shutdown, _log).run()
     except Exception:

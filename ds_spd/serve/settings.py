@@ -30,8 +30,9 @@ class ServeSettings:
                                      check=lambda v, s: v >= 0, bound=">= 0")
     no_prefix_cache: bool = setting(False, "prefill every prompt from its first token (the n choices of one prompt "
                                     "still share its prefill)")
-    compile: bool = setting(False, "decode steps through torch.compile: one graph per bucket of batch size and "
-                            "context, compiled on first use (prefill stays eager)")
+    enforce_eager: bool = setting(False, "decode steps eager (as prefill): no torch.compile, which otherwise runs "
+                                  "them as two graphs with dynamic shapes (one row; several), compiled before the "
+                                  "server is ready (SmolLM2 here: ~15 s with torch's compile cache, ~100 s without)")
     shutdown_timeout: float = setting(10.0, "after SIGTERM / Ctrl-C, seconds running requests may take to finish",
                                       check=lambda v, s: v >= 0, bound=">= 0")
     exit_linger: float = setting(2.0, "after a rank died, seconds rank 0 answers 503 before it exits",

@@ -297,9 +297,9 @@ def server_args(cfg, max_model_len: int) -> list[str]:
 
 def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: list[str]) -> dict[str, list[str]]:
     """serve arguments of each engine: TP (no SPD block), the plan's (or checkpoint's) blocks, every block; TP with
-    compiled decode steps (``compiled``)."""
+    eager decode steps (``eager``: ``--enforce-eager``; the others compile theirs, serve's default)."""
     table = {"tp": ["--spd-blocks", "none"], "all": ["--spd-blocks", f"0-{n_layers - 1}"],
-             "compiled": ["--spd-blocks", "none", "--compile"]}
+             "eager": ["--spd-blocks", "none", "--enforce-eager"]}
     if checkpoint:
         table["plan"] = ["--checkpoint", checkpoint]
     elif plan:
@@ -307,7 +307,7 @@ def engines_for(plan: str | None, checkpoint: str | None, n_layers: int, names: 
     missing = [n for n in names if n not in table]
     if missing:
         raise ValueError(f"engine(s) {missing} need " + ("--plan or --checkpoint" if "plan" in missing else
-                                                          "one of tp, plan, all, compiled"))
+                                                          "one of tp, plan, all, eager"))
     return {n: table[n] for n in names}
 
 
@@ -331,7 +331,7 @@ def bench_side_by_side(base_args: list[str], engines: dict[str, list[str]], path
                 servers[name] = ServerProcess([*base_args, *args, "--comm", spec["comm"], "--served-model-name",
                                                model_name], nprocs=tp, hosts=tp if spec["hosts"] > 1 else 1)
             for name, srv in servers.items():   # warm-up: first-touch of the KV cache and the kernels, and every
-                # batch size up to the workload's (a compiled step compiles each bucket on first use)
+                # batch size up to the workload's
                 asyncio.run(run_load(srv.url, model_name, workloads[-1], math.inf, None, seed))
             order_rng = random.Random(seed)
             for rep in range(repeats):

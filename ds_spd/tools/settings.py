@@ -48,7 +48,7 @@ class BenchServeSettings:
                            check=lambda v, s: v == "auto" or s.url is not None,
                            refusal="--backend chooses the request form for a running server: it needs --url")
     engines: Optional[str] = setting(None, "servers to start: tp, plan (the --plan/--checkpoint blocks), all (every "
-                                     "block SPD), compiled (tp with serve --compile); default tp,plan with a plan or "
+                                     "block SPD), eager (tp with serve --enforce-eager); default tp,plan with a plan or "
                                      "checkpoint, else tp,all")
     paths: str = setting("shm,gloo", "all-reduce paths: shm, gloo, 2hosts (two simulated hosts)")
     rates: str = setting("1,4,inf", "request rates (Poisson arrivals per second; inf: all at once)")

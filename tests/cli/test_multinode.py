@@ -74,8 +74,8 @@ def test_serve_across_two_hosts(tiny_dir, capsys):
     from ds_spd.tools.serve_process import ServerProcess
     gen = cli_json(["generate", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,2", "--prompt", "def main",
                    "--max-new-tokens", "8"], capsys)
-    srv = ServerProcess(["--model", tiny_dir, "--tp", "2", "--spd-blocks", "0,2", "--served-model-name", "tiny"],
-                        hosts=2)
+    srv = ServerProcess(["--model", tiny_dir, "--enforce-eager", "--tp", "2", "--spd-blocks", "0,2",
+                         "--served-model-name", "tiny"], hosts=2)
     try:
         r = requests.post(f"{srv.url}/v1/completions", timeout=60, json={"model": "tiny", "prompt": "def main",
                                                                         "max_tokens": 8, "temperature": 0})

@@ -25,8 +25,8 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
     from ds_spd.serve.prefix_cache import slot_bytes
     config = AutoConfig.from_pretrained(chat_dir)
     one = slot_bytes(TPLayout.for_model(config, 2), config.num_hidden_layers, False, 512, 4)
-    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--exit-linger", "3",
-                         "--max-model-len", "512", "--prefix-cache-gb", str(1.5 * one / 2**30)])
+    srv = ServerProcess(["--model", chat_dir, *SPD, "--enforce-eager", "--served-model-name", "tiny",
+                         "--exit-linger", "3", "--max-model-len", "512", "--prefix-cache-gb", str(1.5 * one / 2**30)])
     try:
         assert "prefix cache on (1 finished sequences)" in srv.output()
         a, b = "def main import os and sys and then return x " * 3, "while True pass lambda x the class of " * 3
@@ -64,18 +64,23 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
 
 @pytest.mark.multirank
 def test_compiled_decode_on_real_ranks_equals_generate(chat_dir, capsys):
-    """`serve --compile` on 2 real TP ranks (the shared-memory all-reduce traced inside the graph): a greedy request
-    gives `ds-spd generate`'s text."""
+    """`serve` with its default compiled decode steps on 2 real TP ranks (the shared-memory all-reduce traced
+    inside the graph): two greedy requests sent at once (steps of one row and of two) each give `ds-spd
+    generate`'s text."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from helpers import cli_json
-    prompt = "def main import os and sys and then"
-    gen = cli_json(["generate", "--virtual-tp", "2", "--model", chat_dir, *SPD, "--prompt", prompt,
+    prompts = ["def main import os and sys and then", "the quick brown"]
+    gen = cli_json(["generate", "--virtual-tp", "2", "--model", chat_dir, *SPD, "--prompt", *prompts,
                     "--max-new-tokens", "10"], capsys)
-    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny", "--compile"])
+    srv = ServerProcess(["--model", chat_dir, *SPD, "--served-model-name", "tiny"])
     try:
         assert "compiled decode" in srv.output()
-        body = post(srv, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 10,
-                                             "temperature": 0}).json()
-        assert body["choices"][0]["text"] == gen["generations"][0]["completion"]
+        with ThreadPoolExecutor(2) as pool:
+            bodies = list(pool.map(lambda p: post(srv, "/v1/completions", {"model": "tiny", "prompt": p,
+                                                                          "max_tokens": 10, "temperature": 0}).json(),
+                                   prompts))
+        assert [b["choices"][0]["text"] for b in bodies] == [g["completion"] for g in gen["generations"]]
     finally:
         srv.kill()
 

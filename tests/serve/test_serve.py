@@ -55,8 +55,8 @@ def test_non_streamed_answer_survives_a_wait_longer_than_the_disconnect_poll():
 def server(chat_dir, tmp_path_factory):
     """The shared 2-rank server: API key from the environment, 8 running + 24 waiting sequences at most."""
     log = tmp_path_factory.mktemp("serve_tokens")
-    srv = ServerProcess(["--model", chat_dir, *SPD, "--token-log", str(log), "--served-model-name", "tiny",
-                         "--max-seqs", "8", "--max-queue", "24", "--shutdown-timeout", "120"],
+    srv = ServerProcess(["--model", chat_dir, *SPD, "--enforce-eager", "--token-log", str(log),
+                         "--served-model-name", "tiny", "--max-seqs", "8", "--max-queue", "24", "--shutdown-timeout", "120"],
                         env={"DS_SPD_API_KEY": API_KEY})
     srv.token_log = str(log)
     yield srv
@@ -598,8 +598,8 @@ def test_a_second_server_shares_the_host_ctrl_c_drains_and_sigterm_stops_now(ser
     without the prefix cache: its log says so). (A drain that
     runs to completion: the runner test below, on the shared server.)"""
     shm_before = shm_buffers()
-    second = ServerProcess(["--model", chat_dir, "--served-model-name", "tiny", "--shutdown-timeout", "120",
-                            "--no-prefix-cache"])
+    second = ServerProcess(["--model", chat_dir, "--enforce-eager", "--served-model-name", "tiny",
+                            "--shutdown-timeout", "120", "--no-prefix-cache"])
     try:
         pids = second.rank_pids()
         result: dict = {}

@@ -1,0 +1,117 @@
+"""The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
+eager; ``dynamic``, compiled with dynamic shapes (two graphs for every shape: what ``serve --compile`` runs);
+``frozen``, the same with inductor's freezing (weights folded into the graph as constants, prepacked for its
+GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
+compile seconds. Each rank's weight bytes (what a one-row step reads: every parameter but the embedding table)
+over its step time, against the bandwidth one core reads in the same run, both ranks at once (``torch.sum`` over
+512 MB; ``F.linear`` of one row over 1 GB of distinct matrices): the fraction of the memory limit.
+
+    torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
+        [--variants eager,dynamic,frozen,static] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from compiled_decode import engine_and_prompt
+
+SHAPES = ((1, 300), (1, 1200), (8, 300), (8, 1200))
+
+
+def one_core_bandwidth(dist) -> dict[str, float]:
+    """GB/s this rank reads while every rank reads (best of 5): a reduction, and one-row matrix products."""
+    import torch
+    import torch.nn.functional as F
+    out = {}
+    x = torch.ones(2**27)                                   # 512 MB
+    mats = [torch.ones(4096, 4096) for _ in range(16)]      # 1 GB, distinct matrices (no cache reuse)
+    row = torch.ones(1, 4096)
+    for name, fn, nbytes in (("sum", lambda: x.sum(), x.numel() * 4),
+                             ("linear", lambda: [F.linear(row, m) for m in mats], 16 * 4096 * 4096 * 4)):
+        best = float("inf")
+        for _ in range(5):
+            dist.barrier()
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        out[name] = nbytes / best / 1e9
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default="eager,dynamic,frozen")
+    ap.add_argument("--out", default=None)
+    args, model, rank, _ = engine_and_prompt(ap)
+    import torch
+    import torch.distributed as dist
+
+    from ds_spd.serve.executor import StepExecutor
+    ex = StepExecutor(model, torch.device("cpu"), 8, 2048, compiled=True)
+    for slot in range(8):   # fill the slots' keys (values do not matter for timing)
+        ex.forward(slot, [0], [[1] * 16])
+    variants = args.variants.split(",")
+    fns, compile_s = {"eager": None}, {}
+    start = time.perf_counter()
+
+    @torch.no_grad()
+    def step(fn, rows: int, keys: int) -> float:
+        ex.compiled = fn
+        dist.barrier()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            if fn is None:
+                ex.forward(0, [keys - 1] * rows, [[1]] * rows)
+            else:
+                ex.decode_compiled([keys - 1] * rows, [[1]] * rows)
+        dist.barrier()
+        return 1e3 * (time.perf_counter() - t) / args.steps
+
+    for name in variants:
+        t = time.perf_counter()
+        if name in ("dynamic", "frozen"):
+            # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
+            ex.compiled = fns[name] = torch.compile(ex._decode, dynamic=True,
+                                                    options={"freezing": name == "frozen"})
+            ex.warm_up()
+        elif name == "static":
+            fns[name] = {shape: torch.compile(ex._decode, dynamic=False) for shape in SHAPES}
+            for shape in SHAPES:
+                step(fns[name][shape], *shape)
+        compile_s[name] = time.perf_counter() - t
+    res = {"model": args.model, "spd_blocks": args.spd_blocks, "steps": args.steps, "compile_seconds": compile_s,
+           "shapes": {}}
+    for rows, keys in SHAPES:
+        times = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for name in (variants if r % 2 == 0 else variants[::-1]):
+                fn = fns[name][(rows, keys)] if name == "static" else fns[name]
+                times[name].append(step(fn, rows, keys))
+        res["shapes"][f"{rows}x{keys}"] = {
+            **{f"{k}_ms": v for k, v in times.items()},
+            **{f"{k}_over_eager": statistics.median(a / e for a, e in zip(v, times["eager"]))
+               for k, v in times.items() if k != "eager"}}
+    bw = one_core_bandwidth(dist)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, {"weight_bytes": weight_bytes, "one_core_gbs": bw})
+    for r in ranks:   # a one-row step reads the rank's weights once: GB/s and the fraction of one core's reads
+        limit = max(r["one_core_gbs"].values())
+        r["steps"] = {f"{name} {shape}": {"gbs": r["weight_bytes"] / 1e6 / statistics.median(v[f"{name}_ms"]),
+                                          "of_limit": r["weight_bytes"] / 1e6 / statistics.median(v[f"{name}_ms"])
+                                          / limit}
+                      for shape, v in res["shapes"].items() if shape.startswith("1x") for name in variants}
+    res["ranks"] = ranks
+    res["seconds"] = time.perf_counter() - start
+    if rank == 0:
+        print(json.dumps(res, indent=1))
+        if args.out:
+            json.dump(res, open(args.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
