@@ -52,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--checkpoint", help="serve this SPD checkpoint with ds-spd (default: TP, no SPD block)")
-    ap.add_argument("--serve-args", default="", help="more ds-spd serve flags, e.g. \"--compile\"")
+    ap.add_argument("--serve-args", default="", help="more ds-spd serve flags, e.g. \"--enforce-eager\"")
     ap.add_argument("--out", default="runs/peers")
     args = ap.parse_args()
     from ds_spd.models.loading import default_model_dir
@@ -64,8 +64,8 @@ def main() -> None:
     runs = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, url in (("ds-spd", ours.url), ("tp", their_url)):   # warm-up, not recorded: first touches,
-                bench_url_cli(url, ["--model", model_dir, *LOAD, "--bench-seed", "1000"],   # compiled buckets
+            for name, url in (("ds-spd", ours.url), ("tp", their_url)):   # warm-up, not recorded: first touches
+                bench_url_cli(url, ["--model", model_dir, *LOAD, "--bench-seed", "1000"],
                               os.path.join(tmp, f"warm_{name}"), cwd=ROOT)
             for r in range(args.rounds):
                 order = [("ds-spd", ours.url), ("tp", their_url)]   # "tp": the reference of paired_table
