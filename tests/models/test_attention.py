@@ -38,7 +38,7 @@ def test_model_with_packed_attention_equals_sdpa():
 
     def step():
         cache = model(ids[:, :-1], use_cache=True).past_key_values
-        return model(ids[:, -1:], past_key_values=cache).logits
+        return model(ids[:, -1:], cache=cache).logits
     ref = step()
     use_packed_decode_attention(model)
     assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {NAME}
