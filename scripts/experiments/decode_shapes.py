@@ -1,5 +1,5 @@
 """The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
-eager; ``dynamic``, compiled with dynamic shapes (two graphs for every shape: what ``serve --compile`` runs);
+eager; ``dynamic``, compiled with dynamic shapes (two graphs for every shape: what ``serve`` runs by default);
 ``frozen``, the same with inductor's freezing (weights folded into the graph as constants, prepacked for its
 GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
 compile seconds. Each rank's weight bytes (what a one-row step reads: every parameter but the embedding table)

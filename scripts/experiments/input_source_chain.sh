@@ -2,8 +2,9 @@
 # Distillation inputs and loss, chosen on validation: the original model's inputs (paper) against the chain as it
 # will run (each block trained on the outputs of the trained SPD blocks before it, against the original model's
 # outputs), a loss after the next original block (windowN: --loss-window N, original inputs), the calibration
-# volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), and calibration text the
-# model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora). The
+# volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), calibration text the
+# model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), and
+# another learning rate (lrX). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
 # second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads
@@ -41,6 +42,7 @@ for n in ${counts//,/ }; do
     case $src in
       window*) how=(--loss-window "${src#window}");;
       seg*) v=${src#seg}; how=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
+      lr*) how=(--lr "${src#lr}");;  # lrX: another learning rate
       self) gen=runs/chain/self_generated_$model.txt   # text the model wrote itself instead of the corpora
         [[ -s $gen ]] || python scripts/experiments/self_generated_text.py --model "$model" --out "$gen"
         how=(--text "$gen");;
