@@ -32,7 +32,7 @@ class ServeSettings:
                                     "still share its prefill)")
     enforce_eager: bool = setting(False, "decode steps eager (as prefill): no torch.compile, which otherwise runs "
                                   "them as two graphs with dynamic shapes (one row; several), compiled before the "
-                                  "server is ready (SmolLM2 here: ~15 s with torch's compile cache, ~100 s without)")
+                                  "server is ready (its ready line says how long that took)")
     shutdown_timeout: float = setting(10.0, "after SIGTERM / Ctrl-C, seconds running requests may take to finish",
                                       check=lambda v, s: v >= 0, bound=">= 0")
     exit_linger: float = setting(2.0, "after a rank died, seconds rank 0 answers 503 before it exits",

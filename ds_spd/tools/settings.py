@@ -48,8 +48,8 @@ class BenchServeSettings:
                            check=lambda v, s: v == "auto" or s.url is not None,
                            refusal="--backend chooses the request form for a running server: it needs --url")
     engines: Optional[str] = setting(None, "servers to start: tp, plan (the --plan/--checkpoint blocks), all (every "
-                                     "block SPD), eager (tp with serve --enforce-eager); default tp,plan with a plan or "
-                                     "checkpoint, else tp,all")
+                                     "block SPD), eager (tp with serve --enforce-eager); default tp,plan with a "
+                                     "plan or checkpoint, else tp,all")
     paths: str = setting("shm,gloo", "all-reduce paths: shm, gloo, 2hosts (two simulated hosts)")
     rates: str = setting("1,4,inf", "request rates (Poisson arrivals per second; inf: all at once)")
     concurrency: str = setting("", "more loads: all at once with at most this many in flight, e.g. 1,8")

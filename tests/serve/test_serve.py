@@ -56,7 +56,8 @@ def server(chat_dir, tmp_path_factory):
     """The shared 2-rank server: API key from the environment, 8 running + 24 waiting sequences at most."""
     log = tmp_path_factory.mktemp("serve_tokens")
     srv = ServerProcess(["--model", chat_dir, *SPD, "--enforce-eager", "--token-log", str(log),
-                         "--served-model-name", "tiny", "--max-seqs", "8", "--max-queue", "24", "--shutdown-timeout", "120"],
+                         "--served-model-name", "tiny", "--max-seqs", "8", "--max-queue", "24",
+                         "--shutdown-timeout", "120"],
                         env={"DS_SPD_API_KEY": API_KEY})
     srv.token_log = str(log)
     yield srv
