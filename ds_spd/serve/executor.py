@@ -6,8 +6,8 @@ the last position of each row reaches the (vocabulary-sized) head, unless the pl
 (a prompt whose tokens are scored: ``echo`` with ``logprobs``), when every position does.
 
 ``compiled=True``: decode steps run through ``torch.compile`` (the all-reduce traced: DeepSpeed's shared-memory
-op is a torch op; ds_spd.core.comm) with dynamic shapes: the batch's rows and its keys are symbols, so two graphs
-(one row, several rows: the compiler specializes a size of 1) serve every step. :meth:`StepExecutor.warm_up`
+op is a torch op; ds_spd.core.comm) with dynamic shapes, two graphs (one row, several rows) serving every step
+(how they compile: ds_spd.serve.compile). :meth:`StepExecutor.warm_up`
 compiles both before the first request, on every rank in the same order. A step whose keys fill the whole
 context (a slice of the whole cache, a third shape) and every prefill run eagerly (a prompt is compute-bound).
 """
@@ -28,14 +28,8 @@ class StepExecutor:
         self.model, self.device = model, device
         self.compiled = None
         if compiled:
-            import torch._dynamo.config as dynamo
-
-            from ds_spd.models.attention import use_packed_decode_attention
-            use_packed_decode_attention(model)
-            # the model's float constants (norm eps, attention scale) as constants: traced as symbols, they make
-            # dynamo trace the step twice (half the warm-up on SmolLM2); this process-wide setting suits a server
-            dynamo.specialize_float = True
-            self.compiled = torch.compile(self._decode, dynamic=True)
+            from ds_spd.serve.compile import compile_decode   # imports inductor: only where it compiles
+            self.compiled = compile_decode(self._decode, model)
         self.cache = SlotCache(config.num_hidden_layers, slots, max_len, spare=pool_slots)
         self.layer_types = getattr(config, "layer_types", None)
         self.window = getattr(config, "sliding_window", None)

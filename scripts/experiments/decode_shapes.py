@@ -1,13 +1,16 @@
 """The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
-eager; ``dynamic``, compiled with dynamic shapes (two graphs for every shape: what ``serve`` runs by default);
+eager; ``gemv``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
+inductor's own multiply-and-sums); ``dynamic``, the same with the library's matrix products (two graphs for
+every shape);
 ``frozen``, the same with inductor's freezing (weights folded into the graph as constants, prepacked for its
 GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
 compile seconds. Each rank's weight bytes (what a one-row step reads: every parameter but the embedding table)
-over its step time, against the bandwidth one core reads in the same run, both ranks at once (``torch.sum`` over
-512 MB; ``F.linear`` of one row over 1 GB of distinct matrices): the fraction of the memory limit.
+over its step time, against the bandwidth one core reads in the same round, both ranks at once (``torch.sum``
+over 512 MB; ``F.linear`` of one row over 1 GB of distinct matrices; the faster of the two): the fraction of the
+memory limit, paired by round (median and range).
 
     torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
-        [--variants eager,dynamic,frozen,static] [--out F]
+        [--variants eager,gemv,dynamic,frozen,static] [--out F]
 """
 from __future__ import annotations
 
@@ -44,12 +47,13 @@ def one_core_bandwidth(dist) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", default="eager,dynamic,frozen")
+    ap.add_argument("--variants", default="eager,gemv,dynamic")
     ap.add_argument("--out", default=None)
     args, model, rank, _ = engine_and_prompt(ap)
     import torch
     import torch.distributed as dist
 
+    from ds_spd.serve.compile import compile_decode
     from ds_spd.serve.executor import StepExecutor
     ex = StepExecutor(model, torch.device("cpu"), 8, 2048, compiled=True)
     for slot in range(8):   # fill the slots' keys (values do not matter for timing)
@@ -73,10 +77,10 @@ def main() -> None:
 
     for name in variants:
         t = time.perf_counter()
-        if name in ("dynamic", "frozen"):
+        if name in ("gemv", "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
-            ex.compiled = fns[name] = torch.compile(ex._decode, dynamic=True,
-                                                    options={"freezing": name == "frozen"})
+            ex.compiled = fns[name] = compile_decode(ex._decode, model) if name == "gemv" else \
+                torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
             ex.warm_up()
         elif name == "static":
             fns[name] = {shape: torch.compile(ex._decode, dynamic=False) for shape in SHAPES}
@@ -85,9 +89,12 @@ def main() -> None:
         compile_s[name] = time.perf_counter() - t
     res = {"model": args.model, "spd_blocks": args.spd_blocks, "steps": args.steps, "compile_seconds": compile_s,
            "shapes": {}}
+    bws = {}   # this rank's bandwidth probe in every one-row round, beside the steps: the rate drifts between runs
     for rows, keys in SHAPES:
         times = {name: [] for name in variants}
         for r in range(args.rounds):
+            if rows == 1:
+                bws.setdefault(f"{rows}x{keys}", []).append(one_core_bandwidth(dist))
             for name in (variants if r % 2 == 0 else variants[::-1]):
                 fn = fns[name][(rows, keys)] if name == "static" else fns[name]
                 times[name].append(step(fn, rows, keys))
@@ -95,16 +102,18 @@ def main() -> None:
             **{f"{k}_ms": v for k, v in times.items()},
             **{f"{k}_over_eager": statistics.median(a / e for a, e in zip(v, times["eager"]))
                for k, v in times.items() if k != "eager"}}
-    bw = one_core_bandwidth(dist)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     ranks = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, {"weight_bytes": weight_bytes, "one_core_gbs": bw})
-    for r in ranks:   # a one-row step reads the rank's weights once: GB/s and the fraction of one core's reads
-        limit = max(r["one_core_gbs"].values())
-        r["steps"] = {f"{name} {shape}": {"gbs": r["weight_bytes"] / 1e6 / statistics.median(v[f"{name}_ms"]),
-                                          "of_limit": r["weight_bytes"] / 1e6 / statistics.median(v[f"{name}_ms"])
-                                          / limit}
-                      for shape, v in res["shapes"].items() if shape.startswith("1x") for name in variants}
+    dist.all_gather_object(ranks, {"weight_bytes": weight_bytes, "one_core_gbs": bws})
+    for r in ranks:   # a one-row step reads the rank's weights once: GB/s, and its fraction of one core's reads
+        r["steps"] = {}
+        for shape, probes in r["one_core_gbs"].items():
+            for name in variants:
+                rates = [r["weight_bytes"] / 1e6 / ms for ms in res["shapes"][shape][f"{name}_ms"]]
+                fractions = sorted(g / max(p.values()) for g, p in zip(rates, probes))
+                r["steps"][f"{name} {shape}"] = {"gbs": statistics.median(rates),
+                                                 "of_limit": statistics.median(fractions),
+                                                 "of_limit_range": [fractions[0], fractions[-1]]}
     res["ranks"] = ranks
     res["seconds"] = time.perf_counter() - start
     if rank == 0:

@@ -275,7 +275,7 @@ def test_decode_step_form_changes_no_token():
 
 def test_compiled_decode_equals_eager():
     """torch.compile of the decode step on Gemma 3's family with sliding-window layers, in virtual TP: the warm-up
-    compiles two graphs (one row; several); a batching run with steps of one and two rows compiles nothing more
+    compiles two graphs (one row, its products as multiply-and-sums; several); a batching run with steps of one and two rows compiles nothing more
     (no stall under traffic) and gives the eager step's greedy tokens. (LLaMA's family on 2 real ranks, the
     all-reduce inside the graph: tests/serve/test_faults.py.)"""
     import ds_spd
@@ -283,6 +283,14 @@ def test_compiled_decode_equals_eager():
     extra = dict(sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)
     model, tok = ds_spd.virtualize(tiny_model("gemma3_text", **extra), 2, [0, 2]), tiny_tokenizer()
     plain = _batching_run(model, tok, 2, None, (12, 9, 5))
-    before = counters["stats"]["unique_graphs"]
-    assert _batching_run(model, tok, 2, "compile", (12, 9, 5), warm=True) == plain
+    before, products = counters["stats"]["unique_graphs"], _row_products(counters)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):   # a cached graph skips the passes
+        assert _batching_run(model, tok, 2, "compile", (12, 9, 5), warm=True) == plain
     assert counters["stats"]["unique_graphs"] - before == 2
+    # the one-row graph's products (q/k/v/o, gate/up/down, the head) became multiply-and-sums
+    assert _row_products(counters) - products >= 7
+
+
+def _row_products(counters) -> int:
+    return counters["ds_spd"]["one_row_products"]
