@@ -8,8 +8,9 @@ the last position of each row reaches the (vocabulary-sized) head, unless the pl
 ``compiled=True``: decode steps run through ``torch.compile`` (the all-reduce traced: DeepSpeed's shared-memory
 op is a torch op; ds_spd.core.comm) with dynamic shapes, two graphs (one row, several rows) serving every step
 (how they compile: ds_spd.serve.compile). :meth:`StepExecutor.warm_up`
-compiles both before the first request, on every rank in the same order. A step whose keys fill the whole
-context (a slice of the whole cache, a third shape) and every prefill run eagerly (a prompt is compute-bound).
+compiles both before the first request, on every rank in the same order. Every prefill runs eagerly (a prompt
+is compute-bound), and so would a step whose keys fill the whole context (a slice of the whole cache, a third
+shape): a guard only, since the scheduler never feeds a context's last position (its token is sampled, not fed).
 """
 from __future__ import annotations
 

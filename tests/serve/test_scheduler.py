@@ -250,15 +250,15 @@ def test_prefix_match_rules():
 
 
 # ---------------------------------------------------------------- the compiled decode step
-def _batching_run(model, tok, slots, compiled=None, lengths=(20, 5, 13, 20, 2, 9), warm=False):
-    ex = StepExecutor(model, torch.device("cpu"), slots, 512, compiled=compiled is not None)
+def _batching_run(model, tok, slots, compiled=None, lengths=(20, 5, 13, 20, 2, 9), warm=False, max_len=512):
+    ex = StepExecutor(model, torch.device("cpu"), slots, max_len, compiled=compiled is not None)
     if compiled == "eager":   # the compiled step's form without the compiler: what it feeds the graph
         ex.compiled = ex._decode
     if warm:
         assert ex.warm_up() > 0
     seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
             for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
-    _run_all(model, tok, seqs, slots=slots, max_len=512, executor=ex)
+    _run_all(model, tok, seqs, slots=slots, max_len=max_len, executor=ex)
     return [s.output for s in seqs]
 
 
@@ -271,6 +271,31 @@ def test_decode_step_form_changes_no_token():
     model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
     plain = _batching_run(model, tok, 4, None, (8, 3, 6, 7))
     assert _batching_run(model, tok, 4, "eager", (8, 3, 6, 7)) == plain
+
+
+def test_decode_step_form_fills_the_context():
+    """Sequences run to the end of a short context: every decode step, the last one fed included (position
+    max_len - 2: keys never fill the whole context, so the executor's eager guard for that shape is not needed),
+    goes through the compiled step's form and gives the plain executor's tokens."""
+    import ds_spd
+    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    prompts = [len(tok(p).input_ids) for p in PROMPTS[:2]]
+    max_len = max(prompts) + 6
+    lengths = [max_len - n for n in prompts]     # each sequence ends on the context's last position
+    plain = _batching_run(model, tok, 2, None, lengths, max_len=max_len)
+    assert [len(o) for o in plain] == lengths
+    ex = StepExecutor(model, torch.device("cpu"), 2, max_len, compiled=True)
+    positions = []
+
+    def compiled_form(ids, pos, mask):   # what the graph would run, and the positions it was given
+        positions.append(int(pos.max()))
+        return ex._decode(ids, pos, mask)
+    ex.compiled = compiled_form
+    seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
+            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
+    _run_all(model, tok, seqs, slots=2, max_len=max_len, executor=ex)
+    assert [s.output for s in seqs] == plain
+    assert max(positions) == max_len - 2   # the last token fed (the one after it is only sampled) went through it
 
 
 def test_compiled_decode_equals_eager():
