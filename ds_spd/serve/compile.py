@@ -8,7 +8,7 @@
 - In the one-row graph every matrix product multiplies one row by a weight matrix: memory-bound. MKL reads the
   weights of such products here at ~11 GB/s where one core streams 20-28 GB/s (``sgemv`` on the 2-core EPYC).
   :class:`OneRowProducts` rewrites each into a multiply-and-sum that inductor generates itself (one vectorized
-  pass over the weight): the one-row SmolLM2 tp-2 step took 0.5x the time of the library's products
+  pass over the weight): the one-row SmolLM2 tp-2 step took 0.66x the time it takes with the library's
   (``scripts/experiments/decode_shapes.py``). The graph of several rows keeps the library's products: the same
   rewrite there (each weight row reused for every sequence from the L1 cache) measured no faster at 8 rows.
 """
