@@ -5,12 +5,12 @@
 - Attention packs a KV head's query group inside the graph too (ds_spd.models.attention).
 - Float constants (norm eps, attention scale) specialized: traced as symbols they make dynamo trace the step
   twice (half the warm-up on SmolLM2); a process-wide setting, which suits a server.
-- In the one-row graph every matrix product multiplies one row by a weight matrix: memory-bound. MKL reads the
-  weights of such products here at ~11 GB/s where one core streams 20-28 GB/s (``sgemv`` on the 2-core EPYC).
+- In the one-row graph every matrix product multiplies one row by a weight matrix: memory-bound. MKL's one-row
+  products (``sgemv``) read the weights at about half of what one core streams on the 2-core EPYC measured here;
   :class:`OneRowProducts` rewrites each into a multiply-and-sum that inductor generates itself (one vectorized
-  pass over the weight): the one-row SmolLM2 tp-2 step took 0.66x the time it takes with the library's
-  (``scripts/experiments/decode_shapes.py``). The graph of several rows keeps the library's products: the same
-  rewrite there (each weight row reused for every sequence from the L1 cache) measured no faster at 8 rows.
+  pass over the weight). The graph of several rows keeps the library's products: the same rewrite there (each
+  weight row reused for every sequence from the L1 cache) measured no faster at 8 rows. Figures and commands:
+  docs/serving.md and docs/latency.md (``scripts/experiments/decode_shapes.py``).
 """
 from __future__ import annotations
 

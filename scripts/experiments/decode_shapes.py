@@ -91,14 +91,14 @@ def main() -> None:
            "shapes": {}}
     bws = {}   # this rank's bandwidth probe in every one-row round, beside the steps: the rate drifts between runs
     for rows, keys in SHAPES:
-        times = {name: [] for name in variants}
+        shape, times = f"{rows}x{keys}", {name: [] for name in variants}
         for r in range(args.rounds):
             if rows == 1:
-                bws.setdefault(f"{rows}x{keys}", []).append(one_core_bandwidth(dist))
+                bws.setdefault(shape, []).append(one_core_bandwidth(dist))
             for name in (variants if r % 2 == 0 else variants[::-1]):
                 fn = fns[name][(rows, keys)] if name == "static" else fns[name]
                 times[name].append(step(fn, rows, keys))
-        res["shapes"][f"{rows}x{keys}"] = {
+        res["shapes"][shape] = {
             **{f"{k}_ms": v for k, v in times.items()},
             **{f"{k}_over_eager": statistics.median(a / e for a, e in zip(v, times["eager"]))
                for k, v in times.items() if k != "eager"}}

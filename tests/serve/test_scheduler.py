@@ -251,9 +251,11 @@ def test_prefix_match_rules():
 
 # ---------------------------------------------------------------- the compiled decode step
 def _batching_run(model, tok, slots, compiled=None, lengths=(20, 5, 13, 20, 2, 9), warm=False, max_len=512):
+    """``compiled``: None (plain executor), "compile", or a function of the executor giving the step to run in
+    place of the compiled one (``lambda ex: ex._decode``: the compiled step's form without the compiler)."""
     ex = StepExecutor(model, torch.device("cpu"), slots, max_len, compiled=compiled is not None)
-    if compiled == "eager":   # the compiled step's form without the compiler: what it feeds the graph
-        ex.compiled = ex._decode
+    if callable(compiled):
+        ex.compiled = compiled(ex)
     if warm:
         assert ex.warm_up() > 0
     seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
@@ -270,7 +272,7 @@ def test_decode_step_form_changes_no_token():
     import ds_spd
     model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
     plain = _batching_run(model, tok, 4, None, (8, 3, 6, 7))
-    assert _batching_run(model, tok, 4, "eager", (8, 3, 6, 7)) == plain
+    assert _batching_run(model, tok, 4, lambda ex: ex._decode, (8, 3, 6, 7)) == plain
 
 
 def test_decode_step_form_fills_the_context():
@@ -284,38 +286,31 @@ def test_decode_step_form_fills_the_context():
     lengths = [max_len - n for n in prompts]     # each sequence ends on the context's last position
     plain = _batching_run(model, tok, 2, None, lengths, max_len=max_len)
     assert [len(o) for o in plain] == lengths
-    ex = StepExecutor(model, torch.device("cpu"), 2, max_len, compiled=True)
     positions = []
 
-    def compiled_form(ids, pos, mask):   # what the graph would run, and the positions it was given
-        positions.append(int(pos.max()))
-        return ex._decode(ids, pos, mask)
-    ex.compiled = compiled_form
-    seqs = [Sequence(f"r{i}", 0, tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0))
-            for i, (p, n) in enumerate(zip(PROMPTS, lengths))]
-    _run_all(model, tok, seqs, slots=2, max_len=max_len, executor=ex)
-    assert [s.output for s in seqs] == plain
+    def recording(ex):   # the compiled step's form, noting the positions it was given
+        def form(ids, pos, mask):
+            positions.append(int(pos.max()))
+            return ex._decode(ids, pos, mask)
+        return form
+    assert _batching_run(model, tok, 2, recording, lengths, max_len=max_len) == plain
     assert max(positions) == max_len - 2   # the last token fed (the one after it is only sampled) went through it
 
 
 def test_compiled_decode_equals_eager():
     """torch.compile of the decode step on Gemma 3's family with sliding-window layers, in virtual TP: the warm-up
-    compiles two graphs (one row, its products as multiply-and-sums; several); a batching run with steps of one and two rows compiles nothing more
-    (no stall under traffic) and gives the eager step's greedy tokens. (LLaMA's family on 2 real ranks, the
-    all-reduce inside the graph: tests/serve/test_faults.py.)"""
+    compiles two graphs (one row, its products as multiply-and-sums; several); a batching run with steps of one
+    and two rows compiles nothing more (no stall under traffic) and gives the eager step's greedy tokens.
+    (LLaMA's family on 2 real ranks, the all-reduce inside the graph: tests/serve/test_faults.py.)"""
     import ds_spd
     from torch._dynamo.utils import counters
     extra = dict(sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)
     model, tok = ds_spd.virtualize(tiny_model("gemma3_text", **extra), 2, [0, 2]), tiny_tokenizer()
     plain = _batching_run(model, tok, 2, None, (12, 9, 5))
-    before, products = counters["stats"]["unique_graphs"], _row_products(counters)
+    before, products = counters["stats"]["unique_graphs"], counters["ds_spd"]["one_row_products"]
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):   # a cached graph skips the passes
         assert _batching_run(model, tok, 2, "compile", (12, 9, 5), warm=True) == plain
     assert counters["stats"]["unique_graphs"] - before == 2
     # the one-row graph's products (q/k/v/o, gate/up/down, the head) became multiply-and-sums
-    assert _row_products(counters) - products >= 7
-
-
-def _row_products(counters) -> int:
-    return counters["ds_spd"]["one_row_products"]
+    assert counters["ds_spd"]["one_row_products"] - products >= 7
