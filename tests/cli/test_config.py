@@ -171,7 +171,7 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert gemma.distill.epochs == 16
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
-    assert smol.distill.epochs == 8
+    assert (smol.distill.epochs, smol.distill.lr) == (8, 1e-3)
     assert resolve_spd_config({}, model="gemma3-270m", distill={"epochs": 3}).distill.epochs == 3   # a flag wins
     # the user's choice of scan or data replaces the recipe's, and what the recipe tied to it
     paper = resolve_spd_config({}, model="gemma3-270m", scan={"method": "cumulative"})
