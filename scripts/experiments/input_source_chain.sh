@@ -4,7 +4,7 @@
 # outputs), a loss after the next original block (windowN: --loss-window N, original inputs), the calibration
 # volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), calibration text the
 # model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), and
-# another learning rate (lrX). The
+# another learning rate (lrX), more epochs (epE); knobs joined by "+" combine (lr1e-3+ep16). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
 # second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads
@@ -12,6 +12,7 @@
 #   nice bash scripts/experiments/input_source_chain.sh default 21,30 chain,original,window1
 #   nice bash scripts/experiments/input_source_chain.sh gemma3-270m 9,13 chain,original
 #   nice bash scripts/experiments/input_source_chain.sh default 21 seg128ep4,seg256ep2
+#   nice bash scripts/experiments/input_source_chain.sh default 21 lr1e-3+ep16
 # Resumable: a step whose JSON exists is not run again; checkpoints are kept under runs/chain/ (for the test).
 {   # parsed whole before it runs: editing the file meanwhile does not change a running experiment
 set -euo pipefail
@@ -39,15 +40,19 @@ for n in ${counts//,/ }; do
   plan=$path/plan$n.json
   [[ -s $plan ]] || python -m ds_spd plan --plan "$path/scanned.json" --spd-count "$n" --out "$plan" > /dev/null
   for src in ${sources//,/ }; do
-    case $src in
-      window*) how=(--loss-window "${src#window}");;
-      seg*) v=${src#seg}; how=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
-      lr*) how=(--lr "${src#lr}");;  # lrX: another learning rate
-      self) gen=runs/chain/self_generated_$model.txt   # text the model wrote itself instead of the corpora
-        [[ -s $gen ]] || python scripts/experiments/self_generated_text.py --model "$model" --out "$gen"
-        how=(--text "$gen");;
-      *) how=(--input-source "$src");;
-    esac
+    how=()
+    for part in ${src//+/ }; do   # knobs joined by "+" combine: lr1e-3+ep16
+      case $part in
+        window*) how+=(--loss-window "${part#window}");;
+        seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
+        ep*) how+=(--epochs "${part#ep}");;   # epE: E epochs
+        lr*) how+=(--lr "${part#lr}");;  # lrX: another learning rate
+        self) gen=runs/chain/self_generated_$model.txt   # text the model wrote itself instead of the corpora
+          [[ -s $gen ]] || python scripts/experiments/self_generated_text.py --model "$model" --out "$gen"
+          how+=(--text "$gen");;
+        *) how+=(--input-source "$part");;
+      esac
+    done
     step "distill${n}_$src" launch/tp.sh 2 distill --model "$model" --plan "$plan" "${how[@]}" \
       --out "$ck/ck${n}_$src"
     evals "${n}_$src" --checkpoint "$ck/ck${n}_$src"
