@@ -87,6 +87,12 @@ def _faster_cpu_dtype() -> torch.dtype:
         start = time.perf_counter()
         F.linear(a, b)
         seconds[dtype] = time.perf_counter() - start
+    return dtype_for(seconds)
+
+
+def dtype_for(seconds: dict[torch.dtype, float]) -> torch.dtype:
+    """The choice from a measurement: bf16 only where its product took under 0.8x fp32's time (a margin, so a
+    machine near parity keeps fp32's precision)."""
     return torch.bfloat16 if seconds[torch.bfloat16] < 0.8 * seconds[torch.float32] else torch.float32
 
 

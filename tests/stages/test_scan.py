@@ -83,26 +83,17 @@ def test_bf16_head_ranks_as_fp32_and_leaves_the_model_alone(setup):
     assert pairs and all(b[i] < b[j] for i, j in pairs)
 
 
-def test_faster_head_dtype_is_the_faster_one_here():
-    """``scan.head_dtype = "auto"``: bf16 only where its matmul is clearly faster than fp32 on this machine
-    (without bf16 units a CPU emulates it: 4.8x slower on this AVX2 machine, docs/recovery.md)."""
-    import time
-
-    from ds_spd.models.head import faster_head_dtype
+def test_head_dtype_auto_takes_bf16_only_where_it_measured_clearly_faster():
+    """``scan.head_dtype = "auto"``: bf16 only where its matmul took under 0.8x fp32's time (without bf16 units a
+    CPU emulates it: 4.8x slower on the AVX2 machine, docs/recovery.md); measured once a process. The rule is
+    checked on given timings (a test that re-times the product under parallel load disagreed near the margin)."""
+    from ds_spd.models.head import dtype_for, faster_head_dtype
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert dtype_for({f32: 1.0, bf16: 0.7}) == bf16                   # AMX: 0.70x
+    assert dtype_for({f32: 1.0, bf16: 0.85}) == f32                   # near parity: keep fp32's precision
+    assert dtype_for({f32: 1.0, bf16: 4.8}) == f32                    # emulated bf16
     chosen = faster_head_dtype()
-    x, w = torch.randn(256, 1024), torch.randn(8192, 1024)
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = x.to(dtype), w.to(dtype)
-        torch.nn.functional.linear(a, b)
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.nn.functional.linear(a, b)
-        seconds[dtype] = time.perf_counter() - start
-    ratio = seconds[torch.bfloat16] / seconds[torch.float32]
-    if not 0.6 < ratio < 1.0:   # away from the 0.8 threshold the choice must agree with a second measurement
-        assert chosen == (torch.bfloat16 if ratio < 0.8 else torch.float32), (chosen, ratio)
-    assert faster_head_dtype() is chosen and faster_head_dtype("cuda") == torch.bfloat16   # once a process
+    assert chosen in (f32, bf16) and faster_head_dtype() is chosen and faster_head_dtype("cuda") == bf16
 
 
 # ---------------------------------------------------------------- the streamed scan (one block resident at a time)
