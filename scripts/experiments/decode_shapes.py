@@ -2,7 +2,8 @@
 eager; ``gemv``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
 inductor's own multiply-and-sums); ``dynamic``, the same with the library's matrix products (two graphs for
 every shape);
-``frozen``, the same with inductor's freezing (weights folded into the graph as constants, prepacked for its
+``spd``, ``gemv`` with every block in SPD form (the same compiled function: its own graphs, the SPD-vs-TP pair
+of the lean step); ``frozen``, the same with inductor's freezing (weights folded into the graph as constants, prepacked for its
 GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
 compile seconds. Each rank's weight bytes (what a one-row step reads: every parameter but the embedding table)
 over its step time, against the bandwidth one core reads in the same round, both ranks at once (``torch.sum``
@@ -10,7 +11,7 @@ over 512 MB; ``F.linear`` of one row over 1 GB of distinct matrices; the faster 
 memory limit, paired by round (median and range).
 
     torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
-        [--variants eager,gemv,dynamic,frozen,static] [--out F]
+        [--variants eager,gemv,spd,dynamic,frozen,static] [--out F]
 """
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def main() -> None:
     fns, compile_s = {"eager": None}, {}
     start = time.perf_counter()
 
+    from ds_spd.core.inject import set_spd_blocks, spd_layers
+    plain = tuple(i for i, layer in enumerate(spd_layers(model)) if layer.spd)
+
+    def spd_form(name: str) -> None:   # ``spd``: every block in SPD form; the others: the run's own blocks
+        set_spd_blocks(model, range(len(spd_layers(model))) if name == "spd" else plain)
+
     @torch.no_grad()
     def step(fn, rows: int, keys: int) -> float:
         ex.compiled = fn
@@ -77,7 +84,11 @@ def main() -> None:
 
     for name in variants:
         t = time.perf_counter()
-        if name in ("gemv", "dynamic", "frozen"):
+        spd_form(name)
+        if name == "spd":   # gemv's function, compiled again for the SPD form (a guard on each block's form)
+            ex.compiled = fns[name] = fns.get("gemv") or compile_decode(ex._decode, model)
+            ex.warm_up()
+        elif name in ("gemv", "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
             ex.compiled = fns[name] = compile_decode(ex._decode, model) if name == "gemv" else \
                 torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
@@ -97,11 +108,16 @@ def main() -> None:
                 bws.setdefault(shape, []).append(one_core_bandwidth(dist))
             for name in (variants if r % 2 == 0 else variants[::-1]):
                 fn = fns[name][(rows, keys)] if name == "static" else fns[name]
+                spd_form(name)
                 times[name].append(step(fn, rows, keys))
+            spd_form("")
         res["shapes"][shape] = {
             **{f"{k}_ms": v for k, v in times.items()},
             **{f"{k}_over_eager": statistics.median(a / e for a, e in zip(v, times["eager"]))
                for k, v in times.items() if k != "eager"}}
+        if "spd" in times and "gemv" in times:   # SPD over TP with the lean step, paired by round
+            pair = sorted(a / b for a, b in zip(times["spd"], times["gemv"]))
+            res["shapes"][shape]["spd_over_tp"] = {"median": statistics.median(pair), "range": [pair[0], pair[-1]]}
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, {"weight_bytes": weight_bytes, "one_core_gbs": bws})
