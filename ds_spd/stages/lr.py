@@ -1,9 +1,9 @@
 """The distillation learning rate a model needs, from the scale of its weights.
 
 Adam moves every weight by about ``lr`` per step whatever the weight's size, so the same ``lr`` is a larger
-*relative* step on a model with smaller weights. The default recipe's lr 3e-4 was chosen on SmolLM2-135M
-(linear weights' RMS 0.19-0.20); on Gemma 3 270M (RMS 0.033-0.036) lr 5e-5 gave the lowest held-out MSE on
-every block probed (docs/recovery.md). Both are ``RELATIVE_STEP * RMS`` rounded to one significant digit,
+*relative* step on a model with smaller weights. Chosen on validation perplexity (docs/experiments.md, "Higher
+learning rates"): on SmolLM2-135M (linear weights' RMS 0.19-0.20) 1e-3 among 1e-4 ... 2e-3; on Gemma 3 270M (RMS
+0.033-0.036) 2e-4 among 5e-5, 1e-4, 2e-4. Both are ``RELATIVE_STEP * RMS`` rounded to one significant digit,
 so that is the default for any model: the RMS of the trained blocks' matrices, read from the safetensors
 files (a few blocks, spread over the trained ones; per-block RMS varies by a few percent in both models).
 """
@@ -13,7 +13,7 @@ import re
 from typing import Sequence
 
 
-RELATIVE_STEP = 1.5e-3   # lr / weight RMS: 3e-4 on SmolLM2 (RMS 0.19-0.20), 5e-5 on Gemma 3 270M (0.033-0.036)
+RELATIVE_STEP = 5e-3     # lr / weight RMS: 1e-3 on SmolLM2 (RMS 0.19-0.20), 2e-4 on Gemma 3 270M (0.033-0.036)
 FALLBACK_LR = 3e-4       # models without safetensors weights (read only by the joint trainer's full load)
 SAMPLED_BLOCKS = 4
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -38,7 +38,7 @@ def weight_rms(weights, blocks: Sequence[int]) -> float:
 
 
 def scaled_lr(rms: float) -> float:
-    """``RELATIVE_STEP * rms`` to one significant digit (3e-4, 5e-5, ...)."""
+    """``RELATIVE_STEP * rms`` to one significant digit (1e-3, 2e-4, ...)."""
     return float(f"{RELATIVE_STEP * rms:.0e}")
 
 

@@ -22,7 +22,7 @@ rm -f "$out/plan.json" "$out/plan.png"
 OMP_NUM_THREADS=2 step scan python -m ds_spd scan "${model[@]}" "${data[@]}" --out "$out/plan.json"
 step plan_summary python -m ds_spd plan --plan "$out/plan.json" --spd-fraction 0.7
 step distill launch/tp.sh 2 distill --model gemma3-270m --plan "$out/plan.json" --max-samples 16 --epochs 2 \
-  --out "$out/checkpoint" --restart   # lr 5e-5: scaled to Gemma's weights by default (docs/recovery.md)
+  --out "$out/checkpoint" --restart   # lr 2e-4: scaled to Gemma's weights by default (ds_spd.stages.lr)
 step eval_tp launch/tp.sh "$tp" eval "${model[@]}" "${data[@]}" --spd-blocks none
 step eval_real launch/tp.sh "$tp" eval "${model[@]}" "${data[@]}" --checkpoint "$out/checkpoint"
 OMP_NUM_THREADS=2 step eval_virtual python -m ds_spd eval "${model[@]}" "${data[@]}" --checkpoint "$out/checkpoint" \

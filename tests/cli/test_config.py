@@ -167,11 +167,12 @@ def test_every_process_finds_the_same_ninja(monkeypatch):
 def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_overrides_it():
     gemma = resolve_spd_config({}, model="gemma3-270m")
     assert (gemma.scan.method, gemma.scan.metric, gemma.scan.ranking) == ("isolated", "kl", "zero-shot")
-    assert (gemma.calibration.max_samples, gemma.distill.segments, gemma.distill.lr) == (16, 128, 1e-4)
+    assert (gemma.calibration.max_samples, gemma.distill.segments) == (16, 128)
     assert gemma.distill.epochs == 16
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
-    assert (smol.distill.epochs, smol.distill.lr) == (8, 1e-3)
+    assert smol.distill.epochs == 8
+    assert gemma.distill.lr is smol.distill.lr is None   # the lr rule decides for both (ds_spd.stages.lr)
     assert resolve_spd_config({}, model="gemma3-270m", distill={"epochs": 3}).distill.epochs == 3   # a flag wins
     # the user's choice of scan or data replaces the recipe's, and what the recipe tied to it
     paper = resolve_spd_config({}, model="gemma3-270m", scan={"method": "cumulative"})

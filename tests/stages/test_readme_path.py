@@ -14,7 +14,7 @@ def test_readme_path_smollm2_its_recipe_keeps_the_cumulative_scan(tmp_path):
     scan, distill, _ = readme_path("default", tmp_path)
     assert (scan["method"], scan["ranking"]) == ("cumulative", "zero-shot")
     assert scan["head_dtype"] in ("bfloat16", "float32")   # auto: resolved to what is faster on this machine
-    assert distill["lr"] == 1e-3                                    # SmolLM2's recipe, not the lr rule's 3e-4
+    assert distill["lr"] == 1e-3                                    # the lr rule on SmolLM2's weights
 
 
 def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_honour(tiny_dir, tmp_path):

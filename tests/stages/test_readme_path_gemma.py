@@ -16,4 +16,4 @@ def test_readme_path_gemma3_kl_ranking_and_its_recipe(tmp_path):
     assert (scan["method"], scan["ranking"], scan["metric"]) == ("isolated", "zero-shot", "kl")
     assert min(scan["sensitivity"]) > 0                             # KL: no block scores below the TP model
     assert load_plan(plan).scan["metric"] == "kl"
-    assert distill["lr"] == 1e-4                                    # Gemma 3's recipe, not the lr rule's 5e-5
+    assert distill["lr"] == 2e-4                                    # the lr rule on Gemma 3's weights
