@@ -35,6 +35,36 @@ def engine_and_prompt(ap: argparse.ArgumentParser):
     return args, model, int(os.environ.get("RANK", "0")), prompt
 
 
+def serving_executor(model):
+    """``serve``'s step executor over ``model`` (8 slots of 2,048 positions, compiling), each slot's first 16
+    keys filled (their values do not matter for timing)."""
+    import torch
+
+    from ds_spd.serve.executor import StepExecutor
+    ex = StepExecutor(model, torch.device("cpu"), 8, 2048, compiled=True)
+    for slot in range(8):
+        ex.forward(slot, [0], [[1] * 16])
+    return ex
+
+
+def timed_steps(ex, fn, rows: int, keys: int, steps: int):
+    """ms per step over ``steps`` decode steps of ``rows`` rows at ``keys`` keys through ``fn`` (a compiled step;
+    None: the eager one), both ranks starting and stopping together; and the last step's logits."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    ex.compiled = fn
+    with torch.no_grad():
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = ex.forward(0, [keys - 1] * rows, [[1]] * rows) if fn is None else \
+                ex.decode_compiled([keys - 1] * rows, [[1]] * rows)
+        dist.barrier()
+    return 1e3 * (time.perf_counter() - start) / steps, out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)

@@ -3,8 +3,8 @@ eager; ``gemv``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic s
 inductor's own multiply-and-sums); ``dynamic``, the same with the library's matrix products (two graphs for
 every shape);
 ``spd``, ``gemv`` with every block in SPD form (the same compiled function: its own graphs, the SPD-vs-TP pair
-of the lean step); ``frozen``, the same with inductor's freezing (weights folded into the graph as constants, prepacked for its
-GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
+of the lean step); ``frozen``, the same with inductor's freezing (weights folded into the graph as constants,
+prepacked for its GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
 compile seconds. Each rank's weight bytes (what a one-row step reads: every parameter but the embedding table)
 over its step time, against the bandwidth one core reads in the same round, both ranks at once (``torch.sum``
 over 512 MB; ``F.linear`` of one row over 1 GB of distinct matrices; the faster of the two): the fraction of the
@@ -20,7 +20,7 @@ import json
 import statistics
 import time
 
-from compiled_decode import engine_and_prompt
+from compiled_decode import engine_and_prompt, serving_executor, timed_steps
 
 SHAPES = ((1, 300), (1, 1200), (8, 300), (8, 1200))
 
@@ -55,32 +55,19 @@ def main() -> None:
     import torch.distributed as dist
 
     from ds_spd.serve.compile import compile_decode
-    from ds_spd.serve.executor import StepExecutor
-    ex = StepExecutor(model, torch.device("cpu"), 8, 2048, compiled=True)
-    for slot in range(8):   # fill the slots' keys (values do not matter for timing)
-        ex.forward(slot, [0], [[1] * 16])
+    ex = serving_executor(model)
     variants = args.variants.split(",")
     fns, compile_s = {"eager": None}, {}
     start = time.perf_counter()
 
-    from ds_spd.core.inject import set_spd_blocks, spd_layers
-    plain = tuple(i for i, layer in enumerate(spd_layers(model)) if layer.spd)
+    from ds_spd.core.inject import get_spd_blocks, set_spd_blocks, spd_layers
+    plain = get_spd_blocks(model)
 
     def spd_form(name: str) -> None:   # ``spd``: every block in SPD form; the others: the run's own blocks
         set_spd_blocks(model, range(len(spd_layers(model))) if name == "spd" else plain)
 
-    @torch.no_grad()
     def step(fn, rows: int, keys: int) -> float:
-        ex.compiled = fn
-        dist.barrier()
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            if fn is None:
-                ex.forward(0, [keys - 1] * rows, [[1]] * rows)
-            else:
-                ex.decode_compiled([keys - 1] * rows, [[1]] * rows)
-        dist.barrier()
-        return 1e3 * (time.perf_counter() - t) / args.steps
+        return timed_steps(ex, fn, rows, keys, args.steps)[0]
 
     for name in variants:
         t = time.perf_counter()

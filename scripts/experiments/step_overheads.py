@@ -18,7 +18,7 @@ import json
 import statistics
 import time
 
-from compiled_decode import engine_and_prompt
+from compiled_decode import engine_and_prompt, serving_executor, timed_steps
 
 SHAPES = ((1, 300), (8, 300))
 
@@ -82,10 +82,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from ds_spd.serve.compile import compile_decode
-    from ds_spd.serve.executor import StepExecutor
-    ex = StepExecutor(model, torch.device("cpu"), 8, 2048, compiled=True)
-    for slot in range(8):
-        ex.forward(slot, [0], [[1] * 16])
+    ex = serving_executor(model)
     inductor_config.cpp.enable_kernel_profile = True   # kernels named in the profile (a no-op unless profiling)
     base = compile_decode(ex._decode, model)
     ex.compiled = base
@@ -100,14 +97,8 @@ def main() -> None:
     variants = {"base": (base, False), "tags": (tagged, False), "skip": (base, True)}
 
     def run(fn, skip: bool, rows: int, keys: int, n: int):
-        ex.compiled = fn
         with torch.compiler.set_stance(skip_guard_eval_unsafe=skip):
-            dist.barrier()
-            t = time.perf_counter()
-            for _ in range(n):
-                out = ex.decode_compiled([keys - 1] * rows, [[1]] * rows)
-            dist.barrier()
-        return 1e3 * (time.perf_counter() - t) / n, out
+            return timed_steps(ex, fn, rows, keys, n)
 
     res = {"steps": args.steps, "rounds": args.rounds, "shapes": {}}
     with torch.no_grad():
