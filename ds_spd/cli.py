@@ -68,7 +68,7 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
 }
 DATA_FLAGS: dict[str, tuple[str, dict]] = {
     "text": ("--text", {"nargs": "+", "help": "local text file(s)"}),
-    "dataset": ("--dataset", {"help": "shipped corpus (pydoc, shakespeare) or hub dataset name[:config]"}),
+    "dataset": ("--dataset", {"help": "shipped corpus (pydoc, shakespeare, docstrings) or hub dataset name[:config]"}),
     "split": ("--split", {"help": "train, validation or test"}),
     "seq_len": ("--seq-len", {"type": int}),
     "max_samples": ("--max-samples", {"type": int}),

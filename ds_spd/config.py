@@ -31,7 +31,7 @@ class DataConfig(_Strict):
     """Evaluation / calibration text: local files, a shipped corpus, or a hub dataset."""
 
     text: Optional[list[str]] = Field(None, description="local text files, read with datasets' 'text' loader")
-    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare), hub name[:config], or a "
+    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare, docstrings), hub name[:config], or a "
                          "mixture of them with equal shares (pydoc+shakespeare)")
     split: str = "test"
     seq_len: int = Field(256, ge=2)
@@ -100,6 +100,9 @@ class DistillConfig(_Strict):
     kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
+    corpora: Optional[str] = Field(None, description="the corpora distillation reads, a mixture as calibration.dataset "
+                                   "takes (default: calibration.dataset, the scan's); an embedded model's recipe "
+                                   "adds the stdlib's docstrings to the default mixture")
 
     @field_validator(*CHOICES)
     @classmethod

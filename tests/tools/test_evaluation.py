@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_model, tiny_tokenizer
 
-from ds_spd.data import load_texts, shipped_corpus_file, token_segments
+from ds_spd.data import SHIPPED_CORPORA, SPLITS, load_texts, shipped_corpus_file, token_segments
 from ds_spd.errors import DataError
 from ds_spd.tools.evaluation import evaluate_lm
 
@@ -49,11 +49,27 @@ def test_bootstrap_intervals_over_segments():
     assert (wide[1] - wide[0]) / result["perplexity"] > (hi - lo) / result["perplexity"]
 
 
-def test_shipped_corpus_splits_are_disjoint_and_segments_deterministic(tmp_path):
-    train, test = open(shipped_corpus_file("pydoc", "train")).read(), open(shipped_corpus_file("pydoc", "test")).read()
+@pytest.mark.parametrize("corpus", sorted(SHIPPED_CORPORA))
+def test_shipped_corpus_splits_are_disjoint(corpus):
+    train, test = (open(shipped_corpus_file(corpus, split)).read() for split in ("train", "test"))
     train_paragraphs = set(train.split("\n\n"))
     test_paragraphs = [p for p in test.split("\n\n") if len(p) > 40]
     assert len(test_paragraphs) > 100 and not any(p in train_paragraphs for p in test_paragraphs)
+
+
+def test_docstrings_corpus_is_the_stdlib_api_prose():
+    import ast
+    import inspect
+    import textwrap
+    text = "\n\n".join(open(shipped_corpus_file("docstrings", split)).read() for split in SPLITS)
+    first = inspect.getdoc(textwrap.dedent).split("\n\n")[0]
+    assert first in text                              # a library function's docstring is in it
+    support = pytest.importorskip("test.support")   # the stdlib's own tests are left out: fixtures, not API prose
+    tree = ast.parse(inspect.getsource(support))
+    assert ast.get_docstring(tree).split("\n\n")[0] not in text
+
+
+def test_segments_deterministic(tmp_path):
     tok = tiny_tokenizer()
     lines = load_texts(None, "pydoc", "validation")
     a = token_segments(lines, tok, 32, 4, seed=7)

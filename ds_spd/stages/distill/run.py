@@ -143,6 +143,7 @@ class DistillReport:
     tp_size: int
     lr: float
     segments: int
+    calibration: str   # the corpora (or files) it read
     best_epoch: dict[int, int]
     held_out_start: dict[int, float]
     kl_stage: dict | None
@@ -166,6 +167,10 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     cfg = cfg.updated(model=model or plan.model, tp_size=plan.tp_size, plan=None, spd_blocks=None, checkpoint=None)
     if cfg.distill.segments is not None:   # distillation's own count (an embedded model's recipe sets one)
         cfg = cfg.updated(calibration={**cfg.calibration.model_dump(), "max_samples": cfg.distill.segments})
+    if cfg.distill.corpora is not None:    # distillation's own text: folded into the calibration it reads, so the
+        # run's fingerprint is that of the same text given as --dataset
+        cfg = cfg.updated(calibration={**cfg.calibration.model_dump(), "dataset": cfg.distill.corpora, "text": None},
+                          distill={**cfg.distill.model_dump(), "corpora": None})
     spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration",
                        read_weights=cfg.distill.trainer == "layerwise")   # layer-wise reads blocks from files
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
@@ -248,8 +253,8 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         tokens_per_second=result.tokens_per_second, peak_memory_bytes=result.peak_memory_bytes,
         zero_stage=result.zero_stage, trainer=run.settings.trainer, wall_seconds=result.wall_seconds,
         spilled_bytes=result.spilled_bytes, model=run.cfg.model, tp_size=run.plan.tp_size, lr=run.settings.lr,
-        segments=d.max_samples, best_epoch=result.best_epoch, held_out_start=result.start_val, kl_stage=e2e,
-        runner=runner)
+        segments=d.max_samples, calibration="+".join(d.text) if d.text else d.dataset, best_epoch=result.best_epoch,
+        held_out_start=result.start_val, kl_stage=e2e, runner=runner)
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
                              head_permutation=result.groupings[b.index].kv_order if b.index in result.groupings else None,
