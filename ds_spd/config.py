@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
                             LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
                             SCAN_RANKINGS)
-from ds_spd.embedded import embedded
+from ds_spd.embedded import COMMON_RECIPE, embedded
 from ds_spd.errors import ConfigError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
@@ -101,8 +101,8 @@ class DistillConfig(_Strict):
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
     corpora: Optional[str] = Field(None, description="the corpora distillation reads, a mixture as calibration.dataset "
-                                   "takes (default: calibration.dataset, the scan's); an embedded model's recipe "
-                                   "adds the stdlib's docstrings to the default mixture")
+                                   "takes (default: the scan's calibration.dataset with the stdlib's docstrings added "
+                                   "where that is the default mixture, else calibration.dataset)")
 
     @field_validator(*CHOICES)
     @classmethod
@@ -260,11 +260,12 @@ def _section_or_default(section: dict[str, Any], part: str) -> dict[str, Any]:
 
 
 def _model_recipe(section: dict[str, Any], model: str, flags: set[str]) -> None:
-    """Fill the keys an embedded model's recipe sets (ds_spd.embedded.EmbeddedModel.recipe) where neither
-    the section nor a flag (``flags``: dotted keys) sets them, nor the keys the entry names as overriding it."""
+    """Fill the keys an embedded model's recipe sets (ds_spd.embedded.EmbeddedModel.recipe), and those every model
+    gets (ds_spd.embedded.COMMON_RECIPE), where neither the section nor a flag (``flags``: dotted keys) sets them,
+    nor the keys the entry names as overriding it."""
     found = embedded(model) if isinstance(model, str) else None
     explicit = {f"{part}.{key}" for part, keys in section.items() if isinstance(keys, dict) for key in keys} | flags
-    for dotted, value, *overridden_by in found.recipe if found else ():
+    for dotted, value, *overridden_by in (*COMMON_RECIPE, *(found.recipe if found else ())):
         if dotted in explicit or explicit.intersection(overridden_by):
             continue
         part, key = dotted.split(".")

@@ -172,7 +172,9 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
     assert smol.distill.epochs == 8
-    assert smol.distill.corpora == "pydoc+shakespeare+docstrings"   # the scan's two corpora and the docstrings
+    # every model distils on the scan's two corpora and the docstrings, unless the user gives text of their own
+    assert smol.distill.corpora == gemma.distill.corpora == "pydoc+shakespeare+docstrings"
+    assert resolve_spd_config({}, model="/some/hf/dir").distill.corpora == "pydoc+shakespeare+docstrings"
     own_text = resolve_spd_config({}, model="default", data={"dataset": "pydoc"}, data_section="calibration")
     assert (own_text.calibration.dataset, own_text.distill.corpora) == ("pydoc", None)
     assert resolve_spd_config({"spd": {"calibration": {"text": ["a.txt"]}}}, model="default").distill.corpora is None
