@@ -9,9 +9,9 @@ DEFAULT_MODEL = "default"
 #: the calibration mixture distillation reads by default: the scan's two corpora and a third, the standard library's
 #: docstrings (prose of another kind, which carries over to text outside the first two)
 DISTILL_CORPORA = "pydoc+shakespeare+docstrings"
-#: defaults chosen on validation on every shipped model, filled for any model as a recipe's keys are (below):
-#: docs/experiments.md, distillation on the three corpora: out of the calibration domain +2.8% against +4.2% over TP
-#: on SmolLM2 at 21 of 30 blocks, a tie on Gemma 3 at 9 of 18; a --dataset or --text of the user's replaces them
+#: defaults chosen on validation on every shipped model, filled for any model as a recipe's keys are (below); the
+#: three corpora: a gain out of the calibration domain on SmolLM2, a tie on Gemma 3 (docs/experiments.md, "A third
+#: corpus"); a --dataset or --text of the user's replaces them
 COMMON_RECIPE: tuple[tuple, ...] = (("distill.corpora", DISTILL_CORPORA, "calibration.dataset", "calibration.text"),)
 
 
