@@ -58,11 +58,11 @@ def test_the_readme_quotes_the_readme_path_and_demo_figures_of_their_artefacts()
     from ds_spd.tools.evaluation import paired_ratio_ci
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     recovery = open(os.path.join(ROOT, "docs", "experiments.md"), encoding="utf-8").read()
-    for model in ("default", "gemma3-270m"):
-        summary = json.load(open(os.path.join(ROOT, "docs", "results", "readme_path", f"{model}_tp2", "summary.json")))
+    for run in ("default_tp2", "gemma3-270m_tp2", "gemma3-270m_tp4"):
+        summary = json.load(open(os.path.join(ROOT, "docs", "results", "readme_path", run, "summary.json")))
         for n, row in summary["counts"].items():
             quoted = _pct(row["distilled"])
-            assert quoted in readme and quoted in recovery, (model, n, quoted)
+            assert quoted in readme and quoted in recovery, (run, n, quoted)
     demo = os.path.join(ROOT, "docs", "results", "demo")
     tp, distilled, zero = (json.load(open(os.path.join(demo, f"eval_{k}.json"))) for k in ("tp", "distilled", "zero_shot"))
     r = paired_ratio_ci(tp, distilled)
