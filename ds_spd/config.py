@@ -44,6 +44,10 @@ class DataConfig(_Strict):
     def _one_or_many(cls, v):
         return [v] if isinstance(v, str) else v
 
+    def source(self) -> dict:
+        """What a result reports it read: the files, or the dataset (a mixture's names), and the split."""
+        return {"text": self.text, "dataset": None if self.text else self.dataset, "split": self.split}
+
 
 def _one_of(value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:

@@ -187,7 +187,7 @@ def plan_of_scan(cfg: SPDConfig, model_config, result: ScanResult, world: int, h
     """A plan (no blocks chosen yet) holding a scan's sensitivities and how they were measured."""
     d = cfg.calibration
     plan = Plan.from_blocks(cfg.model, model_config, cfg.tp_size, [], tp_grain_size=cfg.tp_grain_size,
-                            data={"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split},
+                            data=d.source(),
                             seq_len=d.seq_len, segments=d.max_samples, seed=d.seed, dtype=cfg.dtype, ranks=world)
     for b in plan.blocks:
         b.sensitivity = result.sensitivity[b.index]

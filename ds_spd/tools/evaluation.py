@@ -60,7 +60,7 @@ def evaluate_run(runner, progress: bool = True) -> dict:
     segments = segments_for(d, runner.tokenizer)
     runner.stats.reset()
     result = evaluate_lm(runner.model, segments, d.batch_size, progress=progress)
-    return {**result, "data": {"text": d.text, "dataset": None if d.text else d.dataset, "split": d.split}}
+    return {**result, "data": d.source()}
 
 
 @torch.no_grad()

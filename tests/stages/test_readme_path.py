@@ -15,7 +15,7 @@ def test_readme_path_smollm2_its_recipe_keeps_the_cumulative_scan(tmp_path):
     assert (scan["method"], scan["ranking"]) == ("cumulative", "zero-shot")
     assert scan["head_dtype"] in ("bfloat16", "float32")   # auto: resolved to what is faster on this machine
     assert distill["lr"] == 1e-3                                    # the lr rule on SmolLM2's weights
-    assert distill["calibration"] == "pydoc+shakespeare+docstrings"   # its recipe's corpora
+    assert distill["calibration"]["dataset"] == "pydoc+shakespeare+docstrings"   # its recipe's corpora
 
 
 def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_honour(tiny_dir, tmp_path):

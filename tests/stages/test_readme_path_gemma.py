@@ -17,4 +17,4 @@ def test_readme_path_gemma3_kl_ranking_and_its_recipe(tmp_path):
     assert min(scan["sensitivity"]) > 0                             # KL: no block scores below the TP model
     assert load_plan(plan).scan["metric"] == "kl"
     assert distill["lr"] == 2e-4                                    # the lr rule on Gemma 3's weights
-    assert distill["calibration"] == "pydoc+shakespeare+docstrings"   # every model's distillation corpora
+    assert distill["calibration"]["dataset"] == "pydoc+shakespeare+docstrings"   # every model's distillation corpora

@@ -143,7 +143,7 @@ class DistillReport:
     tp_size: int
     lr: float
     segments: int
-    calibration: str   # the corpora (or files) it read
+    calibration: dict   # the text it read (DataConfig.source)
     best_epoch: dict[int, int]
     held_out_start: dict[int, float]
     kl_stage: dict | None
@@ -253,7 +253,7 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         tokens_per_second=result.tokens_per_second, peak_memory_bytes=result.peak_memory_bytes,
         zero_stage=result.zero_stage, trainer=run.settings.trainer, wall_seconds=result.wall_seconds,
         spilled_bytes=result.spilled_bytes, model=run.cfg.model, tp_size=run.plan.tp_size, lr=run.settings.lr,
-        segments=d.max_samples, calibration="+".join(d.text) if d.text else d.dataset, best_epoch=result.best_epoch,
+        segments=d.max_samples, calibration=d.source(), best_epoch=result.best_epoch,
         held_out_start=result.start_val, kl_stage=e2e, runner=runner)
     if is_main_rank():
         blocks = [BlockEntry(index=b.index, sensitivity=b.sensitivity, **{"class": b.cls},
