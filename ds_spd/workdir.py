@@ -7,7 +7,9 @@ holds the run's fingerprint: everything that determines the trained weights (mod
 grain, dtype, calibration data and its file contents, learning rate, micro-batch, seeds, the DeepSpeed
 config, the number of ranks, the launcher). The fingerprint is compared *before* any training state is
 loaded; a difference is an error naming the keys (``--restart`` discards the old state). The number of
-epochs is not part of it: asking for more epochs continues a finished run.
+epochs is not part of it: asking for more epochs continues a finished run. Nor is the end-to-end KL stage's
+(``kl_epochs``, ``kl_lr``): it runs after the blocks, from their finished weights, and keeps nothing here, so
+trying it at another rate reuses the blocks.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from ds_spd.errors import OutputError, PlanError
 from ds_spd.outputs import check_writable_place, write_json
 
 RUN_FILE = "ds_spd_run.json"
+#: Distill settings that do not change what the work dir holds (the blocks' trained weights).
+RESUME_NEUTRAL = ("epochs", "kl_epochs", "kl_lr")
 #: DeepSpeed config keys that do not change the trained weights (logging and profiling).
 _NEUTRAL_DS_KEYS = ("steps_per_print", "wall_clock_breakdown", "flops_profiler", "tensorboard", "wandb",
                     "csv_monitor", "comms_logger", "dump_state", "memory_breakdown")
@@ -47,9 +51,20 @@ def run_fingerprint(*, model: str, model_fingerprint: dict, plan_digest: str, tp
                     dtype: str, calibration, settings: dict, ds_config: dict, ranks: int, launcher: str) -> dict:
     return {"model": model, "model_shape": model_fingerprint, "plan": plan_digest, "tp_size": tp_size,
             "tp_grain_size": tp_grain_size, "dtype": dtype, "calibration": data_fingerprint(calibration),
-            "settings": {k: v for k, v in settings.items() if k != "epochs"},
+            "settings": _resume_settings(settings),
             "deepspeed": {k: v for k, v in ds_config.items() if k not in _NEUTRAL_DS_KEYS},
             "ranks": ranks, "launcher": launcher}
+
+
+def _resume_settings(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in RESUME_NEUTRAL}
+
+
+def comparable(saved: dict) -> dict:
+    """A stored fingerprint as :func:`run_fingerprint` makes one now (older ones also held the neutral settings)."""
+    if isinstance(saved, dict) and isinstance(saved.get("settings"), dict):
+        return {**saved, "settings": _resume_settings(saved["settings"])}
+    return saved
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -88,7 +103,7 @@ def check_work_dir(work_dir: str, fingerprint: dict, restart: bool = False) -> s
         raise OutputError(f"work dir {work_dir!r} is not empty and has no {RUN_FILE}: it was not written by this "
                           "version of ds_spd. A work dir is trusted input (DeepSpeed unpickles its .pt files), so "
                           "ds_spd refuses it: give another --work-dir, or move it away")
-    diff = differences(found["fingerprint"], fingerprint)
+    diff = differences(comparable(found["fingerprint"]), fingerprint)
     if diff and not restart:
         raise PlanError(f"work dir {work_dir!r} holds training state of another run; differing: "
                         f"{'; '.join(diff)}. Pass --restart to discard it and start over, or give another --work-dir")

@@ -4,8 +4,9 @@
 # outputs), a loss after the next original block (windowN: --loss-window N, original inputs), the calibration
 # volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), calibration text the
 # model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), a third
-# shipped corpus in the mixture (addC, e.g. adddocstrings), another learning rate (lrX), more epochs (epE); knobs
-# joined by "+" combine (lr1e-3+ep16). The
+# shipped corpus in the mixture (addC, e.g. adddocstrings), another learning rate (lrX), more epochs (epE), the
+# end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate); knobs joined by "+" combine
+# (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks, its work dir). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
 # second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads
@@ -14,6 +15,7 @@
 #   nice bash scripts/experiments/input_source_chain.sh gemma3-270m 9,13 chain,original
 #   nice bash scripts/experiments/input_source_chain.sh default 21 seg128ep4,seg256ep2
 #   nice bash scripts/experiments/input_source_chain.sh default 21 lr1e-3+ep16
+#   nice bash scripts/experiments/input_source_chain.sh default 21 adddocstrings+kl2+kllr1e-4
 # Resumable: a step whose JSON exists is not run again; checkpoints are kept under runs/chain/ (for the test).
 {   # parsed whole before it runs: editing the file meanwhile does not change a running experiment
 set -euo pipefail
@@ -41,9 +43,12 @@ for n in ${counts//,/ }; do
   plan=$path/plan$n.json
   [[ -s $plan ]] || python -m ds_spd plan --plan "$path/scanned.json" --spd-count "$n" --out "$plan" > /dev/null
   for src in ${sources//,/ }; do
-    how=()
+    how=(); blocks=()   # blocks: the knobs the trained blocks depend on (the KL stage's do not: shared work dir)
     for part in ${src//+/ }; do   # knobs joined by "+" combine: lr1e-3+ep16
+      [[ $part == kl* ]] || blocks+=("$part")
       case $part in
+        kllr*) how+=(--kl-lr "${part#kllr}");;  # kllrX: the end-to-end stage's rate
+        kl*) how+=(--kl-epochs "${part#kl}");;  # klE: E epochs of the end-to-end KL stage after the blocks
         window*) how+=(--loss-window "${part#window}");;
         seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
         ep*) how+=(--epochs "${part#ep}");;   # epE: E epochs
@@ -55,8 +60,9 @@ for n in ${counts//,/ }; do
         *) how+=(--input-source "$part");;
       esac
     done
+    b2b=$(IFS=+; echo "${blocks[*]}")
     step "distill${n}_$src" launch/tp.sh 2 distill --model "$model" --plan "$plan" "${how[@]}" \
-      --out "$ck/ck${n}_$src"
+      --out "$ck/ck${n}_$src" --work-dir "$ck/ck${n}_${b2b:-original}.work"
     evals "${n}_$src" --checkpoint "$ck/ck${n}_$src"
   done
 done

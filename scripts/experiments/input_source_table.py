@@ -34,7 +34,9 @@ def main(out: str, base: str = "original") -> None:
         if not all(os.path.isfile(os.path.join(out, f"val_{t}_{n}_{variant}.json")) for t in TEXTS):
             continue
         distill = load(f"distill{n}_{variant}")
-        entry = {"seconds": distill["seconds"], "wall_seconds": distill["wall_seconds"], "vs_tp": {}, f"vs_{base}": {}}
+        kl = (distill.get("kl_stage") or {}).get("seconds")   # the end-to-end stage, after the blocks
+        entry = {"seconds": distill["seconds"], "wall_seconds": distill["wall_seconds"], "kl_seconds": kl,
+                 "vs_tp": {}, f"vs_{base}": {}}
         for t in TEXTS:
             tp, ev = load(f"val_{t}_tp"), load(f"val_{t}_{n}_{variant}")
             entry["vs_tp"][t] = paired_ratio_ci(tp, ev)
@@ -45,7 +47,7 @@ def main(out: str, base: str = "original") -> None:
         over = " / ".join(pct(entry[f"vs_{base}"][t]) for t in TEXTS) if entry[f"vs_{base}"] else "—"
         rows.append(f"| {n} | {variant} | {' / '.join(pct(entry['vs_tp'][t]) for t in TEXTS)} | "
                     f"{100 * (math.exp(entry['mean_log_ratio_vs_tp']) - 1):+.2f}% | {over} | "
-                    f"{distill['seconds'] / 60:.1f} min |")
+                    f"{distill['seconds'] / 60:.1f}{'' if kl is None else f' + {kl / 60:.1f}'} min |")
     name = "summary" if base == "original" else f"summary_vs_{base}"
     json.dump(summary, open(os.path.join(out, f"{name}.json"), "w"), indent=1)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
@@ -55,7 +57,7 @@ def main(out: str, base: str = "original") -> None:
                 f"{'' if base == 'original' else ' --base ' + base}`. Perplexity over TP (virtual "
                 f"tp 2) on {', '.join(TEXTS.values())} (in that order), paired 95% bootstrap; the mean of the three "
                 f"log-ratios chooses; the same over the {base} variant's checkpoint, paired. Training time: the "
-                "trained blocks' epochs on 2 ranks (beside other work).\n\n"
+                "trained blocks' epochs on 2 ranks (+ the end-to-end KL stage's, where it ran; beside other work).\n\n"
                 f"| SPD blocks | variant | over TP (pydoc / Shakespeare / out of domain) | mean | over {base} | "
                 "training |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(open(os.path.join(out, f"{name}.md")).read())

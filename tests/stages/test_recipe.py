@@ -135,11 +135,16 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3",
             "--schedule", "cosine", "--warmup", "0.2", "--val-segments", "2", "--kl-epochs", "2", "--kl-lr", "1e-3",
             "--json"]
-    # one process (tests/support/cli_batch.py): the training run, then eval, a re-run and a refusal, none of which trains
-    run, ev, again, bad = run_cli_batch([
-        args, ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"], args,
-        [*args[:-1], "--patience", "2", "--val-segments", "0"]], str(tmp_path))
+    k = args.index("--kl-epochs")
+    blocks_only = args[:k] + args[k + 4:]   # the same run without the end-to-end stage, into the same out
+    # one process (tests/support/cli_batch.py): the blocks alone, then the KL stage on them (the blocks reused from
+    # the work dir, which the stage's settings do not fingerprint), eval, a re-run and a refusal, none of which trains
+    first, run, ev, again, bad = run_cli_batch([
+        blocks_only, args, ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"],
+        args, [*args[:-1], "--patience", "2", "--val-segments", "0"]], str(tmp_path))
+    assert first["code"] == 0, first["stderr"][-3000:]
     assert run["code"] == 0, run["stderr"][-3000:]
+    assert "already complete" not in run["stderr"] and run["stderr"].count("already trained") == 2
     result = last_json(run["stdout"])
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert sorted(prov["best_epoch"]) == ["0", "2"] and all(0 <= e <= 3 for e in prov["best_epoch"].values())

@@ -388,7 +388,7 @@ def run_epochs(trainer: Trainer, pairs: Dataset, settings: DistillSettings, star
             total = total + per_block.float().cpu()
             count += 1
             tokens += batch[0].shape[0] * tokens_per_item
-            bar.set_postfix(loss=f"{per_block.sum().item():.3g}")
+            bar.set_postfix(loss=f"{per_block.mean().item():.3g}")   # per block (the end-to-end stage's share one)
         val = None
         if held_out is not None:
             val = trainer.validate(held_out, settings.micro_batch)

@@ -23,7 +23,7 @@ from ds_spd.stages.planner import DEFAULT_THRESHOLDS, classify, relative
 from ds_spd.errors import SPDInputError
 from ds_spd.plan import BlockEntry, Plan, load_plan
 from ds_spd.run import RunSpec
-from ds_spd.workdir import check_work_dir, prepare_work_dir, run_fingerprint
+from ds_spd.workdir import RESUME_NEUTRAL, check_work_dir, comparable, prepare_work_dir, run_fingerprint
 
 
 def deepspeed_config(config_path: str | None, lr: float) -> dict:
@@ -117,9 +117,13 @@ class DistillRun:
 
     @property
     def complete(self) -> bool:
-        """The output already holds this exact run's checkpoint (same fingerprint, same epochs)."""
+        """The output already holds this exact run's checkpoint (same fingerprint, same epochs and end-to-end
+        stage: the settings the work dir's fingerprint leaves out)."""
         prov = read_provenance(self.out) if is_checkpoint(self.out) else {}
-        return prov.get("run") == self.fingerprint and prov.get("epochs") == self.settings.epochs
+        knobs, saved = self.settings.knobs(), prov.get("settings") or {}
+        return (comparable(prov.get("run")) == self.fingerprint
+                and all(saved.get(k, knobs[k]) == knobs[k] for k in RESUME_NEUTRAL)
+                and prov.get("epochs") == self.settings.epochs)
 
 
 @dataclass
