@@ -6,6 +6,8 @@ rest measure (paired, interleaved rounds on real TP ranks):
 - ``tags``: dynamo's recursive dict-tag guards for nn modules (``use_recursive_dict_tags_for_guards``);
 - ``skip``: ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` after the warm-up (only the guards that
   tell the cached graphs apart run);
+- ``lean``: inductor's generated wrapper without its size, alignment and scalar asserts (``size_asserts``,
+  ``alignment_asserts``, ``scalar_asserts`` off; docs/latency.md counts ~430 of them a step);
 - attention on its own: the packed SDPA call against a multiply-and-sum form inductor generates whole
   (rank 0, one thread, compiled with dynamic shapes), per call.
 
@@ -94,7 +96,15 @@ def main() -> None:
     tagged = compile_decode(same_step, model)
     ex.compiled = tagged
     ex.warm_up()
-    variants = {"base": (base, False), "tags": (tagged, False), "skip": (base, True)}
+    dynamo_config.use_recursive_dict_tags_for_guards = False
+    inductor_config.size_asserts = inductor_config.alignment_asserts = inductor_config.scalar_asserts = False
+
+    def lean_step(*a):   # compiled with the wrapper's asserts off (part of inductor's cache key)
+        return ex._decode(*a)
+    lean = compile_decode(lean_step, model)
+    ex.compiled = lean
+    ex.warm_up()
+    variants = {"base": (base, False), "tags": (tagged, False), "skip": (base, True), "lean": (lean, False)}
 
     def run(fn, skip: bool, rows: int, keys: int, n: int):
         with torch.compiler.set_stance(skip_guard_eval_unsafe=skip):
