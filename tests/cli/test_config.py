@@ -35,6 +35,13 @@ def test_file_loading_and_overrides(tmp_path):
     assert resolve_spd_config(str(path), plan="x.json").spd_blocks is None  # a flag's plan replaces the list
     assert resolve_spd_config(str(path), checkpoint="ck").spd_blocks is None  # so does a checkpoint
     assert resolve_spd_config(str(path), checkpoint="ck", spd_blocks=[2]).spd_blocks == [2]  # unless both given
+    # a partial section keeps its other keys' defaults: calibration's (train split, seeded), not evaluation text's
+    own = resolve_spd_config({"spd": {"calibration": {"dataset": "docstrings"}, "data": {"seq_len": 64}}})
+    assert (own.calibration.dataset, own.calibration.split, own.calibration.seed, own.calibration.max_samples) == \
+        ("docstrings", "train", 0, 64)
+    assert (own.data.seq_len, own.data.split, own.data.dataset) == (64, "test", "pydoc")
+    gemma = resolve_spd_config({"spd": {"calibration": {"dataset": "docstrings"}}}, model="gemma3-270m")
+    assert (gemma.calibration.split, gemma.calibration.max_samples) == ("train", 16)   # and the recipe's keys
     with pytest.raises(ConfigError, match="not found"):
         resolve_spd_config(str(tmp_path / "missing.json"))
     (tmp_path / "bad.json").write_text("{")
