@@ -31,8 +31,8 @@ class DataConfig(_Strict):
     """Evaluation / calibration text: local files, a shipped corpus, or a hub dataset."""
 
     text: Optional[list[str]] = Field(None, description="local text files, read with datasets' 'text' loader")
-    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare, docstrings, code), hub name[:config], "
-                         "or a mixture of them with equal shares (pydoc+shakespeare)")
+    dataset: str = Field("pydoc", description="shipped corpus (pydoc, shakespeare, docstrings, code), hub "
+                         "name[:config], or a mixture of them with equal shares (pydoc+shakespeare)")
     split: str = "test"
     seq_len: int = Field(256, ge=2)
     max_samples: int = Field(8, ge=1)

@@ -46,8 +46,8 @@ def _shakespeare_documents() -> list[str]:
     return docs
 
 
-# stdlib folders left out of ``docstrings`` and ``code``: tests (fixtures, not prose), pydoc_data (the ``pydoc`` corpus's
-# text), demos and tools that are not library API, and installed packages
+# stdlib folders left out of ``docstrings`` and ``code``: tests (fixtures, not prose), pydoc_data (the ``pydoc``
+# corpus's text), demos and tools that are not library API, and installed packages
 _NOT_STDLIB_API = {"test", "tests", "idlelib", "lib2to3", "pydoc_data", "turtledemo", "ensurepip", "site-packages",
                    "dist-packages", "__pycache__"}
 
