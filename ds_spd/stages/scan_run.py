@@ -176,6 +176,9 @@ def _distil_every_block(distill, progress: bool) -> None:
                    f"{distill.out} ({distill.lr_note or f'lr {distill.settings.lr:g}'}, "
                    f"{distill.cfg.calibration.max_samples} segments)")
     distill_run.execute(distill, progress=progress)
+    import torch.distributed as dist
+    if dist.is_initialized():   # the first rank writes the checkpoint that every rank reads next
+        dist.barrier()
 
 
 def _say(progress: bool, text: str) -> None:

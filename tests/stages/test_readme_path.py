@@ -37,3 +37,15 @@ def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_hono
     assert last["code"] == 2 and "--last does not apply to the distilled ranking" in last["stderr"]
     assert cumulative["code"] == 2 and "method must be 'isolated'" in cumulative["stderr"]
     assert not os.path.exists(tmp_path / "b.json")
+
+
+def test_distilled_ranking_under_the_launcher_reads_the_checkpoint_its_first_rank_wrote(tiny_dir, tmp_path):
+    from helpers import launch
+    plan, config = str(tmp_path / "scan.json"), tmp_path / "quick.json"
+    config.write_text(json.dumps({"spd": {"distill": {"epochs": 1}}}))
+    res = launch(["ds_spd", "scan", "--model", tiny_dir, "--tp", "2", "--max-samples", "4", "--seq-len", "32",
+                  "--batch-size", "2", "--ranking", "distilled", "--config", str(config), "--out", plan, "--json"],
+                 module=True)
+    ranking = json.load(open(os.path.join(tmp_path, "scan.ranking", "checkpoint", "provenance.json")))
+    assert ranking["ranks"] == 2 and len(load_plan(plan).blocks) == 4
+    assert all(b.sensitivity is not None for b in load_plan(plan).blocks), res.stderr[-2000:]
