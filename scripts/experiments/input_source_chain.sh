@@ -16,13 +16,17 @@
 #   nice bash scripts/experiments/input_source_chain.sh default 21 seg128ep4,seg256ep2
 #   nice bash scripts/experiments/input_source_chain.sh default 21 lr1e-3+ep16
 #   nice bash scripts/experiments/input_source_chain.sh default 21 adddocstrings+kl2+kllr1e-4
+#   nice bash scripts/experiments/input_source_chain.sh default 21 adddocstrings runs/dr/scanned.json distilledkl
 # Resumable: a step whose JSON exists is not run again; checkpoints are kept under runs/chain/ (for the test).
 {   # parsed whole before it runs: editing the file meanwhile does not change a running experiment
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
-model=${1:?usage: input_source_chain.sh MODEL COUNTS SOURCES}; counts=${2:?COUNTS}; sources=${3:-chain,original}
+model=${1:?usage: input_source_chain.sh MODEL COUNTS SOURCES [SCANNED TAG]}; counts=${2:?COUNTS}
+sources=${3:-chain,original}
 path=docs/results/readme_path/${model}_tp2; out=docs/results/input_chain/${model}_tp2; ck=runs/chain/${model}_tp2
+# SCANNED TAG: choose the blocks from another scanned plan (e.g. a distilled ranking); variants become SOURCE@TAG
+scanned=${4:-$path/scanned.json}; ranking=${5:-}; [[ -z ${4:-} || -n $ranking ]] || { echo "SCANNED needs a TAG" >&2; exit 2; }
 mkdir -p "$out/logs" "$ck"
 STEP_PREFIX=""
 source scripts/benchmarks/steps.sh
@@ -41,10 +45,13 @@ evals() {  # NAME ARGS...: the three validation texts
 evals tp --spd-blocks none
 for n in ${counts//,/ }; do
   plan=$path/plan$n.json
-  [[ -s $plan ]] || python -m ds_spd plan --plan "$path/scanned.json" --spd-count "$n" --out "$plan" > /dev/null
+  if [[ -n $ranking ]]; then plan=$out/plan${n}_$ranking.json; fi
+  [[ -s $plan ]] || python -m ds_spd plan --plan "$scanned" --spd-count "$n" --out "$plan" > /dev/null
   for src in ${sources//,/ }; do
+    [[ -z $ranking ]] || src=$src@$ranking
     how=(); blocks=()   # blocks: the knobs the trained blocks depend on (the KL stage's do not: shared work dir)
-    for part in ${src//+/ }; do   # knobs joined by "+" combine: lr1e-3+ep16
+    knobs=${src%@*}
+    for part in ${knobs//+/ }; do   # knobs joined by "+" combine: lr1e-3+ep16
       [[ $part == kl* ]] || blocks+=("$part")
       case $part in
         kllr*) how+=(--kl-lr "${part#kllr}");;  # kllrX: the end-to-end stage's rate
@@ -62,7 +69,7 @@ for n in ${counts//,/ }; do
     done
     b2b=$(IFS=+; echo "${blocks[*]}")
     step "distill${n}_$src" launch/tp.sh 2 distill --model "$model" --plan "$plan" "${how[@]}" \
-      --out "$ck/ck${n}_$src" --work-dir "$ck/ck${n}_${b2b:-original}.work"
+      --out "$ck/ck${n}_$src" --work-dir "$ck/ck${n}_${b2b:-original}${ranking:+@$ranking}.work"
     evals "${n}_$src" --checkpoint "$ck/ck${n}_$src"
   done
 done

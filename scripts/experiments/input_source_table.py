@@ -27,7 +27,7 @@ def main(out: str, base: str = "original") -> None:
     load = lambda name: json.load(open(os.path.join(out, f"{name}.json")))
     pct = lambda r: f"{100 * (r['ratio'] - 1):+.2f}% [{100 * (r['ci95'][0] - 1):+.2f}, {100 * (r['ci95'][1] - 1):+.2f}]"
     runs = sorted({m.groups() for p in glob.glob(os.path.join(out, "distill*_*.json"))
-                   if (m := re.match(r"distill(\d+)_([\w.+-]+)\.json$", os.path.basename(p)))},
+                   if (m := re.match(r"distill(\d+)_([\w.+@-]+)\.json$", os.path.basename(p)))},
                   key=lambda r: (int(r[0]), r[1] != base, r[1]))
     summary, rows = {}, []
     for n, variant in runs:
