@@ -4,9 +4,10 @@
 # outputs), a loss after the next original block (windowN: --loss-window N, original inputs), the calibration
 # volume (segNepE: N segments, held-out ones included, for E epochs; original inputs), calibration text the
 # model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), a third
-# shipped corpus in the mixture (addC, e.g. adddocstrings; adddocstrings-code adds two), another learning rate (lrX), more epochs (epE), the
-# end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate); knobs joined by "+" combine
-# (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks, its work dir). The
+# shipped corpus in the mixture (addC, e.g. adddocstrings; adddocstrings-code adds two), another learning rate
+# (lrX), more epochs (epE), the end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate); knobs joined
+# by "+" combine (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks, its
+# work dir). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
 # second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads
@@ -26,7 +27,8 @@ model=${1:?usage: input_source_chain.sh MODEL COUNTS SOURCES [SCANNED TAG]}; cou
 sources=${3:-chain,original}
 path=docs/results/readme_path/${model}_tp2; out=docs/results/input_chain/${model}_tp2; ck=runs/chain/${model}_tp2
 # SCANNED TAG: choose the blocks from another scanned plan (e.g. a distilled ranking); variants become SOURCE@TAG
-scanned=${4:-$path/scanned.json}; ranking=${5:-}; [[ -z ${4:-} || -n $ranking ]] || { echo "SCANNED needs a TAG" >&2; exit 2; }
+scanned=${4:-$path/scanned.json}; ranking=${5:-}
+[[ -z ${4:-} || -n $ranking ]] || { echo "SCANNED needs a TAG" >&2; exit 2; }
 mkdir -p "$out/logs" "$ck"
 STEP_PREFIX=""
 source scripts/benchmarks/steps.sh
@@ -60,7 +62,7 @@ for n in ${counts//,/ }; do
         seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs
         ep*) how+=(--epochs "${part#ep}");;   # epE: E epochs
         lr*) how+=(--lr "${part#lr}");;  # lrX: another learning rate
-        add*) c=${part#add}; how+=(--dataset "pydoc+shakespeare+${c//-/+}");;  # addC(-D): shipped corpora C (and D) added
+        add*) c=${part#add}; how+=(--dataset "pydoc+shakespeare+${c//-/+}");;  # addC(-D): corpora C (and D) added
         self) gen=runs/chain/self_generated_$model.txt   # text the model wrote itself instead of the corpora
           [[ -s $gen ]] || python scripts/experiments/self_generated_text.py --model "$model" --out "$gen"
           how+=(--text "$gen");;
