@@ -100,7 +100,8 @@ class DistillConfig(_Strict):
     kl_epochs: int = Field(0, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "
                            "model's next-token distribution to the TP model's), training only the distilled blocks; "
                            "needs the whole model in one process (refused before any work where it does not fit); "
-                           "off by default: no measurable gain on SmolLM2 (README, recovery)")
+                           "off by default: on SmolLM2 it gained on the calibration corpora's own text only "
+                           "(docs/experiments.md)")
     kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
