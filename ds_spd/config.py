@@ -297,9 +297,11 @@ def resolve_spd_config(config=None, **overrides) -> SPDConfig:
              for part in ("scan", "distill")}   # a command's own flags, by config section
     flags |= {f"{part}.{key}" for part, given in parts.items() for key in given}
     _model_recipe(section, overrides.get("model") or section.get("model", "default"), flags)
-    for part in ("data", "calibration", "scan", "distill"):   # after the recipe, which reads what the user set
-        if isinstance(section.get(part), dict):   # a partial section keeps its other keys' defaults (calibration's
-            section[part] = {**_section_or_default({}, part), **section[part]}   # are not DataConfig's: train split)
+    # a partial section keeps its other keys' defaults (calibration's are not DataConfig's: the train split);
+    # merged after the recipe, which must see only what the user set
+    for part in ("data", "calibration", "scan", "distill"):
+        if isinstance(section.get(part), dict):
+            section[part] = {**_section_or_default({}, part), **section[part]}
     for part, given in parts.items():
         if given:
             section[part] = {**_section_or_default(section, part), **given}
