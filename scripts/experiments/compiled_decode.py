@@ -1,8 +1,11 @@
 """A compiled decode step on real TP ranks, against the eager one: HF's static cache, ``torch.compile`` of the
 model's forward for one-token steps (the all-reduce traced: DeepSpeed's shm op is a torch op), greedy tokens
-compared, ms per step paired over interleaved rounds.
+compared, ms per step paired over interleaved rounds. On a CUDA device ``--mode reduce-overhead`` captures the
+step as CUDA graphs (gpt-fast's form; the static cache's tensors have fixed addresses); the JSON counts the graphs
+inductor declined to capture (``cudagraph_skips``, 0 when the whole step was captured).
 
     torchrun --nproc_per_node 2 scripts/experiments/compiled_decode.py [--spd-blocks none] [--rounds 5]
+    torchrun --nproc_per_node 1 scripts/experiments/compiled_decode.py --mode reduce-overhead   # one GPU
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def engine_and_prompt(ap: argparse.ArgumentParser):
                              spd_blocks=blocks)
     model = build_runner(resolve_run(cfg)).hf_model
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    return args, model, int(os.environ.get("RANK", "0")), prompt
+    return args, model, int(os.environ.get("RANK", "0")), prompt.to(model.device)
 
 
 def serving_executor(model):
@@ -73,8 +76,14 @@ def main() -> None:
     args, model, rank, prompt = engine_and_prompt(ap)
     import torch
     import torch.distributed as dist
+    from torch._dynamo.utils import counters
     from transformers import StaticCache
-    n0 = prompt.shape[1]
+    n0, device = prompt.shape[1], model.device
+
+    def sync() -> None:   # all ranks, and this rank's device, done
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
 
     def forward(ids, pos, cache):
         return model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
@@ -83,14 +92,15 @@ def main() -> None:
     @torch.no_grad()
     def decode(step_fn) -> tuple[list[int], float]:
         cache = StaticCache(config=model.config, max_cache_len=n0 + args.steps + 1)
-        logits = forward(prompt, torch.arange(n0)[None], cache)
+        logits = forward(prompt, torch.arange(n0, device=device)[None], cache)
         tokens = [int(logits.argmax(-1))]
-        dist.barrier()
+        sync()
         start = time.perf_counter()
         for i in range(args.steps):
-            logits = step_fn(torch.tensor([[tokens[-1]]]), torch.tensor([[n0 + i]]), cache)
+            logits = step_fn(torch.tensor([[tokens[-1]]], device=device), torch.tensor([[n0 + i]], device=device),
+                             cache)
             tokens.append(int(logits.argmax(-1)))
-        dist.barrier()
+        sync()
         return tokens, (time.perf_counter() - start) / args.steps
 
     start = time.perf_counter()
@@ -106,7 +116,8 @@ def main() -> None:
     if rank == 0:
         ratios = [c / e for c, e in zip(comp, eager)]
         res = {"model": args.model, "spd_blocks": args.spd_blocks, "steps": args.steps, "mode": args.mode,
-               "compile_seconds": compile_s, "same_greedy_tokens": eager_tokens == compiled_tokens,
+               "device": str(device), "world_size": dist.get_world_size(),
+               "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "compile_seconds": compile_s, "same_greedy_tokens": eager_tokens == compiled_tokens,
                "eager_ms": [1e3 * t for t in eager], "compiled_ms": [1e3 * t for t in comp],
                "compiled_over_eager_median": statistics.median(ratios), "ratios": ratios}
         print(json.dumps(res, indent=1))

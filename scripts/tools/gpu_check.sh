@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One CUDA GPU (or CPU, for a dry run): a sensitivity scan and a distillation step in virtual TP, a tp=1
-# DeepSpeed engine (eval + generate, with the distilled checkpoint), and a bf16 eval; prints timings.
+# DeepSpeed engine (eval + generate, with the distilled checkpoint), a bf16 eval, and the decode step captured as
+# CUDA graphs against the eager one (tp 1; on CPU it compiles without capture); prints timings.
 #   MODEL=default OUT=runs/gpu_check bash scripts/tools/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,3 +27,12 @@ step eval_tp1_engine    $PY -m ds_spd eval "${D[@]}" --tp 1 --spd-blocks 15-29
 step generate_tp1       $PY -m ds_spd generate --model "$MODEL" --tp 1 --spd-blocks 15-29 --max-new-tokens 32
 step eval_virtual_ckpt  $PY -m ds_spd eval "${D[@]}" --virtual-tp 2 --checkpoint "$OUT/checkpoint"
 step eval_virtual_bf16  $PY -m ds_spd eval "${D[@]}" --virtual-tp 2 --checkpoint "$OUT/checkpoint" --dtype bfloat16
+# the captured step: torch.compile(mode="reduce-overhead") of the engine's one-token forward over HF's static cache
+# (scripts/experiments/compiled_decode.py), same greedy tokens as eager; cudagraph_skips 0: the whole step captured
+t0=$EPOCHREALTIME
+$PY -m torch.distributed.run --nproc_per_node 1 scripts/experiments/compiled_decode.py --model "$MODEL" \
+  --spd-blocks 15-29 --mode reduce-overhead --rounds 3 --steps 32 --out "$OUT/captured_decode.json" \
+  > "$OUT/captured_decode.err" 2>&1 || { tail -20 "$OUT/captured_decode.err"; exit 1; }
+printf '%-20s %6.1f s (process, compile included)  %s\n' captured_decode "$(awk "BEGIN {print $EPOCHREALTIME - $t0}")" \
+  "$($PY -c "import json; d = json.load(open('$OUT/captured_decode.json')); print({k: d[k] for k in ('device', \
+'cudagraph_skips', 'compile_seconds', 'same_greedy_tokens', 'compiled_over_eager_median')})")"
