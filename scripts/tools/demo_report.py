@@ -56,8 +56,13 @@ def main(out: str) -> None:
     lines += ["", f"{distill['seconds']:.0f} s, {distill['tokens_per_second']:.0f} block-tokens/s, ZeRO stage "
               f"{distill['zero_stage']}, peak memory {distill['peak_memory_bytes'] / 2**30:.2f} GiB on rank 0 "
               f"({distill.get('trainer', 'joint')} trainer). MSE on the first calibration micro-batch, before and "
-              "after training.", "",
-              "## Tensor-parallel evaluation (2 ranks, held-out text)", "",
+              "after training.", ""]
+    kl = distill.get("kl_stage")
+    if kl:   # the end-to-end stage after the blocks (SmolLM2's recipe)
+        lines += [f"Then the end-to-end KL stage (the trained blocks together, KL of the SPD model's next-token "
+                  f"distribution to TP's): {kl['initial_kl']:.4g} -> {kl['final_kl']:.4g} per token on the "
+                  f"{kl['measured_on']}, epoch {kl['best_epoch']} kept, {kl['seconds']:.0f} s.", ""]
+    lines += ["## Tensor-parallel evaluation (2 ranks, held-out text)", "",
               "Intervals: 95% bootstrap over segments; the ratio's interval is paired (the same segment draws for "
               "both models), so it measures the difference between the models rather than the spread of the text.",
               "", "| model | SPD blocks | perplexity (95% CI) | ratio to TP (paired 95% CI) | top-1 accuracy (95% CI) "

@@ -16,6 +16,7 @@ def test_readme_path_smollm2_its_recipe_keeps_the_cumulative_scan(tmp_path):
     assert scan["head_dtype"] in ("bfloat16", "float32")   # auto: resolved to what is faster on this machine
     assert distill["lr"] == 1e-3                                    # the lr rule on SmolLM2's weights
     assert distill["calibration"]["dataset"] == "pydoc+shakespeare+docstrings"   # its recipe's corpora
+    assert distill["kl_stage"]["history"] and distill["kl_stage"]["final_kl"] <= distill["kl_stage"]["initial_kl"]
 
 
 def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_honour(tiny_dir, tmp_path):
@@ -49,3 +50,12 @@ def test_distilled_ranking_under_the_launcher_reads_the_checkpoint_its_first_ran
     ranking = json.load(open(os.path.join(tmp_path, "scan.ranking", "checkpoint", "provenance.json")))
     assert ranking["ranks"] == 2 and len(load_plan(plan).blocks) == 4
     assert all(b.sensitivity is not None for b in load_plan(plan).blocks), res.stderr[-2000:]
+
+
+@pytest.mark.real_model
+def test_distilled_ranking_trains_each_block_alone_without_smollm2s_kl_stage(tmp_path):
+    from ds_spd.config import resolve_spd_config
+    from ds_spd.stages.scan_run import _every_block_run
+    cfg = resolve_spd_config({}, model="default", tp_size=2)
+    assert cfg.distill.kl_epochs == 2   # the recipe's, for the README path's distill
+    assert _every_block_run(cfg, str(tmp_path / "scan.json"), None).settings.kl_epochs == 0

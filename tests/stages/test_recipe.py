@@ -134,9 +134,9 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     out = str(tmp_path / "ckpt")
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3",
             "--schedule", "cosine", "--warmup", "0.2", "--val-segments", "2", "--kl-epochs", "2", "--kl-lr", "1e-3",
-            "--json"]
+            "--kl-segments", "12", "--json"]
     k = args.index("--kl-epochs")
-    blocks_only = args[:k] + args[k + 4:]   # the same run without the end-to-end stage, into the same out
+    blocks_only = args[:k] + args[k + 6:]   # the same run without the end-to-end stage, into the same out
     # one process (tests/support/cli_batch.py): the blocks alone, then the KL stage on them (the blocks reused from
     # the work dir, which the stage's settings do not fingerprint), eval, a re-run and a refusal, none of which trains
     first, run, ev, again, bad = run_cli_batch([
@@ -146,7 +146,8 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     assert run["code"] == 0, run["stderr"][-3000:]
     assert "already complete" not in run["stderr"] and run["stderr"].count("already trained") == 2
     result = last_json(run["stdout"])
-    prov = json.load(open(os.path.join(out, "provenance.json")))
+    with open(os.path.join(out, "provenance.json")) as f:
+        prov = json.load(f)
     assert sorted(prov["best_epoch"]) == ["0", "2"] and all(0 <= e <= 3 for e in prov["best_epoch"].values())
     assert set(prov["history"][0]["val"]) == {"0", "2"}   # (a block stopped early has no later entries)
     for i, e in prov["best_epoch"].items():   # the kept epoch is the best held-out one, the start included
@@ -154,6 +155,7 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
         assert curve[e] == min(curve), (i, curve, e)
     kl = prov["kl_stage"]
     assert kl["measured_on"] == "held-out calibration segments" and len(kl["history"]) == 2
+    assert (kl["segments"], kl["held_out"]) == (12, 2)   # more segments than the blocks' 8, the same held-out count
     assert kl["final_kl"] <= kl["initial_kl"] and result["kl_stage"]["best_epoch"] == kl["best_epoch"]
     assert prov["settings"]["kl_epochs"] == 2 and prov["settings"]["schedule"] == "cosine"
     assert last_json(ev["stdout"])["spd_blocks"] == [0, 1, 2]

@@ -84,6 +84,7 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
                    for h in fitted.history]
         return {"states": fitted.states, "history": history, "initial_kl": best.start[first],
                 "final_kl": best.loss[first], "best_epoch": best.epoch[first], "seconds": time.perf_counter() - start,
+                "segments": len(data), "held_out": held_out,
                 "measured_on": "held-out calibration segments" if held_out else "the first calibration micro-batch"}
     finally:
         for p, r in requires.items():

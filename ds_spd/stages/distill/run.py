@@ -244,7 +244,9 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         from ds_spd.stages.distill.e2e import kl_stage
         if runner is None:
             runner = build_runner(run.spec, data_parallel=True)
-        e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), segments, run.ds_config,
+        kl_segments = segments if run.settings.kl_segments is None else \
+            segments_for(d.model_copy(update={"max_samples": run.settings.kl_segments}), tokenizer)
+        e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), kl_segments, run.ds_config,
                        run.settings, run.use_accelerate, progress)
         result.block_states = e2e.pop("states")
         if progress:
