@@ -156,6 +156,7 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     kl = prov["kl_stage"]
     assert kl["measured_on"] == "held-out calibration segments" and len(kl["history"]) == 2
     assert (kl["segments"], kl["held_out"]) == (12, 2)   # more segments than the blocks' 8, the same held-out count
+    assert "end-to-end KL" in run["stderr"] and "12 segments" in run["stderr"]
     assert kl["final_kl"] <= kl["initial_kl"] and result["kl_stage"]["best_epoch"] == kl["best_epoch"]
     assert prov["settings"]["kl_epochs"] == 2 and prov["settings"]["schedule"] == "cosine"
     assert last_json(ev["stdout"])["spd_blocks"] == [0, 1, 2]

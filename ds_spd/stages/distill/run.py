@@ -251,7 +251,8 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         result.block_states = e2e.pop("states")
         if progress:
             print(f"distill: end-to-end KL {e2e['initial_kl']:.4g} -> {e2e['final_kl']:.4g} "
-                  f"(epoch {e2e['best_epoch']} kept, {e2e['measured_on']})", file=sys.stderr)
+                  f"(epoch {e2e['best_epoch']} kept, {e2e['measured_on']}; {e2e['segments']} segments, "
+                  f"{e2e['seconds']:.0f} s)", file=sys.stderr)
     last_epoch = result.history[-1]["loss"] if result.history else {}
     report = DistillReport(
         checkpoint=run.out, initial_mse=result.initial_mse, final_mse=result.final_mse, last_epoch_loss=last_epoch,
