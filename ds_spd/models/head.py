@@ -151,18 +151,36 @@ def score_tokens(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     return TokenScores(logprobs.view(targets.shape), top1.view(targets.shape), kl if ref is not None else None)
 
 
+class _ChunkKL(torch.autograd.Function):
+    """KL(p_base || p_model) summed over one chunk of tokens, its gradient for the chunk's hidden states computed
+    in the forward (softmax of the model's logits minus p_base, back through the head) and kept ([tokens, d]): the
+    head runs three times a chunk (base, model, gradient) where recomputing it in the backward ran it five, and no
+    [tokens, vocab] tensor outlives the chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, base: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        target = F.log_softmax(head_logits(model, base), -1)
+        with torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            logits = head_logits(model, h)
+        log_q = F.log_softmax(logits.detach(), -1)
+        kl = F.kl_div(log_q, target, log_target=True, reduction="sum")
+        d_logits = log_q.exp_().sub_(target.exp_())   # softmax(logits) - p_base, in place of the two
+        (grad,) = torch.autograd.grad(logits, h, d_logits)
+        ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None
+
+
 def kl_to(model: nn.Module, hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(p_base || p_model), differentiable in ``hidden``, chunk by chunk: each chunk's logits are
-    recomputed in the backward pass (activation checkpointing) instead of kept, so no [tokens, vocab] tensor
-    outlives its chunk."""
-    from torch.utils.checkpoint import checkpoint
+    """Mean per-token KL(p_base || p_model), differentiable in ``hidden``, chunk by chunk (:class:`_ChunkKL`: no
+    [tokens, vocab] tensor outlives its chunk). The head's weights get no gradient (the KL stage freezes them)."""
     d = hidden.shape[-1]
     h, b = hidden.reshape(-1, d), base_hidden.reshape(-1, d).detach()
-
-    def chunk_kl(h_part: torch.Tensor, b_part: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = F.log_softmax(head_logits(model, b_part), -1)
-        return F.kl_div(F.log_softmax(head_logits(model, h_part), -1), target, log_target=True, reduction="sum")
-    total = sum(checkpoint(chunk_kl, h[part], b[part], use_reentrant=False)
+    total = sum(_ChunkKL.apply(h[part], b[part], model)
                 for part in token_chunks(h.shape[0], _hf(model).config.vocab_size))
     return total / h.shape[0]
