@@ -117,7 +117,8 @@ def main() -> None:
         ratios = [c / e for c, e in zip(comp, eager)]
         res = {"model": args.model, "spd_blocks": args.spd_blocks, "steps": args.steps, "mode": args.mode,
                "device": str(device), "world_size": dist.get_world_size(),
-               "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "compile_seconds": compile_s, "same_greedy_tokens": eager_tokens == compiled_tokens,
+               "cudagraph_skips": counters["inductor"]["cudagraph_skips"], "compile_seconds": compile_s,
+               "same_greedy_tokens": eager_tokens == compiled_tokens,
                "eager_ms": [1e3 * t for t in eager], "compiled_ms": [1e3 * t for t in comp],
                "compiled_over_eager_median": statistics.median(ratios), "ratios": ratios}
         print(json.dumps(res, indent=1))
