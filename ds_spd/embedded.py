@@ -50,7 +50,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   # calibration segments (the perplexity-ranked scans' blocks cost +14-16% on unseen text at 5 of
                   # 18 blocks; a scan's time grows with its segments: docs/recovery.md)
                   recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.epochs", 16),
-                          ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16))),
+                          ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16),
+                          # docs/experiments.md, Gemma 3 at 13 of 18: the KL stage chosen on validation (the lower
+                          # mean over the three texts, and closer to TP by KL, not only by perplexity)
+                          ("distill.kl_epochs", 2), ("distill.kl_lr", 5e-5))),
 )}
 DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name
 

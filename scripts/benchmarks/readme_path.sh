@@ -5,7 +5,8 @@
 #   bash scripts/benchmarks/readme_path.sh gemma3-270m 2 5,9    # writes docs/results/readme_path/gemma3-270m_tp2/
 #   bash scripts/benchmarks/readme_path.sh default 2 15,21        # SmolLM2
 # A step whose JSON is already there is not run again (delete the directory to start over); weights and training
-# state are removed at the end, the JSON records what they held.
+# state are removed at the end, the JSON records what they held (KEEP_CHECKPOINTS=1 keeps the checkpoints, e.g. for
+# scripts/experiments/entropy_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
@@ -24,7 +25,7 @@ for n in ${counts//,/ }; do
     --checkpoint "$out/checkpoint$n" "${text[@]}"
   OMP_NUM_THREADS=2 step "zero_shot$n" python -m ds_spd eval --model "$model" --virtual-tp "$tp" \
     --plan "$out/plan$n.json" "${text[@]}"
-  rm -rf "$out/checkpoint$n" "$out/checkpoint$n.work"
+  [[ -n "${KEEP_CHECKPOINTS:-}" ]] || rm -rf "$out/checkpoint$n" "$out/checkpoint$n.work"
 done
 if [[ -d "$out/scanned.ranking/checkpoint" ]]; then   # a distilled ranking's weights: keep what they were
   cp "$out/scanned.ranking/checkpoint/provenance.json" "$out/ranking_provenance.json"

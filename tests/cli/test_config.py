@@ -179,8 +179,8 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
     assert smol.distill.epochs == 8
-    # SmolLM2 adds the end-to-end KL stage at its validated rate; Gemma 3 and other models do not
-    assert (smol.distill.kl_epochs, smol.distill.kl_lr, gemma.distill.kl_epochs) == (2, 5e-5, 0)
+    # both shipped models add the end-to-end KL stage at their validated rate; other models do not
+    assert (smol.distill.kl_epochs, smol.distill.kl_lr) == (gemma.distill.kl_epochs, gemma.distill.kl_lr) == (2, 5e-5)
     assert resolve_spd_config({}, model="/some/hf/dir").distill.kl_epochs == 0
     assert resolve_spd_config({}, model="default", distill={"kl_epochs": 0}).distill.kl_epochs == 0   # a flag wins
     # every model distils on the scan's two corpora and the docstrings, unless the user gives text of their own
