@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -63,11 +64,61 @@ class OneRowProducts(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-def compile_decode(fn: Callable, model: torch.nn.Module) -> Callable:
-    """``fn`` (a decode step of ``model``) under ``torch.compile`` as above."""
+def _argument_guards(names: set[str]) -> Callable[[list], list[bool]]:
+    """Which dynamo guards an ahead-of-time graph keeps: its tensor arguments' (dtype, device, rank, strides;
+    ``TENSOR_MATCH``) and the symbolic sizes' constraints (``SHAPE_ENV``); not the thousands on the model's modules
+    and parameters (nor those on tensors reached through them, which a virtual-TP model's could not even save)."""
+    return lambda entries: [not e.is_global and (e.guard_type == "SHAPE_ENV" or e.guard_type == "TENSOR_MATCH" and
+                                                 e.name in names) for e in entries]
+
+
+class AheadOfTimeDecode:
+    """The decode step's graphs compiled ahead of time (dynamo's full-graph AOT compile), one per bucket (one row;
+    several rows), each called with only its inputs' guards evaluated. ``torch.compile``'s own call evaluates some
+    7,000 guards a step (every module's hooks, types and attributes, every parameter: that the model has not
+    changed since the graph was traced). A server's model does not change after its warm-up, so those are skipped:
+    the model's form (SPD blocks, weights) is what it was when the graphs compiled. A step whose inputs fail the
+    kept guards gets None (the caller runs it eagerly); a bucket whose step cannot compile as one graph (a graph
+    break in some model family) takes ``torch.compile``'s guarded call instead, with a warning. Measured against
+    that call on 2 CPU ranks: no gain established (docs/latency.md); an experiment's variant, not serve's step."""
+
+    def __init__(self, fn: Callable, options: dict):
+        import inspect
+        self.owner = fn.__self__   # a bound method: the graph takes its object as the first argument
+        guards = _argument_guards(set(inspect.signature(fn).parameters))
+        self.compiler = torch.compile(fn, dynamic=True, fullgraph=True, options={**options, "guard_filter_fn": guards})
+        self.guarded = torch.compile(fn, dynamic=True, options=options)
+        self.graphs: dict[int, Any] = {}
+
+    def _compile(self, *args) -> Any:
+        try:
+            with torch.no_grad():
+                return self.compiler.aot_compile((args, {}))
+        except Exception as err:   # dynamo's Unsupported, or guards it cannot save: the same on every rank
+            warnings.warn(f"decode step for {args[0].shape[0]} row(s) not compiled ahead of time "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                          "using torch.compile's guarded call", stacklevel=3)
+            return None
+
+    def __call__(self, ids: torch.Tensor, *args) -> torch.Tensor | None:
+        bucket = min(int(ids.shape[0]), 2)
+        if bucket not in self.graphs:   # at the warm-up, on every rank in the same order
+            self.graphs[bucket] = self._compile(ids, *args)
+        graph = self.graphs[bucket]
+        if graph is None:
+            return self.guarded(ids, *args)
+        if not graph.guard_check(self.owner, ids, *args):
+            return None
+        return graph.fn(self.owner, ids, *args)
+
+
+def compile_decode(fn: Callable, model: torch.nn.Module, ahead_of_time: bool = False) -> Callable:
+    """``fn`` (a decode step of ``model``) under ``torch.compile`` as above; ``ahead_of_time``: as
+    :class:`AheadOfTimeDecode` (``fn`` a bound method; measured, not adopted: docs/latency.md)."""
     import torch._dynamo.config as dynamo
 
     from ds_spd.models.attention import use_packed_decode_attention
     use_packed_decode_attention(model)
     dynamo.specialize_float = True
-    return torch.compile(fn, dynamic=True, options={"post_grad_custom_post_pass": OneRowProducts()})
+    options = {"post_grad_custom_post_pass": OneRowProducts()}
+    return AheadOfTimeDecode(fn, options) if ahead_of_time else torch.compile(fn, dynamic=True, options=options)

@@ -54,8 +54,12 @@ class StepExecutor:
         mask = self.cache.masks(self.layer_types, self.window)
         return {k: m.to(self.device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(self.device)
 
-    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, mask) -> torch.Tensor:
-        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True,
+    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                sliding: torch.Tensor | None = None) -> torch.Tensor:
+        """The step a compiler traces: the masks as plain tensor arguments (a dict's entries would be guarded by
+        subscript, which an ahead-of-time graph cannot keep: ds_spd.serve.compile)."""
+        masks = mask if sliding is None else {"full_attention": mask, "sliding_attention": sliding}
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=masks, cache=self.cache, use_cache=True,
                           logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
@@ -67,10 +71,14 @@ class StepExecutor:
         ids = torch.tensor(tokens, device=self.device)
         pos = self.cache.select_decode(offsets).to(self.device)
         mask = self._masks()
+        masks = (mask["full_attention"], mask["sliding_attention"]) if isinstance(mask, dict) else (mask,)
+        logits = self.compiled(ids, pos, *masks)
+        if logits is None:   # inputs an ahead-of-time graph's guards refuse (ds_spd.serve.compile): the eager step
+            return self.forward(0, offsets, tokens)
         stats = getattr(self.model, "spd_stats", None)
         if stats is not None:   # the compiled step does not count itself (a changing count would recompile it)
             stats.forwards += 1
-        return self.compiled(ids, pos, mask)
+        return logits
 
     def warm_up(self) -> float:
         """Compile the decode graphs (one row; several) before serving; seconds taken (0 when not compiling).

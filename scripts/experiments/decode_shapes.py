@@ -1,17 +1,18 @@
 """The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
 eager; ``gemv``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
 inductor's own multiply-and-sums); ``dynamic``, the same with the library's matrix products (two graphs for
-every shape);
-``spd``, ``gemv`` with every block in SPD form (the same compiled function: its own graphs, the SPD-vs-TP pair
-of the lean step); ``frozen``, the same with inductor's freezing (weights folded into the graph as constants,
-prepacked for its GEMMs); ``static``, compiled for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step,
-compile seconds. Each rank's weight bytes (what a one-row step reads: every parameter but the embedding table)
-over its step time, against the bandwidth one core reads in the same round, both ranks at once (``torch.sum``
-over 512 MB; ``F.linear`` of one row over 1 GB of distinct matrices; the faster of the two): the fraction of the
-memory limit, paired by round (median and range).
+every shape); ``aot``, ``gemv``'s graphs compiled ahead of time and called with only their inputs' guards checked
+(ds_spd.serve.compile.AheadOfTimeDecode); ``spd``, ``gemv`` with every block in SPD form (the same compiled
+function: its own graphs, the SPD-vs-TP pair of the lean step); ``frozen``, the same with inductor's freezing
+(weights folded into the graph as constants, prepacked for its GEMMs); ``static``, compiled for each shape alone
+(a graph per shape: what dynamic shapes may cost). ms per step, compile seconds. Each rank's weight bytes (what a
+one-row step reads: every parameter but the embedding table) over its step time, against the bandwidth one core
+reads in the same round, both ranks at once (``torch.sum`` over 512 MB; ``F.linear`` of one row over 1 GB of
+distinct matrices; the faster of the two): the fraction of the memory limit, paired by round (median and range).
+The variant compiled later in a run has measured faster in every run so far: pair two runs in both orders.
 
     torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
-        [--variants eager,gemv,spd,dynamic,frozen,static] [--out F]
+        [--variants eager,gemv,aot,spd,dynamic,frozen,static] [--out F]
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def main() -> None:
         spd_form(name)
         if name == "spd":   # gemv's function, compiled again for the SPD form (a guard on each block's form)
             ex.compiled = fns[name] = fns.get("gemv") or compile_decode(ex._decode, model)
+            ex.warm_up()
+        elif name == "aot":   # gemv's graphs compiled ahead of time, only their inputs' guards checked
+            ex.compiled = fns[name] = compile_decode(ex._decode, model, ahead_of_time=True)
             ex.warm_up()
         elif name in ("gemv", "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)

@@ -289,9 +289,9 @@ def test_decode_step_form_fills_the_context():
     positions = []
 
     def recording(ex):   # the compiled step's form, noting the positions it was given
-        def form(ids, pos, mask):
+        def form(ids, pos, *masks):
             positions.append(int(pos.max()))
-            return ex._decode(ids, pos, mask)
+            return ex._decode(ids, pos, *masks)
         return form
     assert _batching_run(model, tok, 2, recording, lengths, max_len=max_len) == plain
     assert max(positions) == max_len - 2   # the last token fed (the one after it is only sampled) went through it
@@ -314,3 +314,39 @@ def test_compiled_decode_equals_eager():
     assert counters["stats"]["unique_graphs"] - before == 2
     # the one-row graph's products (q/k/v/o, gate/up/down, the head) became multiply-and-sums
     assert counters["ds_spd"]["one_row_products"] - products >= 7
+
+
+class _Step:
+    """A decode step's stand-in for :class:`AheadOfTimeDecode` (a bound method over tensors)."""
+
+    def __init__(self, graph_break: bool = False):
+        self.graph_break = graph_break
+
+    def decode(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        y = x * scale
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return y + 1
+
+
+def test_an_ahead_of_time_step_keeps_its_inputs_guards():
+    """The ahead-of-time form (``compile_decode(..., ahead_of_time=True)``, an experiment's variant): one graph per
+    bucket (one row; several), the other's result equal; inputs that fail a kept guard (another dtype, another
+    rank) get None, for the eager step."""
+    from ds_spd.serve.compile import AheadOfTimeDecode
+    step, scale = AheadOfTimeDecode(_Step().decode, {}), torch.tensor(2.0)
+    for rows in (1, 3, 5):
+        assert torch.equal(step(torch.ones(rows, 4), scale), torch.full((rows, 4), 3.0))
+    assert sorted(step.graphs) == [1, 2] and None not in step.graphs.values()
+    assert step(torch.ones(3, 4, dtype=torch.float64), scale) is None
+    assert step(torch.ones(3, 4, 1), scale) is None
+
+
+def test_a_step_with_a_graph_break_takes_the_guarded_call():
+    """A decode step that cannot compile as one graph (here a graph break) warns and runs through
+    ``torch.compile``'s guarded call, with the same result."""
+    from ds_spd.serve.compile import AheadOfTimeDecode
+    step = AheadOfTimeDecode(_Step(graph_break=True).decode, {})
+    with pytest.warns(UserWarning, match="not compiled ahead of time"):
+        out = step(torch.ones(3, 2), torch.tensor(2.0))
+    assert step.graphs == {2: None} and torch.equal(out, torch.full((3, 2), 3.0))
