@@ -25,6 +25,10 @@ for n in ${counts//,/ }; do
     --checkpoint "$out/checkpoint$n" "${text[@]}"
   OMP_NUM_THREADS=2 step "zero_shot$n" python -m ds_spd eval --model "$model" --virtual-tp "$tp" \
     --plan "$out/plan$n.json" "${text[@]}"
+  # how far the distilled model's next-token distribution is from TP's (a perplexity ratio alone rewards a flatter
+  # model on text where TP is over-confident: docs/experiments.md, Gemma 3 at 13 of 18)
+  OMP_NUM_THREADS=2 step "kl$n" python scripts/experiments/entropy_check.py --model "$model" --tp "$tp" \
+    --text "$unseen" --segments 32 --checkpoints "$out/checkpoint$n"
   [[ -n "${KEEP_CHECKPOINTS:-}" ]] || rm -rf "$out/checkpoint$n" "$out/checkpoint$n.work"
 done
 if [[ -d "$out/scanned.ranking/checkpoint" ]]; then   # a distilled ranking's weights: keep what they were
@@ -32,14 +36,14 @@ if [[ -d "$out/scanned.ranking/checkpoint" ]]; then   # a distilled ranking's we
   rm -rf "$out/scanned.ranking/checkpoint" "$out/scanned.ranking/checkpoint.work"
 fi
 python - "$out" "$model" "$tp" "$counts" <<'EOF'
-import json, sys
+import json, os, sys
 sys.path.insert(0, ".")
 from ds_spd.tools.evaluation import paired_ratio_ci
 out, model, tp, counts = sys.argv[1], sys.argv[2], sys.argv[3], [int(c) for c in sys.argv[4].split(",")]
 load = lambda name: json.load(open(f"{out}/step_{name}.json"))
 tp_eval, scan = load("eval_tp"), load("scan")
 pct = lambda r: f"{100 * (r['ratio'] - 1):+.1f}% [{100 * (r['ci95'][0] - 1):+.1f}, {100 * (r['ci95'][1] - 1):+.1f}]"
-rows, summary = [], {"model": model, "tp": int(tp), "tp_perplexity": tp_eval["perplexity"],
+rows, notes, summary = [], [], {"model": model, "tp": int(tp), "tp_perplexity": tp_eval["perplexity"],
                      "tokens": tp_eval["tokens"], "counts": {}}
 for n in counts:
     plan, distill = json.load(open(f"{out}/plan{n}.json")), load(f"distill{n}")
@@ -47,9 +51,21 @@ for n in counts:
     trained = sorted(int(k) for k in distill["final_mse"])
     zero, dist = paired_ratio_ci(tp_eval, load(f"zero_shot{n}")), paired_ratio_ci(tp_eval, load(f"eval{n}"))
     kl = (distill.get("kl_stage") or {}).get("seconds")   # the end-to-end stage after the blocks, where it ran
+    kl_file = f"{out}/step_kl{n}.json"   # the distilled model against TP's distribution, where measured
+    measured = json.load(open(kl_file)) if os.path.exists(kl_file) else {}
+    to_tp, base = measured.get(f"{out}/checkpoint{n}"), measured.get("tp")
+    stats = lambda r: {k: r[k] for k in ("kl_to_tp", "entropy", "cross_entropy", "top1_agrees_with_tp")}
     summary["counts"][n] = {"blocks": sorted(classes), "classes": classes, "trained": trained,
                             "zero_shot": zero, "distilled": dist, "lr": distill.get("lr"),
-                            "distill_seconds": distill["seconds"], "kl_stage_seconds": kl}
+                            "distill_seconds": distill["seconds"], "kl_stage_seconds": kl,
+                            "against_tp": {"distilled": stats(to_tp), "tp": stats(base)} if to_tp else None}
+    if to_tp:
+        kl_ci = to_tp["kl_to_tp"]["ci95"]
+        notes.append(f"{n} of {len(plan['blocks'])}: KL to TP {to_tp['kl_to_tp']['mean']:.3f} nats a token "
+                     f"[{kl_ci[0]:.3f}, {kl_ci[1]:.3f}], the same top-1 token "
+                     f"{to_tp['top1_agrees_with_tp']['mean']:.1%}; "
+                     f"entropy {to_tp['entropy']['mean']:.2f} (TP {base['entropy']['mean']:.2f}), cross-entropy "
+                     f"{to_tp['cross_entropy']['mean']:.2f} (TP {base['cross_entropy']['mean']:.2f})")
     rows.append(f"| {n} of {len(plan['blocks'])} | {sorted(classes)} | {len(trained)} of {len(classes)} | "
                 f"{pct(zero)} | **{pct(dist)}** | {distill['seconds'] / 60:.0f} min"
                 + (f" + {kl / 60:.0f} min KL stage |" if kl else " |"))
@@ -63,5 +79,9 @@ with open(f"{out}/summary.md", "w") as f:
             "| SPD blocks | chosen | trained | zero-shot | after `distill` | training time (the blocks' epochs; the KL "
             "stage) |\n|---|---|---|---|---|---|\n")
     f.write("\n".join(rows) + "\n")
+    if notes:
+        f.write("\nThe distilled model against TP's next-token distribution on the same text (per token, 95% "
+                "bootstrap intervals over segments; `scripts/experiments/entropy_check.py`):\n\n"
+                + "\n".join(f"- {x}" for x in notes) + "\n")
 print(open(f"{out}/summary.md").read())
 EOF
