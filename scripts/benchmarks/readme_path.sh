@@ -28,7 +28,7 @@ for n in ${counts//,/ }; do
   # how far the distilled model's next-token distribution is from TP's (a perplexity ratio alone rewards a flatter
   # model on text where TP is over-confident: docs/experiments.md, Gemma 3 at 13 of 18)
   OMP_NUM_THREADS=2 step "kl$n" python scripts/experiments/entropy_check.py --model "$model" --tp "$tp" \
-    --text "$unseen" --segments 32 --checkpoints "$out/checkpoint$n"
+    --text "$unseen" --segments 32 --checkpoints "$out/checkpoint$n" --before-kl-stage
   [[ -n "${KEEP_CHECKPOINTS:-}" ]] || rm -rf "$out/checkpoint$n" "$out/checkpoint$n.work"
 done
 if [[ -d "$out/scanned.ranking/checkpoint" ]]; then   # a distilled ranking's weights: keep what they were
@@ -53,19 +53,26 @@ for n in counts:
     kl = (distill.get("kl_stage") or {}).get("seconds")   # the end-to-end stage after the blocks, where it ran
     kl_file = f"{out}/step_kl{n}.json"   # the distilled model against TP's distribution, where measured
     measured = json.load(open(kl_file)) if os.path.exists(kl_file) else {}
-    to_tp, base = measured.get(f"{out}/checkpoint{n}"), measured.get("tp")
+    to_tp, base, blocks = (measured.get(k) for k in (f"{out}/checkpoint{n}", "tp", f"{out}/checkpoint{n}:blocks"))
+    gap = blocks["kl_to_tp_minus_first"] if blocks else None   # the blocks alone minus the distilled model, paired
     stats = lambda r: {k: r[k] for k in ("kl_to_tp", "entropy", "cross_entropy", "top1_agrees_with_tp")}
     summary["counts"][n] = {"blocks": sorted(classes), "classes": classes, "trained": trained,
                             "zero_shot": zero, "distilled": dist, "lr": distill.get("lr"),
                             "distill_seconds": distill["seconds"], "kl_stage_seconds": kl,
-                            "against_tp": {"distilled": stats(to_tp), "tp": stats(base)} if to_tp else None}
+                            "against_tp": {"distilled": stats(to_tp), "tp": stats(base),
+                                           "blocks_alone": {**stats(blocks), "kl_minus_distilled": gap}
+                                           if blocks else None}
+                            if to_tp else None}
     if to_tp:
         kl_ci = to_tp["kl_to_tp"]["ci95"]
         notes.append(f"{n} of {len(plan['blocks'])}: KL to TP {to_tp['kl_to_tp']['mean']:.3f} nats a token "
                      f"[{kl_ci[0]:.3f}, {kl_ci[1]:.3f}], the same top-1 token "
                      f"{to_tp['top1_agrees_with_tp']['mean']:.1%}; "
                      f"entropy {to_tp['entropy']['mean']:.2f} (TP {base['entropy']['mean']:.2f}), cross-entropy "
-                     f"{to_tp['cross_entropy']['mean']:.2f} (TP {base['cross_entropy']['mean']:.2f})")
+                     f"{to_tp['cross_entropy']['mean']:.2f} (TP {base['cross_entropy']['mean']:.2f})"
+                     + (f"; the blocks before the KL stage: KL to TP {blocks['kl_to_tp']['mean']:.3f}, the stage "
+                        f"{-gap['mean']:+.3f} [{-gap['ci95'][1]:+.3f}, {-gap['ci95'][0]:+.3f}] paired, entropy "
+                        f"{blocks['entropy']['mean']:.2f}" if blocks and kl else ""))
     rows.append(f"| {n} of {len(plan['blocks'])} | {sorted(classes)} | {len(trained)} of {len(classes)} | "
                 f"{pct(zero)} | **{pct(dist)}** | {distill['seconds'] / 60:.0f} min"
                 + (f" + {kl / 60:.0f} min KL stage |" if kl else " |"))

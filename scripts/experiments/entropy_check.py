@@ -1,7 +1,7 @@
 """Cross-entropy, predictive entropy, KL to TP and top-1 agreement with TP of distilled checkpoints, per segment, on
 validation text or a text file (virtual TP, one process): whether a perplexity below TP's is recovery toward TP
 or a flatter model. Means with 95% bootstrap intervals over segments; each checkpoint's KL paired against the
-first checkpoint's.
+first checkpoint's (``--before-kl-stage``: also each one's blocks before its KL stage, paired the same way).
 
     ck=runs/chain/gemma3-270m_tp2/ck13_adddocstrings
     python scripts/experiments/entropy_check.py --model gemma3-270m --segments 4 --checkpoints $ck,$ck+kl2+kllr5e-5 \
@@ -9,7 +9,7 @@ first checkpoint's.
     # the README path's unseen text (KEEP_CHECKPOINTS=1 bash scripts/benchmarks/readme_path.sh ...):
     d=docs/results/readme_path/gemma3-270m_tp2
     python scripts/experiments/entropy_check.py --model gemma3-270m --text $d/readmes_pinned.txt \
-        --segments 32 --checkpoints $d/checkpoint13 --out $d/entropy/entropy13.json
+        --segments 32 --checkpoints $d/checkpoint13 --before-kl-stage --out $d/kl_stage_vs_blocks13.json
 """
 from __future__ import annotations
 
@@ -31,6 +31,26 @@ def _interval(values, resamples: int = 1000, seed: int = 0) -> dict:
     return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)]}
 
 
+def blocks_alone(checkpoint: str, into: str) -> str:
+    """The checkpoint's blocks as they were before its KL stage: each block's weights from its work dir
+    (``CHECKPOINT.work/blockNNN.safetensors``) in the checkpoint's own layout, written to ``into``."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    os.makedirs(into, exist_ok=True)
+    for name in ("config.json", "plan.json", "provenance.json"):
+        shutil.copy(os.path.join(checkpoint, name), into)
+    with safe_open(os.path.join(checkpoint, "spd_blocks.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {}
+        for key in f.keys():   # model.layers.I.REST
+            _, _, index, rest = key.split(".", 3)
+            with safe_open(os.path.join(f"{checkpoint}.work", f"block{int(index):03d}.safetensors"), "pt") as b:
+                tensors[key] = b.get_tensor(rest).contiguous()
+    save_file(tensors, os.path.join(into, "spd_blocks.safetensors"), metadata=meta)
+    return into
+
+
 def main() -> None:
     import torch
     import torch.nn.functional as F
@@ -49,10 +69,18 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2, help="virtual tp size")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", action="store_true", help="the result as one JSON line on stdout (the steps' form)")
+    ap.add_argument("--before-kl-stage", action="store_true",
+                    help="also each checkpoint's blocks before its KL stage (from its work dir), as CKPT:blocks")
     args = ap.parse_args()
-    names, runners = ["tp", *args.checkpoints.split(",")], {}
+    checkpoints = args.checkpoints.split(",")
+    paths = {c: c for c in checkpoints}
+    if args.before_kl_stage:
+        import tempfile
+        scratch = tempfile.mkdtemp(prefix="blocks_alone_")
+        paths.update({f"{c}:blocks": blocks_alone(c, os.path.join(scratch, str(i))) for i, c in enumerate(checkpoints)})
+    names, runners = ["tp", *paths], {}
     for name in names:
-        kw = {"spd_blocks": []} if name == "tp" else {"checkpoint": name}
+        kw = {"spd_blocks": []} if name == "tp" else {"checkpoint": paths[name]}
         cfg = resolve_spd_config(None, model=args.model, tp_size=args.tp, **kw)
         runners[name] = build_runner(resolve_run(cfg, virtual_tp=args.tp))
     data = cfg.data.model_copy(update={"text": [args.text] if args.text else None, "dataset": args.dataset,
@@ -79,7 +107,7 @@ def main() -> None:
     for name in names:
         print(name, json.dumps({s: round(r["mean"], 4) for s, r in results[name].items()}), file=sys.stderr,
               flush=True)
-    report = {"model": args.model, "tp": args.tp, "data": data.source(), "segments": int(ids.shape[0]),
+    report = {"model": args.model, "virtual_tp": args.tp, "data": data.source(), "segments": int(ids.shape[0]),
               "seq_len": int(ids.shape[1]), **results}
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
