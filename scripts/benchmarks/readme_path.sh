@@ -71,7 +71,8 @@ for n in counts:
                      f"entropy {to_tp['entropy']['mean']:.2f} (TP {base['entropy']['mean']:.2f}), cross-entropy "
                      f"{to_tp['cross_entropy']['mean']:.2f} (TP {base['cross_entropy']['mean']:.2f})"
                      + (f"; the blocks before the KL stage: KL to TP {blocks['kl_to_tp']['mean']:.3f}, the stage "
-                        f"{-gap['mean']:+.3f} [{-gap['ci95'][1]:+.3f}, {-gap['ci95'][0]:+.3f}] paired, entropy "
+                        f"{0.0 - gap['mean']:+.3f} [{0.0 - gap['ci95'][1]:+.3f}, {0.0 - gap['ci95'][0]:+.3f}] "
+                        "paired, entropy "
                         f"{blocks['entropy']['mean']:.2f}" if blocks and kl else ""))
     rows.append(f"| {n} of {len(plan['blocks'])} | {sorted(classes)} | {len(trained)} of {len(classes)} | "
                 f"{pct(zero)} | **{pct(dist)}** | {distill['seconds'] / 60:.0f} min"
