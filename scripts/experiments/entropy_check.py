@@ -83,6 +83,9 @@ def main() -> None:
         kw = {"spd_blocks": []} if name == "tp" else {"checkpoint": paths[name]}
         cfg = resolve_spd_config(None, model=args.model, tp_size=args.tp, **kw)
         runners[name] = build_runner(resolve_run(cfg, virtual_tp=args.tp))
+    if args.before_kl_stage:   # loaded: the assembled copies are no longer needed
+        import shutil
+        shutil.rmtree(scratch)
     data = cfg.data.model_copy(update={"text": [args.text] if args.text else None, "dataset": args.dataset,
                                        "split": "test" if args.text else "validation",
                                        "max_samples": args.segments})
