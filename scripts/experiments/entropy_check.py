@@ -31,24 +31,23 @@ def _interval(values, resamples: int = 1000, seed: int = 0) -> dict:
     return {"mean": float(v.mean()), "ci95": [float(lo), float(hi)]}
 
 
-def blocks_alone(checkpoint: str, into: str) -> str:
-    """The checkpoint's blocks as they were before its KL stage: each block's weights from its work dir
-    (``CHECKPOINT.work/blockNNN.safetensors``) in the checkpoint's own layout, written to ``into``."""
-    import shutil
+def blocks_alone(checkpoint: str, into: str) -> str | None:
+    """The checkpoint's blocks as they were before its KL stage (each block's finished weights in its work dir,
+    ``CHECKPOINT.work``), saved as a checkpoint at ``into``; None where they are the checkpoint's own weights (no
+    stage ran, or it kept the blocks' weights): the same model, measured once."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    os.makedirs(into, exist_ok=True)
-    for name in ("config.json", "plan.json", "provenance.json"):
-        shutil.copy(os.path.join(checkpoint, name), into)
-    with safe_open(os.path.join(checkpoint, "spd_blocks.safetensors"), "pt") as f:
-        meta, tensors = f.metadata(), {}
-        for key in f.keys():   # model.layers.I.REST
-            _, _, index, rest = key.split(".", 3)
-            with safe_open(os.path.join(f"{checkpoint}.work", f"block{int(index):03d}.safetensors"), "pt") as b:
-                tensors[key] = b.get_tensor(rest).contiguous()
-    save_file(tensors, os.path.join(into, "spd_blocks.safetensors"), metadata=meta)
-    return into
+    from ds_spd.checkpoint import read_block_states, read_provenance, save_checkpoint
+    from ds_spd.plan import load_plan
+    from ds_spd.stages.distill.layerwise import _done_paths
+    final = read_block_states(checkpoint)
+    before = {i: load_file(_done_paths(f"{checkpoint}.work", i)[0]) for i in final}
+    if all(torch.equal(before[i][name], t) for i, state in final.items() for name, t in state.items()):
+        return None
+    return save_checkpoint(into, load_plan(os.path.join(checkpoint, "plan.json")), before,
+                           AutoConfig.from_pretrained(checkpoint), read_provenance(checkpoint))
 
 
 def main() -> None:
@@ -73,35 +72,38 @@ def main() -> None:
                     help="also each checkpoint's blocks before its KL stage (from its work dir), as CKPT:blocks")
     args = ap.parse_args()
     checkpoints = args.checkpoints.split(",")
-    paths = {c: c for c in checkpoints}
+    paths = {"tp": None, **{c: c for c in checkpoints}}   # what each reported name measures (None: TP)
     if args.before_kl_stage:
+        import shutil
         import tempfile
         scratch = tempfile.mkdtemp(prefix="blocks_alone_")
-        paths.update({f"{c}:blocks": blocks_alone(c, os.path.join(scratch, str(i))) for i, c in enumerate(checkpoints)})
-    names, runners = ["tp", *paths], {}
-    for name in names:
-        kw = {"spd_blocks": []} if name == "tp" else {"checkpoint": paths[name]}
+        for i, c in enumerate(checkpoints):
+            paths[f"{c}:blocks"] = blocks_alone(c, os.path.join(scratch, str(i))) or c
+    runners = {}
+    for path in dict.fromkeys(paths.values()):   # each distinct model once
+        kw = {"spd_blocks": []} if path is None else {"checkpoint": path}
         cfg = resolve_spd_config(None, model=args.model, tp_size=args.tp, **kw)
-        runners[name] = build_runner(resolve_run(cfg, virtual_tp=args.tp))
+        runners[path] = build_runner(resolve_run(cfg, virtual_tp=args.tp))
     if args.before_kl_stage:   # loaded: the assembled copies are no longer needed
-        import shutil
         shutil.rmtree(scratch)
     data = cfg.data.model_copy(update={"text": [args.text] if args.text else None, "dataset": args.dataset,
                                        "split": "test" if args.text else "validation",
                                        "max_samples": args.segments})
-    ids = segments_for(data, runners["tp"].tokenizer)
-    per = {name: {s: [] for s in STATS} for name in names}
+    ids = segments_for(data, runners[None].tokenizer)
+    measured = {path: {s: [] for s in STATS} for path in runners}
     with torch.no_grad():
         for seg in tqdm(ids.split(1), desc="segments"):
             tp = None
-            for name in names:
-                lp = F.log_softmax(runners[name].hf_model(input_ids=seg).logits[:, :-1].float(), -1)
+            for path, runner in runners.items():   # TP first
+                lp = F.log_softmax(runner.hf_model(input_ids=seg).logits[:, :-1].float(), -1)
                 tp = lp if tp is None else tp
-                row = per[name]
+                row = measured[path]
                 row["cross_entropy"].append(-lp.gather(-1, seg[:, 1:, None]).mean().item())
                 row["entropy"].append(-(lp.exp() * lp).sum(-1).mean().item())
                 row["kl_to_tp"].append((tp.exp() * (tp - lp)).sum(-1).mean().item())
                 row["top1_agrees_with_tp"].append((lp.argmax(-1) == tp.argmax(-1)).float().mean().item())
+    names = list(paths)
+    per = {name: measured[paths[name]] for name in names}
     results = {name: {s: _interval(v) for s, v in per[name].items()} for name in names}
     first = names[1]
     for name in names[2:]:   # paired: the same segments' KL difference against the first checkpoint
