@@ -7,10 +7,15 @@
   twice (half the warm-up on SmolLM2); a process-wide setting, which suits a server.
 - In the one-row graph every matrix product multiplies one row by a weight matrix: memory-bound. MKL's one-row
   products (``sgemv``) read the weights at about half of what one core streams on the 2-core EPYC measured here;
-  :class:`OneRowProducts` rewrites each into a multiply-and-sum that inductor generates itself (one vectorized
-  pass over the weight). The graph of several rows keeps the library's products: the same rewrite there (each
-  weight row reused for every sequence from the L1 cache) measured no faster at 8 rows. Figures and commands:
-  docs/serving.md and docs/latency.md (``scripts/experiments/decode_shapes.py``).
+  :class:`RowProducts` rewrites each into a multiply-and-sum that inductor generates itself (one vectorized
+  pass over the weight).
+- The graph of several rows keeps the library's products. The same rewrite there, with the weight's rows
+  outermost (``[N, rows]``: each weight row read once, reused for every sequence from the L1 cache;
+  ``RowProducts(several_rows=True)``), reads a lone product's weights at 1.1-1.4x MKL's rate at 2-16 rows on an
+  AVX-512 Xeon, but in the decode graph inductor fuses each product with its neighbours into loops that read the
+  activations across the reduction: the 8-row step took 1.36x as long (docs/latency.md). With the sequences
+  outermost the weight is read once per sequence (2.4x slower than MKL at 8 rows).
+  Figures and commands: docs/serving.md and docs/latency.md (``scripts/experiments/decode_shapes.py``).
 """
 from __future__ import annotations
 
@@ -23,45 +28,73 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
 aten = torch.ops.aten
-_PATTERNS = PatternMatcherPass(pass_name="ds_spd_one_row_products")
+_ONE_ROW = PatternMatcherPass(pass_name="ds_spd_one_row_products")
+_SEVERAL_ROWS = PatternMatcherPass(pass_name="ds_spd_several_row_products")
+
+
+def _rows(rows: torch.fx.Node, weight: torch.fx.Node) -> int | torch.SymInt | None:
+    """The activation rows of a product of rows by a CPU weight matrix (an int, or a symbol in the graph of several
+    rows); None for any other product."""
+    a, w = rows.meta.get("val"), weight.meta.get("val")
+    if a is None or w is None or a.ndim != 2 or w.ndim != 2 or a.device.type != "cpu":
+        return None
+    return a.shape[0]
 
 
 def _one_row(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
-    """A product of one activation row (a static size of 1: the one-row graph) by a CPU weight matrix."""
-    a, w = rows.meta.get("val"), weight.meta.get("val")
-    return a is not None and w is not None and a.ndim == 2 and w.ndim == 2 and a.device.type == "cpu" and \
-        isinstance(a.shape[0], int) and a.shape[0] == 1
+    n = _rows(rows, weight)
+    return isinstance(n, int) and n == 1
 
 
-def _rewrite(match: Match, fn: Callable, args: list[torch.fx.Node]) -> None:
+def _several_rows(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
+    n = _rows(rows, weight)
+    return n is not None and not (isinstance(n, int) and n == 1)
+
+
+def _rewrite(match: Match, fn: Callable, args: list[torch.fx.Node], counter: str) -> None:
     match.replace_by_example(fn, args)
-    counters["ds_spd"]["one_row_products"] += 1
+    counters["ds_spd"][counter] += 1
 
 
 def _as_reduction(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight.t() * row).sum(-1)[None]   # [K, N] = W.t(): out[n] = sum_k W[n, k] x[k]
 
 
-@register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=_PATTERNS)
-def _mm(match: Match, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
-    if _one_row(rows, weight):
-        _rewrite(match, _as_reduction, [rows, weight])
+def _as_row_reductions(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (weight.t()[:, None, :] * rows[None]).sum(-1).t()   # [N, rows]: each weight row once, for every row
 
 
-@register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=_PATTERNS)
-def _addmm(match: Match, bias: torch.fx.Node, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
-    if not match.kwargs and _one_row(rows, weight):   # beta = alpha = 1
-        _rewrite(match, lambda b, x, w: b + _as_reduction(x, w), [bias, rows, weight])
+def _register(pass_dict: PatternMatcherPass, applies: Callable, reduction: Callable, counter: str) -> None:
+    """Rewrite ``pass_dict``'s matrix products (with a bias too) that ``applies`` to as ``reduction``."""
+    @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=pass_dict)
+    def _mm(match: Match, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
+        if applies(rows, weight):
+            _rewrite(match, reduction, [rows, weight], counter)
+
+    @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=pass_dict)
+    def _addmm(match: Match, bias: torch.fx.Node, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
+        if not match.kwargs and applies(rows, weight):   # beta = alpha = 1
+            _rewrite(match, lambda b, x, w: b + reduction(x, w), [bias, rows, weight], counter)
 
 
-class OneRowProducts(CustomGraphPass):
-    """Inductor post-grad pass: products of one row by a weight become multiply-and-sums (module docstring)."""
+_register(_ONE_ROW, _one_row, _as_reduction, "one_row_products")
+_register(_SEVERAL_ROWS, _several_rows, _as_row_reductions, "several_row_products")
+
+
+class RowProducts(CustomGraphPass):
+    """Inductor post-grad pass: products of one row by a weight become multiply-and-sums; with ``several_rows``
+    (an experiment's variant, slower in the decode graph: module docstring), products of several rows too."""
+
+    def __init__(self, several_rows: bool = False):
+        self.several_rows = several_rows
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        _PATTERNS.apply(graph)
+        _ONE_ROW.apply(graph)
+        if self.several_rows:
+            _SEVERAL_ROWS.apply(graph)
 
-    def uuid(self) -> Any:   # inductor's cache key: this file's code
-        return get_hash_for_files((__file__,))
+    def uuid(self) -> Any:   # inductor's cache key: this file's code and the setting
+        return (get_hash_for_files((__file__,)), self.several_rows)
 
 
 def _argument_guards(names: set[str]) -> Callable[[list], list[bool]]:
@@ -112,13 +145,15 @@ class AheadOfTimeDecode:
         return graph.fn(self.owner, ids, *args)
 
 
-def compile_decode(fn: Callable, model: torch.nn.Module, ahead_of_time: bool = False) -> Callable:
+def compile_decode(fn: Callable, model: torch.nn.Module, ahead_of_time: bool = False,
+                   several_rows: bool = False) -> Callable:
     """``fn`` (a decode step of ``model``) under ``torch.compile`` as above; ``ahead_of_time``: as
-    :class:`AheadOfTimeDecode` (``fn`` a bound method; measured, not adopted: docs/latency.md)."""
+    :class:`AheadOfTimeDecode` (``fn`` a bound method); ``several_rows``: the several-rows graph's products
+    rewritten too. Both measured, not adopted (docs/latency.md)."""
     import torch._dynamo.config as dynamo
 
     from ds_spd.models.attention import use_packed_decode_attention
     use_packed_decode_attention(model)
     dynamo.specialize_float = True
-    options = {"post_grad_custom_post_pass": OneRowProducts()}
+    options = {"post_grad_custom_post_pass": RowProducts(several_rows)}
     return AheadOfTimeDecode(fn, options) if ahead_of_time else torch.compile(fn, dynamic=True, options=options)

@@ -1,6 +1,7 @@
 """The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
 eager; ``gemv``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
-inductor's own multiply-and-sums); ``dynamic``, the same with the library's matrix products (two graphs for
+inductor's own multiply-and-sums); ``rows``, the several-rows graph's products rewritten too (an experiment's
+variant); ``dynamic``, no product rewritten (two graphs for
 every shape); ``aot``, ``gemv``'s graphs compiled ahead of time and called with only their inputs' guards checked
 (ds_spd.serve.compile.AheadOfTimeDecode); ``spd``, ``gemv`` with every block in SPD form (the same compiled
 function: its own graphs, the SPD-vs-TP pair of the lean step); ``frozen``, the same with inductor's freezing
@@ -12,7 +13,7 @@ distinct matrices; the faster of the two): the fraction of the memory limit, pai
 The variant compiled later in a run has measured faster in every run so far: pair two runs in both orders.
 
     torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
-        [--variants eager,gemv,aot,spd,dynamic,frozen,static] [--out F]
+        [--variants eager,rows,gemv,aot,spd,dynamic,frozen,static] [--out F]
 """
 from __future__ import annotations
 
@@ -79,9 +80,10 @@ def main() -> None:
         elif name == "aot":   # gemv's graphs compiled ahead of time, only their inputs' guards checked
             ex.compiled = fns[name] = compile_decode(ex._decode, model, ahead_of_time=True)
             ex.warm_up()
-        elif name in ("gemv", "dynamic", "frozen"):
+        elif name in ("rows", "gemv", "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
-            ex.compiled = fns[name] = compile_decode(ex._decode, model) if name == "gemv" else \
+            ex.compiled = fns[name] = compile_decode(ex._decode, model, several_rows=name == "rows") \
+                if name in ("rows", "gemv") else \
                 torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
             ex.warm_up()
         elif name == "static":

@@ -316,6 +316,32 @@ def test_compiled_decode_equals_eager():
     assert counters["ds_spd"]["one_row_products"] - products >= 7
 
 
+@pytest.mark.parametrize("several_rows", [False, True])
+def test_row_products_equal_the_library_products(several_rows):
+    """The decode graphs' product rewrite (ds_spd.serve.compile.RowProducts): the one-row graph's products (with
+    and without a bias) always, the several-rows graph's only where asked (an experiment's variant); the results
+    equal the library's products to float rounding."""
+    import torch.nn.functional as F
+    from torch._dynamo.utils import counters
+
+    from ds_spd.serve.compile import RowProducts
+    w, b = torch.randn(48, 40), torch.randn(48)
+
+    def f(x):
+        return F.linear(x, w, b) + F.linear(x.flip(0), w)
+
+    torch._dynamo.reset()
+    one, several = counters["ds_spd"]["one_row_products"], counters["ds_spd"]["several_row_products"]
+    g = torch.compile(f, dynamic=True, options={"post_grad_custom_post_pass": RowProducts(several_rows)})
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+        for rows in (1, 3, 5):
+            x = torch.randn(rows, 40)
+            torch.testing.assert_close(g(x), f(x), rtol=1e-5, atol=1e-5)
+    assert counters["ds_spd"]["one_row_products"] - one == 2
+    assert counters["ds_spd"]["several_row_products"] - several == (2 if several_rows else 0)
+
+
 class _Step:
     """A decode step's stand-in for :class:`AheadOfTimeDecode` (a bound method over tensors)."""
 
