@@ -183,6 +183,11 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert (smol.distill.kl_epochs, smol.distill.kl_lr) == (gemma.distill.kl_epochs, gemma.distill.kl_lr) == (2, 5e-5)
     assert resolve_spd_config({}, model="/some/hf/dir").distill.kl_epochs == 0
     assert resolve_spd_config({}, model="default", distill={"kl_epochs": 0}).distill.kl_epochs == 0   # a flag wins
+    # SmolLM2's stage reads 256 segments, unless the user sets how many distillation reads (Gemma 3: those)
+    assert (smol.distill.kl_segments, gemma.distill.kl_segments) == (256, None)
+    assert resolve_spd_config({}, model="default", distill={"segments": 32}).distill.kl_segments is None
+    assert resolve_spd_config({}, model="default", data={"max_samples": 8},
+                              data_section="calibration").distill.kl_segments is None
     # every model distils on the scan's two corpora and the docstrings, unless the user gives text of their own
     assert smol.distill.corpora == gemma.distill.corpora == "pydoc+shakespeare+docstrings"
     assert resolve_spd_config({}, model="/some/hf/dir").distill.corpora == "pydoc+shakespeare+docstrings"
