@@ -54,6 +54,15 @@ def test_shipped_configs_validate(path):
     resolve_spd_config(path)
 
 
+@pytest.mark.parametrize("name", ["spd_smollm2_tp2.json", "spd_smollm2_tp2_bf16.json", "spd_smollm2_tp2_zero3.json"])
+def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
+    """The tp 2 configs set the calibration count, which would turn the recipe's stage segments off: they say them."""
+    recipe = resolve_spd_config({}, model="default").distill
+    shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
+    stage = ("kl_epochs", "kl_lr", "kl_segments")
+    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 5e-5, 256]
+
+
 def test_plan_round_trip_and_mismatch(tmp_path):
     cfg = tiny_config()
     plan = Plan.from_blocks("tiny", cfg, 2, [1, 3], data="pydoc")
