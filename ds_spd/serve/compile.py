@@ -13,8 +13,8 @@
   outermost (``[N, rows]``: each weight row read once, reused for every sequence from the L1 cache;
   ``RowProducts(several_rows=True)``), reads a lone product's weights at 1.1-1.4x MKL's rate at 2-16 rows on an
   AVX-512 Xeon, but in the decode graph inductor fuses each product with its neighbours into loops that read the
-  activations across the reduction: the 8-row step took 1.36x as long (docs/latency.md). With the sequences
-  outermost the weight is read once per sequence (2.4x slower than MKL at 8 rows).
+  activations across the reduction: the 8-row step took 1.34-1.37x as long (docs/latency.md). With the
+  sequences outermost the weight would be read once per sequence.
   Figures and commands: docs/serving.md and docs/latency.md (``scripts/experiments/decode_shapes.py``).
 """
 from __future__ import annotations
