@@ -9,12 +9,11 @@
   products (``sgemv``) read the weights at about half of what one core streams on the 2-core EPYC measured here;
   :class:`RowProducts` rewrites each into a multiply-and-sum that inductor generates itself (one vectorized
   pass over the weight).
-- The graph of several rows keeps the library's products. The same rewrite there, with the weight's rows
-  outermost (``[N, rows]``: each weight row read once, reused for every sequence from the L1 cache;
-  ``RowProducts(several_rows=True)``), reads a lone product's weights at 1.1-1.4x MKL's rate at 2-16 rows on an
-  AVX-512 Xeon, but in the decode graph inductor fuses each product with its neighbours into loops that read the
-  activations across the reduction: the 8-row step took 1.34-1.37x as long (docs/latency.md). With the
-  sequences outermost the weight would be read once per sequence.
+- In the graph of several rows MKL's products read the weights at half their one-row rate. There each product
+  becomes ds_spd's own kernel (``ds_spd::row_products``, ds_spd.serve.row_kernel: a tile of weight rows held
+  while every row passes over it), an external call inductor places but does not fuse. Rewriting them as
+  multiply-and-sums instead (``several_rows="reductions"``) loses in the decode graph: inductor fuses each with
+  its neighbours into loops that read the activations across the reduction (1.34-1.37x the step's time).
   Figures and commands: docs/serving.md and docs/latency.md (``scripts/experiments/decode_shapes.py``).
 """
 from __future__ import annotations
@@ -30,6 +29,8 @@ from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMat
 aten = torch.ops.aten
 _ONE_ROW = PatternMatcherPass(pass_name="ds_spd_one_row_products")
 _SEVERAL_ROWS = PatternMatcherPass(pass_name="ds_spd_several_row_products")
+_KERNEL = PatternMatcherPass(pass_name="ds_spd_several_row_kernel")
+SEVERAL_ROWS = ("kernel", "library", "reductions")   # how the several-rows graph multiplies: RowProducts
 
 
 def _rows(rows: torch.fx.Node, weight: torch.fx.Node) -> int | torch.SymInt | None:
@@ -51,50 +52,76 @@ def _several_rows(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
     return n is not None and not (isinstance(n, int) and n == 1)
 
 
-def _rewrite(match: Match, fn: Callable, args: list[torch.fx.Node], counter: str) -> None:
-    match.replace_by_example(fn, args)
-    counters["ds_spd"][counter] += 1
+def _for_kernel(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
+    """Several float32 rows by a weight stored [N, K] (the graph's operand is its transpose, strides (1, K))."""
+    if not _several_rows(rows, weight):
+        return False
+    a, w = rows.meta["val"], weight.meta["val"]
+    return a.dtype == w.dtype == torch.float32 and tuple(w.stride()) == (1, w.shape[0])
 
 
-def _as_reduction(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (weight.t() * row).sum(-1)[None]   # [K, N] = W.t(): out[n] = sum_k W[n, k] x[k]
+def _as_reduction(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = (weight.t() * row).sum(-1)[None]   # [K, N] = W.t(): out[n] = sum_k W[n, k] x[k]
+    return out if bias is None else bias + out
 
 
-def _as_row_reductions(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (weight.t()[:, None, :] * rows[None]).sum(-1).t()   # [N, rows]: each weight row once, for every row
+def _as_row_reductions(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = (weight.t()[:, None, :] * rows[None]).sum(-1).t()   # [N, rows]: each weight row once, for every row
+    return out if bias is None else bias + out
 
 
-def _register(pass_dict: PatternMatcherPass, applies: Callable, reduction: Callable, counter: str) -> None:
-    """Rewrite ``pass_dict``'s matrix products (with a bias too) that ``applies`` to as ``reduction``."""
+def _as_kernel(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    from ds_spd.serve.row_kernel import row_products
+    out = row_products(rows, weight.t())
+    return out if bias is None else bias + out   # addmm's bias may come broadcast to [rows, N]: a pointwise add
+
+
+def _register(pass_dict: PatternMatcherPass, applies: Callable, product: Callable, counter: str) -> None:
+    """Rewrite ``pass_dict``'s matrix products (with a bias too) that ``applies`` to as ``product(rows, weight,
+    bias)``."""
+    def rewrite(match: Match, fn: Callable, args: list[torch.fx.Node]) -> None:
+        match.replace_by_example(fn, args)
+        counters["ds_spd"][counter] += 1
+
     @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=pass_dict)
     def _mm(match: Match, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
         if applies(rows, weight):
-            _rewrite(match, reduction, [rows, weight], counter)
+            rewrite(match, lambda x, w: product(x, w, None), [rows, weight])   # traced by its own arguments
 
     @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=pass_dict)
     def _addmm(match: Match, bias: torch.fx.Node, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
         if not match.kwargs and applies(rows, weight):   # beta = alpha = 1
-            _rewrite(match, lambda b, x, w: b + reduction(x, w), [bias, rows, weight], counter)
+            rewrite(match, lambda b, x, w: product(x, w, b), [bias, rows, weight])
 
 
 _register(_ONE_ROW, _one_row, _as_reduction, "one_row_products")
 _register(_SEVERAL_ROWS, _several_rows, _as_row_reductions, "several_row_products")
+_register(_KERNEL, _for_kernel, _as_kernel, "several_row_kernel")
 
 
 class RowProducts(CustomGraphPass):
-    """Inductor post-grad pass: products of one row by a weight become multiply-and-sums; with ``several_rows``
-    (an experiment's variant, slower in the decode graph: module docstring), products of several rows too."""
+    """Inductor post-grad pass: products of one row by a weight become multiply-and-sums; products of several rows
+    go to ds_spd's kernel (``several_rows="kernel"``; where it cannot be built they stay the library's), stay the
+    library's (``"library"``), or become multiply-and-sums too (``"reductions"``, an experiment's variant)."""
 
-    def __init__(self, several_rows: bool = False):
+    def __init__(self, several_rows: str = "kernel"):
+        if several_rows not in SEVERAL_ROWS:
+            raise ValueError(f"several_rows must be one of {SEVERAL_ROWS}, got {several_rows!r}")
+        if several_rows == "kernel":   # loaded here, not in the pass: a graph from inductor's cache runs no pass
+            from ds_spd.serve import row_kernel
+            several_rows = "kernel" if row_kernel.load() else "library"
         self.several_rows = several_rows
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         _ONE_ROW.apply(graph)
-        if self.several_rows:
+        if self.several_rows == "reductions":
             _SEVERAL_ROWS.apply(graph)
+        elif self.several_rows == "kernel":
+            _KERNEL.apply(graph)
 
-    def uuid(self) -> Any:   # inductor's cache key: this file's code and the setting
-        return (get_hash_for_files((__file__,)), self.several_rows)
+    def uuid(self) -> Any:   # inductor's cache key: this pass's code, the kernel's, and the setting
+        from ds_spd.serve import row_kernel
+        return get_hash_for_files((__file__, row_kernel.__file__, row_kernel.SOURCE)), self.several_rows
 
 
 def _argument_guards(names: set[str]) -> Callable[[list], list[bool]]:
@@ -146,10 +173,10 @@ class AheadOfTimeDecode:
 
 
 def compile_decode(fn: Callable, model: torch.nn.Module, ahead_of_time: bool = False,
-                   several_rows: bool = False) -> Callable:
+                   several_rows: str = "kernel") -> Callable:
     """``fn`` (a decode step of ``model``) under ``torch.compile`` as above; ``ahead_of_time``: as
-    :class:`AheadOfTimeDecode` (``fn`` a bound method); ``several_rows``: the several-rows graph's products
-    rewritten too. Both measured, not adopted (docs/latency.md)."""
+    :class:`AheadOfTimeDecode` (``fn`` a bound method; measured, not adopted: docs/latency.md); ``several_rows``:
+    how the several-rows graph multiplies (:class:`RowProducts`)."""
     import torch._dynamo.config as dynamo
 
     from ds_spd.models.attention import use_packed_decode_attention

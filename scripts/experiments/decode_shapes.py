@@ -1,9 +1,10 @@
 """The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
-eager; ``gemv``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
-inductor's own multiply-and-sums); ``rows``, the several-rows graph's products rewritten too (an experiment's
-variant); ``dynamic``, no product rewritten (two graphs for
-every shape); ``aot``, ``gemv``'s graphs compiled ahead of time and called with only their inputs' guards checked
-(ds_spd.serve.compile.AheadOfTimeDecode); ``spd``, ``gemv`` with every block in SPD form (the same compiled
+eager; ``kernel``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
+inductor's own multiply-and-sums, several-row products through ds_spd's C++ kernel); ``gemv``, the same with the
+several-row products left to the library (MKL); ``rows``, the several-rows graph's products as multiply-and-sums
+(an experiment's variant); ``dynamic``, no product rewritten (two graphs for
+every shape); ``aot``, ``kernel``'s graphs compiled ahead of time and called with only their inputs' guards checked
+(ds_spd.serve.compile.AheadOfTimeDecode); ``spd``, ``kernel`` with every block in SPD form (the same compiled
 function: its own graphs, the SPD-vs-TP pair of the lean step); ``frozen``, the same with inductor's freezing
 (weights folded into the graph as constants, prepacked for its GEMMs); ``static``, compiled for each shape alone
 (a graph per shape: what dynamic shapes may cost). ms per step, compile seconds. Each rank's weight bytes (what a
@@ -13,7 +14,7 @@ distinct matrices; the faster of the two): the fraction of the memory limit, pai
 The variant compiled later in a run has measured faster in every run so far: pair two runs in both orders.
 
     torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
-        [--variants eager,rows,gemv,aot,spd,dynamic,frozen,static] [--out F]
+        [--variants eager,kernel,gemv,rows,aot,spd,dynamic,frozen,static] [--out F]
 """
 from __future__ import annotations
 
@@ -74,16 +75,16 @@ def main() -> None:
     for name in variants:
         t = time.perf_counter()
         spd_form(name)
-        if name == "spd":   # gemv's function, compiled again for the SPD form (a guard on each block's form)
-            ex.compiled = fns[name] = fns.get("gemv") or compile_decode(ex._decode, model)
+        if name == "spd":   # kernel's function, compiled again for the SPD form (a guard on each block's form)
+            ex.compiled = fns[name] = fns.get("kernel") or compile_decode(ex._decode, model)
             ex.warm_up()
-        elif name == "aot":   # gemv's graphs compiled ahead of time, only their inputs' guards checked
+        elif name == "aot":   # kernel's graphs compiled ahead of time, only their inputs' guards checked
             ex.compiled = fns[name] = compile_decode(ex._decode, model, ahead_of_time=True)
             ex.warm_up()
-        elif name in ("rows", "gemv", "dynamic", "frozen"):
+        elif name in ("kernel", "rows", "gemv", "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
-            ex.compiled = fns[name] = compile_decode(ex._decode, model, several_rows=name == "rows") \
-                if name in ("rows", "gemv") else \
+            several = {"kernel": "kernel", "rows": "reductions", "gemv": "library"}.get(name)
+            ex.compiled = fns[name] = compile_decode(ex._decode, model, several_rows=several) if several else \
                 torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
             ex.warm_up()
         elif name == "static":
@@ -108,8 +109,8 @@ def main() -> None:
             **{f"{k}_ms": v for k, v in times.items()},
             **{f"{k}_over_eager": statistics.median(a / e for a, e in zip(v, times["eager"]))
                for k, v in times.items() if k != "eager"}}
-        if "spd" in times and "gemv" in times:   # SPD over TP with the lean step, paired by round
-            pair = sorted(a / b for a, b in zip(times["spd"], times["gemv"]))
+        if "spd" in times and "kernel" in times:   # SPD over TP with the lean step, paired by round
+            pair = sorted(a / b for a, b in zip(times["spd"], times["kernel"]))
             res["shapes"][shape]["spd_over_tp"] = {"median": statistics.median(pair), "range": [pair[0], pair[-1]]}
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     ranks = [None] * dist.get_world_size()

@@ -316,11 +316,12 @@ def test_compiled_decode_equals_eager():
     assert counters["ds_spd"]["one_row_products"] - products >= 7
 
 
-@pytest.mark.parametrize("several_rows", [False, True])
+@pytest.mark.parametrize("several_rows", ["library", "reductions", "kernel"])
 def test_row_products_equal_the_library_products(several_rows):
     """The decode graphs' product rewrite (ds_spd.serve.compile.RowProducts): the one-row graph's products (with
-    and without a bias) always, the several-rows graph's only where asked (an experiment's variant); the results
-    equal the library's products to float rounding."""
+    and without a bias) always; the several-rows graph's as asked (ds_spd's C++ kernel, serve's default; the
+    multiply-and-sums of an experiment; or left alone). The results equal the library's products to float
+    rounding, at row counts the kernel takes in one chunk of rows, in two, and with a chunk of one row."""
     import torch.nn.functional as F
     from torch._dynamo.utils import counters
 
@@ -331,15 +332,36 @@ def test_row_products_equal_the_library_products(several_rows):
         return F.linear(x, w, b) + F.linear(x.flip(0), w)
 
     torch._dynamo.reset()
-    one, several = counters["ds_spd"]["one_row_products"], counters["ds_spd"]["several_row_products"]
+    names = ("one_row_products", "several_row_products", "several_row_kernel")
+    before = {k: counters["ds_spd"][k] for k in names}
     g = torch.compile(f, dynamic=True, options={"post_grad_custom_post_pass": RowProducts(several_rows)})
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
-        for rows in (1, 3, 5):
+        for rows in (1, 3, 5, 9, 17):
             x = torch.randn(rows, 40)
             torch.testing.assert_close(g(x), f(x), rtol=1e-5, atol=1e-5)
-    assert counters["ds_spd"]["one_row_products"] - one == 2
-    assert counters["ds_spd"]["several_row_products"] - several == (2 if several_rows else 0)
+    added = {k: counters["ds_spd"][k] - before[k] for k in names}
+    assert added == {"one_row_products": 2, "several_row_products": 2 * (several_rows == "reductions"),
+                     "several_row_kernel": 2 * (several_rows == "kernel")}
+
+
+def test_the_row_kernel_equals_the_library_products():
+    """ds_spd's several-row product kernel (ds_spd.serve.row_kernel) against ``F.linear`` on shapes that reach
+    every path: each chunk size of rows (1-8) and two chunks; weight rows that leave a remainder after the tiles;
+    a K that is not a multiple of the vector width; a bias; rows and weights that are not contiguous."""
+    import torch.nn.functional as F
+
+    from ds_spd.serve import row_kernel
+    assert row_kernel.load()
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16):
+        for n, k in ((48, 64), (37, 40), (129, 23)):
+            x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+            torch.testing.assert_close(row_kernel.row_products(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(row_kernel.row_products(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    x, w = torch.randn(40, 5).t(), torch.randn(40, 33).t()
+    torch.testing.assert_close(row_kernel.row_products(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="float32 only"):
+        row_kernel.row_products(x.double(), w.double())
 
 
 class _Step:
