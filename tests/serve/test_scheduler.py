@@ -299,7 +299,8 @@ def test_decode_step_form_fills_the_context():
 
 def test_compiled_decode_equals_eager():
     """torch.compile of the decode step on Gemma 3's family with sliding-window layers, in virtual TP: the warm-up
-    compiles two graphs (one row, its products as multiply-and-sums; several); a batching run with steps of one
+    compiles two graphs (one row, its products as multiply-and-sums; several, its products ds_spd's kernel's); a
+    batching run with steps of one
     and two rows compiles nothing more (no stall under traffic) and gives the eager step's greedy tokens.
     (LLaMA's family on 2 real ranks, the all-reduce inside the graph: tests/serve/test_faults.py.)"""
     import ds_spd
@@ -308,12 +309,15 @@ def test_compiled_decode_equals_eager():
     model, tok = ds_spd.virtualize(tiny_model("gemma3_text", **extra), 2, [0, 2]), tiny_tokenizer()
     plain = _batching_run(model, tok, 2, None, (12, 9, 5))
     before, products = counters["stats"]["unique_graphs"], counters["ds_spd"]["one_row_products"]
+    kernel = counters["ds_spd"]["several_row_kernel"]
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):   # a cached graph skips the passes
         assert _batching_run(model, tok, 2, "compile", (12, 9, 5), warm=True) == plain
     assert counters["stats"]["unique_graphs"] - before == 2
-    # the one-row graph's products (q/k/v/o, gate/up/down, the head) became multiply-and-sums
+    # the one-row graph's products (q/k/v/o, gate/up/down, the head) became multiply-and-sums; the several-rows
+    # graph's went to ds_spd's kernel
     assert counters["ds_spd"]["one_row_products"] - products >= 7
+    assert counters["ds_spd"]["several_row_kernel"] - kernel >= 7
 
 
 @pytest.mark.parametrize("several_rows", ["library", "reductions", "kernel"])
