@@ -349,25 +349,6 @@ def test_row_products_equal_the_library_products(several_rows):
                      "several_row_kernel": 2 * (several_rows == "kernel")}
 
 
-def test_the_row_kernel_equals_the_library_products():
-    """ds_spd's several-row product kernel (ds_spd.serve.row_kernel) against ``F.linear`` on shapes that reach
-    every path: each chunk size of rows (1-8) and two chunks; weight rows that leave a remainder after the tiles;
-    a K that is not a multiple of the vector width; a bias; rows and weights that are not contiguous."""
-    import torch.nn.functional as F
-
-    from ds_spd.serve import row_kernel
-    assert row_kernel.load()
-    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16):
-        for n, k in ((48, 64), (37, 40), (129, 23)):
-            x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
-            torch.testing.assert_close(row_kernel.row_products(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(row_kernel.row_products(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    x, w = torch.randn(40, 5).t(), torch.randn(40, 33).t()
-    torch.testing.assert_close(row_kernel.row_products(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
-    with pytest.raises(RuntimeError, match="float32 only"):
-        row_kernel.row_products(x.double(), w.double())
-
-
 class _Step:
     """A decode step's stand-in for :class:`AheadOfTimeDecode` (a bound method over tensors)."""
 
