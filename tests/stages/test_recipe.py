@@ -307,7 +307,7 @@ def test_default_lr_scales_with_the_weights(tmp_path):
     from safetensors.torch import save_file
 
     from ds_spd.models.weights import model_weight_files, weight_files
-    from ds_spd.stages.lr import default_lr, weight_rms
+    from ds_spd.stages.lr import default_lr, kl_stage_lr, weight_rms
     smol = model_weight_files("default")
     lr, note = default_lr(smol, list(range(30)))
     assert lr == 1e-3 and "RMS 0.19" in note
@@ -323,3 +323,5 @@ def test_default_lr_scales_with_the_weights(tmp_path):
     assert weight_rms(w, [0, 1]) == pytest.approx(float(expect), rel=1e-6)
     assert default_lr(w, [0])[0] == 1e-3 and default_lr(w, [1])[0] == 1e-4
     assert default_lr(None, [0])[0] == 3e-4   # no safetensors: the fallback, said so
+    # the end-to-end KL stage's default rate: the blocks' / 20 (5e-5 on SmolLM2, 1e-5 on Gemma 3: both validated)
+    assert [kl_stage_lr(x) for x in (1e-3, 2e-4, 2e-3)] == [5e-5, 1e-5, 1e-4]

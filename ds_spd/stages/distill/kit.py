@@ -36,6 +36,7 @@ class DistillSettings(DistillConfig):
     micro-batch and the calibration seed."""
 
     lr: float = Field(3e-4, gt=0)   # resolved: a run's config may leave it to ds_spd.stages.lr
+    kl_lr: float = Field(1e-5, gt=0)   # resolved: left to ds_spd.stages.lr.kl_stage_lr unless set
     micro_batch: int = Field(4, ge=1)
     seed: int = 0
 

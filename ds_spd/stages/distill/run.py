@@ -191,8 +191,14 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
         hold(out, "checkpoint output")
         hold(work_dir, "work dir")
     lr, lr_note = resolve_lr(cfg, spec, plan)   # reads a few blocks' weights: after the output checks
+    kl_lr = cfg.distill.kl_lr
+    if kl_lr is None:
+        from ds_spd.stages.lr import KL_STAGE_DIVISOR, kl_stage_lr
+        kl_lr = kl_stage_lr(lr)
+        if cfg.distill.kl_epochs:
+            lr_note = f"{lr_note or f'lr {lr:g} (set)'}; the KL stage's lr {kl_lr:g} = lr / {KL_STAGE_DIVISOR}"
     ds_config = deepspeed_config(config_path, lr)
-    settings = DistillSettings(**{**cfg.distill.model_dump(), "lr": lr},
+    settings = DistillSettings(**{**cfg.distill.model_dump(), "lr": lr, "kl_lr": kl_lr},
                                micro_batch=ds_config["train_micro_batch_size_per_gpu"], seed=d.seed or 0)
     fingerprint = run_fingerprint(model=cfg.model, model_fingerprint=plan.fingerprint, plan_digest=plan_digest(plan),
                                   tp_size=plan.tp_size, tp_grain_size=cfg.tp_grain_size, dtype=cfg.dtype,
