@@ -3,7 +3,7 @@
 // every weight matrix; the BLAS small-matrix paths read the weights at about half the rate they read them for one
 // row (docs/latency.md). Here a tile of weight rows stays in registers/L1 while every activation row (L1) passes
 // over it, so each weight byte comes from memory once. fp32; vectorized by the compiler (-march=native): 16
-// floats a vector (one AVX-512 register, two AVX2 ones).
+// floats a vector (one AVX-512 register, two AVX2 ones). GCC 12+ or clang (__builtin_shufflevector).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -49,8 +49,8 @@ inline void tile(const float* __restrict x, int64_t ldx, const float* __restrict
     v16 wv[NB];
     for (int j = 0; j < NB; ++j) {
       wv[j] = load(w + j * ldw + k);
-      if (NB <= 8) __builtin_prefetch(w + (j + 2 * NB) * ldw + k, 0, 2);   // the next tile's rows (the hardware's
-                                                                       // prefetcher lags a loop this slow)
+      // the rows two tiles on (the hardware's prefetcher lags a loop this slow; past the end it reads nothing)
+      if (NB <= 8) __builtin_prefetch(w + (j + 2 * NB) * ldw + k, 0, 2);
     }
     for (int m = 0; m < M; ++m) {
       const v16 xv = load(x + m * ldx + k);
