@@ -307,9 +307,11 @@ def cmd_plan(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    from ds_spd.plan import load_plan
     from ds_spd.stages.distill import run as distill_run
-    cfg = config_from_args(args)
-    run = distill_run.prepare(cfg, args.plan, args.config, model=args.model, restart=args.restart)
+    model = args.model or load_plan(args.plan).model   # the recipe is the trained model's, not the default's
+    cfg = config_from_args(args, model=model)
+    run = distill_run.prepare(cfg, args.plan, args.config, model=model, restart=args.restart)
     if run.complete:
         if is_main_rank():
             print(f"distill: {run.out} is already complete (same run, {run.settings.epochs} epochs): nothing to do",

@@ -173,6 +173,8 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     prov = json.load(open(os.path.join(out, "provenance.json")))
     assert prov["settings"]["lr"] == lr and prov["lr_rule"] == note and f"distill: {note}" in runs[0]["stderr"]
     assert prov["settings"]["kl_lr"] == kl_stage_lr(lr)   # the KL stage's rate follows the blocks' (stage off here)
+    # no --model: the plan's model, and its recipe (none for a local model: no KL stage), not the default model's
+    assert prov["settings"]["kl_epochs"] == 0 and prov["settings"]["kl_segments"] is None
     virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
     # each rank reads only its slices (sharded loading, the default; == the full load bitwise: test_sharded_load)
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)
