@@ -37,3 +37,9 @@ def describe_validation(err, what: str = "config key", prefix: str = "") -> str:
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         parts.append(f"{what} '{key}': {msg}")
     return "; ".join(parts)
+
+
+def brief(err: BaseException) -> str:
+    """An exception as one line for a warning: its type and its message's first line."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

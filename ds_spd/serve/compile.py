@@ -26,6 +26,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
 
+from ds_spd.errors import brief
+
 aten = torch.ops.aten
 _ONE_ROW = PatternMatcherPass(pass_name="ds_spd_one_row_products")
 _SEVERAL_ROWS = PatternMatcherPass(pass_name="ds_spd_several_row_products")
@@ -60,25 +62,22 @@ def _for_kernel(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
     return a.dtype == w.dtype == torch.float32 and tuple(w.stride()) == (1, w.shape[0])
 
 
-def _as_reduction(row: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = (weight.t() * row).sum(-1)[None]   # [K, N] = W.t(): out[n] = sum_k W[n, k] x[k]
-    return out if bias is None else bias + out
+def _as_reduction(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (weight.t() * row).sum(-1)[None]   # [K, N] = W.t(): out[n] = sum_k W[n, k] x[k]
 
 
-def _as_row_reductions(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = (weight.t()[:, None, :] * rows[None]).sum(-1).t()   # [N, rows]: each weight row once, for every row
-    return out if bias is None else bias + out
+def _as_row_reductions(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (weight.t()[:, None, :] * rows[None]).sum(-1).t()   # [N, rows]: each weight row once, for every row
 
 
-def _as_kernel(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _as_kernel(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from ds_spd.serve.row_kernel import row_products
-    out = row_products(rows, weight.t())
-    return out if bias is None else bias + out   # addmm's bias may come broadcast to [rows, N]: a pointwise add
+    return row_products(rows, weight.t())
 
 
 def _register(pass_dict: PatternMatcherPass, applies: Callable, product: Callable, counter: str) -> None:
-    """Rewrite ``pass_dict``'s matrix products (with a bias too) that ``applies`` to as ``product(rows, weight,
-    bias)``."""
+    """Rewrite ``pass_dict``'s matrix products that ``applies`` to as ``product(rows, weight)``; with a bias, its
+    add stays a pointwise op beside it (addmm's bias may come broadcast to ``[rows, N]``)."""
     def rewrite(match: Match, fn: Callable, args: list[torch.fx.Node]) -> None:
         match.replace_by_example(fn, args)
         counters["ds_spd"][counter] += 1
@@ -86,12 +85,12 @@ def _register(pass_dict: PatternMatcherPass, applies: Callable, product: Callabl
     @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=pass_dict)
     def _mm(match: Match, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
         if applies(rows, weight):
-            rewrite(match, lambda x, w: product(x, w, None), [rows, weight])   # traced by its own arguments
+            rewrite(match, product, [rows, weight])
 
     @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=pass_dict)
     def _addmm(match: Match, bias: torch.fx.Node, rows: torch.fx.Node, weight: torch.fx.Node) -> None:
         if not match.kwargs and applies(rows, weight):   # beta = alpha = 1
-            rewrite(match, lambda b, x, w: product(x, w, b), [bias, rows, weight])
+            rewrite(match, lambda b, x, w: b + product(x, w), [bias, rows, weight])
 
 
 _register(_ONE_ROW, _one_row, _as_reduction, "one_row_products")
@@ -155,8 +154,7 @@ class AheadOfTimeDecode:
             with torch.no_grad():
                 return self.compiler.aot_compile((args, {}))
         except Exception as err:   # dynamo's Unsupported, or guards it cannot save: the same on every rank
-            warnings.warn(f"decode step for {args[0].shape[0]} row(s) not compiled ahead of time "
-                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            warnings.warn(f"decode step for {args[0].shape[0]} row(s) not compiled ahead of time ({brief(err)}); "
                           "using torch.compile's guarded call", stacklevel=3)
             return None
 

@@ -6,9 +6,9 @@ registers while every activation row passes over it, so each weight byte comes f
 docs/latency.md). It is compiled on first use for this machine's vector unit (``-march=native``) with torch's
 extension builder and kept in torch's extension cache (``TORCH_EXTENSIONS_DIR``): the first ``serve`` on a
 machine pays some seconds, later launches load it; ranks starting together build it once (an OS lock, so a
-rank killed mid-build leaves no lock behind that would stall the next start). A registered fake lets inductor place it in a compiled graph
-as an external call (it does not fuse into it). Where it cannot be built (no C++ compiler), the graph keeps the
-library's products, with a warning.
+rank killed mid-build leaves no lock behind that would stall the next start). A registered fake lets inductor
+place it in a compiled graph as an external call (it does not fuse into it). Where it cannot be built (no C++
+compiler), the graph keeps the library's products, with a warning.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import os
 import warnings
 
 import torch
+
+from ds_spd.errors import brief
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "row_products.cpp")
 NAME = "ds_spd_row_products"
@@ -42,9 +44,8 @@ def load() -> bool:
             build(name=NAME, sources=[SOURCE], extra_cflags=["-O3", "-march=native"], is_python_module=False,
                   verbose=False)
     except Exception as err:   # no compiler, no headers: the library's products serve instead
-        warnings.warn(f"ds_spd's several-row product kernel could not be built ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); the compiled decode step keeps the "
-                      "library's products", stacklevel=2)
+        warnings.warn(f"ds_spd's several-row product kernel could not be built ({brief(err)}); the compiled "
+                      "decode step keeps the library's products", stacklevel=2)
         return False
 
     @torch.library.register_fake("ds_spd::row_products")
