@@ -32,7 +32,9 @@ aten = torch.ops.aten
 _ONE_ROW = PatternMatcherPass(pass_name="ds_spd_one_row_products")
 _SEVERAL_ROWS = PatternMatcherPass(pass_name="ds_spd_several_row_products")
 _KERNEL = PatternMatcherPass(pass_name="ds_spd_several_row_kernel")
+_ONE_ROW_KERNEL = PatternMatcherPass(pass_name="ds_spd_one_row_kernel")
 SEVERAL_ROWS = ("kernel", "library", "reductions")   # how the several-rows graph multiplies: RowProducts
+ONE_ROW = ("reductions", "kernel", "library")         # how the one-row graph multiplies
 
 
 def _rows(rows: torch.fx.Node, weight: torch.fx.Node) -> int | torch.SymInt | None:
@@ -54,12 +56,18 @@ def _several_rows(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
     return n is not None and not (isinstance(n, int) and n == 1)
 
 
-def _for_kernel(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
-    """Several float32 rows by a weight stored [N, K] (the graph's operand is its transpose, strides (1, K))."""
-    if not _several_rows(rows, weight):
-        return False
+def _kernel_takes(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
+    """Float32 rows by a weight stored [N, K] (the graph's operand is its transpose, strides (1, K))."""
     a, w = rows.meta["val"], weight.meta["val"]
     return a.dtype == w.dtype == torch.float32 and tuple(w.stride()) == (1, w.shape[0])
+
+
+def _for_kernel(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
+    return _several_rows(rows, weight) and _kernel_takes(rows, weight)
+
+
+def _one_row_for_kernel(rows: torch.fx.Node, weight: torch.fx.Node) -> bool:
+    return _one_row(rows, weight) and _kernel_takes(rows, weight)
 
 
 def _as_reduction(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -96,31 +104,34 @@ def _register(pass_dict: PatternMatcherPass, applies: Callable, product: Callabl
 _register(_ONE_ROW, _one_row, _as_reduction, "one_row_products")
 _register(_SEVERAL_ROWS, _several_rows, _as_row_reductions, "several_row_products")
 _register(_KERNEL, _for_kernel, _as_kernel, "several_row_kernel")
+_register(_ONE_ROW_KERNEL, _one_row_for_kernel, _as_kernel, "one_row_kernel")
 
 
 class RowProducts(CustomGraphPass):
-    """Inductor post-grad pass: products of one row by a weight become multiply-and-sums; products of several rows
-    go to ds_spd's kernel (``several_rows="kernel"``; where it cannot be built they stay the library's), stay the
-    library's (``"library"``), or become multiply-and-sums too (``"reductions"``, an experiment's variant)."""
+    """Inductor post-grad pass: products of one row by a weight become multiply-and-sums (``one_row="reductions"``),
+    go to ds_spd's kernel (``"kernel"``) or stay the library's (``"library"``); products of several rows go to
+    ds_spd's kernel (``several_rows="kernel"``), stay the library's (``"library"``), or become multiply-and-sums
+    too (``"reductions"``, an experiment's variant). Where the kernel cannot be built the library's stay."""
 
-    def __init__(self, several_rows: str = "kernel"):
-        if several_rows not in SEVERAL_ROWS:
-            raise ValueError(f"several_rows must be one of {SEVERAL_ROWS}, got {several_rows!r}")
-        if several_rows == "kernel":   # loaded here, not in the pass: a graph from inductor's cache runs no pass
+    def __init__(self, several_rows: str = "kernel", one_row: str = "reductions"):
+        for name, value, allowed in (("several_rows", several_rows, SEVERAL_ROWS), ("one_row", one_row, ONE_ROW)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if "kernel" in (several_rows, one_row):   # loaded here, not in the pass: a cached graph runs no pass
             from ds_spd.serve import row_kernel
-            several_rows = "kernel" if row_kernel.load() else "library"
-        self.several_rows = several_rows
+            if not row_kernel.load():
+                several_rows, one_row = (("library" if v == "kernel" else v) for v in (several_rows, one_row))
+        self.several_rows, self.one_row = several_rows, one_row
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        _ONE_ROW.apply(graph)
-        if self.several_rows == "reductions":
-            _SEVERAL_ROWS.apply(graph)
-        elif self.several_rows == "kernel":
-            _KERNEL.apply(graph)
+        if self.one_row != "library":
+            (_ONE_ROW if self.one_row == "reductions" else _ONE_ROW_KERNEL).apply(graph)
+        if self.several_rows != "library":
+            (_SEVERAL_ROWS if self.several_rows == "reductions" else _KERNEL).apply(graph)
 
-    def uuid(self) -> Any:   # inductor's cache key: this pass's code, the kernel's, and the setting
+    def uuid(self) -> Any:   # inductor's cache key: this pass's code, the kernel's, and the settings
         from ds_spd.serve import row_kernel
-        return get_hash_for_files((__file__, row_kernel.__file__, row_kernel.SOURCE)), self.several_rows
+        return get_hash_for_files((__file__, row_kernel.__file__, row_kernel.SOURCE)), self.several_rows, self.one_row
 
 
 def _argument_guards(names: set[str]) -> Callable[[list], list[bool]]:
@@ -171,14 +182,14 @@ class AheadOfTimeDecode:
 
 
 def compile_decode(fn: Callable, model: torch.nn.Module, ahead_of_time: bool = False,
-                   several_rows: str = "kernel") -> Callable:
+                   several_rows: str = "kernel", one_row: str = "reductions") -> Callable:
     """``fn`` (a decode step of ``model``) under ``torch.compile`` as above; ``ahead_of_time``: as
-    :class:`AheadOfTimeDecode` (``fn`` a bound method; measured, not adopted: docs/latency.md); ``several_rows``:
-    how the several-rows graph multiplies (:class:`RowProducts`)."""
+    :class:`AheadOfTimeDecode` (``fn`` a bound method; measured, not adopted: docs/latency.md); ``several_rows``,
+    ``one_row``: how the several-rows and the one-row graphs multiply (:class:`RowProducts`)."""
     import torch._dynamo.config as dynamo
 
     from ds_spd.models.attention import use_packed_decode_attention
     use_packed_decode_attention(model)
     dynamo.specialize_float = True
-    options = {"post_grad_custom_post_pass": RowProducts(several_rows)}
+    options = {"post_grad_custom_post_pass": RowProducts(several_rows, one_row)}
     return AheadOfTimeDecode(fn, options) if ahead_of_time else torch.compile(fn, dynamic=True, options=options)

@@ -1,20 +1,22 @@
 """The serving decode step on real TP ranks at several (rows, context) shapes, paired over interleaved rounds:
 eager; ``kernel``, what ``serve`` runs by default (ds_spd.serve.compile: dynamic shapes, one-row products as
 inductor's own multiply-and-sums, several-row products through ds_spd's C++ kernel); ``gemv``, the same with the
-several-row products left to the library (MKL); ``rows``, the several-rows graph's products as multiply-and-sums
-(an experiment's variant); ``dynamic``, no product rewritten (two graphs for
-every shape); ``aot``, ``kernel``'s graphs compiled ahead of time and called with only their inputs' guards checked
-(ds_spd.serve.compile.AheadOfTimeDecode); ``spd``, ``kernel`` with every block in SPD form (the same compiled
-function: its own graphs, the SPD-vs-TP pair of the lean step); ``frozen``, the same with inductor's freezing
-(weights folded into the graph as constants, prepacked for its GEMMs); ``static``, compiled for each shape alone
-(a graph per shape: what dynamic shapes may cost). ms per step, compile seconds. Each rank's weight bytes (what a
-one-row step reads: every parameter but the embedding table) over its step time, against the bandwidth one core
-reads in the same round, both ranks at once (``torch.sum`` over 512 MB; ``F.linear`` of one row over 1 GB of
-distinct matrices; the faster of the two): the fraction of the memory limit, paired by round (median and range).
-The variant compiled later in a run has measured faster in every run so far: pair two runs in both orders.
+several-row products left to the library (MKL); ``onekernel``, ``kernel`` with the one-row products through
+ds_spd's kernel too; ``onegemv``, ``kernel`` with the one-row products left to the library; ``rows``, the
+several-rows graph's products as multiply-and-sums (an experiment's variant); ``dynamic``, no product rewritten
+(two graphs for every shape); ``aot``, ``kernel``'s graphs compiled ahead of time and called with only their
+inputs' guards checked (ds_spd.serve.compile.AheadOfTimeDecode); ``spd``, ``kernel`` with every block in SPD form
+(the same compiled function: its own graphs, the SPD-vs-TP pair of the lean step); ``frozen``, the same with
+inductor's freezing (weights folded into the graph as constants, prepacked for its GEMMs); ``static``, compiled
+for each shape alone (a graph per shape: what dynamic shapes may cost). ms per step, compile seconds. Each rank's
+weight bytes (what a one-row step reads: every parameter but the embedding table) over its step time, against the
+bandwidth one core reads in the same round, both ranks at once (``torch.sum`` over 512 MB; ``F.linear`` of one row
+over 1 GB of distinct matrices; the faster of the two): the fraction of the memory limit, paired by round (median
+and range). The variant compiled later in a run has measured faster in every run so far: pair two runs in both
+orders.
 
     torchrun --nproc_per_node 2 scripts/experiments/decode_shapes.py [--spd-blocks none] [--rounds 5] \
-        [--variants eager,kernel,gemv,rows,aot,spd,dynamic,frozen,static] [--out F]
+        [--variants eager,kernel,onekernel,onegemv,gemv,rows,aot,spd,dynamic,frozen,static] [--out F]
 """
 from __future__ import annotations
 
@@ -81,10 +83,13 @@ def main() -> None:
         elif name == "aot":   # kernel's graphs compiled ahead of time, only their inputs' guards checked
             ex.compiled = fns[name] = compile_decode(ex._decode, model, ahead_of_time=True)
             ex.warm_up()
-        elif name in ("kernel", "rows", "gemv", "dynamic", "frozen"):
+        elif name in ("kernel", "rows", "gemv", "onekernel", "onegemv", "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
-            several = {"kernel": "kernel", "rows": "reductions", "gemv": "library"}.get(name)
-            ex.compiled = fns[name] = compile_decode(ex._decode, model, several_rows=several) if several else \
+            several = {"kernel": "kernel", "rows": "reductions", "gemv": "library", "onekernel": "kernel",
+                       "onegemv": "kernel"}.get(name)
+            one = {"onekernel": "kernel", "onegemv": "library"}.get(name, "reductions")
+            ex.compiled = fns[name] = compile_decode(ex._decode, model, several_rows=several, one_row=one) \
+                if several else \
                 torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
             ex.warm_up()
         elif name == "static":

@@ -320,12 +320,15 @@ def test_compiled_decode_equals_eager():
     assert counters["ds_spd"]["several_row_kernel"] - kernel >= 7
 
 
-@pytest.mark.parametrize("several_rows", ["library", "reductions", "kernel"])
-def test_row_products_equal_the_library_products(several_rows):
+@pytest.mark.parametrize("several_rows,one_row", [("library", "reductions"), ("reductions", "reductions"),
+                                                  ("kernel", "reductions"), ("kernel", "kernel"),
+                                                  ("kernel", "library")])
+def test_row_products_equal_the_library_products(several_rows, one_row):
     """The decode graphs' product rewrite (ds_spd.serve.compile.RowProducts): the one-row graph's products (with
-    and without a bias) always; the several-rows graph's as asked (ds_spd's C++ kernel, serve's default; the
-    multiply-and-sums of an experiment; or left alone). The results equal the library's products to float
-    rounding, at row counts the kernel takes in one chunk of rows, in two, and with a chunk of one row."""
+    and without a bias) and the several-rows graph's as asked (ds_spd's C++ kernel; multiply-and-sums; or left to
+    the library; serve's default: one-row multiply-and-sums, several rows through the kernel). The results equal
+    the library's products to float rounding, at row counts the kernel takes in one chunk of rows, in two, and with
+    a chunk of one row."""
     import torch.nn.functional as F
     from torch._dynamo.utils import counters
 
@@ -336,17 +339,20 @@ def test_row_products_equal_the_library_products(several_rows):
         return F.linear(x, w, b) + F.linear(x.flip(0), w)
 
     torch._dynamo.reset()
-    names = ("one_row_products", "several_row_products", "several_row_kernel")
+    names = ("one_row_products", "one_row_kernel", "several_row_products", "several_row_kernel")
     before = {k: counters["ds_spd"][k] for k in names}
-    g = torch.compile(f, dynamic=True, options={"post_grad_custom_post_pass": RowProducts(several_rows)})
+    g = torch.compile(f, dynamic=True, options={"post_grad_custom_post_pass": RowProducts(several_rows, one_row)})
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
         for rows in (1, 3, 5, 9, 17):
             x = torch.randn(rows, 40)
             torch.testing.assert_close(g(x), f(x), rtol=1e-5, atol=1e-5)
     added = {k: counters["ds_spd"][k] - before[k] for k in names}
-    assert added == {"one_row_products": 2, "several_row_products": 2 * (several_rows == "reductions"),
+    assert added == {"one_row_products": 2 * (one_row == "reductions"), "one_row_kernel": 2 * (one_row == "kernel"),
+                     "several_row_products": 2 * (several_rows == "reductions"),
                      "several_row_kernel": 2 * (several_rows == "kernel")}
+    with pytest.raises(ValueError, match="one_row must be one of"):
+        RowProducts(several_rows, "gemv")
 
 
 class _Step:
