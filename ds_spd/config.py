@@ -108,6 +108,8 @@ class DistillConfig(_Strict):
     kl_segments: Optional[int] = Field(None, ge=1, description="calibration segments the end-to-end stage reads, "
                                        "held-out ones included (default: those the blocks read); it keeps no "
                                        "activations, so more cost time, not memory")
+    kl_corpora: Optional[str] = Field(None, description="the corpora the end-to-end stage reads, a mixture as "
+                                      "calibration.dataset takes (default: those the blocks read)")
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
     corpora: Optional[str] = Field(None, description="the corpora distillation reads, a mixture as calibration.dataset "

@@ -134,14 +134,15 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     out = str(tmp_path / "ckpt")
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3",
             "--schedule", "cosine", "--warmup", "0.2", "--val-segments", "2", "--kl-epochs", "2", "--kl-lr", "1e-3",
-            "--kl-segments", "12", "--json"]
+            "--kl-segments", "12", "--kl-corpora", "shakespeare", "--json"]
     k = args.index("--kl-epochs")
-    blocks_only = args[:k] + args[k + 6:]   # the same run without the end-to-end stage, into the same out
+    blocks_only = args[:k] + args[k + 8:]   # the same run without the end-to-end stage, into the same out
     # one process (tests/support/cli_batch.py): the blocks alone, then the KL stage on them (the blocks reused from
     # the work dir, which the stage's settings do not fingerprint), eval, a re-run and a refusal, none of which trains
-    first, run, ev, again, bad = run_cli_batch([
+    first, run, ev, again, bad, misspelt = run_cli_batch([
         blocks_only, args, ["eval", "--model", tiny_dir, "--virtual-tp", "2", "--checkpoint", out, *DATA, "--json"],
-        args, [*args[:-1], "--patience", "2", "--val-segments", "0"]], str(tmp_path))
+        args, [*args[:-1], "--patience", "2", "--val-segments", "0"],
+        [*args[:-1], "--kl-corpora", "pydoc+shakspeare", "--out", str(tmp_path / "other")]], str(tmp_path))
     assert first["code"] == 0, first["stderr"][-3000:]
     assert run["code"] == 0, run["stderr"][-3000:]
     assert "already complete" not in run["stderr"] and run["stderr"].count("already trained") == 2
@@ -156,12 +157,14 @@ def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     kl = prov["kl_stage"]
     assert kl["measured_on"] == "held-out calibration segments" and len(kl["history"]) == 2
     assert (kl["segments"], kl["held_out"]) == (12, 2)   # more segments than the blocks' 8, the same held-out count
+    assert kl["calibration"]["dataset"] == "shakespeare" and prov["calibration"]["dataset"] != "shakespeare"
     assert "end-to-end KL" in run["stderr"] and "12 segments" in run["stderr"]
     assert kl["final_kl"] <= kl["initial_kl"] and result["kl_stage"]["best_epoch"] == kl["best_epoch"]
     assert prov["settings"]["kl_epochs"] == 2 and prov["settings"]["schedule"] == "cosine"
     assert last_json(ev["stdout"])["spd_blocks"] == [0, 1, 2]
     assert again["code"] == 0 and "already complete" in again["stderr"]
     assert bad["code"] == 2 and "patience needs held-out segments" in bad["stderr"]
+    assert misspelt["code"] == 2 and "shakspeare" in misspelt["stderr"] and not os.path.exists(tmp_path / "other")
 
 
 def test_cli_distill_aware_scan_and_budget_with_distillation_in_the_loop(tiny_dir, tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
-from ds_spd.config import SPDConfig, load_ds_config
+from ds_spd.config import DataConfig, SPDConfig, load_ds_config
 from ds_spd.stages.distill.joint import distill
 from ds_spd.stages.distill.kit import DEFAULT_OPTIMIZER, DistillSettings, plan_digest
 from ds_spd.stages.planner import DEFAULT_THRESHOLDS, classify, relative
@@ -76,6 +76,15 @@ def untrained_note(plan: Plan) -> list[str]:
         lines.append(f"block(s) {stale} change the model by more than the ISB threshold {thresholds[0]:g}: re-run "
                      "`ds-spd plan` (blocks are classed by the size of their delta) to distill them")
     return lines
+
+
+def kl_stage_data(calibration: DataConfig, settings: DistillSettings) -> DataConfig:
+    """The text the end-to-end stage reads: the blocks' calibration, with its own segment count and corpora where
+    ``distill.kl_segments`` / ``distill.kl_corpora`` set them."""
+    update = {} if settings.kl_segments is None else {"max_samples": settings.kl_segments}
+    if settings.kl_corpora is not None:
+        update.update(dataset=settings.kl_corpora, text=None)
+    return calibration.model_copy(update=update)
 
 
 def check_kl_fits(kl_epochs: int, spec: RunSpec) -> None:
@@ -180,6 +189,9 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     d = cfg.calibration
     check_kl_fits(cfg.distill.kl_epochs, spec)
+    if cfg.distill.kl_epochs and cfg.distill.kl_corpora:   # a misspelt corpus: refused before any work
+        from ds_spd.data import check_data_source
+        check_data_source(None, cfg.distill.kl_corpora, d.split)
     use_accelerate = launched_by_accelerate()
     out = cfg.distill.out.rstrip(os.sep)
     work_dir = (cfg.distill.work_dir or out + ".work").rstrip(os.sep)
@@ -250,10 +262,11 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         from ds_spd.stages.distill.e2e import kl_stage
         if runner is None:
             runner = build_runner(run.spec, data_parallel=True)
-        kl_segments = segments if run.settings.kl_segments is None else \
-            segments_for(d.model_copy(update={"max_samples": run.settings.kl_segments}), tokenizer)
+        kl_data = kl_stage_data(d, run.settings)
+        kl_segments = segments if kl_data == d else segments_for(kl_data, tokenizer)
         e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), kl_segments, run.ds_config,
                        run.settings, run.use_accelerate, progress)
+        e2e["calibration"] = kl_data.source()
         result.block_states = e2e.pop("states")
         if progress:
             print(f"distill: end-to-end KL {e2e['initial_kl']:.4g} -> {e2e['final_kl']:.4g} "
