@@ -103,8 +103,8 @@ class DistillConfig(_Strict):
                            "SmolLM2's recipe: 2 epochs (chosen on validation, where it gained on the calibration "
                            "corpora's own text; docs/experiments.md), other models: off")
     kl_lr: Optional[float] = Field(None, gt=0, description="learning rate of the end-to-end stage (default: the "
-                                   "blocks' lr / 20, ds_spd.stages.lr.kl_stage_lr: 5e-5 on SmolLM2, 1e-5 on Gemma 3 "
-                                   "270M, chosen on validation on both)")
+                                   "blocks' lr / 20, ds_spd.stages.lr.kl_stage_lr: 1e-5 on Gemma 3 270M; SmolLM2's "
+                                   "recipe 1e-4 on its 256 stage segments; chosen on validation on both)")
     kl_segments: Optional[int] = Field(None, ge=1, description="calibration segments the end-to-end stage reads, "
                                        "held-out ones included (default: those the blocks read); it keeps no "
                                        "activations, so more cost time, not memory")

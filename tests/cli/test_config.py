@@ -62,7 +62,7 @@ def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
     shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
     stage = ("kl_epochs", "kl_segments")
     assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 256]
-    assert recipe.kl_lr is None and shipped.kl_lr == kl_stage_lr(shipped.lr) == 5e-5   # the rule's rate, said
+    assert recipe.kl_lr == shipped.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.lr)   # the recipe's rate, said
 
 
 def test_plan_round_trip_and_mismatch(tmp_path):
@@ -190,8 +190,11 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     smol = resolve_spd_config({}, model="default")
     assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
     assert smol.distill.epochs == 8
-    # both shipped models add the end-to-end KL stage, at the rule's rate (the blocks' lr / 20); other models do not
-    assert (smol.distill.kl_epochs, smol.distill.kl_lr) == (gemma.distill.kl_epochs, gemma.distill.kl_lr) == (2, None)
+    # both shipped models add the end-to-end KL stage; Gemma 3's at the rule's rate (the blocks' lr / 20), SmolLM2's
+    # at its recipe's 1e-4 unless the user sets the blocks' lr (then the rule's); other models add no stage
+    assert (smol.distill.kl_epochs, gemma.distill.kl_epochs) == (2, 2)
+    assert (smol.distill.kl_lr, gemma.distill.kl_lr) == (1e-4, None)
+    assert resolve_spd_config({}, model="default", distill={"lr": 2e-3}).distill.kl_lr is None
     gemma_tp2 = resolve_spd_config(os.path.join(ROOT, "configs", "spd_gemma3_270m_tp2.json")).distill
     assert gemma_tp2.kl_lr == kl_stage_lr(gemma_tp2.lr) == 1e-5   # the tp 2 config says the rule's rate
     assert resolve_spd_config({}, model="/some/hf/dir").distill.kl_epochs == 0
