@@ -195,6 +195,7 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert (smol.distill.kl_epochs, gemma.distill.kl_epochs) == (2, 2)
     assert (smol.distill.kl_lr, gemma.distill.kl_lr) == (1e-4, None)
     assert resolve_spd_config({}, model="default", distill={"lr": 2e-3}).distill.kl_lr is None
+    assert resolve_spd_config({}, model="default", distill={"segments": 32}).distill.kl_lr is None   # as make demo
     gemma_tp2 = resolve_spd_config(os.path.join(ROOT, "configs", "spd_gemma3_270m_tp2.json")).distill
     assert gemma_tp2.kl_lr == kl_stage_lr(gemma_tp2.lr) == 1e-5   # the tp 2 config says the rule's rate
     assert resolve_spd_config({}, model="/some/hf/dir").distill.kl_epochs == 0
