@@ -8,8 +8,8 @@ grain, dtype, calibration data and its file contents, learning rate, micro-batch
 config, the number of ranks, the launcher). The fingerprint is compared *before* any training state is
 loaded; a difference is an error naming the keys (``--restart`` discards the old state). The number of
 epochs is not part of it: asking for more epochs continues a finished run. Nor is the end-to-end KL stage's
-(``kl_epochs``, ``kl_lr``, ``kl_segments``, ``kl_corpora``): it runs after the blocks, from their finished weights, and keeps
-nothing here, so trying it at another rate reuses the blocks.
+(``kl_epochs``, ``kl_lr``, ``kl_segments``, ``kl_corpora``): it runs after the blocks, from their finished
+weights, and keeps nothing here, so trying it at another rate reuses the blocks.
 """
 from __future__ import annotations
 
