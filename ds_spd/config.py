@@ -25,6 +25,14 @@ from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    #: fields whose value is one of a fixed set (each a flag with those choices: ds_spd.cli)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @field_validator("*")
+    @classmethod
+    def _choice(cls, v, info: ValidationInfo):
+        allowed = cls.CHOICES.get(info.field_name)
+        return v if allowed is None else _one_of(v, allowed)
 
 
 class DataConfig(_Strict):
@@ -116,11 +124,6 @@ class DistillConfig(_Strict):
                                    "takes (default: the scan's calibration.dataset with the stdlib's docstrings added "
                                    "where that is the default mixture, else calibration.dataset)")
 
-    @field_validator(*CHOICES)
-    @classmethod
-    def _choice(cls, v: str, info: ValidationInfo) -> str:
-        return _one_of(v, cls.CHOICES[info.field_name])
-
     @model_validator(mode="after")
     def _budget_needs_layerwise(self):
         if self.activation_budget_gb is not None and self.trainer != "layerwise":
@@ -157,11 +160,6 @@ class ScanConfig(_Strict):
                                "measured on (unless --split is given): text distillation did not train on, since "
                                "costs on the training text favour the blocks that fit it best (docs/recovery.md)")
 
-    @field_validator(*CHOICES)
-    @classmethod
-    def _choice(cls, v: str, info: ValidationInfo) -> str:
-        return _one_of(v, cls.CHOICES[info.field_name])
-
     @model_validator(mode="after")
     def _distilled_is_isolated(self):
         if self.ranking == "distilled" and self.method != "isolated":
@@ -170,6 +168,8 @@ class ScanConfig(_Strict):
 
 
 class SPDConfig(_Strict):
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"comm": COMM_PATHS, "load": LOAD_MODES, "dtype": DTYPES}
+
     model: str = Field("default", description="'default' (embedded SmolLM2-135M), a local HF directory or a hub id")
     tp_size: int = Field(2, ge=1)
     spd_blocks: Optional[list[int]] = None
@@ -187,21 +187,6 @@ class SPDConfig(_Strict):
                                                 "do not fit one corpus")
     scan: ScanConfig = Field(default_factory=ScanConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
-
-    @field_validator("comm")
-    @classmethod
-    def _comm(cls, v: str) -> str:
-        return _one_of(v, COMM_PATHS)
-
-    @field_validator("load")
-    @classmethod
-    def _load(cls, v: str) -> str:
-        return _one_of(v, LOAD_MODES)
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        return _one_of(v, DTYPES)
 
     @model_validator(mode="after")
     def _one_block_source(self):
