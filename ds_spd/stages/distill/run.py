@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ds_spd.checkpoint import check_checkpoint_target, is_checkpoint, read_provenance, save_checkpoint
-from ds_spd.config import DataConfig, SPDConfig, load_ds_config
+from ds_spd.config import DataConfig, DistillConfig, SPDConfig, load_ds_config
 from ds_spd.stages.distill.joint import distill
 from ds_spd.stages.distill.kit import DEFAULT_OPTIMIZER, DistillSettings, plan_digest
 from ds_spd.stages.planner import DEFAULT_THRESHOLDS, classify, relative
@@ -78,7 +78,7 @@ def untrained_note(plan: Plan) -> list[str]:
     return lines
 
 
-def kl_stage_data(calibration: DataConfig, settings: DistillSettings) -> DataConfig:
+def kl_stage_data(calibration: DataConfig, settings: DistillConfig) -> DataConfig:
     """The text the end-to-end stage reads: the blocks' calibration, with its own segment count and corpora where
     ``distill.kl_segments`` / ``distill.kl_corpora`` set them."""
     update = {} if settings.kl_segments is None else {"max_samples": settings.kl_segments}
@@ -189,9 +189,10 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     d = cfg.calibration
     check_kl_fits(cfg.distill.kl_epochs, spec)
-    if cfg.distill.kl_epochs and cfg.distill.kl_corpora:   # a misspelt corpus: refused before any work
+    kl_data = kl_stage_data(d, cfg.distill)
+    if cfg.distill.kl_epochs and kl_data.dataset != d.dataset:   # its own corpora (a misspelt one: before any work)
         from ds_spd.data import check_data_source
-        check_data_source(None, cfg.distill.kl_corpora, d.split)
+        check_data_source(kl_data.text, kl_data.dataset, kl_data.split)
     use_accelerate = launched_by_accelerate()
     out = cfg.distill.out.rstrip(os.sep)
     work_dir = (cfg.distill.work_dir or out + ".work").rstrip(os.sep)
