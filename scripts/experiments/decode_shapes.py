@@ -28,6 +28,9 @@ import time
 from compiled_decode import engine_and_prompt, serving_executor, timed_steps
 
 SHAPES = ((1, 300), (1, 1200), (8, 300), (8, 1200))
+#: the variants that rewrite the graphs' products: (several_rows, one_row) of ds_spd.serve.compile.RowProducts
+PRODUCTS = {"kernel": ("kernel", "reductions"), "rows": ("reductions", "reductions"), "gemv": ("library", "reductions"),
+            "onekernel": ("kernel", "kernel"), "onegemv": ("kernel", "library")}
 
 
 def one_core_bandwidth(dist) -> dict[str, float]:
@@ -83,14 +86,11 @@ def main() -> None:
         elif name == "aot":   # kernel's graphs compiled ahead of time, only their inputs' guards checked
             ex.compiled = fns[name] = compile_decode(ex._decode, model, ahead_of_time=True)
             ex.warm_up()
-        elif name in ("kernel", "rows", "gemv", "onekernel", "onegemv", "dynamic", "frozen"):
+        elif name in (*PRODUCTS, "dynamic", "frozen"):
             # options: another backend, so not the other variant's cached graphs (dynamo caches by code object)
-            several = {"kernel": "kernel", "rows": "reductions", "gemv": "library", "onekernel": "kernel",
-                       "onegemv": "kernel"}.get(name)
-            one = {"onekernel": "kernel", "onegemv": "library"}.get(name, "reductions")
+            several, one = PRODUCTS.get(name, (None, None))
             ex.compiled = fns[name] = compile_decode(ex._decode, model, several_rows=several, one_row=one) \
-                if several else \
-                torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
+                if several else torch.compile(ex._decode, dynamic=True, options={"freezing": name == "frozen"})
             ex.warm_up()
         elif name == "static":
             fns[name] = {shape: torch.compile(ex._decode, dynamic=False) for shape in SHAPES}
