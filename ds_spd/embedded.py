@@ -38,8 +38,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   recipe=(("scan.method", "cumulative", "scan.ranking"),
                           # docs/experiments.md, the KL stage on the three corpora: chosen on validation at 21
                           # and 30 of 30 blocks (the lowest mean over the three validation texts); the whole model
-                          # fits a rank. It reads 256 segments (the lower mean again, at both counts), unless the
-                          # user sets how many segments distillation reads
+                          # fits a rank. It reads 256 segments (the lower mean again, at both counts; 512: lower
+                          # at 30 blocks only, for twice the time), unless the user sets how many distillation reads
                           ("distill.kl_epochs", 2),
                           ("distill.kl_segments", 256, "calibration.max_samples", "distill.segments"),
                           # on those 256 segments the stage at 1e-4 (the blocks' lr / 10) gave the lower mean at 21
