@@ -78,7 +78,7 @@ def untrained_note(plan: Plan) -> list[str]:
     return lines
 
 
-def kl_stage_data(calibration: DataConfig, settings: DistillConfig) -> DataConfig:
+def kl_stage_data(calibration: DataConfig, settings: DistillConfig | DistillSettings) -> DataConfig:
     """The text the end-to-end stage reads: the blocks' calibration, with its own segment count and corpora where
     ``distill.kl_segments`` / ``distill.kl_corpora`` set them."""
     update = {} if settings.kl_segments is None else {"max_samples": settings.kl_segments}
