@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, LOAD_MODES,
-                            LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, KL_STAGE_DTYPES,
+                            LOAD_MODES, LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
                             SCAN_RANKINGS)
 from ds_spd.embedded import COMMON_RECIPE, embedded
 from ds_spd.errors import ConfigError, describe_validation
@@ -70,7 +70,7 @@ class DistillConfig(_Strict):
     SECTION: ClassVar[str] = "distill"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "input_source": INPUT_SOURCES, "trainer": DISTILL_TRAINERS, "head_grouping": HEAD_GROUPINGS,
-        "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES}
+        "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES, "kl_dtype": KL_STAGE_DTYPES}
 
     epochs: int = Field(8, ge=1, description="training epochs per block (fewer with patience)")
     lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate (default: scaled to the trained blocks' "
@@ -118,6 +118,10 @@ class DistillConfig(_Strict):
                                        "activations, so more cost time, not memory")
     kl_corpora: Optional[str] = Field(None, description="the corpora the end-to-end stage reads, a mixture as "
                                       "calibration.dataset takes (default: those the blocks read)")
+    kl_dtype: str = Field("float32", description=f"one of {KL_STAGE_DTYPES}: the end-to-end stage's training passes "
+                          "through the blocks under autocast in bf16, or in fp32 (the head, the KL and the held-out "
+                          "epoch choice stay fp32); auto: bf16 where its matmul is faster than fp32 here (GPUs, "
+                          "CPUs with bf16 units), measured once")
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
     corpora: Optional[str] = Field(None, description="the corpora distillation reads, a mixture as calibration.dataset "

@@ -6,8 +6,9 @@
 # model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), a third
 # shipped corpus in the mixture (addC, e.g. adddocstrings; adddocstrings-code adds two), another learning rate
 # (lrX), more epochs (epE), the end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate; klsegN: its
-# segments; klcorpC(-D): its corpora, pydoc and Shakespeare with C (and D)); knobs joined by "+" combine
-# (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks, its work dir;
+# segments; klcorpC(-D): its corpora, pydoc and Shakespeare with C (and D); klbf16 / klfp32: its dtype); knobs
+# joined by "+" combine (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks,
+# its work dir;
 # SmolLM2's recipe has the stage since its runs here: kl0 is the blocks alone). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
@@ -60,6 +61,8 @@ for n in ${counts//,/ }; do
         klseg*) how+=(--kl-segments "${part#klseg}");;  # klsegN: the end-to-end stage reads N segments
         klcorp*) c=${part#klcorp}; how+=(--kl-corpora "pydoc+shakespeare+${c//-/+}");;  # klcorpC(-D): its corpora
         kllr*) how+=(--kl-lr "${part#kllr}");;  # kllrX: the end-to-end stage's rate
+        klbf16) how+=(--kl-dtype bfloat16);;  # the end-to-end stage's training passes in bf16 (autocast)
+        klfp32) how+=(--kl-dtype float32);;
         kl*) how+=(--kl-epochs "${part#kl}");;  # klE: E epochs of the end-to-end KL stage after the blocks
         window*) how+=(--loss-window "${part#window}");;
         seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs

@@ -60,8 +60,8 @@ def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
     """The tp 2 configs set the calibration count, which would turn the recipe's stage segments off: they say them."""
     recipe = resolve_spd_config({}, model="default").distill
     shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
-    stage = ("kl_epochs", "kl_segments")
-    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 256]
+    stage = ("kl_epochs", "kl_segments", "kl_dtype")
+    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 256, "auto"]
     assert recipe.kl_lr == shipped.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.lr)   # the recipe's rate, said
 
 
@@ -202,6 +202,9 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert resolve_spd_config({}, model="default", distill={"kl_epochs": 0}).distill.kl_epochs == 0   # a flag wins
     # SmolLM2's stage reads 256 segments, unless the user sets how many distillation reads (Gemma 3: those)
     assert (smol.distill.kl_segments, gemma.distill.kl_segments) == (256, None)
+    # SmolLM2's stage trains in bf16 where the machine is faster in it (validated there); Gemma 3's in fp32
+    assert (smol.distill.kl_dtype, gemma.distill.kl_dtype) == ("auto", "float32")
+    assert resolve_spd_config({}, model="default", distill={"kl_dtype": "float32"}).distill.kl_dtype == "float32"
     assert resolve_spd_config({}, model="default", distill={"segments": 32}).distill.kl_segments is None
     assert resolve_spd_config({}, model="default", data={"max_samples": 8},
                               data_section="calibration").distill.kl_segments is None

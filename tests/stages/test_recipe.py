@@ -61,14 +61,26 @@ def test_lr_schedule_warm_up_then_cosine_to_zero():
     assert lrs[-1] < 0.001 and lrs[40] == pytest.approx(0.75)   # cos(pi * 30/90)
 
 
-def test_kl_stage_lowers_the_kl_and_leaves_the_model_alone():
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_kl_stage_lowers_the_kl_and_leaves_the_model_alone(autocast):
     model = ds_spd.virtualize(tiny_model(), 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layers = list(decoder_layers(model))
     blocks = (0, 1, 2, 3)
     settings = DistillSettings(micro_batch=4, kl_epochs=6, kl_lr=2e-3, val_segments=0)   # measured on batch 1
-    result = kl_stage(model, _states(model, blocks), blocks, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings,
-                      progress=False)
+    block_type = type(layers[0])   # the students are copies made inside: every block of that type is watched
+    seen = []   # with gradients or not, the autocast dtype each block pass ran under (fp32: none)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append((torch.is_grad_enabled(), torch.get_autocast_dtype("cpu")
+                                          if torch.is_autocast_enabled("cpu") else torch.float32))
+        if type(m) is block_type else None)
+    try:
+        result = kl_stage(model, _states(model, blocks), blocks, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings,
+                          progress=False, autocast=autocast)
+    finally:
+        handle.remove()
+    assert {dtype for grad, dtype in seen if grad} == {autocast or torch.float32}   # the training passes
+    assert result["dtype"] == str(autocast or torch.float32).removeprefix("torch.")
     assert result["final_kl"] < 0.7 * result["initial_kl"], result
     assert result["history"][-1]["kl"] < result["history"][0]["kl"]
     assert list(decoder_layers(model)) == layers and ds_spd.get_spd_blocks(model) == ()
@@ -83,7 +95,7 @@ def test_kl_stage_lowers_the_kl_and_leaves_the_model_alone():
         ds_spd.set_spd_blocks(model, blocks)
         logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
     kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean().item()
-    assert kl == pytest.approx(result["final_kl"], rel=1e-4)
+    assert kl == pytest.approx(result["final_kl"], rel=1e-4)   # so the epoch was chosen in fp32, bf16 or not
 
 
 def test_distill_aware_scan_measures_each_block_with_its_distilled_weights():

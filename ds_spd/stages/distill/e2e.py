@@ -6,11 +6,16 @@ to make the SPD model's next-token distribution match the TP model's: loss KL(p_
 on the calibration segments. The whole model is in one process (virtual TP): the TP model is the same
 model with the original blocks swapped back in and every block in TP form, so no second copy is held.
 Every other weight is frozen. Held-out segments (``val_segments``) choose the epoch, as in B2B.
+
+The stage is compute-bound (four passes through the model a step: the TP model's, the students' and their
+backward); ``kl_dtype`` bfloat16 runs the training passes through the blocks under autocast (weights and
+optimizer stay fp32), while the head, the KL and the held-out measurement that chooses the epoch stay fp32.
 """
 from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -24,8 +29,10 @@ class EndToEndKL(nn.Module):
     """Trainable: the students (SPD copies of the distilled blocks). ``forward(input_ids)`` returns the mean
     per-token KL and, per student, that same value (each block's held-out objective is the joint one)."""
 
-    def __init__(self, model: nn.Module, students: dict[int, nn.Module], spd_blocks: tuple[int, ...]):
+    def __init__(self, model: nn.Module, students: dict[int, nn.Module], spd_blocks: tuple[int, ...],
+                 autocast: torch.dtype | None = None):
         super().__init__()
+        self.autocast = autocast   # the training passes through the blocks (not the head, not held-out ones)
         self.indices = sorted(students)
         self.blocks = nn.ModuleList([students[i] for i in self.indices])
         self.spd_blocks = tuple(spd_blocks)
@@ -42,12 +49,16 @@ class EndToEndKL(nn.Module):
     def forward(self, input_ids: torch.Tensor):
         from ds_spd.models.head import final_hidden, kl_to
         model = self._model[0]
+        cast = self.autocast if torch.is_grad_enabled() and self.autocast not in (None, torch.float32) else None
+        blocks = torch.autocast(input_ids.device.type, dtype=cast) if cast else nullcontext()
         try:
             self._use(False)
-            with torch.no_grad():
+            with torch.no_grad(), blocks:
                 target = final_hidden(model, input_ids=input_ids)
             self._use(True)
-            kl = kl_to(model, final_hidden(model, input_ids=input_ids), target)   # the head in chunks of tokens
+            with blocks:
+                hidden = final_hidden(model, input_ids=input_ids)
+            kl = kl_to(model, hidden.float(), target.float())   # the head in chunks of tokens, fp32
         finally:
             self._use(False)
         return kl, kl.detach().repeat(len(self.indices))
@@ -55,11 +66,12 @@ class EndToEndKL(nn.Module):
 
 def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_blocks: tuple[int, ...],
              segments: torch.Tensor, ds_config: dict, settings: DistillSettings, use_accelerate: bool = False,
-             progress: bool = True) -> dict:
+             progress: bool = True, autocast: torch.dtype | None = None) -> dict:
     """Train the blocks of ``states`` (B2B results, loaded into SPD copies of ``model``'s blocks; ``model``
     is a virtualized model with its original weights, left as it was) for ``settings.kl_epochs`` epochs at
     ``settings.kl_lr``. Returns {"states", "history", "initial_kl", "final_kl", "best_epoch", "seconds"}:
-    KL measured on the held-out segments (else the first micro-batch), before and with the returned weights."""
+    KL measured on the held-out segments (else the first micro-batch), before and with the returned weights.
+    ``autocast``: the dtype of the training passes through the blocks (None: the model's own)."""
     kl_settings = settings.model_copy(update={"epochs": settings.kl_epochs, "lr": settings.kl_lr})
     layers = decoder_layers(model)
     requires = {p: p.requires_grad for p in model.parameters()}
@@ -70,7 +82,7 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
         student.load_state_dict(state)
         student.requires_grad_(True)
         students[i] = student
-    module = EndToEndKL(model, students, spd_blocks)
+    module = EndToEndKL(model, students, spd_blocks, autocast)
     data = TensorDataset(segments)
     held_out = held_out_count(len(data), kl_settings)
     start = time.perf_counter()
@@ -85,6 +97,7 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
         return {"states": fitted.states, "history": history, "initial_kl": best.start[first],
                 "final_kl": best.loss[first], "best_epoch": best.epoch[first], "seconds": time.perf_counter() - start,
                 "segments": len(data), "held_out": held_out,
+                "dtype": str(autocast or next(module.parameters()).dtype).removeprefix("torch."),
                 "measured_on": "held-out calibration segments" if held_out else "the first calibration micro-batch"}
     finally:
         for p, r in requires.items():

@@ -87,6 +87,15 @@ def kl_stage_data(calibration: DataConfig, settings: DistillConfig | DistillSett
     return calibration.model_copy(update=update)
 
 
+def kl_autocast(name: str, model: torch.nn.Module) -> torch.dtype | None:
+    """The KL stage's training dtype through the blocks (``distill.kl_dtype``): ``auto`` is bf16 where a matmul
+    is faster in bf16 than in fp32 on the model's device (ds_spd.models.head.faster_head_dtype, measured once);
+    None: the model's own dtype."""
+    from ds_spd.models.head import faster_head_dtype
+    dtype = faster_head_dtype(next(model.parameters()).device) if name == "auto" else getattr(torch, name)
+    return None if dtype == torch.float32 else dtype
+
+
 def check_kl_fits(kl_epochs: int, spec: RunSpec) -> None:
     """The end-to-end stage holds the whole model in one process: refused before any work where it would not
     fit this rank's share of the available memory twice over (weights, then logits and trained state)."""
@@ -266,13 +275,13 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         kl_data = kl_stage_data(d, run.settings)
         kl_segments = segments if kl_data == d else segments_for(kl_data, tokenizer)
         e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), kl_segments, run.ds_config,
-                       run.settings, run.use_accelerate, progress)
+                       run.settings, run.use_accelerate, progress, kl_autocast(run.settings.kl_dtype, runner.hf_model))
         e2e["calibration"] = kl_data.source()
         result.block_states = e2e.pop("states")
         if progress:
             print(f"distill: end-to-end KL {e2e['initial_kl']:.4g} -> {e2e['final_kl']:.4g} "
                   f"(epoch {e2e['best_epoch']} kept, {e2e['measured_on']}; {e2e['segments']} segments, "
-                  f"{e2e['seconds']:.0f} s)", file=sys.stderr)
+                  f"{e2e['dtype']}, {e2e['seconds']:.0f} s)", file=sys.stderr)
     last_epoch = result.history[-1]["loss"] if result.history else {}
     report = DistillReport(
         checkpoint=run.out, initial_mse=result.initial_mse, final_mse=result.final_mse, last_epoch_loss=last_epoch,
