@@ -23,6 +23,7 @@ import torch
 
 from ds_spd.errors import ConfigError, DataError, SPDInputError
 from ds_spd.outputs import write_atomic
+from ds_spd.ranks import is_main_rank
 from ds_spd.models.loading import cache_dir, hub_reachable
 
 SPLITS = ("train", "validation", "test")
@@ -215,14 +216,29 @@ def segments_for(data, tokenizer, rank: int = 0, world: int = 1) -> torch.Tensor
     parts = [None] if data.text else mixture(data.dataset)
     if len(parts) == 1:
         lines = load_texts(data.text, data.dataset, data.split)
-        return token_segments(lines, tokenizer, data.seq_len, data.max_samples, data.seed)[rank::world]
+        got = token_segments(lines, tokenizer, data.seq_len, data.max_samples, data.seed)
+        _note_short(data, [(", ".join(data.text) if data.text else data.dataset, data.max_samples, got)])
+        return got[rank::world]
     # a mixture: equal shares (the first ones one more), interleaved so that any tail of the segments
     # (held-out segments of distillation) draws on every dataset
     shares = [data.max_samples // len(parts) + (k < data.max_samples % len(parts)) for k in range(len(parts))]
     each = [token_segments(load_texts(None, name, data.split), tokenizer, data.seq_len, n, data.seed)
             for name, n in zip(parts, shares)]
+    _note_short(data, list(zip(parts, shares, each)))
     order = sorted(((j, k) for k, seg in enumerate(each) for j in range(seg.shape[0])))
     return torch.stack([each[k][j] for j, k in order])[rank::world]
+
+
+def _note_short(data, parts: list) -> None:
+    """Say where a text holds fewer segments than asked (``[(name, asked, segments)]``): the run goes on with
+    what there is (an eval of a short file, a mixture's small corpus), but a count the user chose is not silently
+    another. Once per launch: on the launcher's first rank."""
+    short = [f"{name!s} {seg.shape[0]} of {asked}" for name, asked, seg in parts
+             if asked is not None and seg.shape[0] < asked]
+    if short and is_main_rank():
+        total = sum(seg.shape[0] for _, _, seg in parts)
+        print(f"note: the {data.split} text holds fewer segments of {data.seq_len} tokens than asked ("
+              f"{'; '.join(short)}): {total} segments in all instead of {data.max_samples}", file=sys.stderr)
 
 
 def token_segments(lines: Sequence[str], tokenizer, seq_len: int, max_samples: int,

@@ -135,6 +135,23 @@ def test_calibration_mixture_interleaves_equal_shares():
         check_data_source(None, "pydoc+shakespeare", "dev")
 
 
+def test_a_text_with_fewer_segments_than_asked_says_so(capsys, tmp_path):
+    """A count the user chose that the text cannot give is said on stderr (the run goes on with what there is)."""
+    from ds_spd.config import DataConfig
+    from ds_spd.data import segments_for
+    from ds_spd.models.loading import load_tokenizer
+    tok = load_tokenizer("default")
+    pydoc = segments_for(DataConfig(dataset="pydoc", split="validation", max_samples=10_000, seed=0), tok)
+    assert f"pydoc {pydoc.shape[0]} of 10000" in capsys.readouterr().err
+    mixed = segments_for(DataConfig(dataset="pydoc+shakespeare", split="validation", max_samples=2 * pydoc.shape[0]
+                                    + 2, seed=0), tok)
+    err = capsys.readouterr().err
+    assert mixed.shape[0] == 2 * pydoc.shape[0] + 1 and f"pydoc {pydoc.shape[0]} of {pydoc.shape[0] + 1}" in err
+    assert "shakespeare" not in err and f"{mixed.shape[0]} segments in all instead of {2 * pydoc.shape[0] + 2}" in err
+    segments_for(DataConfig(dataset="pydoc", split="validation", max_samples=4, seed=0), tok)
+    assert capsys.readouterr().err == ""   # enough text: nothing said
+
+
 def test_cli_distill_with_held_out_epochs_and_kl_stage(tiny_dir, tmp_path):
     import json
     import os
