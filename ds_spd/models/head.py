@@ -76,6 +76,12 @@ def faster_head_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return _faster_cpu_dtype()
 
 
+def dtype_choice(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A dtype setting's value (the scan's head, the KL stage): ``auto`` is :func:`faster_head_dtype` on
+    ``device``, any other name that torch dtype."""
+    return faster_head_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 @functools.lru_cache(maxsize=1)
 def _faster_cpu_dtype() -> torch.dtype:
     import time

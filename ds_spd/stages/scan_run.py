@@ -57,11 +57,8 @@ class ScanRun:
     @cached_property
     def head_dtype(self) -> torch.dtype:
         """The head's matmul dtype while scoring (ds_spd.models.head.head_in); ``auto`` measured here."""
-        from ds_spd.models.head import faster_head_dtype
-        name = self.cfg.scan.head_dtype
-        if name == "auto":
-            return faster_head_dtype("cuda" if torch.cuda.is_available() else "cpu")
-        return getattr(torch, name)
+        from ds_spd.models.head import dtype_choice
+        return dtype_choice(self.cfg.scan.head_dtype, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def prepare(cfg: SPDConfig, out: str, *, checkpoint: str | None = None,

@@ -94,6 +94,13 @@ def test_head_dtype_auto_takes_bf16_only_where_it_measured_clearly_faster():
     assert dtype_for({f32: 1.0, bf16: 4.8}) == f32                    # emulated bf16
     chosen = faster_head_dtype()
     assert chosen in (f32, bf16) and faster_head_dtype() is chosen and faster_head_dtype("cuda") == bf16
+    # the settings that take the choice (scan.head_dtype, distill.kl_dtype) read it through one function
+    from ds_spd.models.head import dtype_choice
+    from ds_spd.stages.distill.run import kl_autocast
+    assert dtype_choice("auto") is chosen and dtype_choice("float32") == f32 and dtype_choice("bfloat16") == bf16
+    model = torch.nn.Linear(2, 2)
+    assert kl_autocast("auto", model) == (None if chosen == f32 else bf16) and kl_autocast("float32", model) is None
+    assert kl_autocast("bfloat16", model) == bf16
 
 
 # ---------------------------------------------------------------- the streamed scan (one block resident at a time)

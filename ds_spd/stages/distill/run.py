@@ -91,8 +91,8 @@ def kl_autocast(name: str, model: torch.nn.Module) -> torch.dtype | None:
     """The KL stage's training dtype through the blocks (``distill.kl_dtype``): ``auto`` is bf16 where a matmul
     is faster in bf16 than in fp32 on the model's device (ds_spd.models.head.faster_head_dtype, measured once);
     None: the model's own dtype."""
-    from ds_spd.models.head import faster_head_dtype
-    dtype = faster_head_dtype(next(model.parameters()).device) if name == "auto" else getattr(torch, name)
+    from ds_spd.models.head import dtype_choice
+    dtype = dtype_choice(name, next(model.parameters()).device)
     return None if dtype == torch.float32 else dtype
 
 
