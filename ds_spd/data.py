@@ -22,9 +22,9 @@ from typing import Callable, Sequence
 import torch
 
 from ds_spd.errors import ConfigError, DataError, SPDInputError
+from ds_spd.models.loading import cache_dir, hub_reachable
 from ds_spd.outputs import write_atomic
 from ds_spd.ranks import is_main_rank
-from ds_spd.models.loading import cache_dir, hub_reachable
 
 SPLITS = ("train", "validation", "test")
 

@@ -8,8 +8,7 @@
 # (lrX), more epochs (epE), the end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate; klsegN: its
 # segments; klcorpC(-D): its corpora, pydoc and Shakespeare with C (and D); klbf16 / klfp32: its dtype); knobs
 # joined by "+" combine (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks,
-# its work dir;
-# SmolLM2's recipe has the stage since its runs here: kl0 is the blocks alone). The
+# its work dir; SmolLM2's recipe has the stage since its runs here: kl0 is the blocks alone). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
 # other default, each checkpoint evaluated on three validation texts (pydoc and Shakespeare validation splits; the
 # second half of the pinned packages' descriptions, out of the calibration domain: the README path's test reads

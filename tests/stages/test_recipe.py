@@ -135,7 +135,7 @@ def test_calibration_mixture_interleaves_equal_shares():
         check_data_source(None, "pydoc+shakespeare", "dev")
 
 
-def test_a_text_with_fewer_segments_than_asked_says_so(capsys, tmp_path):
+def test_a_text_with_fewer_segments_than_asked_says_so(capsys):
     """A count the user chose that the text cannot give is said on stderr (the run goes on with what there is)."""
     from ds_spd.config import DataConfig
     from ds_spd.data import segments_for
