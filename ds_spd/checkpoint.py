@@ -1,7 +1,9 @@
 """The SPD checkpoint: a directory loadable on top of the base model, never pickle.
 
     plan.json                the plan (SPD blocks, classes, head permutations) it was trained for
-    spd_blocks.safetensors   the distilled (SB / ESB) blocks' weights, under their HF names (model.layers.N....)
+    spd_blocks.safetensors   the distilled (SB / ESB) blocks' weights, under their HF names (model.layers.N....),
+                             and those of the blocks the end-to-end stage tuned beside them (its metadata's
+                             ``tuned_blocks``: ``distill.kl_blocks`` all), each in the form the plan runs it in
     config.json              the base model's HF config
     provenance.json          what produced it: the run fingerprint, settings, losses, versions
 
@@ -40,7 +42,9 @@ def check_checkpoint_target(path: str) -> str:
 
 
 def save_checkpoint(path: str, plan: Plan, block_states: dict[int, dict[str, torch.Tensor]], model_config,
-                    provenance: dict) -> str:
+                    provenance: dict, tuned: list[int] = ()) -> str:
+    """``tuned``: the blocks of ``block_states`` beyond the plan's distilled ones (tuned by the end-to-end stage in
+    the form the plan runs them in), recorded in the weights file's metadata."""
     from safetensors.torch import save_file
     path = path.rstrip(os.sep)
     check_checkpoint_target(path)  # checked before the work too; the target may have changed since
@@ -49,7 +53,8 @@ def save_checkpoint(path: str, plan: Plan, block_states: dict[int, dict[str, tor
     os.makedirs(tmp)
     tensors = {f"model.layers.{i}.{name}": t.detach().to("cpu", torch.float32).contiguous()
                for i, state in block_states.items() for name, t in state.items()}
-    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
+    metadata = {"format": FORMAT, **({"tuned_blocks": json.dumps(sorted(tuned))} if tuned else {})}
+    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata=metadata)
     plan.save(os.path.join(tmp, "plan.json"))
     model_config.to_json_file(os.path.join(tmp, "config.json"))
     write_json(os.path.join(tmp, "provenance.json"), provenance, "provenance/1")
@@ -82,12 +87,29 @@ def block_of(name: str) -> int:
     return int(parts[2])
 
 
+def tuned_blocks(path: str) -> list[int]:
+    """The blocks whose weights the checkpoint at ``path`` stores beyond its plan's distilled ones (its weights
+    file's metadata; an unreadable list is a PlanError naming the file)."""
+    from safetensors import safe_open
+    file = os.path.join(path, WEIGHTS)
+    try:
+        with safe_open(file, "pt") as f:
+            listed = (f.metadata() or {}).get("tuned_blocks")
+        blocks = json.loads(listed) if listed else []
+        if not all(isinstance(b, int) for b in blocks):
+            raise ValueError(listed)
+    except Exception as err:   # SafetensorError, OSError, a damaged list
+        raise PlanError(f"SPD checkpoint file {file!r}: unreadable tuned_blocks metadata ({err})") from None
+    return sorted(blocks)
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     path: str
     plan: Plan
     spd_blocks: tuple[int, ...]       # the blocks this run puts in SPD form (the plan's, or a subset)
-    weight_blocks: tuple[int, ...]    # of those, the blocks whose distilled weights are loaded
+    weight_blocks: tuple[int, ...]    # the blocks whose stored weights are loaded: each where this run puts it in
+    #                                   the form it was trained in (SPD for the plan's SPD blocks, TP for the others)
 
 
 def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | None = None,
@@ -108,10 +130,11 @@ def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | 
     if stray:
         raise PlanError(f"SPD checkpoint {path!r} holds tensors outside the decoder blocks: {stray[:3]}")
     stored = sorted({block_of(n) for n in names})
-    trained = sorted(plan.trained_blocks)
-    if stored != trained:
+    tuned = tuned_blocks(path)
+    if stored != sorted(set(plan.trained_blocks) | set(tuned)):
         raise PlanError(f"SPD checkpoint {path!r} does not match its plan: weights stored for blocks {stored}, "
-                        f"the plan's distilled (SB/ESB) blocks are {trained}")
+                        f"the plan's distilled (SB/ESB) blocks are {sorted(plan.trained_blocks)}"
+                        + (f" and the end-to-end stage tuned blocks {tuned}" if tuned else ""))
     per_block = {b: sorted(n.split(".", 3)[3] for n in names if block_of(n) == b) for b in stored}
     if len({tuple(v) for v in per_block.values()}) > 1:
         raise PlanError(f"SPD checkpoint {path!r}: blocks store different tensors: "
@@ -122,7 +145,8 @@ def open_checkpoint(path: str, model_config, tp_size: int, tp_grain_size: int | 
     if outside:
         raise PlanError(f"blocks {outside} are not SPD blocks of checkpoint {path!r} (its SPD blocks: {available}); "
                         "with --checkpoint, --spd-blocks picks a subset of them")
-    return CheckpointInfo(path, plan, chosen, tuple(b for b in chosen if b in stored))
+    loaded = [b for b in stored if (b in chosen) == (b in available)]   # each in the form it was trained in
+    return CheckpointInfo(path, plan, chosen, tuple(loaded))
 
 
 def _is_block_name(name: str) -> bool:
@@ -134,9 +158,9 @@ def _is_block_name(name: str) -> bool:
 
 
 def apply_checkpoint(model: nn.Module, info: CheckpointInfo) -> list[int]:
-    """Load the distilled weights of ``info.weight_blocks`` into ``model`` before TP sharding, so AutoTP
-    shards the distilled weights. A distilled block is trained for SPD form only, so blocks left in TP form
-    keep their original weights. Returns the blocks whose weights were replaced."""
+    """Load the stored weights of ``info.weight_blocks`` into ``model`` before TP sharding, so AutoTP shards
+    them. A block's weights are trained for one form (a distilled block for SPD form), so a block this run puts
+    in the other form keeps its original weights. Returns the blocks whose weights were replaced."""
     stored = checkpoint_files(info.path, info.weight_blocks)
     own = model.state_dict()
     unknown = [k for k in stored.files if k not in own]
@@ -156,8 +180,9 @@ def apply_checkpoint(model: nn.Module, info: CheckpointInfo) -> list[int]:
 
 
 def read_block_states(path: str) -> dict[int, dict[str, torch.Tensor]]:
-    """A checkpoint's distilled weights by block index (names inside the block), on the CPU."""
-    stored = checkpoint_files(path)
+    """A checkpoint's weights for SPD form (its plan's SPD blocks) by block index (names inside the block), on
+    the CPU: what a measurement that puts blocks in SPD form (ds_spd.core.inject.distilled_in) loads."""
+    stored = checkpoint_files(path, load_plan(os.path.join(path, "plan.json")).spd_blocks)
     states: dict[int, dict[str, torch.Tensor]] = {}
     for name in stored.files:
         states.setdefault(block_of(name), {})[name.split(".", 3)[3]] = stored.read(name)

@@ -6,6 +6,8 @@ COMM_PATHS = ("auto", "gloo")             # DeepSpeed's inference all-reduce (sh
 SCAN_METHODS = ("isolated", "cumulative")  # each block alone (default: ranks better), or the paper's cumulative
 SCAN_HEAD_DTYPES = ("auto", "bfloat16", "float32")  # the scan's head matmul; auto: bf16 where it is faster here
 KL_STAGE_DTYPES = SCAN_HEAD_DTYPES   # the KL stage's training passes through the blocks (autocast): the same choice
+# the blocks the end-to-end KL stage trains: the distilled (SB/ESB) ones, or every block in the form the plan runs it in
+KL_STAGE_BLOCKS = ("distilled", "all")
 SCAN_RANKINGS = ("zero-shot", "distilled")  # each block's cost as it is, or alone with its weights distilled once
 SCAN_METRICS = ("ppl", "kl")
 # distillation block inputs / targets: the original model's (paper), the zero-shot SPD prefix's (inputs and

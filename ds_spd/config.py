@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, KL_STAGE_DTYPES,
-                            LOAD_MODES, LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS, SCAN_METRICS,
-                            SCAN_RANKINGS)
+from ds_spd.choices import (COMM_PATHS, DISTILL_TRAINERS, DTYPES, HEAD_GROUPINGS, INPUT_SOURCES, KL_STAGE_BLOCKS,
+                            KL_STAGE_DTYPES, LOAD_MODES, LR_SCHEDULES, MLP_MATCHINGS, SCAN_HEAD_DTYPES, SCAN_METHODS,
+                            SCAN_METRICS, SCAN_RANKINGS)
 from ds_spd.embedded import COMMON_RECIPE, embedded
 from ds_spd.errors import ConfigError, describe_validation
 from ds_spd.core.layout import DEFAULT_TP_GRAIN_SIZE
@@ -70,7 +70,8 @@ class DistillConfig(_Strict):
     SECTION: ClassVar[str] = "distill"
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "input_source": INPUT_SOURCES, "trainer": DISTILL_TRAINERS, "head_grouping": HEAD_GROUPINGS,
-        "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES, "kl_dtype": KL_STAGE_DTYPES}
+        "mlp_matching": MLP_MATCHINGS, "schedule": LR_SCHEDULES, "kl_dtype": KL_STAGE_DTYPES,
+        "kl_blocks": KL_STAGE_BLOCKS}
 
     epochs: int = Field(8, ge=1, description="training epochs per block (fewer with patience)")
     lr: Optional[float] = Field(None, gt=0, description="AdamW learning rate (default: scaled to the trained blocks' "
@@ -122,6 +123,12 @@ class DistillConfig(_Strict):
                           "through the blocks under autocast in bf16, or in fp32 (the head, the KL and the held-out "
                           "epoch choice stay fp32); auto: bf16 where its matmul is faster than fp32 here (GPUs, "
                           "CPUs with bf16 units), measured once")
+    kl_blocks: str = Field("distilled", description=f"one of {KL_STAGE_BLOCKS}: the blocks the end-to-end stage "
+                           "trains: the distilled ones, or every block in the form the plan runs it in (the blocks "
+                           "left in TP form and the zero-shot ones too; the checkpoint then stores them all and a "
+                           "run loads each where it runs the block in that form)")
+    kl_extra_lr: Optional[float] = Field(None, gt=0, description="with kl_blocks all: the learning rate of the "
+                                         "blocks the stage trains beyond the distilled ones (default: kl_lr)")
     segments: Optional[int] = Field(None, ge=1, description="calibration segments distillation reads, held-out "
                                     "ones included (default: calibration.max_samples, the scan's count)")
     corpora: Optional[str] = Field(None, description="the corpora distillation reads, a mixture as calibration.dataset "

@@ -8,8 +8,9 @@ grain, dtype, calibration data and its file contents, learning rate, micro-batch
 config, the number of ranks, the launcher). The fingerprint is compared *before* any training state is
 loaded; a difference is an error naming the keys (``--restart`` discards the old state). The number of
 epochs is not part of it: asking for more epochs continues a finished run. Nor is the end-to-end KL stage's
-(``kl_epochs``, ``kl_lr``, ``kl_segments``, ``kl_corpora``, ``kl_dtype``): it runs after the blocks, from their
-finished weights, and keeps nothing here, so trying it at another rate reuses the blocks.
+(``kl_epochs``, ``kl_lr``, ``kl_segments``, ``kl_corpora``, ``kl_dtype``, ``kl_blocks``, ``kl_extra_lr``): it
+runs after the blocks, from their finished weights, and keeps nothing here, so trying it at another rate reuses
+the blocks.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ds_spd.outputs import check_writable_place, write_json
 
 RUN_FILE = "ds_spd_run.json"
 #: Distill settings that do not change what the work dir holds (the blocks' trained weights).
-RESUME_NEUTRAL = ("epochs", "kl_epochs", "kl_lr", "kl_segments", "kl_corpora", "kl_dtype")
+RESUME_NEUTRAL = ("epochs", "kl_epochs", "kl_lr", "kl_segments", "kl_corpora", "kl_dtype", "kl_blocks",
+                  "kl_extra_lr")
 #: DeepSpeed config keys that do not change the trained weights (logging and profiling).
 _NEUTRAL_DS_KEYS = ("steps_per_print", "wall_clock_breakdown", "flops_profiler", "tensorboard", "wandb",
                     "csv_monitor", "comms_logger", "dump_state", "memory_breakdown")

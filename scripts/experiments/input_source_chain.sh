@@ -6,7 +6,8 @@
 # model wrote itself (self: scripts/experiments/self_generated_text.py, instead of the shipped corpora), a third
 # shipped corpus in the mixture (addC, e.g. adddocstrings; adddocstrings-code adds two), another learning rate
 # (lrX), more epochs (epE), the end-to-end KL stage after the blocks (klE: E epochs; kllrX: its rate; klsegN: its
-# segments; klcorpC(-D): its corpora, pydoc and Shakespeare with C (and D); klbf16 / klfp32: its dtype); knobs
+# segments; klcorpC(-D): its corpora, pydoc and Shakespeare with C (and D); klbf16 / klfp32: its dtype; klall: it
+# tunes every block, the TP-form ones too; klextralrX: at rate X); knobs
 # joined by "+" combine (lr1e-3+ep16, adddocstrings+kl2+kllr1e-4: the KL stage reuses adddocstrings' trained blocks,
 # its work dir; SmolLM2's recipe has the stage since its runs here: kl0 is the blocks alone). The
 # README path's plans (its default scan, reused from docs/results/readme_path/MODEL_tp2/), 2-rank distill with every
@@ -62,6 +63,8 @@ for n in ${counts//,/ }; do
         kllr*) how+=(--kl-lr "${part#kllr}");;  # kllrX: the end-to-end stage's rate
         klbf16) how+=(--kl-dtype bfloat16);;  # the end-to-end stage's training passes in bf16 (autocast)
         klfp32) how+=(--kl-dtype float32);;
+        klextralr*) how+=(--kl-extra-lr "${part#klextralr}");;  # klextralrX: the rate of those other blocks
+        klall) how+=(--kl-blocks all);;  # the stage tunes every block (the TP-form ones too), not only the distilled
         kl*) how+=(--kl-epochs "${part#kl}");;  # klE: E epochs of the end-to-end KL stage after the blocks
         window*) how+=(--loss-window "${part#window}");;
         seg*) v=${part#seg}; how+=(--segments "${v%%ep*}" --epochs "${v#*ep}");;  # segNepE: N segments, E epochs

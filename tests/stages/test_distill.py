@@ -209,6 +209,8 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     args = ["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "3", "--lr", "2e-3",
             "--val-segments", "2", "--patience", "3", "--schedule", "cosine", "--warmup", "0.2", "--mlp-matching", "neuron",
             "--kl-epochs", "1", "--json"]
+    if launcher == "accelerate":   # the stage on every block: the TP-form ones stored beside the distilled ones
+        args += ["--kl-blocks", "all"]
     if launcher == "deepspeed":
         res = last_json(launch(["ds_spd", *args], module=True).stdout)
     else:
@@ -222,5 +224,8 @@ def test_launchers_train_with_zero(launcher, stage, tiny_dir, tmp_path):
     assert (prov["launcher"], prov["ranks"], prov["zero_stage"]) == (launcher, 2, stage)
     assert sorted(prov["best_epoch"]) == ["0", "2"] and len(prov["kl_stage"]["history"]) == 1
     assert prov["kl_stage"]["final_kl"] <= prov["kl_stage"]["initial_kl"]
+    from ds_spd.checkpoint import tuned_blocks
+    tuned = [1, 3] if launcher == "accelerate" else []
+    assert tuned_blocks(out) == tuned and prov["kl_stage"]["blocks"] == sorted([0, 2, *tuned])
     for i in ("0", "2"):   # trained (the weights kept are the held-out choice, possibly the start)
         assert res["last_epoch_loss"][i] < res["initial_mse"][i] and res["final_mse"][i] <= res["initial_mse"][i] * (1 + 1e-6)

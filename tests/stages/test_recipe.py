@@ -98,6 +98,52 @@ def test_kl_stage_lowers_the_kl_and_leaves_the_model_alone(autocast):
     assert kl == pytest.approx(result["final_kl"], rel=1e-4)   # so the epoch was chosen in fp32, bf16 or not
 
 
+def test_kl_stage_on_every_block_and_its_checkpoint_load_each_block_in_its_trained_form(tmp_path):
+    """``distill.kl_blocks`` all: the stage tunes the TP-form blocks beside the distilled ones; the checkpoint
+    stores them (tuned_blocks), and a run loads each block's weights only where it runs that block in the form
+    they were trained in; loaded so, the model is the one whose KL the stage measured."""
+    from ds_spd.checkpoint import apply_checkpoint, open_checkpoint, read_block_states, save_checkpoint, tuned_blocks
+    from ds_spd.errors import PlanError
+    model = ds_spd.virtualize(tiny_model(), 2)
+    plan = plan_of_classes(model, ["SB", "TP", "ESB", "TP"])
+    spd = tuple(plan.spd_blocks)
+    assert spd == (0, 2)
+    originals = _states(model, range(4))
+    settings = DistillSettings(micro_batch=4, kl_epochs=3, kl_lr=2e-3, val_segments=0)
+    result = kl_stage(model, _states(model, spd), spd, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings,
+                      progress=False, extra=(1, 3))
+    assert result["blocks"] == [0, 1, 2, 3] and result["best_epoch"] > 0
+    for i in range(4):   # every block trained, the model's own left as they were
+        assert any(not torch.equal(v, originals[i][k]) for k, v in result["states"][i].items()), i
+        assert all(torch.equal(v, decoder_layers(model)[i].state_dict()[k]) for k, v in originals[i].items())
+    # kl_extra_lr: those blocks at a rate of their own (here ~0: they stay where they started, the others train)
+    slow = kl_stage(model, _states(model, spd), spd, SEGMENTS, copy.deepcopy(CPU_ZERO2), settings,
+                    progress=False, extra=(1, 3), extra_lr=1e-12)
+    for i in range(4):
+        moved = max((v - originals[i][k]).abs().max().item() for k, v in slow["states"][i].items())
+        assert (moved < 1e-6) == (i in (1, 3)), (i, moved)
+    ck = str(tmp_path / "ck")
+    save_checkpoint(ck, plan, result["states"], model.config, {}, tuned=[1, 3])
+    assert tuned_blocks(ck) == [1, 3] and sorted(read_block_states(ck)) == [0, 2]   # SPD form: what a scan loads
+    assert open_checkpoint(ck, model.config, 2).weight_blocks == (0, 1, 2, 3)
+    # block 2 run in TP form: its SPD-form weights stay out, the TP-form blocks 1 and 3 load theirs
+    assert open_checkpoint(ck, model.config, 2, spd_blocks=[0]).weight_blocks == (0, 1, 3)
+    served = ds_spd.virtualize(tiny_model(), 2)
+    assert apply_checkpoint(served, open_checkpoint(ck, model.config, 2)) == [0, 1, 2, 3]
+    ids = SEGMENTS[:4]
+    with torch.no_grad():
+        target = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+        ds_spd.set_spd_blocks(served, spd)
+        logp = torch.log_softmax(served(input_ids=ids).logits.float(), -1)
+    kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean().item()
+    assert kl == pytest.approx(result["final_kl"], rel=1e-4)
+    # without the metadata, blocks stored beyond the plan's distilled ones are refused
+    bare = str(tmp_path / "bare")
+    save_checkpoint(bare, plan, result["states"], model.config, {})
+    with pytest.raises(PlanError, match=r"weights stored for blocks \[0, 1, 2, 3\]"):
+        open_checkpoint(bare, model.config, 2)
+
+
 def test_distill_aware_scan_measures_each_block_with_its_distilled_weights():
     model = ds_spd.virtualize(tiny_model(), 2)
     plan = plan_of_classes(model, ["SB", "TP", "ESB", "TP"])

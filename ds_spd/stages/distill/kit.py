@@ -147,8 +147,10 @@ class Trainer:
                  total_steps: int = 0):
         self.use_accelerate = use_accelerate
         self.scheduler = None
-        params = [p for p in distiller.parameters() if p.requires_grad]
         lr = settings.lr
+        # a distiller may give some of its parameters their own rate (the KL stage's TP-form blocks)
+        params = distiller.param_groups(lr) if hasattr(distiller, "param_groups") else \
+            [p for p in distiller.parameters() if p.requires_grad]
         optimizer = ds_config.get("optimizer", DEFAULT_OPTIMIZER)
         ds_config = {**ds_config, "optimizer": {**optimizer, "params": {**optimizer.get("params", {}), "lr": lr}}}
         schedule = lr_schedule(settings, total_steps)

@@ -274,8 +274,11 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
             runner = build_runner(run.spec, data_parallel=True)
         kl_data = kl_stage_data(d, run.settings)
         kl_segments = segments if kl_data == d else segments_for(kl_data, tokenizer)
+        every = range(run.spec.model_config.num_hidden_layers) if run.settings.kl_blocks == "all" else ()
         e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), kl_segments, run.ds_config,
-                       run.settings, run.use_accelerate, progress, kl_autocast(run.settings.kl_dtype, runner.hf_model))
+                       run.settings, run.use_accelerate, progress, kl_autocast(run.settings.kl_dtype, runner.hf_model),
+                       extra=tuple(i for i in every if i not in result.block_states),
+                       extra_lr=run.settings.kl_extra_lr)
         e2e["calibration"] = kl_data.source()
         result.block_states = e2e.pop("states")
         if progress:
@@ -306,7 +309,8 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
                       "mse_measured_on": "the first calibration micro-batch, before and after B2B (before any end-to-end stage)",
                       "lr_rule": run.lr_note or "set by the user", "history": result.history,
                       "peak_memory_bytes_rank0": result.peak_memory_bytes, **measured}
-        save_checkpoint(run.out, plan, result.block_states, run.spec.model_config, provenance)
+        save_checkpoint(run.out, plan, result.block_states, run.spec.model_config, provenance,
+                        tuned=sorted(set(result.block_states) - set(run.plan.trained_blocks)))
         if progress:
             for i in sorted(report.final_mse):
                 print(f"block {i:3d} ({run.plan.blocks[i].cls}): MSE {result.initial_mse[i]:.4g} -> "
