@@ -146,6 +146,9 @@ class DistillConfig(_Strict):
         if self.input_source == "chain" and self.trainer != "layerwise":
             raise ValueError("input_source 'chain' trains the blocks in order, each on the outputs of those trained "
                              "before it: the layerwise trainer only")
+        if self.kl_extra_lr is not None and self.kl_blocks != "all":
+            raise ValueError("kl_extra_lr is the rate of the blocks the end-to-end stage trains beyond the distilled "
+                             "ones: it needs kl_blocks 'all'")
         return self
 
 

@@ -104,6 +104,8 @@ def test_kl_stage_on_every_block_and_its_checkpoint_load_each_block_in_its_train
     they were trained in; loaded so, the model is the one whose KL the stage measured."""
     from ds_spd.checkpoint import apply_checkpoint, open_checkpoint, read_block_states, save_checkpoint, tuned_blocks
     from ds_spd.errors import PlanError
+    with pytest.raises(ValueError, match="kl_extra_lr .* needs kl_blocks 'all'"):   # a rate nothing would use
+        DistillSettings(kl_extra_lr=1e-5)
     model = ds_spd.virtualize(tiny_model(), 2)
     plan = plan_of_classes(model, ["SB", "TP", "ESB", "TP"])
     spd = tuple(plan.spd_blocks)
