@@ -80,11 +80,11 @@ def kl_stage(model: nn.Module, states: dict[int, dict[str, torch.Tensor]], spd_b
              progress: bool = True, autocast: torch.dtype | None = None, extra: tuple[int, ...] = (),
              extra_lr: float | None = None) -> dict:
     """Train the blocks of ``states`` (B2B results, loaded into SPD copies of ``model``'s blocks; ``model``
-    is a virtualized model with its original weights, left as it was) and the ``extra`` blocks (from their
-    original weights, at ``extra_lr`` if given) for ``settings.kl_epochs`` epochs at ``settings.kl_lr``. Returns
-    {"states", "blocks", "history", "initial_kl", "final_kl", "best_epoch", "seconds", ...}: KL measured on the
-    held-out segments (else the first micro-batch), before and with the returned weights. ``autocast``: the
-    dtype of the training passes through the blocks (None: the model's own)."""
+    is a virtualized model with its original weights, left as it was) and those of the ``extra`` blocks that
+    ``states`` lacks (from their original weights, at ``extra_lr`` if given) for ``settings.kl_epochs`` epochs
+    at ``settings.kl_lr``. Returns {"states", "blocks", "history", "initial_kl", "final_kl", "best_epoch",
+    "seconds", ...}: KL measured on the held-out segments (else the first micro-batch), before and with the
+    returned weights. ``autocast``: the dtype of the training passes through the blocks (None: the model's own)."""
     kl_settings = settings.model_copy(update={"epochs": settings.kl_epochs, "lr": settings.kl_lr})
     layers = decoder_layers(model)
     requires = {p: p.requires_grad for p in model.parameters()}

@@ -277,8 +277,7 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         every = range(run.spec.model_config.num_hidden_layers) if run.settings.kl_blocks == "all" else ()
         e2e = kl_stage(runner.hf_model, result.block_states, tuple(run.plan.spd_blocks), kl_segments, run.ds_config,
                        run.settings, run.use_accelerate, progress, kl_autocast(run.settings.kl_dtype, runner.hf_model),
-                       extra=tuple(i for i in every if i not in result.block_states),
-                       extra_lr=run.settings.kl_extra_lr)
+                       extra=tuple(every), extra_lr=run.settings.kl_extra_lr)
         e2e["calibration"] = kl_data.source()
         result.block_states = e2e.pop("states")
         if progress:
