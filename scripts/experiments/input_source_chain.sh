@@ -45,6 +45,10 @@ evals() {  # NAME ARGS...: the three validation texts
     --dataset shakespeare --split validation --max-samples 32
   OMP_NUM_THREADS=2 step "val_ood_$name" python -m ds_spd eval --model "$model" --virtual-tp 2 "$@" \
     --text "$out/second_half.txt" --max-samples 32
+  # a fourth text where it exists: the confirmation text (the first half's text after the README path's test
+  # windows), read by no run before the rule that uses it was written (docs/experiments.md)
+  [[ ! -s "$out/confirmation.txt" ]] || OMP_NUM_THREADS=2 step "val_confirm_$name" python -m ds_spd eval \
+    --model "$model" --virtual-tp 2 "$@" --text "$out/confirmation.txt" --max-samples 32
 }
 evals tp --spd-blocks none
 for n in ${counts//,/ }; do

@@ -1,7 +1,9 @@
 """The validation table of ``input_source_chain.sh``: each distillation variant against TP and against the paper's
 original inputs on the three validation texts, paired 95% intervals, the mean of the three log-ratios (the choice
-rule), and what each distill took. ``--base`` pairs against another variant than the original inputs (the default
-of the day: ``lr1e-3`` on SmolLM2, ``lr2e-4`` on Gemma 3).
+rule until the out-of-domain rule replaced it for SmolLM2's stage, docs/experiments.md), and what each distill took.
+``--base`` pairs against another variant than the original inputs (the default of the day: ``lr1e-3`` on SmolLM2,
+``lr2e-4`` on Gemma 3). Where a variant was also read on the confirmation text (``confirmation.txt``, read only
+under that rule), a column says so.
 
     python scripts/experiments/input_source_table.py docs/results/input_chain/default_tp2
     python scripts/experiments/input_source_table.py docs/results/input_chain/default_tp2 --base lr1e-3
@@ -20,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 TEXTS = {"pydoc": "pydoc validation, 35 x 256", "shakespeare": "Shakespeare validation, 32 x 256",
          "ood": "second half of the descriptions, 32 x 256"}
+CONFIRM = "confirm"   # the confirmation text: the first half of the descriptions after the test windows, 32 x 256
 
 
 def main(out: str, base: str = "original") -> None:
@@ -43,10 +46,18 @@ def main(out: str, base: str = "original") -> None:
             if variant != base and os.path.isfile(os.path.join(out, f"val_{t}_{n}_{base}.json")):
                 entry[f"vs_{base}"][t] = paired_ratio_ci(load(f"val_{t}_{n}_{base}"), ev)
         entry["mean_log_ratio_vs_tp"] = sum(math.log(r["ratio"]) for r in entry["vs_tp"].values()) / len(TEXTS)
+        confirm = "—"
+        if os.path.isfile(os.path.join(out, f"val_{CONFIRM}_{n}_{variant}.json")):
+            ev = load(f"val_{CONFIRM}_{n}_{variant}")
+            entry[CONFIRM] = {"vs_tp": paired_ratio_ci(load(f"val_{CONFIRM}_tp"), ev)}
+            confirm = pct(entry[CONFIRM]["vs_tp"])
+            if variant != base and os.path.isfile(os.path.join(out, f"val_{CONFIRM}_{n}_{base}.json")):
+                entry[CONFIRM][f"vs_{base}"] = paired_ratio_ci(load(f"val_{CONFIRM}_{n}_{base}"), ev)
+                confirm += f"; {pct(entry[CONFIRM][f'vs_{base}'])}"
         summary.setdefault(n, {})[variant] = entry
         over = " / ".join(pct(entry[f"vs_{base}"][t]) for t in TEXTS) if entry[f"vs_{base}"] else "—"
         rows.append(f"| {n} | {variant} | {' / '.join(pct(entry['vs_tp'][t]) for t in TEXTS)} | "
-                    f"{100 * (math.exp(entry['mean_log_ratio_vs_tp']) - 1):+.2f}% | {over} | "
+                    f"{100 * (math.exp(entry['mean_log_ratio_vs_tp']) - 1):+.2f}% | {over} | {confirm} | "
                     f"{distill['seconds'] / 60:.1f}{'' if kl is None else f' + {kl / 60:.1f}'} min |")
     name = "summary" if base == "original" else f"summary_vs_{base}"
     json.dump(summary, open(os.path.join(out, f"{name}.json"), "w"), indent=1)
@@ -56,10 +67,14 @@ def main(out: str, base: str = "original") -> None:
                 f"scripts/experiments/input_source_table.py {os.path.relpath(out, ROOT)}"
                 f"{'' if base == 'original' else ' --base ' + base}`. Perplexity over TP (virtual "
                 f"tp 2) on {', '.join(TEXTS.values())} (in that order), paired 95% bootstrap; the mean of the three "
-                f"log-ratios chooses; the same over the {base} variant's checkpoint, paired. Training time: the "
-                "trained blocks' epochs on 2 ranks (+ the end-to-end KL stage's, where it ran; beside other work).\n\n"
+                f"log-ratios; the same over the {base} variant's checkpoint, paired; the confirmation text (the first "
+                f"half of the descriptions after the test's windows), over TP and over {base}, where it was read. Which "
+                "column chooses: docs/experiments.md (the mean of the three, then the out-of-domain rule for "
+                "SmolLM2's stage). Training time: the trained blocks' epochs on 2 ranks (+ the end-to-end KL "
+                "stage's, where it ran; beside other work).\n\n"
                 f"| SPD blocks | variant | over TP (pydoc / Shakespeare / out of domain) | mean | over {base} | "
-                "training |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                f"confirmation: over TP; over {base} | training |\n|---|---|---|---|---|---|---|\n"
+                + "\n".join(rows) + "\n")
     print(open(os.path.join(out, f"{name}.md")).read())
 
 
