@@ -109,11 +109,11 @@ class DistillConfig(_Strict):
     kl_epochs: int = Field(0, ge=0, description="after B2B: epochs of end-to-end distillation (KL of the SPD "
                            "model's next-token distribution to the TP model's), training only the distilled blocks; "
                            "needs the whole model in one process (refused before any work where it does not fit); "
-                           "SmolLM2's recipe: 2 epochs (chosen on validation, where it gained on the calibration "
-                           "corpora's own text; docs/experiments.md), other models: off")
+                           "SmolLM2's recipe: 1 epoch over its 512 stage segments, 2 where the user sets the "
+                           "segments; Gemma 3's: 2 (chosen on validation; docs/experiments.md), other models: off")
     kl_lr: Optional[float] = Field(None, gt=0, description="learning rate of the end-to-end stage (default: the "
                                    "blocks' lr / 20, ds_spd.stages.lr.kl_stage_lr: 1e-5 on Gemma 3 270M; SmolLM2's "
-                                   "recipe 1e-4 on its 256 stage segments; chosen on validation on both)")
+                                   "recipe 1e-4, chosen on its stage's segments; chosen on validation on both)")
     kl_segments: Optional[int] = Field(None, ge=1, description="calibration segments the end-to-end stage reads, "
                                        "held-out ones included (default: those the blocks read); it keeps no "
                                        "activations, so more cost time, not memory")

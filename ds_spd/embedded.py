@@ -38,12 +38,16 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   recipe=(("scan.method", "cumulative", "scan.ranking"),
                           # docs/experiments.md, the KL stage on the three corpora: chosen on validation at 21
                           # and 30 of 30 blocks (the lowest mean over the three validation texts); the whole model
-                          # fits a rank. It reads 256 segments (the lower mean again, at both counts; 512: lower
-                          # at 30 blocks only, for twice the time), unless the user sets how many distillation reads
+                          # fits a rank. Where the user sets how many segments distillation reads it reads those,
+                          # for 2 epochs; else 512 segments for 1 epoch (the steps and time of 256 x 2, chosen by
+                          # the out-of-domain rule at 21 and 30 blocks, docs/experiments.md; an explicit
+                          # --kl-segments keeps 2 epochs)
                           ("distill.kl_epochs", 2),
-                          ("distill.kl_segments", 256, "calibration.max_samples", "distill.segments"),
-                          # on those 256 segments the stage at 1e-4 (the blocks' lr / 10) gave the lower mean at 21
-                          # and 30 blocks than the rule's 5e-5 (docs/experiments.md), which was chosen on 64: a
+                          ("distill.kl_segments", 512, "calibration.max_samples", "distill.segments"),
+                          ("distill.kl_epochs", 1,
+                           "calibration.max_samples", "distill.segments", "distill.kl_segments"),
+                          # the stage at 1e-4 (the blocks' lr / 10) gave the lower mean at 21 and 30 blocks than
+                          # the rule's 5e-5 on 256 segments (docs/experiments.md), which was chosen on 64: a
                           # user's --lr or segment count gets the rule's
                           ("distill.kl_lr", 1e-4, "distill.lr", "calibration.max_samples", "distill.segments"),
                           # the stage's training passes in bf16 where the machine computes bf16 faster: the same

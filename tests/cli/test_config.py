@@ -61,7 +61,7 @@ def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
     recipe = resolve_spd_config({}, model="default").distill
     shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
     stage = ("kl_epochs", "kl_segments", "kl_dtype")
-    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [2, 256, "auto"]
+    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [1, 512, "auto"]
     assert recipe.kl_lr == shipped.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.lr)   # the recipe's rate, said
 
 
@@ -192,7 +192,11 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert smol.distill.epochs == 8
     # both shipped models add the end-to-end KL stage; Gemma 3's at the rule's rate (the blocks' lr / 20), SmolLM2's
     # at its recipe's 1e-4 unless the user sets the blocks' lr (then the rule's); other models add no stage
-    assert (smol.distill.kl_epochs, gemma.distill.kl_epochs) == (2, 2)
+    # SmolLM2's: one epoch over its 512 segments (two where the user sets the segments: as make demo, or the stage's)
+    assert (smol.distill.kl_epochs, gemma.distill.kl_epochs) == (1, 2)
+    assert resolve_spd_config({}, model="default", distill={"segments": 32}).distill.kl_epochs == 2
+    assert resolve_spd_config({}, model="default", distill={"kl_segments": 256}).distill.kl_epochs == 2
+    assert resolve_spd_config({}, model="default", distill={"kl_epochs": 3}).distill.kl_segments == 512
     assert (smol.distill.kl_lr, gemma.distill.kl_lr) == (1e-4, None)
     assert resolve_spd_config({}, model="default", distill={"lr": 2e-3}).distill.kl_lr is None
     assert resolve_spd_config({}, model="default", distill={"segments": 32}).distill.kl_lr is None   # as make demo
@@ -200,8 +204,8 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert gemma_tp2.kl_lr == kl_stage_lr(gemma_tp2.lr) == 1e-5   # the tp 2 config says the rule's rate
     assert resolve_spd_config({}, model="/some/hf/dir").distill.kl_epochs == 0
     assert resolve_spd_config({}, model="default", distill={"kl_epochs": 0}).distill.kl_epochs == 0   # a flag wins
-    # SmolLM2's stage reads 256 segments, unless the user sets how many distillation reads (Gemma 3: those)
-    assert (smol.distill.kl_segments, gemma.distill.kl_segments) == (256, None)
+    # SmolLM2's stage reads 512 segments, unless the user sets how many distillation reads (Gemma 3: those)
+    assert (smol.distill.kl_segments, gemma.distill.kl_segments) == (512, None)
     # SmolLM2's stage trains in bf16 where the machine is faster in it (validated there); Gemma 3's in fp32
     assert (smol.distill.kl_dtype, gemma.distill.kl_dtype) == ("auto", "float32")
     assert resolve_spd_config({}, model="default", distill={"kl_dtype": "float32"}).distill.kl_dtype == "float32"

@@ -57,5 +57,5 @@ def test_distilled_ranking_trains_each_block_alone_without_smollm2s_kl_stage(tmp
     from ds_spd.config import resolve_spd_config
     from ds_spd.stages.scan_run import _every_block_run
     cfg = resolve_spd_config({}, model="default", tp_size=2)
-    assert cfg.distill.kl_epochs == 2   # the recipe's, for the README path's distill
+    assert cfg.distill.kl_epochs == 1   # the recipe's, for the README path's distill
     assert _every_block_run(cfg, str(tmp_path / "scan.json"), None).settings.kl_epochs == 0
