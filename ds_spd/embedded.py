@@ -26,7 +26,8 @@ class EmbeddedModel:
     pip: str                       # how to install it, for the error message
     assembled: bool = False        # the package assembles the file from chunk packages (``assemble(path)``)
     #: config defaults chosen on validation for this model: ``("section.key", value, *keys that override it)``,
-    #: used where neither the config file nor a flag sets the key or one of those (ds_spd.config)
+    #: used where neither the config file nor a flag sets the key or one of those (ds_spd.config); a key listed
+    #: twice takes the later entry's value where that entry applies (a default that depends on another key)
     recipe: tuple[tuple, ...] = ()
 
 
