@@ -8,8 +8,8 @@ export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=fals
 cfg=configs/spd_smollm2_tp2.json
 out=runs/demo; mkdir -p "$out"
 # the quick preset trains on fewer calibration segments and epochs than the config's defaults (64 x 256, 8 epochs;
-# the KL stage on 256 segments at 1e-4): its KL stage reads the blocks' segments, at 5e-5 (the rate chosen where the
-# stage read as many segments as the blocks; docs/experiments.md)
+# the KL stage for one epoch over 512 segments at 1e-4): its KL stage reads the blocks' segments for 2 epochs at 5e-5
+# (the setting chosen where the stage read as many segments as the blocks; docs/experiments.md)
 if [ "${DEMO_FULL:-0}" = 1 ]; then calib=16; epochs=6; repeats=5; else calib=8; epochs=4; repeats=3; fi
 json() { grep '^{' | tail -1; }   # the command's JSON line (the launcher logs around it)
 mkdir -p "$out/logs/shakespeare"
@@ -32,7 +32,7 @@ cat "$out/plan_summary.json"; echo
 echo "== 4. block-to-block distillation of SB/ESB blocks: DeepSpeed ZeRO-2 on 2 ranks, up to $epochs epochs"
 # --restart: a previous demo's training state (another plan or recipe) is the demo's own, started over
 step distill launch/tp.sh 2 distill --config "$cfg" --plan "$out/plan.json" --max-samples "$((calib * 2))" \
-  --kl-segments "$((calib * 2))" --kl-lr 5e-5 --epochs "$epochs" --out "$out/checkpoint" --restart
+  --kl-segments "$((calib * 2))" --kl-epochs 2 --kl-lr 5e-5 --epochs "$epochs" --out "$out/checkpoint" --restart
 
 echo "== 5. tensor-parallel evaluation on 2 ranks (held-out pydoc test split; Shakespeare test, 32 segments)"
 step eval_tp launch/tp.sh 2 eval --config "$cfg" --spd-blocks none
