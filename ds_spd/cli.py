@@ -316,7 +316,7 @@ def cmd_distill(args) -> None:
         if is_main_rank():
             print(f"distill: {run.out} is already complete (same run, {run.settings.epochs} epochs): nothing to do",
                   file=sys.stderr)
-        return _report(args, {"checkpoint": run.out, "already_complete": True})
+        return _report(args, {**run.recorded(), "checkpoint": run.out, "already_complete": True})
     if is_main_rank():
         for line in distill_run.untrained_note(run.plan):
             print(f"distill: {line}", file=sys.stderr, flush=True)

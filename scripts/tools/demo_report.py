@@ -44,9 +44,6 @@ def eval_table(evals: dict) -> list[str]:
 def main(out: str) -> None:
     plan = load(out, "plan_summary.json")
     distill = load(out, "distill.json")
-    if distill.get("already_complete"):   # a rerun of the same demo: distill had nothing to do; its checkpoint's record
-        prov = load(distill["checkpoint"], "provenance.json")
-        distill = {**prov, "checkpoint": distill["checkpoint"], "peak_memory_bytes": prov["peak_memory_bytes_rank0"]}
     evals = {k: load(out, f"eval_{k}.json") for k in ("tp", "zero_shot", "distilled")}
     gen = load(out, "generate.json")["generations"][0]
     lines = ["# ds_spd demo: SmolLM2-135M, tensor parallel on 2 CPU ranks", "",

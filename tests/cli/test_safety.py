@@ -260,6 +260,7 @@ def test_distill_complete_resume_and_fingerprint(distill_setup, tiny_dir):
     # a finished block's training state is removed (only its weights stay in the work dir)
     assert not [p for p, content in first["snapshot"][out + ".work"].items() if content is None]
     assert done["code"] == 0 and "already complete" in done["stderr"] and last_json(done["stdout"])["already_complete"]
+    assert last_json(done["stdout"])["final_mse"] == first_run["final_mse"]   # what the checkpoint holds, said again
     assert lr["code"] == 2 and "settings.lr: 0.002 -> 0.01" in lr["stderr"] and "--restart" in lr["stderr"]
     assert data["code"] == 2 and "calibration.max_samples: 8 -> 4" in data["stderr"]
     assert fewer["code"] == 2 and "holds 2 trained epochs" in fewer["stderr"]

@@ -143,6 +143,13 @@ class DistillRun:
                 and all(saved.get(k, knobs[k]) == knobs[k] for k in RESUME_NEUTRAL)
                 and prov.get("epochs") == self.settings.epochs)
 
+    def recorded(self) -> dict:
+        """A complete run's results as its checkpoint recorded them, in the keys ``distill --json`` reports a run
+        in: a rerun with nothing to do still says what the checkpoint holds."""
+        prov = read_provenance(self.out)
+        return {**{k: prov[k] for k in PROVENANCE_FIELDS if k in prov},
+                "peak_memory_bytes": prov.get("peak_memory_bytes_rank0")}
+
 
 @dataclass
 class DistillReport:
