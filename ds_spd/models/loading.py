@@ -12,6 +12,7 @@ Perplexities of an embedded model are those of its dequantised weights, not of t
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -60,6 +61,27 @@ def _gguf_source(model: EmbeddedModel, scratch: str) -> str:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses a GGUF file's metadata on every load from it (the tokenizer's, the config's twice, the
+    weights'), 14 s each for Gemma 3's 262k-token vocabulary in the gguf package's Python reader; during a
+    conversion every reader of a path is the first one (read-only, memory-mapped: nothing is consumed)."""
+    import gguf
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode: str = "r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _convert_gguf(model: EmbeddedModel, target: str) -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,7 +91,7 @@ def _convert_gguf(model: EmbeddedModel, target: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)   # our own cache dir, this pid's leftover
     os.makedirs(tmp)
     try:
-        with tqdm(total=4, desc=f"converting {model.name} (once)", leave=False) as bar:
+        with tqdm(total=4, desc=f"converting {model.name} (once)", leave=False) as bar, _gguf_parsed_once():
             gguf = _gguf_source(model, tmp)
             src, file = os.path.dirname(gguf), os.path.basename(gguf)
             bar.update()
