@@ -53,6 +53,13 @@ def paired_ratio_ci(a: dict, b: dict, resamples: int = 1000, seed: int = 0) -> d
     return {"ratio": ratio, "ci95": [lo, hi], "verdict": "lower" if hi < 1 else "higher" if lo > 1 else "no difference"}
 
 
+def percent(r: dict, digits: int = 1) -> str:
+    """A paired ratio as the reports write it: ``+4.0% [+2.3, +5.5]`` (the change over the reference in percent,
+    with its interval)."""
+    lo, hi = (100 * (v - 1) for v in r["ci95"])
+    return f"{100 * (r['ratio'] - 1):+.{digits}f}% [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
 def evaluate_run(runner, progress: bool = True) -> dict:
     """The ``eval`` stage: perplexity and top-1 accuracy of a runner on its ``spd.data`` text."""
     from ds_spd.data import segments_for

@@ -38,11 +38,10 @@ fi
 python - "$out" "$model" "$tp" "$counts" <<'EOF'
 import json, os, sys
 sys.path.insert(0, ".")
-from ds_spd.tools.evaluation import paired_ratio_ci
+from ds_spd.tools.evaluation import paired_ratio_ci, percent
 out, model, tp, counts = sys.argv[1], sys.argv[2], sys.argv[3], [int(c) for c in sys.argv[4].split(",")]
 load = lambda name: json.load(open(f"{out}/step_{name}.json"))
 tp_eval, scan = load("eval_tp"), load("scan")
-pct = lambda r: f"{100 * (r['ratio'] - 1):+.1f}% [{100 * (r['ci95'][0] - 1):+.1f}, {100 * (r['ci95'][1] - 1):+.1f}]"
 rows, notes, summary = [], [], {"model": model, "tp": int(tp), "tp_perplexity": tp_eval["perplexity"],
                      "tokens": tp_eval["tokens"], "counts": {}}
 for n in counts:
@@ -75,7 +74,7 @@ for n in counts:
                         "paired, entropy "
                         f"{blocks['entropy']['mean']:.2f}" if blocks and kl else ""))
     rows.append(f"| {n} of {len(plan['blocks'])} | {sorted(classes)} | {len(trained)} of {len(classes)} | "
-                f"{pct(zero)} | **{pct(dist)}** | {distill['seconds'] / 60:.0f} min"
+                f"{percent(zero)} | **{percent(dist)}** | {distill['seconds'] / 60:.0f} min"
                 + (f" + {kl / 60:.0f} min KL stage |" if kl else " |"))
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
 with open(f"{out}/summary.md", "w") as f:

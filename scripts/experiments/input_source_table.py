@@ -26,9 +26,9 @@ CONFIRM = "confirm"   # the confirmation text: the first half of the description
 
 
 def main(out: str, base: str = "original") -> None:
-    from ds_spd.tools.evaluation import paired_ratio_ci
+    from ds_spd.tools.evaluation import paired_ratio_ci, percent
     load = lambda name: json.load(open(os.path.join(out, f"{name}.json")))
-    pct = lambda r: f"{100 * (r['ratio'] - 1):+.2f}% [{100 * (r['ci95'][0] - 1):+.2f}, {100 * (r['ci95'][1] - 1):+.2f}]"
+    pct = lambda r: percent(r, 2)
     runs = sorted({m.groups() for p in glob.glob(os.path.join(out, "distill*_*.json"))
                    if (m := re.match(r"distill(\d+)_([\w.+@-]+)\.json$", os.path.basename(p)))},
                   key=lambda r: (int(r[0]), r[1] != base, r[1]))

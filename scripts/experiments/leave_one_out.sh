@@ -29,14 +29,14 @@ done
 python - "$out" "$n" <<'PY'
 import json, math, sys
 sys.path.insert(0, ".")
-from ds_spd.tools.evaluation import paired_ratio_ci
+from ds_spd.tools.evaluation import paired_ratio_ci, percent
 out, n = sys.argv[1], int(sys.argv[2])
 load = lambda name: json.load(open(f"{out}/{name}.json"))
 full, tp = load("all"), load("tp")
 rows = {k: paired_ratio_ci(load(f"without{k}"), full) for k in range(n)}
 total = paired_ratio_ci(tp, full)
 json.dump({"all_over_tp": total, "block_adds": rows}, open(f"{out}/summary.json", "w"), indent=1)
-pct = lambda r: f"{100 * (r['ratio'] - 1):+.2f}% [{100 * (r['ci95'][0] - 1):+.2f}, {100 * (r['ci95'][1] - 1):+.2f}]"
+pct = lambda r: percent(r, 2)
 lines = [f"| {k} | {pct(r)} |" for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["ratio"])]
 with open(f"{out}/summary.md", "w") as f:
     f.write(f"# Each block's share of the all-block cost\n\n`bash scripts/experiments/leave_one_out.sh` (its header). "

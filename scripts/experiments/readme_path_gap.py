@@ -53,7 +53,7 @@ def main() -> None:
     from ds_spd.config import DataConfig
     from ds_spd.core.inject import distilled_in
     from ds_spd.data import segments_for
-    from ds_spd.tools.evaluation import evaluate_lm, paired_ratio_ci
+    from ds_spd.tools.evaluation import evaluate_lm, paired_ratio_ci, percent
     states = {**read_block_states(args.checkpoint), **read_block_states(alone)}
     model, tok = ds_spd.load_model("default")
     model = ds_spd.virtualize(model.float().eval(), 2)
@@ -67,12 +67,11 @@ def main() -> None:
                 results[f"{name}_zero_shot"] = evaluate_lm(model, segments, 4, desc=f"{name} zero-shot")
             with distilled_in(model, states, blocks):
                 results[f"{name}_distilled"] = evaluate_lm(model, segments, 4, desc=f"{name} distilled")
-    pct = lambda r: f"{100 * (r['ratio'] - 1):+.1f}% [{100 * (r['ci95'][0] - 1):+.1f}, {100 * (r['ci95'][1] - 1):+.1f}]"
     rows, summary = [], {"blocks": {"readme_path": readme, "recovery_table": table}, "checkpoint": args.checkpoint}
     for name in ("readme_path_blocks", "recovery_table_blocks"):
         z, d = (paired_ratio_ci(results["tp"], results[f"{name}_{k}"]) for k in ("zero_shot", "distilled"))
         summary[name] = {"zero_shot": z, "distilled": d}
-        rows.append(f"| {name.replace('_', ' ')} | {pct(z)} | **{pct(d)}** |")
+        rows.append(f"| {name.replace('_', ' ')} | {percent(z)} | **{percent(d)}** |")
     between = paired_ratio_ci(results["readme_path_blocks_distilled"], results["recovery_table_blocks_distilled"])
     summary["table_over_readme_distilled"] = between
     json.dump({**summary, "evals": results}, open(os.path.join(args.out, "gap.json"), "w"), indent=1)
@@ -82,7 +81,7 @@ def main() -> None:
                 f"{results['tp']['perplexity']:.2f}); the distilled weights of the README path's run (original "
                 f"inputs) and block 10 distilled alone. Perplexity over TP, paired 95% bootstrap.\n\n"
                 "| block set | zero-shot | distilled |\n|---|---|---|\n" + "\n".join(rows) +
-                f"\n\nThe table's set over the README path's, distilled: {pct(between)}.\n")
+                f"\n\nThe table's set over the README path's, distilled: {percent(between)}.\n")
     print(open(os.path.join(args.out, "gap.md")).read())
 
 
