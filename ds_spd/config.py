@@ -85,6 +85,10 @@ class DistillConfig(_Strict):
                              "following original blocks (frozen), against the original model's outputs there: an "
                              "error counts by what it does downstream (0: at the block's own output, the paper's)")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
+    esb_segments: Optional[int] = Field(None, ge=1, description="layerwise, original inputs: calibration segments "
+                                        "the extremely sensitive (ESB) blocks read, held-out ones included "
+                                        "(default: those the other blocks read); on SmolLM2 one such block costs "
+                                        "what twenty others do, and more text lowers it (docs/experiments.md)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
     trainer: str = Field("layerwise", description=f"one of {DISTILL_TRAINERS}: one block resident at a time, read "
@@ -146,6 +150,9 @@ class DistillConfig(_Strict):
         if self.input_source == "chain" and self.trainer != "layerwise":
             raise ValueError("input_source 'chain' trains the blocks in order, each on the outputs of those trained "
                              "before it: the layerwise trainer only")
+        if self.esb_segments is not None and (self.trainer != "layerwise" or self.input_source != "original"):
+            raise ValueError("esb_segments walks the original model's inputs on the extremely sensitive blocks' own "
+                             "segments: the layerwise trainer with input_source 'original' only")
         if self.kl_extra_lr is not None and self.kl_blocks != "all":
             raise ValueError("kl_extra_lr is the rate of the blocks the end-to-end stage trains beyond the distilled "
                              "ones: it needs kl_blocks 'all'")

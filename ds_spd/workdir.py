@@ -59,7 +59,9 @@ def run_fingerprint(*, model: str, model_fingerprint: dict, plan_digest: str, tp
 
 
 def _resume_settings(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in RESUME_NEUTRAL}
+    """The settings that decide the trained weights; one left unset (None) is left out, so a run written before
+    that setting existed (which behaves as it being unset) still resumes."""
+    return {k: v for k, v in settings.items() if k not in RESUME_NEUTRAL and v is not None}
 
 
 def comparable(saved: dict) -> dict:

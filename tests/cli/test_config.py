@@ -262,3 +262,22 @@ def test_serve_and_bench_flags_are_generated_from_their_settings(monkeypatch):
     assert bench.fractions == (0.0, 0.5) and bench.decode_batches == (2,)
     with pytest.raises(SPDInputError, match=r"--fractions \(0.0, 1.5\) is out of range: each in \[0, 1\]"):
         from_args(BenchSettings, parser.parse_args(["bench", "--fractions", "0,1.5"]))
+
+
+def test_a_work_dir_from_before_a_setting_existed_still_resumes():
+    """A setting added later and left unset (None) is left out of the run's fingerprint: a work dir written before
+    it existed (its stored settings lack the key) compares equal; set, it differs, naming the key."""
+    from ds_spd.config import DataConfig
+    from ds_spd.stages.distill.kit import DistillSettings
+    from ds_spd.workdir import comparable, differences, run_fingerprint
+    data = DataConfig(dataset="pydoc", max_samples=8)
+
+    def fingerprint(settings: dict) -> dict:
+        return run_fingerprint(model="m", model_fingerprint={}, plan_digest="p", tp_size=2, tp_grain_size=64,
+                               dtype="float32", calibration=data, settings=settings, ds_config={}, ranks=2,
+                               launcher="deepspeed")
+    now = DistillSettings().knobs()
+    older = {k: v for k, v in now.items() if k != "esb_segments"}   # as a run before the key wrote it
+    assert comparable(fingerprint(older)) == fingerprint(now)
+    changed = fingerprint({**now, "esb_segments": 256})
+    assert differences(comparable(fingerprint(older)), changed) == ["settings.esb_segments: None -> 256"]

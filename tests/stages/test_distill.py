@@ -161,7 +161,9 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     out = str(tmp_path / "ckpt")
     common = ["--model", tiny_dir, "--checkpoint", out, *DATA, "--json"]
     # the training run and both virtual evaluations in one process (tests/support/cli_batch.py)
-    runs = run_cli_batch([["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2"],
+    # the ESB block (0) on its own 12 segments (the others on 8)
+    runs = run_cli_batch([["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2",
+                           "--esb-segments", "12"],
                           ["eval", "--virtual-tp", "2", *common],
                           ["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3", *DATA, "--json"]],
                          str(tmp_path))
@@ -175,6 +177,9 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     assert prov["settings"]["kl_lr"] == kl_stage_lr(lr)   # the KL stage's rate follows the blocks' (stage off here)
     # no --model: the plan's model, and its recipe (none for a local model: no KL stage), not the default model's
     assert prov["settings"]["kl_epochs"] == 0 and prov["settings"]["kl_segments"] is None
+    assert prov["settings"]["esb_segments"] == 12
+    assert [json.load(open(os.path.join(f"{out}.work", f"block{i:03d}.json")))["client"].get("segments")
+            for i in (0, 1, 3)] == [12, None, None]
     virtual, zero_shot = last_json(runs[1]["stdout"]), last_json(runs[2]["stdout"])
     # each rank reads only its slices (sharded loading, the default; == the full load bitwise: test_sharded_load)
     real = last_json(launch(["ds_spd", "eval", *common], module=True).stdout)

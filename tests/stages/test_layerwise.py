@@ -153,8 +153,38 @@ def test_loss_window_measures_the_error_after_the_next_original_block(monkeypatc
     assert sorted(result.block_states) == [0]
 
 
+def test_esb_blocks_train_on_their_own_segments(tmp_path):
+    """esb_segments: the ESB block (2) is trained exactly as it would be alone on those segments (bitwise); the
+    other trained block (0) exactly as without the option; a second run takes both from the work dir."""
+    base = tiny_model("llama")
+    draw = lambda n, seed: torch.randint(0, 384, (n, 24), generator=torch.Generator().manual_seed(seed))
+    segments, esb = draw(8, 6), draw(16, 7)
+    plan = _plan(base.config, ["SB", "ISB", "ESB", "TP"])
+    settings = DistillSettings(epochs=1, lr=2e-3, micro_batch=4)
+
+    def run(plan, segments, esb=None, work=None):
+        return distill_layerwise(BlockSource.from_model(base, 2, 64), plan, segments, copy.deepcopy(CPU_ZERO2),
+                                 settings, work_dir=work, progress=False, esb_segments=esb)
+    both = run(plan, segments, esb, str(tmp_path / "work"))
+    without = run(plan, segments)
+    alone = run(_plan(base.config, ["TP", "TP", "ESB", "TP"]), esb)
+    assert sorted(both.block_states) == [0, 2] and sorted(both.groupings) == [0, 2]
+    for mine, ref, i in ((both, without, 0), (both, alone, 2)):
+        for k, v in ref.block_states[i].items():
+            assert torch.equal(mine.block_states[i][k], v), (i, k)
+        assert mine.final_mse[i] == ref.final_mse[i] and mine.groupings[i] == ref.groupings[i]
+    assert not torch.equal(both.block_states[2]["mlp.up_proj.weight"], without.block_states[2]["mlp.up_proj.weight"])
+    again = run(plan, segments, esb, str(tmp_path / "work"))   # both blocks finished: nothing trained again
+    assert again.seconds == both.seconds and again.final_mse == both.final_mse
+    assert not (tmp_path / "work" / "activations_esb").exists()
+
+
 def test_chain_and_loss_window_need_the_layerwise_trainer():
     from ds_spd.config import DistillConfig
+    with pytest.raises(ValueError, match="esb_segments .* input_source 'original' only"):
+        DistillConfig(esb_segments=64, input_source="chain")
+    with pytest.raises(ValueError, match="esb_segments .* layerwise trainer"):
+        DistillConfig(esb_segments=64, trainer="joint")
     with pytest.raises(ValueError, match="input_source 'chain' .* layerwise trainer only"):
         DistillConfig(input_source="chain", trainer="joint")
     with pytest.raises(ValueError, match="loss_window applies to the layerwise trainer only"):

@@ -220,29 +220,73 @@ def _train_block(i: int, teacher: SPDDecoderLayer, rotary: nn.Module, layout, cl
 
 def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict,
                       settings: DistillSettings, work_dir: str | None = None, budget_bytes: int | None = None,
-                      use_accelerate: bool = False, progress: bool = True) -> DistillResult:
-    """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring)."""
+                      use_accelerate: bool = False, progress: bool = True,
+                      esb_segments: torch.Tensor | None = None) -> DistillResult:
+    """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring);
+    ``esb_segments``: the ESB blocks' own calibration segments (original inputs only), walked first."""
     # what is alive now lives through the walk: frozen, the gc.collect() after each block scans only what that
     # block made (a full collection cost 0.3 s on Gemma 3, twice a block)
     gc.freeze()
     try:
-        return _walk(source, plan, segments, ds_config, settings, work_dir, budget_bytes, use_accelerate, progress)
+        if source.layout.tp_size != plan.tp_size:
+            raise PlanError(f"the blocks are read for tp size {source.layout.tp_size}, the plan is for "
+                            f"{plan.tp_size}")
+        budget = ActivationBudget(default_budget_bytes() if budget_bytes is None else budget_bytes)
+        own = {} if esb_segments is None else _walk_esb(source, plan, esb_segments, ds_config, settings, work_dir,
+                                                        budget, use_accelerate, progress)
+        return _walk(source, plan, segments, ds_config, settings, work_dir, budget, use_accelerate, progress, own)
     finally:
         gc.unfreeze()
 
 
+def _walk_esb(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
+              work_dir: str | None, budget: ActivationBudget, use_accelerate: bool, progress: bool
+              ) -> dict[int, dict]:
+    """The ESB blocks trained on their own segments: the original model walked on them up to the last ESB block,
+    each ESB block distilled on its inputs and outputs there exactly as the main walk trains a block (the same
+    seed, held-out share and head grouping); the main walk then takes them as finished."""
+    esb = [b.index for b in plan.blocks if b.cls == "ESB"]
+    if not esb:
+        return {}
+    torch.manual_seed(settings.seed)
+    stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
+                              os.path.join(work_dir, "activations_esb") if work_dir else None)
+    x = stores.new()
+    source.first_inputs(segments, settings.micro_batch, x, shared=True)
+    done = {}
+    for i in tqdm(range(max(esb) + 1), desc=f"layer-wise distill, ESB blocks on {len(segments)} segments",
+                  disable=not progress):
+        teacher = source.block(i)
+        y = stores.new()
+        run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
+        if i in esb:
+            client = {"plan": plan_digest(plan), "block": i, "class": "ESB", "input_source": "original",
+                      "segments": int(segments.shape[0])}
+            found = _load_done(work_dir, i, client, settings.epochs)
+            if found is not None:
+                done[i] = {"state": found[0], **found[1]}
+            else:
+                done[i] = _train_block(i, teacher, source.rotary, source.layout, "ESB", x, y, ds_config, settings,
+                                       work_dir, client, use_accelerate, progress)
+        x.close()
+        x = y
+        del teacher
+        gc.collect()
+    x.close()
+    stores.remove_directory()
+    return done
+
+
 def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
-          work_dir: str | None, budget_bytes: int | None, use_accelerate: bool, progress: bool) -> DistillResult:
+          work_dir: str | None, budget: ActivationBudget, use_accelerate: bool, progress: bool,
+          own: dict[int, dict]) -> DistillResult:
     blocks = plan.trained_blocks
     if not blocks:
         return DistillResult({}, {})
-    if source.layout.tp_size != plan.tp_size:
-        raise PlanError(f"the blocks are read for tp size {source.layout.tp_size}, the plan is for {plan.tp_size}")
     torch.manual_seed(settings.seed)
     classes = {b.index: b.cls for b in plan.blocks}
     chain = settings.input_source == "chain"
     prefix = set(plan.spd_blocks) if settings.input_source == "prefix" else set()
-    budget = ActivationBudget(default_budget_bytes() if budget_bytes is None else budget_bytes)
     stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
                               os.path.join(work_dir, "activations") if work_dir else None)
     store = stores.new
@@ -261,13 +305,13 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
                       "input_source": settings.input_source}
             if chain:
                 client["upstream"] = upstream.hexdigest()[:16]
-            found = _load_done(work_dir, i, client, settings.epochs)
+            found = (own[i]["state"], own[i]) if i in own else _load_done(work_dir, i, client, settings.epochs)
             if found is None or (not prefix and i < last):   # to train on, or the next block's inputs
                 y = store()
                 run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
             if found is not None:
                 done[i] = {"state": found[0], **found[1]}
-                if progress:
+                if progress and i not in own:
                     print(f"distill: block {i} already trained ({work_dir}): not trained again", file=sys.stderr)
             else:
                 target, followers = _window_target(source, i, y, settings, store)

@@ -269,8 +269,12 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
         source = BlockSource.from_files(run.spec.model_config, run.spec.weights, run.cfg.torch_dtype, run.plan.tp_size,
                                         run.cfg.tp_grain_size)
         budget = run.settings.activation_budget_gb
+        esb = None   # the extremely sensitive blocks' own segments, where set and the plan has such blocks
+        if run.settings.esb_segments is not None and any(b.cls == "ESB" for b in run.plan.blocks):
+            esb = segments_for(d.model_copy(update={"max_samples": run.settings.esb_segments}), tokenizer)
         result = distill_layerwise(source, run.plan, segments, run.ds_config, run.settings, run.work_dir,
-                                   None if budget is None else int(budget * 2**30), run.use_accelerate, progress)
+                                   None if budget is None else int(budget * 2**30), run.use_accelerate, progress,
+                                   esb_segments=esb)
     else:
         result = distill(runner.hf_model, run.plan, segments, run.ds_config, run.settings, run.work_dir,
                          run.use_accelerate, progress=progress)
