@@ -162,8 +162,8 @@ def test_checkpoint_round_trip_real_tp_equals_virtual(tiny_dir, tmp_path):
     common = ["--model", tiny_dir, "--checkpoint", out, *DATA, "--json"]
     # the training run and both virtual evaluations in one process (tests/support/cli_batch.py)
     # the ESB block (0) on its own 12 segments (the others on 8)
-    runs = run_cli_batch([["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out, "--epochs", "2",
-                           "--esb-segments", "12"],
+    runs = run_cli_batch([["distill", "--config", str(cfg), "--plan", plan, *DISTILL_DATA, "--out", out,
+                           "--epochs", "2", "--esb-segments", "12"],
                           ["eval", "--virtual-tp", "2", *common],
                           ["eval", "--virtual-tp", "2", "--model", tiny_dir, "--spd-blocks", "0,1,3", *DATA, "--json"]],
                          str(tmp_path))
