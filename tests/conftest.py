@@ -58,8 +58,9 @@ if os.environ.get("DS_SPD_TEST_CPU"):
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        cpu, wall = _cpu(), time.monotonic()
+        cpu, wall, started = _cpu(), time.monotonic(), time.time()
         yield
-        with open(os.environ["DS_SPD_TEST_CPU"], "a") as f:
+        with open(os.environ["DS_SPD_TEST_CPU"], "a") as f:   # start and worker: where the suite's wall time went
             f.write(json.dumps({"test": item.nodeid, "cpu": round(_cpu() - cpu, 2),
-                                "wall": round(time.monotonic() - wall, 2)}) + "\n")
+                                "wall": round(time.monotonic() - wall, 2), "start": round(started, 2),
+                                "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}) + "\n")
