@@ -1,7 +1,7 @@
 # The commands that produced this directory's files (run from the repository root, in this order): the default's
 # 30-block run and its evaluations, then the candidate on a copy of its work dir (docs/experiments.md, "The decision run").
 
-cd /work/main
+cd "$(dirname "$0")/../../../../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 out=docs/results/input_chain/default_tp2/esb30; ck=runs/esb30/default30; d=docs/results/input_chain/default_tp2
 mkdir -p runs/esb30
@@ -25,14 +25,14 @@ ev guard_without01 $d/guard.txt --checkpoint $ck --spd-blocks $rest
 echo done
 
 set -euo pipefail
-cd /work/main
+cd "$(dirname "$0")/../../../../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 out=docs/results/input_chain/default_tp2/esb30; d=docs/results/input_chain/default_tp2
 base=runs/esb30/default30; ck=runs/esb30/esb1024
 json() { grep '^{' | tail -1; }
 if [[ ! -d $ck.work ]]; then
   cp -r $base.work $ck.work.tmp
-  rm -f $ck.work.tmp/block000.* $ck.work.tmp/block001.*
+  rm -f $ck.work.tmp/block000.* $ck.work.tmp/block001.* $ck.work.tmp/block016.*   # the plan's ESB blocks (block 16 first left in: the run refused it as another run's, as it should)
   python - $ck.work.tmp/ds_spd_run.json <<'PY'
 import json, sys
 run = json.load(open(sys.argv[1]))
