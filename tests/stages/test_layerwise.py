@@ -153,9 +153,10 @@ def test_loss_window_measures_the_error_after_the_next_original_block(monkeypatc
     assert sorted(result.block_states) == [0]
 
 
-def test_esb_blocks_train_on_their_own_segments(tmp_path):
+def test_esb_blocks_train_on_their_own_segments(tmp_path, monkeypatch):
     """esb_segments: the ESB block (2) is trained exactly as it would be alone on those segments (bitwise); the
-    other trained block (0) exactly as without the option; a second run takes both from the work dir."""
+    other trained block (0) exactly as without the option; a second run takes both from the work dir, without
+    walking the model on the ESB segments again."""
     base = tiny_model("llama")
     draw = lambda n, seed: torch.randint(0, 384, (n, 24), generator=torch.Generator().manual_seed(seed))
     segments, esb = draw(8, 6), draw(16, 7)
@@ -174,8 +175,13 @@ def test_esb_blocks_train_on_their_own_segments(tmp_path):
             assert torch.equal(mine.block_states[i][k], v), (i, k)
         assert mine.final_mse[i] == ref.final_mse[i] and mine.groupings[i] == ref.groupings[i]
     assert not torch.equal(both.block_states[2]["mlp.up_proj.weight"], without.block_states[2]["mlp.up_proj.weight"])
+    walked = []
+    first_inputs = BlockSource.first_inputs
+    monkeypatch.setattr(BlockSource, "first_inputs", lambda self, segs, *a, **k: (walked.append(len(segs)),
+                                                                                  first_inputs(self, segs, *a, **k)))
     again = run(plan, segments, esb, str(tmp_path / "work"))   # both blocks finished: nothing trained again
     assert again.seconds == both.seconds and again.final_mse == both.final_mse
+    assert walked == [8]   # the main walk's segments only
     assert not (tmp_path / "work" / "activations_esb").exists()
 
 

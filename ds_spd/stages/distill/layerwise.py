@@ -245,29 +245,27 @@ def _walk_esb(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config
     """The ESB blocks trained on their own segments: the original model walked on them up to the last ESB block,
     each ESB block distilled on its inputs and outputs there exactly as the main walk trains a block (the same
     seed, held-out share and head grouping); the main walk then takes them as finished."""
-    esb = [b.index for b in plan.blocks if b.cls == "ESB"]
-    if not esb:
-        return {}
+    clients = {b.index: {"plan": plan_digest(plan), "block": b.index, "class": "ESB", "input_source": "original",
+                         "segments": int(segments.shape[0])} for b in plan.blocks if b.cls == "ESB"}
+    # finished ones first (and one of another run refused) before the walk: it is the expensive part
+    found = {i: _load_done(work_dir, i, client, settings.epochs) for i, client in clients.items()}
+    done = {i: {"state": f[0], **f[1]} for i, f in found.items() if f is not None}
+    todo = [i for i in clients if i not in done]
+    if not todo:
+        return done
     torch.manual_seed(settings.seed)
     stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
                               os.path.join(work_dir, "activations_esb") if work_dir else None)
     x = stores.new()
     source.first_inputs(segments, settings.micro_batch, x, shared=True)
-    done = {}
-    for i in tqdm(range(max(esb) + 1), desc=f"layer-wise distill, ESB blocks on {len(segments)} segments",
+    for i in tqdm(range(max(todo) + 1), desc=f"layer-wise distill, ESB blocks on {len(segments)} segments",
                   disable=not progress):
         teacher = source.block(i)
         y = stores.new()
         run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
-        if i in esb:
-            client = {"plan": plan_digest(plan), "block": i, "class": "ESB", "input_source": "original",
-                      "segments": int(segments.shape[0])}
-            found = _load_done(work_dir, i, client, settings.epochs)
-            if found is not None:
-                done[i] = {"state": found[0], **found[1]}
-            else:
-                done[i] = _train_block(i, teacher, source.rotary, source.layout, "ESB", x, y, ds_config, settings,
-                                       work_dir, client, use_accelerate, progress)
+        if i in todo:
+            done[i] = _train_block(i, teacher, source.rotary, source.layout, "ESB", x, y, ds_config, settings,
+                                   work_dir, clients[i], use_accelerate, progress)
         x.close()
         x = y
         del teacher
