@@ -57,3 +57,4 @@ ev confirm_esb1024 $d/confirmation.txt --checkpoint $ck
 [[ -s $out/kl_guard.json ]] || OMP_NUM_THREADS=2 nice -n 10 python scripts/experiments/entropy_check.py --model default \
   --text $d/guard.txt --segments 16 --checkpoints $base,$ck --out $out/kl_guard.json 2> $out/logs/kl_guard.log
 echo done
+# 512 x 8: the same second part with esb1024 -> esb512, 1024 -> 512 and the KL output kl_guard_esb512.json
