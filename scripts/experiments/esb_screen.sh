@@ -5,8 +5,8 @@
 # PLAN, TEXT and OUT in the environment change the plan (default: block 1 of SmolLM2's 30-block plan), the text
 # (the confirmation text) and where the JSONs go:
 #   bash scripts/experiments/esb_screen.sh "window1=--loss-window 1" "hg64=--hg-segments 64"
-# Writes distill_NAME.json, eval_NAME.json (and logs) into OUT; resumable: a variant whose eval JSON exists is not
-# run again, a distill that stopped resumes from its work dir (runs/esb/NAME.work).
+# Writes distill_NAME.json, eval_NAME.json (and logs) into OUT; resumable (scripts/benchmarks/steps.sh): a step whose
+# JSON exists is not run again, a distill that stopped resumes from its work dir (runs/esb/NAME.work).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
@@ -15,17 +15,13 @@ dir=docs/results/input_chain/default_tp2
 plan=${PLAN:-$dir/leave_one_out/block1/plan_block1.json}; text=${TEXT:-$dir/confirmation.txt}
 out=${OUT:-$dir/leave_one_out/block1}
 mkdir -p "$out/logs" runs/esb
-json() { grep '^{' | tail -1; }   # a command's --json line (progress bars and warnings go to stderr)
+STEP_PREFIX=""; source scripts/benchmarks/steps.sh   # step NAME CMD: $out/NAME.json, resumable
 for variant in "$@"; do
   name=${variant%%=*}; flags=${variant#*=}
-  [[ -s "$out/eval_$name.json" ]] && continue
   ck=runs/esb/$name
   # shellcheck disable=SC2086  # the flags are words
-  launch/tp.sh 2 distill --model default --plan "$plan" --kl-epochs 0 --out "$ck" $flags --json \
-    2> "$out/logs/distill_$name.log" | json > "$out/distill_$name.json.part"
-  mv "$out/distill_$name.json.part" "$out/distill_$name.json"
-  OMP_NUM_THREADS=2 python -m ds_spd eval --model default --virtual-tp 2 --checkpoint "$ck" --text "$text" \
-    --max-samples 32 --json 2> "$out/logs/eval_$name.log" | json > "$out/eval_$name.json.part"
-  mv "$out/eval_$name.json.part" "$out/eval_$name.json"
+  step "distill_$name" launch/tp.sh 2 distill --model default --plan "$plan" --kl-epochs 0 --out "$ck" $flags
+  OMP_NUM_THREADS=2 step "eval_$name" python -m ds_spd eval --model default --virtual-tp 2 --checkpoint "$ck" \
+    --text "$text" --max-samples 32
   echo "$name: $(python scripts/tools/paired_eval.py "$out/eval_ep8_seg64.json" "$out/eval_$name.json" 2>/dev/null)"
 done
