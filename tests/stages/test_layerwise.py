@@ -62,6 +62,15 @@ def test_layerwise_equals_joint_trainer(family, source, budget, classes, tmp_pat
     assert not torch.equal(layer.block_states[0]["mlp.up_proj.weight"], base.model.layers[0].mlp.up_proj.weight)
 
 
+def _count_walks(monkeypatch) -> list[int]:
+    """The segment count of every walk started from now on (each starts at the embedding's first inputs)."""
+    walked = []
+    first_inputs = BlockSource.first_inputs
+    monkeypatch.setattr(BlockSource, "first_inputs", lambda self, segs, *a, **k: (walked.append(len(segs)),
+                                                                                  first_inputs(self, segs, *a, **k)))
+    return walked
+
+
 def _chain_run(base, segments, plan, settings, work_dir=None, seen=None, monkeypatch=None):
     """distill_layerwise in chain mode; ``seen``: block -> (student inputs, targets) as handed to training."""
     from ds_spd.stages.distill import layerwise
@@ -99,17 +108,19 @@ def test_chain_trains_on_the_chain_as_it_runs_against_the_teachers_outputs(monke
     assert (chain[2] - original[2]).abs().max() > 1e-2      # the chain really drifted: a different input
 
 
-def test_chain_retrains_the_blocks_after_a_changed_one(tmp_path, capsys):
+def test_chain_retrains_the_blocks_after_a_changed_one(tmp_path, capsys, monkeypatch):
     """A block's chain inputs depend on the weights trained before it: asking for more epochs retrains block 0
     (its training state was removed when it finished), so block 2, after it in the chain, is trained again
-    too; the result is bitwise a fresh run's. The same run again trains nothing."""
+    too; the result is bitwise a fresh run's. The same run again trains nothing and walks nothing."""
     base = tiny_model("llama")
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(4))
     plan = _plan(base.config, ["SB", "ISB", "ESB", "TP"])
     settings = DistillSettings(epochs=2, lr=2e-3, micro_batch=4, input_source="chain", patience=3)
     work = str(tmp_path / "work")
     first = _chain_run(base, segments, plan, settings, work)
+    walked = _count_walks(monkeypatch)
     again = _chain_run(base, segments, plan, settings, work)
+    assert walked == []   # every block's key (the digest of the blocks before it included) found: no walk
     assert all(torch.equal(first.block_states[i][k], again.block_states[i][k]) for i in (0, 2)
                for k in first.block_states[i])
     capsys.readouterr()
@@ -175,13 +186,13 @@ def test_esb_blocks_train_on_their_own_segments(tmp_path, monkeypatch):
             assert torch.equal(mine.block_states[i][k], v), (i, k)
         assert mine.final_mse[i] == ref.final_mse[i] and mine.groupings[i] == ref.groupings[i]
     assert not torch.equal(both.block_states[2]["mlp.up_proj.weight"], without.block_states[2]["mlp.up_proj.weight"])
-    walked = []
-    first_inputs = BlockSource.first_inputs
-    monkeypatch.setattr(BlockSource, "first_inputs", lambda self, segs, *a, **k: (walked.append(len(segs)),
-                                                                                  first_inputs(self, segs, *a, **k)))
+    walked = _count_walks(monkeypatch)
     again = run(plan, segments, esb, str(tmp_path / "work"))   # both blocks finished: nothing trained again
     assert again.seconds == both.seconds and again.final_mse == both.final_mse
-    assert walked == [8]   # the main walk's segments only
+    assert walked == []   # every trained block finished: no walk at all, on either set of segments
+    (tmp_path / "work" / "block000.json").unlink()   # block 0 unfinished: only the main walk runs
+    run(plan, segments, esb, str(tmp_path / "work"))
+    assert walked == [8]
     assert not (tmp_path / "work" / "activations_esb").exists()
 
 

@@ -34,7 +34,9 @@ broadcasts it (ds_spd.stages.streaming.computed_batches), so each rank holds all
 needs, for a 1/world share of the compute.
 
 Resume: a finished block is stored in the work dir (``blockNNN.safetensors`` + ``blockNNN.json``) and never
-trained again; an unfinished block resumes from its last epoch (``blockNNN/``, DeepSpeed checkpoints).
+trained again; an unfinished block resumes from its last epoch (``blockNNN/``, DeepSpeed checkpoints). The trained
+blocks are looked up before the walk: where all are finished there is no walk, and one of another run is refused
+before any work.
 """
 from __future__ import annotations
 
@@ -223,7 +225,9 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                       use_accelerate: bool = False, progress: bool = True,
                       esb_segments: torch.Tensor | None = None) -> DistillResult:
     """Train every SB/ESB block of ``plan``, one block resident at a time (see the module docstring);
-    ``esb_segments``: the ESB blocks' own calibration segments (original inputs only), walked first."""
+    ``esb_segments``: the ESB blocks' own calibration segments (original inputs only): the original model is walked
+    on them first, up to the last ESB block, each ESB block trained there as the main walk trains a block; the main
+    walk then takes them as finished."""
     # what is alive now lives through the walk: frozen, the gc.collect() after each block scans only what that
     # block made (a full collection cost 0.3 s on Gemma 3, twice a block)
     gc.freeze()
@@ -232,85 +236,106 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
             raise PlanError(f"the blocks are read for tp size {source.layout.tp_size}, the plan is for "
                             f"{plan.tp_size}")
         budget = ActivationBudget(default_budget_bytes() if budget_bytes is None else budget_bytes)
-        own = {} if esb_segments is None else _walk_esb(source, plan, esb_segments, ds_config, settings, work_dir,
-                                                        budget, use_accelerate, progress)
-        return _walk(source, plan, segments, ds_config, settings, work_dir, budget, use_accelerate, progress, own)
+        walk = dict(source=source, plan=plan, ds_config=ds_config, settings=settings, work_dir=work_dir,
+                    budget=budget, use_accelerate=use_accelerate, progress=progress)
+        t0 = time.perf_counter()
+        done: dict[int, dict] = {}
+        if esb_segments is not None:
+            esb = [b.index for b in plan.blocks if b.cls == "ESB"]
+            done = _walk(trained=esb, segments=esb_segments, extra={"segments": int(esb_segments.shape[0])},
+                         activations="activations_esb", desc=f"ESB blocks on {len(esb_segments)} segments", **walk)
+        done = _walk(trained=plan.trained_blocks, segments=segments, own=done, **walk)
+        return _result(done, budget, time.perf_counter() - t0)
     finally:
         gc.unfreeze()
 
 
-def _walk_esb(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
-              work_dir: str | None, budget: ActivationBudget, use_accelerate: bool, progress: bool
-              ) -> dict[int, dict]:
-    """The ESB blocks trained on their own segments: the original model walked on them up to the last ESB block,
-    each ESB block distilled on its inputs and outputs there exactly as the main walk trains a block (the same
-    seed, held-out share and head grouping); the main walk then takes them as finished."""
-    clients = {b.index: {"plan": plan_digest(plan), "block": b.index, "class": "ESB", "input_source": "original",
-                         "segments": int(segments.shape[0])} for b in plan.blocks if b.cls == "ESB"}
-    # finished ones first (and one of another run refused) before the walk: it is the expensive part
-    found = {i: _load_done(work_dir, i, client, settings.epochs) for i, client in clients.items()}
-    done = {i: {"state": f[0], **f[1]} for i, f in found.items() if f is not None}
-    todo = [i for i in clients if i not in done]
-    if not todo:
-        return done
-    torch.manual_seed(settings.seed)
-    stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
-                              os.path.join(work_dir, "activations_esb") if work_dir else None)
-    x = stores.new()
-    source.first_inputs(segments, settings.micro_batch, x, shared=True)
-    for i in tqdm(range(max(todo) + 1), desc=f"layer-wise distill, ESB blocks on {len(segments)} segments",
-                  disable=not progress):
-        teacher = source.block(i)
-        y = stores.new()
-        run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
-        if i in todo:
-            done[i] = _train_block(i, teacher, source.rotary, source.layout, "ESB", x, y, ds_config, settings,
-                                   work_dir, clients[i], use_accelerate, progress)
-        x.close()
-        x = y
-        del teacher
-        gc.collect()
-    x.close()
-    stores.remove_directory()
-    return done
+class _ResumeKeys:
+    """Each trained block's resume key, handed out in walk order: the plan, the block, its class and the input
+    source (``extra``: what else its training depends on); in chain mode also a digest of the blocks before it in
+    their final form (classes, trained weights), since its inputs are their outputs."""
+
+    def __init__(self, plan: Plan, settings: DistillSettings, extra: dict):
+        self.plan, self.classes = plan_digest(plan), {b.index: b.cls for b in plan.blocks}
+        self.source, self.extra = settings.input_source, extra
+        self.chain = settings.input_source == "chain"
+        self.upstream = hashlib.sha256()
+        self.diverged = False   # chain: an SPD block is behind (before it the chain is the original model)
+
+    def client(self, i: int) -> dict:
+        client = {"plan": self.plan, "block": i, "class": self.classes[i], "input_source": self.source, **self.extra}
+        return {**client, "upstream": self.upstream.hexdigest()[:16]} if self.chain else client
+
+    def passed(self, i: int, state: dict[str, torch.Tensor] | None) -> None:
+        """Block ``i`` is behind the walk now, in its final form (``state``: its trained weights)."""
+        self.diverged = self.diverged or self.classes[i] != "TP"
+        if self.chain and self.diverged:
+            self.upstream.update(f"{i}:{self.classes[i]}:{'' if state is None else state_digest(state)};".encode())
 
 
-def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: dict, settings: DistillSettings,
-          work_dir: str | None, budget: ActivationBudget, use_accelerate: bool, progress: bool,
-          own: dict[int, dict]) -> DistillResult:
-    blocks = plan.trained_blocks
-    if not blocks:
-        return DistillResult({}, {})
+def _lookup(work_dir: str | None, i: int, client: dict, settings: DistillSettings, progress: bool) -> dict | None:
+    """Block ``i``'s finished record (state, history, ...) in the work dir, or None (see :func:`_load_done`)."""
+    got = _load_done(work_dir, i, client, settings.epochs)
+    if got is None:
+        return None
+    if progress:
+        print(f"distill: block {i} already trained ({work_dir}): not trained again", file=sys.stderr)
+    return {"state": got[0], **got[1]}
+
+
+def _finished(work_dir: str | None, plan: Plan, trained: list[int], settings: DistillSettings, extra: dict,
+              own: dict[int, dict], progress: bool) -> dict[int, dict | None]:
+    """{block: its finished record, or None} for the trained blocks looked up before the walk: all of them (their
+    keys do not depend on each other), or in chain mode those up to the first unfinished one (the keys after it
+    depend on the weights it will get). A block of another run is refused here, before the expensive walk."""
+    keys, found = _ResumeKeys(plan, settings, extra), {}
+    for i in range(max(trained) + 1):
+        if i in trained:
+            found[i] = own[i] if i in own else _lookup(work_dir, i, keys.client(i), settings, progress)
+            if found[i] is None and keys.chain:
+                break
+        keys.passed(i, found[i]["state"] if found.get(i) else None)
+    return found
+
+
+def _walk(source: BlockSource, plan: Plan, trained: list[int], segments: torch.Tensor, ds_config: dict,
+          settings: DistillSettings, work_dir: str | None, budget: ActivationBudget, use_accelerate: bool,
+          progress: bool, own: dict[int, dict] | None = None, extra: dict | None = None,
+          activations: str = "activations", desc: str = "") -> dict[int, dict]:
+    """Walk the model on ``segments`` through the last of ``trained``, training each of them that is not finished
+    (in the work dir, or in ``own``: trained by an earlier walk); {block: its record (state, history, ...)}. No walk
+    where every one is finished. ``extra``: what the blocks' resume keys hold beyond the plan's."""
+    own, extra = own or {}, extra or {}
+    if not trained:
+        return {}
+    looked_up = _finished(work_dir, plan, trained, settings, extra, own, progress)
+    if len(looked_up) == len(trained) and all(looked_up.values()):
+        return looked_up
     torch.manual_seed(settings.seed)
     classes = {b.index: b.cls for b in plan.blocks}
     chain = settings.input_source == "chain"
     prefix = set(plan.spd_blocks) if settings.input_source == "prefix" else set()
     stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
-                              os.path.join(work_dir, "activations") if work_dir else None)
+                              os.path.join(work_dir, activations) if work_dir else None)
     store = stores.new
     x = store()
     source.first_inputs(segments, settings.micro_batch, x, shared=True)
     xs = x            # chain: the student chain's inputs (the teacher's store until the first SPD block)
-    upstream = hashlib.sha256()   # chain: what the blocks before are (classes, trained weights' digests)
+    keys = _ResumeKeys(plan, settings, extra)
     done: dict[int, dict] = {}
-    last = max(blocks)
-    t0 = time.perf_counter()
-    for i in tqdm(range(last + 1), desc="layer-wise distill", disable=not progress):
+    last = max(trained)
+    for i in tqdm(range(last + 1), desc=f"layer-wise distill, {desc}" if desc else "layer-wise distill",
+                  disable=not progress):
         teacher = source.block(i)
         y = None
-        if i in blocks:
-            client = {"plan": plan_digest(plan), "block": i, "class": classes[i],
-                      "input_source": settings.input_source}
-            if chain:
-                client["upstream"] = upstream.hexdigest()[:16]
-            found = (own[i]["state"], own[i]) if i in own else _load_done(work_dir, i, client, settings.epochs)
+        if i in trained:
+            client = keys.client(i)
+            found = looked_up[i] if i in looked_up else _lookup(work_dir, i, client, settings, progress)
             if found is None or (not prefix and i < last):   # to train on, or the next block's inputs
                 y = store()
                 run_block(teacher, source.rotary, x, y, settings.micro_batch, shared=True)
             if found is not None:
-                done[i] = {"state": found[0], **found[1]}
-                if progress and i not in own:
-                    print(f"distill: block {i} already trained ({work_dir}): not trained again", file=sys.stderr)
+                done[i] = found
             else:
                 target, followers = _window_target(source, i, y, settings, store)
                 done[i] = _train_block(i, teacher, source.rotary, source.layout, classes[i], xs, target, ds_config,
@@ -324,14 +349,14 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
             if y is not None:
                 y.close()
         elif chain:   # two streams: the teacher's outputs, and the chain's through block i in its final form
+            state = done[i]["state"] if i in done else None
             if xs is x and classes[i] == "TP":
                 nxt_s = y     # no SPD block yet: the chain is the teacher
             else:
-                state = done[i]["state"] if i in done else None
                 nxt_s = store()
                 run_block(chain_block(teacher, classes[i], state), source.rotary, xs, nxt_s, settings.micro_batch,
                           shared=True)
-                upstream.update(f"{i}:{classes[i]}:{'' if state is None else state_digest(state)};".encode())
+            keys.passed(i, state)
             if xs is not x:
                 xs.close()
             x.close()
@@ -353,7 +378,13 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
         xs.close()
     x.close()
     stores.remove_directory()
-    wall = time.perf_counter() - t0
+    return done
+
+
+def _result(done: dict[int, dict], budget: ActivationBudget, wall: float) -> DistillResult:
+    """The trained blocks' records as one result (``wall``: both walks' time)."""
+    if not done:
+        return DistillResult({}, {})
     train_seconds = sum(d["seconds"] for d in done.values())
     tokens = sum(d["tokens"] for d in done.values())
     epochs = max(len(d["history"]) for d in done.values())
@@ -364,7 +395,8 @@ def _walk(source: BlockSource, plan: Plan, segments: torch.Tensor, ds_config: di
     groupings = {i: HeadGrouping.from_json(d["grouping"]) for i, d in done.items() if d["grouping"] is not None}
     return DistillResult(
         block_states={i: d["state"] for i, d in done.items()}, groupings=groupings, history=history,
-        initial_mse={i: d["initial_mse"] for i, d in done.items()}, final_mse={i: d["final_mse"] for i, d in done.items()},
+        initial_mse={i: d["initial_mse"] for i, d in done.items()},
+        final_mse={i: d["final_mse"] for i, d in done.items()},
         seconds=train_seconds, tokens_per_second=tokens / max(train_seconds, 1e-9), peak_memory_bytes=peak_memory(),
         zero_stage=next((d["zero_stage"] for d in done.values()), None), wall_seconds=wall,
         spilled_bytes=budget.spilled_bytes,
