@@ -1,4 +1,5 @@
-# Sourced by the resumable benchmark and experiment scripts (readme_path.sh, input_source_chain.sh).
+# Sourced by the resumable benchmark and experiment scripts (readme_path.sh, input_source_chain.sh, esb_screen.sh,
+# leave_one_out.sh).
 # step NAME COMMAND...: run COMMAND --json unless $out/${STEP_PREFIX}NAME.json exists (STEP_PREFIX: "step_" unless
 # set); keep its last JSON line there, its stderr in $out/logs/NAME.log; a failed step shows the log's end and exits
 step() {

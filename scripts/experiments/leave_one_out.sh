@@ -10,13 +10,13 @@ cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 ck=${1:?usage: leave_one_out.sh CHECKPOINT TEXT OUT [MODEL] [TP]}; text=${2:?TEXT}; out=${3:?OUT}
 model=${4:-default}; tp=${5:-2}
-mkdir -p "$out"
+mkdir -p "$out/logs"
 n=$(python -c "import json, sys; print(len(json.load(open(sys.argv[1] + '/plan.json'))['blocks']))" "$ck")
-run() {  # NAME BLOCKS: an eval of the checkpoint with those blocks in SPD form
-  [[ -s "$out/$1.json" ]] && return
-  python -m ds_spd eval --model "$model" --virtual-tp "$tp" --checkpoint "$ck" --spd-blocks "$2" --text "$text" \
-    --max-samples 32 --json 2>/dev/null | grep '^{' | tail -1 > "$out/$1.json.part"
-  mv "$out/$1.json.part" "$out/$1.json"
+source scripts/benchmarks/steps.sh
+STEP_PREFIX=""
+run() {  # NAME BLOCKS: an eval of the checkpoint with those blocks in SPD form (its JSON $out/NAME.json)
+  step "$1" python -m ds_spd eval --model "$model" --virtual-tp "$tp" --checkpoint "$ck" --spd-blocks "$2" \
+    --text "$text" --max-samples 32
 }
 run tp none
 run all "0-$((n - 1))"
