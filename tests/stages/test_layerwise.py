@@ -196,12 +196,40 @@ def test_esb_blocks_train_on_their_own_segments(tmp_path, monkeypatch):
     assert not (tmp_path / "work" / "activations_esb").exists()
 
 
+def test_esb_segments_min_sensitivity_picks_the_blocks_that_read_them():
+    """esb_segments_min_sensitivity: of two ESB blocks only the one at or above the floor (relative sensitivity 2.0
+    against 0.1) reads the ESB segments (bitwise as alone on them); the other trains as without the option."""
+    from ds_spd.stages.distill.layerwise import esb_own_blocks
+    base = tiny_model("llama")
+    draw = lambda n, seed: torch.randint(0, 384, (n, 24), generator=torch.Generator().manual_seed(seed))
+    segments, esb = draw(8, 6), draw(16, 7)
+    plan = _plan(base.config, ["ESB", "ISB", "ESB", "TP"])
+    plan.scan = {"metric": "ppl", "baseline": 10.0}
+    for b, s in zip(plan.blocks, (20.0, 0.1, 1.0, 0.0)):
+        b.sensitivity = s
+    assert esb_own_blocks(plan) == [0, 2] and esb_own_blocks(plan, 0.5) == [0] and esb_own_blocks(plan, 3.0) == []
+
+    def run(plan, segments, esb=None):
+        settings = DistillSettings(epochs=1, lr=2e-3, micro_batch=4, esb_segments=None if esb is None else 16,
+                                   esb_segments_min_sensitivity=None if esb is None else 0.5)
+        return distill_layerwise(BlockSource.from_model(base, 2, 64), plan, segments, copy.deepcopy(CPU_ZERO2),
+                                 settings, progress=False, esb_segments=esb).block_states
+    picked = run(plan, segments, esb)
+    alone, without = run(_plan(base.config, ["ESB", "TP", "TP", "TP"]), esb), run(plan, segments)
+    for ref, i in ((alone, 0), (without, 2)):
+        for k, v in ref[i].items():
+            assert torch.equal(picked[i][k], v), (i, k)
+    assert not torch.equal(picked[0]["mlp.up_proj.weight"], without[0]["mlp.up_proj.weight"])
+
+
 def test_chain_and_loss_window_need_the_layerwise_trainer():
     from ds_spd.config import DistillConfig
     with pytest.raises(ValueError, match="esb_segments .* input_source 'original' only"):
         DistillConfig(esb_segments=64, input_source="chain")
     with pytest.raises(ValueError, match="esb_segments .* layerwise trainer"):
         DistillConfig(esb_segments=64, trainer="joint")
+    with pytest.raises(ValueError, match="esb_segments_min_sensitivity .* set esb_segments"):
+        DistillConfig(esb_segments_min_sensitivity=0.5)
     with pytest.raises(ValueError, match="input_source 'chain' .* layerwise trainer only"):
         DistillConfig(input_source="chain", trainer="joint")
     with pytest.raises(ValueError, match="loss_window applies to the layerwise trainer only"):

@@ -240,14 +240,25 @@ def distill_layerwise(source: BlockSource, plan: Plan, segments: torch.Tensor, d
                     budget=budget, use_accelerate=use_accelerate, progress=progress)
         t0 = time.perf_counter()
         done: dict[int, dict] = {}
-        if esb_segments is not None:
-            esb = [b.index for b in plan.blocks if b.cls == "ESB"]
+        esb = [] if esb_segments is None else esb_own_blocks(plan, settings.esb_segments_min_sensitivity)
+        if esb:
             done = _walk(trained=esb, segments=esb_segments, extra={"segments": int(esb_segments.shape[0])},
                          activations="activations_esb", desc=f"ESB blocks on {len(esb_segments)} segments", **walk)
         done = _walk(trained=plan.trained_blocks, segments=segments, own=done, **walk)
         return _result(done, budget, time.perf_counter() - t0)
     finally:
         gc.unfreeze()
+
+
+def esb_own_blocks(plan: Plan, floor: float | None = None) -> list[int]:
+    """The ESB blocks that read their own segments (``esb_segments``): every one, or those whose relative sensitivity
+    is at least ``floor`` (``esb_segments_min_sensitivity``; a block the scan did not measure included)."""
+    esb = [b.index for b in plan.blocks if b.cls == "ESB"]
+    if floor is None or not esb:
+        return esb
+    from ds_spd.stages.planner import relative
+    rel = relative(plan)
+    return [i for i in esb if rel[i] is None or abs(rel[i]) >= floor]
 
 
 class _ResumeKeys:

@@ -265,12 +265,14 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
     d = run.cfg.calibration
     segments = segments_for(d, tokenizer)
     if layerwise:
-        from ds_spd.stages.distill.layerwise import BlockSource, distill_layerwise
+        from ds_spd.stages.distill.layerwise import BlockSource, distill_layerwise, esb_own_blocks
         source = BlockSource.from_files(run.spec.model_config, run.spec.weights, run.cfg.torch_dtype, run.plan.tp_size,
                                         run.cfg.tp_grain_size)
         budget = run.settings.activation_budget_gb
         esb = None   # the extremely sensitive blocks' own segments, where set and the plan has such blocks
-        if run.settings.esb_segments is not None and any(b.cls == "ESB" for b in run.plan.blocks):
+        own = run.settings.esb_segments is not None and esb_own_blocks(run.plan,
+                                                                       run.settings.esb_segments_min_sensitivity)
+        if own:
             esb = segments_for(d.model_copy(update={"max_samples": run.settings.esb_segments}), tokenizer)
         result = distill_layerwise(source, run.plan, segments, run.ds_config, run.settings, run.work_dir,
                                    None if budget is None else int(budget * 2**30), run.use_accelerate, progress,
