@@ -6,7 +6,7 @@
 # (the confirmation text) and where the JSONs go:
 #   bash scripts/experiments/esb_screen.sh "window1=--loss-window 1" "hg64=--hg-segments 64"
 # Writes distill_NAME.json, eval_NAME.json (and logs) into OUT; resumable (scripts/benchmarks/steps.sh): a step whose
-# JSON exists is not run again, a distill that stopped resumes from its work dir (runs/esb/NAME.work).
+# JSON exists is not run again, a distill that stopped resumes from its work dir (runs/esb/OUT's name/NAME.work).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
@@ -14,11 +14,11 @@ export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=fals
 dir=docs/results/input_chain/default_tp2
 plan=${PLAN:-$dir/leave_one_out/block1/plan_block1.json}; text=${TEXT:-$dir/confirmation.txt}
 out=${OUT:-$dir/leave_one_out/block1}
-mkdir -p "$out/logs" runs/esb
+mkdir -p "$out/logs" "runs/esb/$(basename "$out")"
 STEP_PREFIX=""; source scripts/benchmarks/steps.sh   # step NAME CMD: $out/NAME.json, resumable
 for variant in "$@"; do
   name=${variant%%=*}; flags=${variant#*=}
-  ck=runs/esb/$name
+  ck=runs/esb/$(basename "$out")/$name   # per OUT: two screens' variants of one name do not share a checkpoint
   # shellcheck disable=SC2086  # the flags are words
   step "distill_$name" launch/tp.sh 2 distill --model default --plan "$plan" --kl-epochs 0 --out "$ck" $flags
   OMP_NUM_THREADS=2 step "eval_$name" python -m ds_spd eval --model default --virtual-tp 2 --checkpoint "$ck" \
