@@ -42,7 +42,8 @@ pct = lambda r: percent(r, 2)
 lines = [f"| {k} | {pct(r)} |" for k, r in sorted(rows.items(), key=lambda kv: -kv[1]["ratio"])]
 with open(f"{out}/summary.md", "w") as f:
     f.write(f"# Each block's share of the {'all-block' if n == total_blocks else f'{n}-block'} cost\n\n"
-            f"`bash scripts/experiments/leave_one_out.sh` (its header). {every} in SPD form: {pct(total)} over TP. What each block adds: the full model over the model "
+            f"`bash scripts/experiments/leave_one_out.sh` (its header). {every} in SPD form: {pct(total)} over TP. "
+            "What each block adds: the full model over the model "
             f"with that block back in TP form, paired 95% bootstrap (the shares sum to "
             f"{100 * (math.exp(sum(math.log(r['ratio']) for r in rows.values())) - 1):+.1f}%, the blocks "
             "interact).\n\n| block | adds |\n|---|---|\n" + "\n".join(lines) + "\n")
