@@ -323,8 +323,8 @@ def _walk(source: BlockSource, plan: Plan, trained: list[int], segments: torch.T
     if len(looked_up) == len(trained) and all(looked_up.values()):
         return looked_up
     torch.manual_seed(settings.seed)
-    classes = {b.index: b.cls for b in plan.blocks}
-    chain = settings.input_source == "chain"
+    keys = _ResumeKeys(plan, settings, extra)
+    classes, chain = keys.classes, keys.chain
     prefix = set(plan.spd_blocks) if settings.input_source == "prefix" else set()
     stores = ActivationStores((segments.shape[0], segments.shape[1], source.config.hidden_size), source.dtype, budget,
                               os.path.join(work_dir, activations) if work_dir else None)
@@ -332,7 +332,6 @@ def _walk(source: BlockSource, plan: Plan, trained: list[int], segments: torch.T
     x = store()
     source.first_inputs(segments, settings.micro_batch, x, shared=True)
     xs = x            # chain: the student chain's inputs (the teacher's store until the first SPD block)
-    keys = _ResumeKeys(plan, settings, extra)
     done: dict[int, dict] = {}
     last = max(trained)
     for i in tqdm(range(last + 1), desc=f"layer-wise distill, {desc}" if desc else "layer-wise distill",
