@@ -11,9 +11,9 @@ export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=fals
 ck=${1:?usage: leave_one_out.sh CHECKPOINT TEXT OUT [MODEL] [TP]}; text=${2:?TEXT}; out=${3:?OUT}
 model=${4:-default}; tp=${5:-2}
 mkdir -p "$out/logs"
-blocks=$(python -c "import json, sys; print(len(json.load(open(sys.argv[1] + '/plan.json'))['blocks']))" "$ck")
-spd=$(python -c "import json, sys; print(' '.join(str(b['index']) for b in json.load(open(sys.argv[1] + '/plan.json'))
-['blocks'] if b['class'] != 'TP'))" "$ck")
+# the plan's block count, then its SPD blocks
+read -r blocks spd <<< "$(python -c "import json, sys; b = json.load(open(sys.argv[1] + '/plan.json'))['blocks']
+print(len(b), *(e['index'] for e in b if e['class'] != 'TP'))" "$ck")"
 source scripts/benchmarks/steps.sh
 STEP_PREFIX=""
 run() {  # NAME BLOCKS: an eval of the checkpoint with those blocks in SPD form (its JSON $out/NAME.json)
