@@ -1,0 +1,23 @@
+# The screen (run from the repository root; resumable, steps.sh's `step`): the README path's 30-block checkpoint run
+# with two 21-block sets in SPD form, the other nine blocks in TP form with their original weights (docs/experiments.md,
+# "Blocks ranked by their cost in context"): the README path's plan (the zero-shot cumulative scan's 21 cheapest) and
+# the in-context set (the nine blocks that add most to the all-block model, leave_one_out/summary.md, back in TP form).
+set -euo pipefail
+cd "$(dirname "$0")/../../../../.."
+export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+out=docs/results/input_chain/default_tp2/loo_ranking; d=docs/results/input_chain/default_tp2
+ck=runs/readme30/checkpoint30
+mkdir -p "$out/logs"
+STEP_PREFIX=""; source scripts/benchmarks/steps.sh
+default_set=$(python -c "import json; print(','.join(str(b['index']) for b in json.load(open(
+  'docs/results/readme_path/default_tp2/plan21.json'))['blocks'] if b['class'] != 'TP'))")
+context_set=$(python -c "import json; s = json.load(open('$d/leave_one_out/summary.json'))['block_adds']
+top = sorted(s, key=lambda k: -s[k]['ratio'])[:9]; print(','.join(k for k in sorted(s, key=int) if k not in top))")
+echo "default: $default_set"; echo "context: $context_set"
+for text in second_half guard; do
+  for name in default context; do
+    set_var=${name}_set
+    step "screen_${text}_$name" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 --checkpoint $ck \
+      --spd-blocks "${!set_var}" --text $d/$text.txt --max-samples 32
+  done
+done
