@@ -48,7 +48,7 @@ def main() -> None:
     n = max(len(c) for row in table.values() for c in row.values() if c)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     head = "| block | " + " | ".join(f"tp {tp} {kind}" for tp in table for kind in table[tp]) + " |"
-    lines = [f"# Per-block cost of SPD, % perplexity (zero-shot: cumulative scan; distilled: each block alone; "
+    lines = ["# Per-block cost of SPD, % perplexity (zero-shot: cumulative scan; distilled: each block alone; "
              + ", ".join(f"tp {tp}: {r}" for tp, r in recipes.items()) + ")", "", "`python " + " ".join(sys.argv) + "`", "", head,
              "|" + "---|" * (1 + sum(len(r) for r in table.values()))]
     for i in range(n):

@@ -21,7 +21,6 @@ definition ranked by its own block errors), as paired ratios to TP with 95% inte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -21,3 +21,9 @@ for text in second_half guard; do
       --spd-blocks "${!set_var}" --text $d/$text.txt --max-samples 32
   done
 done
+# beside it: block 23 (the costliest at 21) and block 4 alone in zero-shot SPD form on the confirmation text, against
+# leave_one_out21's TP run and block23/eval_ep8_seg64.json (block 23 alone, distilled)
+for b in 23 4; do
+  step "zs_block$b" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 --spd-blocks $b \
+    --text $d/confirmation.txt --max-samples 32
+done
