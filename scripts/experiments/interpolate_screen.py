@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def main() -> None:
     import torch
+    from tqdm import tqdm
 
     from ds_spd.build import build_runner
     from ds_spd.checkpoint import read_block_states
@@ -67,7 +68,7 @@ def main() -> None:
                              runner.tokenizer) for t in args.text.split(",")}
     own = model.state_dict()
     results = {}
-    for a in alphas:
+    for a in tqdm(alphas, desc="alphas"):
         with torch.no_grad():
             for i, state in distilled.items():
                 for k, wd in state.items():

@@ -89,6 +89,7 @@ def train(args, texts: list[str]) -> dict:
     of AdamW at lr 1e-3 in micro-batches of 4, from the TP weights; once plain, once with c_r trained beside it."""
     import torch
     import torch.nn.functional as F
+    from tqdm import tqdm
 
     from ds_spd.tools.evaluation import evaluate_lm
     torch.manual_seed(0)
@@ -134,7 +135,7 @@ def train(args, texts: list[str]) -> dict:
         opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0)
         best = (held_out(), [p.detach().clone() for p in params])
         first = best[0]
-        for _ in range(8):
+        for _ in tqdm(range(8), desc=f"block {index}, {variant}: epochs"):
             order = torch.randperm(64)
             for j in range(0, 64, 4):
                 idx = order[j:j + 4]
