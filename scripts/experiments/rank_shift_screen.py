@@ -20,23 +20,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def patch_shift() -> None:
-    """SPD blocks add ``self.shift`` ([S, d]) to each rank's MLP input where it is set; ``self.collect`` sums Y_r."""
-    from ds_spd.core import block as blk
-    plain = blk.SPDDecoderLayer.forward
+def attach_shift(layer) -> None:
+    """Hooks on an SPD-capable block's own modules (its forward unchanged): in SPD form, where ``layer.collect`` is set
+    the stacked attention outputs Y_r ([S, B, T, d], o_proj's) are summed into it, and where ``layer.shift`` ([S, d])
+    is set it is added to each rank's MLP input (the norm in front of the MLP reads X + Y_r there)."""
+    if layer.adapter.block == "sandwich":
+        raise SystemExit("the shift is defined for pre-norm blocks (X + Y_r before the MLP's norm), not sandwich ones")
 
-    def forward(self, hidden_states, *args, **kwargs):
-        shift, collect = getattr(self, "shift", None), getattr(self, "collect", None)
-        if not self.spd or (shift is None and collect is None) or self.adapter.block == "sandwich":
-            return plain(self, hidden_states, **kwargs)
-        x = hidden_states
-        y, _ = self.self_attn(hidden_states=self.input_layernorm(x), **kwargs)
-        if collect is not None:
-            collect[0] += y.detach().float().sum((1, 2))
-            collect[1] += y.shape[1] * y.shape[2]
-        u = x + y if shift is None else x + y + shift[:, None, None, :]
-        return x + self.reduce(y + self.mlp_partials(self.ffn_norm(u)), "spd")
-    blk.SPDDecoderLayer.forward = forward
+    def collect(module, args, y):
+        if layer.spd and getattr(layer, "collect", None) is not None:
+            layer.collect[0] += y.detach().float().sum((1, 2))
+            layer.collect[1] += y.shape[1] * y.shape[2]
+
+    def shift(module, args):
+        if layer.spd and getattr(layer, "shift", None) is not None:
+            return (args[0] + layer.shift[:, None, None, :],)
+    layer.self_attn.o_proj.register_forward_hook(collect)
+    layer.ffn_norm.register_forward_pre_hook(shift)
 
 
 def runner_for(blocks: list[int], checkpoint: str | None):
@@ -56,9 +56,10 @@ def segments(cfg, runner, text: str | None, n: int):
 
 
 def shifts(model, layers: list[int], calibration) -> dict:
-    """c_r for each layer, from the model's own SPD forward over the calibration segments."""
+    """c_r for each layer, from the model's own SPD forward over the calibration segments (hooks attached here)."""
     import torch
     for i in layers:
+        attach_shift(model.model.layers[i])
         model.model.layers[i].collect = [0, 0]
     with torch.no_grad():
         for s in calibration.split(8):
@@ -164,7 +165,6 @@ def main() -> None:
     args = ap.parse_args()
     args.blocks = [int(b) for b in args.blocks.split(",")]
     texts = args.text.split(",")
-    patch_shift()
     result = (zero_shot if args.mode == "zero-shot" else train)(args, texts)
     report = {"mode": args.mode, "blocks": args.blocks, "checkpoint": args.checkpoint,
               **{k: v for k, v in result.items() if k.startswith("held_out")}, "texts": {}}
