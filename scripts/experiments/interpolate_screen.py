@@ -11,6 +11,7 @@ Virtual tp 2; perplexity on 32 segments of each text, each alpha paired against 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -48,16 +49,18 @@ def main() -> None:
     # the original weights in the checkpoint's order: a fresh model's blocks, permuted as the plan says
     from ds_spd.models.loading import load_model
     fresh, _ = load_model(cfg.model, cfg.torch_dtype, config=model.config)
-    per_rank = [layout.kv_heads[r] if layout.kv_replicas == 1 else layout.q_heads[r] for r in range(2)]
+    units = layout.kv_heads if layout.kv_replicas == 1 else layout.q_heads   # the units each rank holds
+    bounds = list(itertools.accumulate(units, initial=0))
     original, change = {}, {}
     for b in plan.blocks:
         if b.index not in distilled:
             continue
         layer = fresh.model.layers[b.index]
-        if b.head_permutation is not None:
-            order = list(b.head_permutation)
-            groups = (tuple(order[:per_rank[0]]), tuple(order[per_rank[0]:]))
-            permute_block(layer, HeadGrouping(groups, (), layout.mlp_cols, tuple(b.mlp_permutation or ())), layout)
+        if b.head_permutation is not None:   # the plan records the unit order, and the neuron order (neuron
+            order, mlp = b.head_permutation, tuple(b.mlp_permutation or ())   # matching) or each rank's slice
+            neurons = mlp if len(mlp) == sum(layout.mlp_cols) else ()
+            groups = tuple(tuple(order[lo:hi]) for lo, hi in zip(bounds, bounds[1:]))
+            permute_block(layer, HeadGrouping(groups, () if neurons else mlp, layout.mlp_cols, neurons), layout)
         state = layer.state_dict()
         original[b.index] = {k: state[k].clone() for k in distilled[b.index]}
         d, o = (torch.cat([s[k].flatten().float() for k in sorted(s)]) for s in (distilled[b.index], original[b.index]))
