@@ -13,24 +13,15 @@ distill() {  # NAME ARGS...: distill on 2 ranks, the 30-block plan
   local name=$1; shift
   step "distill_$name" nice -n 10 launch/tp.sh 2 distill --model default --plan $plan "$@"
 }
-ev() {  # NAME TEXT ARGS...: perplexity on TEXT (32 windows), virtual tp 2
-  local name=$1 text=$2; shift 2
-  OMP_NUM_THREADS=2 step "$name" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 "$@" --text "$text" \
-    --max-samples 32
-}
-kl() {  # NAME CHECKPOINT: KL to TP on the guard text, the default's model first (paired)
-  [[ -s $out/$1.json ]] || OMP_NUM_THREADS=2 nice -n 10 python scripts/experiments/entropy_check.py --model default \
-    --text $d/guard.txt --segments 16 --checkpoints $base,$2 --out $out/$1.json 2> $out/logs/$1.log
-}
 
 # the default's 30-block run; blocks 0 and 1 back in TP form on the same checkpoint
 distill default30 --out $base
 rest=$(seq -s, 2 29)
-ev confirm_all $d/confirmation.txt --checkpoint $base
-ev confirm_without01 $d/confirmation.txt --checkpoint $base --spd-blocks $rest
-ev guard_tp $d/guard.txt --spd-blocks none
-ev guard_all $d/guard.txt --checkpoint $base
-ev guard_without01 $d/guard.txt --checkpoint $base --spd-blocks $rest
+eval_step confirm_all $d/confirmation.txt --checkpoint $base
+eval_step confirm_without01 $d/confirmation.txt --checkpoint $base --spd-blocks $rest
+eval_step guard_tp $d/guard.txt --spd-blocks none
+eval_step guard_all $d/guard.txt --checkpoint $base
+eval_step guard_without01 $d/guard.txt --checkpoint $base --spd-blocks $rest
 
 # --esb-segments N on every ESB block (0, 1, 16): the default's work dir copied, its fingerprint given the setting and
 # the ESB blocks' files removed (with original inputs the other blocks do not depend on it: tested bitwise); block 16
@@ -49,9 +40,9 @@ PY
     mv $ck.work.tmp $ck.work
   fi
   distill "$1" --esb-segments "$2" --out $ck --work-dir $ck.work
-  ev "guard_$1" $d/guard.txt --checkpoint $ck
-  ev "confirm_$1" $d/confirmation.txt --checkpoint $ck
-  kl "$3" $ck
+  eval_step "guard_$1" $d/guard.txt --checkpoint $ck
+  eval_step "confirm_$1" $d/confirmation.txt --checkpoint $ck
+  kl_step "$3" $d/guard.txt $base,$ck
 }
 candidate esb1024 1024 kl_guard
 candidate esb512 512 kl_guard_esb512
@@ -74,7 +65,7 @@ PY
   mv $ck.work.tmp $ck.work
 fi
 distill esb1024_01 --out $ck --work-dir $ck.work
-ev guard_esb1024_01 $d/guard.txt --checkpoint $ck
-ev confirm_esb1024_01 $d/confirmation.txt --checkpoint $ck
-kl kl_guard_esb1024_01 $ck
+eval_step guard_esb1024_01 $d/guard.txt --checkpoint $ck
+eval_step confirm_esb1024_01 $d/confirmation.txt --checkpoint $ck
+kl_step kl_guard_esb1024_01 $d/guard.txt $base,$ck
 echo done

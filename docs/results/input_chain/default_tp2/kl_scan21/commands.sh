@@ -13,10 +13,7 @@ step distill21 nice -n 10 launch/tp.sh 2 distill --model default \
 for t in second_half confirmation; do
   for name in base kl_scan; do
     c=$base; [[ $name == kl_scan ]] && c=$ck
-    OMP_NUM_THREADS=2 step "${t}_$name" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 \
-      --checkpoint $c --text $d/$t.txt --max-samples 32
+    eval_step "${t}_$name" $d/$t.txt --checkpoint $c
   done
 done
-[[ -s $out/kl_ood.json ]] || OMP_NUM_THREADS=2 nice -n 10 python scripts/experiments/entropy_check.py \
-  --model default --text $d/second_half.txt --segments 16 --checkpoints $base,$ck --out $out/kl_ood.json \
-  2> $out/logs/kl_ood.log
+kl_step kl_ood $d/second_half.txt $base,$ck

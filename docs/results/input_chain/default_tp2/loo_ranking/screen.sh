@@ -17,13 +17,11 @@ echo "default: $default_set"; echo "context: $context_set"
 for text in second_half guard; do
   for name in default context; do
     set_var=${name}_set
-    step "screen_${text}_$name" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 --checkpoint $ck \
-      --spd-blocks "${!set_var}" --text $d/$text.txt --max-samples 32
+    eval_step "screen_${text}_$name" $d/$text.txt --checkpoint $ck --spd-blocks "${!set_var}"
   done
 done
 # beside it: block 23 (the costliest at 21) and block 4 alone in zero-shot SPD form on the confirmation text, against
 # leave_one_out21's TP run and block23/eval_ep8_seg64.json (block 23 alone, distilled)
 for b in 23 4; do
-  step "zs_block$b" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 --spd-blocks $b \
-    --text $d/confirmation.txt --max-samples 32
+  eval_step "zs_block$b" $d/confirmation.txt --spd-blocks $b
 done

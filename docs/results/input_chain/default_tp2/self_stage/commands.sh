@@ -10,22 +10,14 @@ mkdir -p "$out/logs" $gen
 STEP_PREFIX=""; source scripts/benchmarks/steps.sh
 [[ -s $gen/train.txt ]] || OMP_NUM_THREADS=2 python scripts/experiments/self_generated_text.py --model default \
   --sequences 240 --out $gen/train.txt
-ev() {  # NAME TEXT CHECKPOINT: perplexity on TEXT (32 windows), virtual tp 2
-  OMP_NUM_THREADS=2 step "$1" nice -n 10 python -m ds_spd eval --model default --virtual-tp 2 --checkpoint "$3" \
-    --text "$2" --max-samples 32
-}
-kl() {  # NAME CHECKPOINT: KL to TP on the out-of-domain validation text, the README path's model first (paired)
-  [[ -s $out/$1.json ]] || OMP_NUM_THREADS=2 nice -n 10 python scripts/experiments/entropy_check.py --model default \
-    --text $d/second_half.txt --segments 16 --checkpoints $base,$2 --out $out/$1.json 2> $out/logs/$1.log
-}
 for n in 30; do
   ck=runs/selfgen/ck$n
   step "distill$n" nice -n 10 launch/tp.sh 2 distill --model default \
     --plan docs/results/readme_path/default_tp2/plan$n.json --work-dir $base.work --out $ck \
     --kl-corpora pydoc+shakespeare+docstrings+$gen
-  ev "ood_base$n" $d/second_half.txt $base
-  ev "ood_self$n" $d/second_half.txt $ck
-  ev "confirm_base$n" $d/confirmation.txt $base
-  ev "confirm_self$n" $d/confirmation.txt $ck
-  kl "kl_ood$n" $ck
+  eval_step "ood_base$n" $d/second_half.txt --checkpoint $base
+  eval_step "ood_self$n" $d/second_half.txt --checkpoint $ck
+  eval_step "confirm_base$n" $d/confirmation.txt --checkpoint $base
+  eval_step "confirm_self$n" $d/confirmation.txt --checkpoint $ck
+  kl_step "kl_ood$n" $d/second_half.txt $base,$ck
 done
