@@ -12,11 +12,12 @@ step() {
   mv "$file.part" "$file"; echo "   $((SECONDS - start)) s"
 }
 # eval_step NAME TEXT ARGS...: `ds-spd eval` of $MODEL (default: default) in virtual tp 2 on TEXT's first 32 windows of
-# 256 tokens (ARGS: --checkpoint, --spd-blocks), two threads, niced: the experiments' evaluations
+# 256 tokens ($EVAL_WINDOWS of them if set; ARGS: --checkpoint, --spd-blocks), two threads, niced: the experiments'
+# evaluations
 eval_step() {
   local name=$1 text=$2; shift 2
   OMP_NUM_THREADS=2 step "$name" nice -n 10 python -m ds_spd eval --model "${MODEL:-default}" --virtual-tp 2 "$@" \
-    --text "$text" --max-samples 32
+    --text "$text" --max-samples "${EVAL_WINDOWS:-32}"
 }
 # kl_step NAME TEXT CHECKPOINTS: each checkpoint's KL to TP on TEXT's first 16 windows, paired against the first
 # (scripts/experiments/entropy_check.py), two threads, niced
