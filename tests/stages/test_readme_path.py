@@ -10,9 +10,10 @@ from helpers import last_json, readme_path, run_cli_batch
 from ds_spd.plan import load_plan
 
 @pytest.mark.real_model
-def test_readme_path_smollm2_its_recipe_keeps_the_cumulative_scan(tmp_path):
-    scan, distill, _ = readme_path("default", tmp_path)
-    assert (scan["method"], scan["ranking"]) == ("cumulative", "zero-shot")
+def test_readme_path_smollm2_its_recipe_scans_by_kl(tmp_path):
+    scan, distill, plan = readme_path("default", tmp_path)
+    assert (scan["method"], scan["ranking"], scan["metric"]) == ("isolated", "zero-shot", "kl")   # Gemma 3's scan
+    assert load_plan(plan).scan["metric"] == "kl"
     assert scan["head_dtype"] in ("bfloat16", "float32")   # auto: resolved to what is faster on this machine
     assert distill["lr"] == 1e-3                                    # the lr rule on SmolLM2's weights
     assert distill["calibration"]["dataset"] == "pydoc+shakespeare+docstrings"   # its recipe's corpora

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../../../.."
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 out=docs/results/input_chain/default_tp2/esb30; d=docs/results/input_chain/default_tp2
-plan=docs/results/readme_path/default_tp2/plan30.json; base=runs/esb30/default30
+plan=docs/results/readme_path/default_tp2/cumulative_scan/plan30.json; base=runs/esb30/default30
 mkdir -p runs/esb30 "$out/logs"
 STEP_PREFIX=""; source scripts/benchmarks/steps.sh
 distill() {  # NAME ARGS...: distill on 2 ranks, the 30-block plan

@@ -10,7 +10,7 @@ ck=runs/readme30/checkpoint30
 mkdir -p "$out/logs"
 STEP_PREFIX=""; source scripts/benchmarks/steps.sh
 default_set=$(python -c "import json; print(','.join(str(b['index']) for b in json.load(open(
-  'docs/results/readme_path/default_tp2/plan21.json'))['blocks'] if b['class'] != 'TP'))")
+  'docs/results/readme_path/default_tp2/cumulative_scan/plan21.json'))['blocks'] if b['class'] != 'TP'))")
 context_set=$(python -c "import json; s = json.load(open('$d/leave_one_out/summary.json'))['block_adds']
 top = sorted(s, key=lambda k: -s[k]['ratio'])[:9]; print(','.join(k for k in sorted(s, key=int) if k not in top))")
 echo "default: $default_set"; echo "context: $context_set"

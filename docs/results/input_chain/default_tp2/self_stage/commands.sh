@@ -13,7 +13,7 @@ STEP_PREFIX=""; source scripts/benchmarks/steps.sh
 for n in 30; do
   ck=runs/selfgen/ck$n
   step "distill$n" nice -n 10 launch/tp.sh 2 distill --model default \
-    --plan docs/results/readme_path/default_tp2/plan$n.json --work-dir $base.work --out $ck \
+    --plan docs/results/readme_path/default_tp2/cumulative_scan/plan$n.json --work-dir $base.work --out $ck \
     --kl-corpora pydoc+shakespeare+docstrings+$gen
   eval_step "ood_base$n" $d/second_half.txt --checkpoint $base
   eval_step "ood_self$n" $d/second_half.txt --checkpoint $ck
