@@ -14,10 +14,8 @@ eval_step kl_scan $text --checkpoint runs/kl_scan21/ck
 python scripts/tools/paired_eval.py $out/base.json $out/kl_scan.json --out $out/kl_scan_over_base.json
 eval_step tp $text --spd-blocks none
 for name in base kl_scan; do python scripts/tools/paired_eval.py $out/tp.json $out/$name.json --out $out/${name}_over_tp.json; done
-default_set=$(python -c "import json; print(','.join(str(b['index']) for b in json.load(open(
-  'docs/results/readme_path/default_tp2/cumulative_scan/plan21.json'))['blocks'] if b['class'] != 'TP'))")
-context_set=$(python -c "import json; s = json.load(open('$d/leave_one_out/summary.json'))['block_adds']
-top = sorted(s, key=lambda k: -s[k]['ratio'])[:9]; print(','.join(k for k in sorted(s, key=int) if k not in top))")
+default_set=$(spd_blocks_of docs/results/readme_path/default_tp2/cumulative_scan/plan21.json)
+context_set=$(in_context_set $d/leave_one_out/summary.json 9)
 for name in default context; do
   set_var=${name}_set
   eval_step "screen_$name" $text --checkpoint runs/readme30/checkpoint30 --spd-blocks "${!set_var}"

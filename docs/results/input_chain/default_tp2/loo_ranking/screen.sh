@@ -9,10 +9,8 @@ out=docs/results/input_chain/default_tp2/loo_ranking; d=docs/results/input_chain
 ck=runs/readme30/checkpoint30
 mkdir -p "$out/logs"
 STEP_PREFIX=""; source scripts/benchmarks/steps.sh
-default_set=$(python -c "import json; print(','.join(str(b['index']) for b in json.load(open(
-  'docs/results/readme_path/default_tp2/cumulative_scan/plan21.json'))['blocks'] if b['class'] != 'TP'))")
-context_set=$(python -c "import json; s = json.load(open('$d/leave_one_out/summary.json'))['block_adds']
-top = sorted(s, key=lambda k: -s[k]['ratio'])[:9]; print(','.join(k for k in sorted(s, key=int) if k not in top))")
+default_set=$(spd_blocks_of docs/results/readme_path/default_tp2/cumulative_scan/plan21.json)
+context_set=$(in_context_set $d/leave_one_out/summary.json 9)
 echo "default: $default_set"; echo "context: $context_set"
 for text in second_half guard; do
   for name in default context; do
