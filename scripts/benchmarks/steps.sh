@@ -33,6 +33,7 @@ spd_blocks_of() {
 # in_context_set SUMMARY N: the blocks left in SPD form when the N that add most to the all-block model (the
 # summary.json of leave_one_out.sh) go back to TP form
 in_context_set() {
-  python -c "import json, sys; s = json.load(open(sys.argv[1]))['block_adds']; top = sorted(s, key=lambda k: -s[k]['ratio'])[
-    :int(sys.argv[2])]; print(','.join(k for k in sorted(s, key=int) if k not in top))" "$1" "$2"
+  python -c "import json, sys; s = json.load(open(sys.argv[1]))['block_adds']
+top = sorted(s, key=lambda k: -s[k]['ratio'])[:int(sys.argv[2])]
+print(','.join(k for k in sorted(s, key=int) if k not in top))" "$1" "$2"
 }
