@@ -13,6 +13,11 @@ DISTILL_CORPORA = "pydoc+shakespeare+docstrings"
 #: three corpora: a gain out of the calibration domain on SmolLM2, a tie on Gemma 3 (docs/experiments.md, "A third
 #: corpus"); a --dataset or --text of the user's replaces them
 COMMON_RECIPE: tuple[tuple, ...] = (("distill.corpora", DISTILL_CORPORA, "calibration.dataset", "calibration.text"),)
+#: how both shipped models rank their blocks: each block alone in SPD form, zero-shot, by the KL of its next-token
+#: distribution to TP's, on 16 calibration segments (Gemma 3's choice first, SmolLM2's since; each model's entry
+#: says why); a user's ranking or method brings back the perplexity metric
+KL_SCAN_RECIPE: tuple[tuple, ...] = (("scan.metric", "kl", "scan.ranking", "scan.method"),
+                                     ("calibration.max_samples", 16))
 
 
 @dataclass(frozen=True)
@@ -39,9 +44,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   # scan's on a package-description text no run had read, chosen by a rule written before
                   # (docs/experiments.md, "Block sets decided on the fresh description text"; on the unseen text
                   # a tie by perplexity, closer to TP by KL); 2.5 min against the cumulative scan's 39
-                  recipe=(("scan.metric", "kl", "scan.ranking", "scan.method"),
-                          ("calibration.max_samples", 16),
-                          ("distill.segments", 64, "calibration.max_samples"),
+                  recipe=(*KL_SCAN_RECIPE, ("distill.segments", 64, "calibration.max_samples"),
                           # docs/experiments.md, the KL stage on the three corpora: chosen on validation at 21
                           # and 30 of 30 blocks (the lowest mean over the three validation texts); the whole model
                           # fits a rank. Where the user sets how many segments distillation reads it reads those,
@@ -81,7 +84,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {m.aliases[0]: m for m in (
                   # calibration segments (the perplexity-ranked scans' blocks cost +14-16% on unseen text at 5 of
                   # 18 blocks; a scan's time grows with its segments: docs/recovery.md)
                   recipe=(("distill.segments", 128, "calibration.max_samples"), ("distill.epochs", 16),
-                          ("scan.metric", "kl", "scan.ranking", "scan.method"), ("calibration.max_samples", 16),
+                          *KL_SCAN_RECIPE,
                           # docs/experiments.md, Gemma 3 at 13 of 18: the KL stage chosen on validation (the lower
                           # mean over the three texts, and closer to TP by KL, not only by perplexity); its rate the
                           # rule's (ds_spd.stages.lr.kl_stage_lr), chosen at 9 of 18
