@@ -59,14 +59,14 @@ def test_shipped_configs_validate(path):
 def test_smollm2_tp2_configs_run_the_recipes_kl_stage(name):
     """The tp 2 configs set the calibration corpora, which would turn the recipe's stage settings off: they say them,
     and leave the counts (the scan's 16, distillation's 64) to the recipe, so a user's count still sets both."""
-    recipe = resolve_spd_config({}, model="default").distill
-    shipped = resolve_spd_config(os.path.join(ROOT, "configs", name)).distill
+    recipe = resolve_spd_config({}, model="default")
+    shipped = resolve_spd_config(os.path.join(ROOT, "configs", name))
     stage = ("kl_epochs", "kl_segments", "kl_dtype", "esb_segments", "esb_segments_min_sensitivity", "segments")
-    assert [getattr(shipped, k) for k in stage] == [getattr(recipe, k) for k in stage] == \
+    assert [getattr(shipped.distill, k) for k in stage] == [getattr(recipe.distill, k) for k in stage] == \
         [1, 512, "auto", 1024, 0.25, 64]
-    assert recipe.kl_lr == shipped.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.lr)   # the recipe's rate, said
+    assert recipe.distill.kl_lr == shipped.distill.kl_lr == 1e-4 == 2 * kl_stage_lr(shipped.distill.lr)   # said
     # and its scan: Gemma 3's, on the recipe's 16 segments (the configs leave the count to it)
-    for cfg in (resolve_spd_config({}, model="default"), resolve_spd_config(os.path.join(ROOT, "configs", name))):
+    for cfg in (recipe, shipped):
         assert (cfg.scan.method, cfg.scan.metric, cfg.calibration.max_samples) == ("isolated", "kl", 16)
 
 
