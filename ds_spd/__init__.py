@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SPDDecoderLayer": "core.block", "CommStats": "core.comm", "TPLayout": "core.layout",
     "init_inference": "build", "virtualize": "core.inject", "set_spd_blocks": "core.inject",
+    "set_lag": "core.inject",
     "get_spd_blocks": "core.inject", "ModelAdapter": "models.adapters", "adapter_for": "models.adapters",
     "load_model": "models.loading", "SPDConfig": "config", "resolve_spd_config": "config",
     "RunSpec": "run", "resolve_run": "run", "build_runner": "build", "Plan": "plan", "load_plan": "plan",

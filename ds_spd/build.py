@@ -41,17 +41,19 @@ def build_virtual(model: nn.Module, spec: RunSpec) -> nn.Module:
     """Virtual TP of a resolved run: checkpoint weights, device, then ds_spd.core.inject.virtualize."""
     from deepspeed.accelerator import get_accelerator
 
-    from ds_spd.core.inject import virtualize
+    from ds_spd.core.inject import set_lag, virtualize
     load_distilled(model, spec)
     model.to(get_accelerator().current_device_name())
-    return virtualize(model, spec.tp_size, spec.spd_blocks, tp_grain_size=spec.config.tp_grain_size)
+    model = virtualize(model, spec.tp_size, spec.spd_blocks, tp_grain_size=spec.config.tp_grain_size)
+    set_lag(model, spec.lag)
+    return model
 
 
 def build_engine(model: nn.Module, spec: RunSpec, **ds_kwargs):
     """AutoTP + SPD engine of a resolved run from a loaded model (``full``) or one on the meta device
     (``sharded``: filled from the weight files after AutoTP, each rank its own slices)."""
     from ds_spd.core.comm import init_comm
-    from ds_spd.core.inject import autotp, decoder_layers, inject_spd, model_device, tp_rank_of
+    from ds_spd.core.inject import autotp, decoder_layers, inject_spd, model_device, set_lag, tp_rank_of
     from ds_spd.models import sharded
     cfg, layout = spec.config, spec.layout
     init_comm()
@@ -75,7 +77,9 @@ def build_engine(model: nn.Module, spec: RunSpec, **ds_kwargs):
     if on_meta:
         tp_rank = tp_rank_of(engine) if cfg.tp_size > 1 else 0
         sharded.fill_from_files(engine.module, weights, tp_rank, {**layouts, **own_slices}, progress=tp_rank == 0)
-    return inject_spd(engine, layout, spec.spd_blocks, spec.adapter, cfg.comm)
+    engine = inject_spd(engine, layout, spec.spd_blocks, spec.adapter, cfg.comm)
+    set_lag(engine.module, spec.lag)
+    return engine
 
 
 def load_distilled(model: nn.Module, spec: RunSpec) -> None:

@@ -84,6 +84,10 @@ class DistillConfig(_Strict):
     loss_window: int = Field(0, ge=0, description="layerwise: measure each trained block's error after this many "
                              "following original blocks (frozen), against the original model's outputs there: an "
                              "error counts by what it does downstream (0: at the block's own output, the paper's)")
+    lag: bool = Field(False, description="lagged attention: each rank's MLP in an SPD block also reads the other "
+                      "ranks' attention output one position late (kept from the step before in decode, where the "
+                      "block's one sync carries it; a prefill syncs twice a block); the checkpoint records it and "
+                      "every run of it uses it. Pre-norm blocks only; not served yet (docs/method.md)")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     esb_segments: Optional[int] = Field(None, ge=1, description="layerwise, original inputs: calibration segments "
                                         "the extremely sensitive (ESB) blocks read, held-out ones included "

@@ -44,6 +44,8 @@ class Plan(BaseModel):
     measured_with: dict = Field(default_factory=dict)
     scan: Optional[dict] = None       # how the sensitivities were measured (see ds_spd.stages.scan)
     selection: Optional[dict] = None  # which rule chose the SPD blocks (see ds_spd.planner)
+    #: a checkpoint's blocks were distilled with lagged attention (docs/method.md): every run of them uses it
+    lag: bool = False
 
     @property
     def spd_blocks(self) -> list[int]:

@@ -34,6 +34,7 @@ class RunSpec:
     virtual: bool          # one process holds every shard (virtual TP) or one rank one shard (real TP)
     world: int             # ranks started (data-parallel ranks of a virtual run, TP ranks of a real one)
     weights: Any = None    # stages that read weights from files: ds_spd.models.weights.WeightFiles
+    lag: bool = False      # SPD blocks with lagged attention (a checkpoint's plan says so; distill --lag)
 
     @property
     def tp_size(self) -> int:
@@ -92,7 +93,8 @@ def resolve_run(cfg: SPDConfig, *, virtual_tp: int | None = None, data_parallel:
     if read_weights:
         from ds_spd.models.weights import model_weight_files
         weights = model_weight_files(cfg.model)   # headers only: missing shards fail here
-    return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world, weights)
+    return RunSpec(cfg, model_config, adapter, layout, blocks, checkpoint, virtual_tp is not None, world, weights,
+                   lag=checkpoint is not None and checkpoint.plan.lag)
 
 
 def init_data_parallel() -> tuple[int, int]:

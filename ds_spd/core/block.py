@@ -77,6 +77,9 @@ class SPDDecoderLayer(nn.Module):
         assert sum(self.mlp_cols) == self.mlp.down_proj.weight.shape[1], (self.mlp_cols, self.mlp.down_proj.weight.shape)
         self.reduce = reduce
         self.spd = spd
+        #: in SPD form, the MLP input also reads the other ranks' attention output one position late (set through
+        #: ds_spd.core.inject.set_lag: pre-norm blocks only)
+        self.lag = False
         self.layer_idx = layer_idx if layer_idx is not None else getattr(layer.self_attn, "layer_idx", None)
         if hasattr(layer, "attention_type"):   # read by some model loops to pick the layer's mask
             self.attention_type = layer.attention_type
@@ -110,9 +113,10 @@ class SPDDecoderLayer(nn.Module):
             return self._sandwich(x, y)
         o_bias, d_bias = self.self_attn.o_proj.bias, self.mlp.down_proj.bias
         if self.spd:
-            u = x + y if o_bias is None else x + y + o_bias
-            z = self.mlp_partials(self.ffn_norm(u))
-            out = x + self.reduce(y + z, "spd")
+            if self.lag:
+                out = self._lagged(x, y, o_bias, kwargs.get("cache"))
+            else:
+                out = x + self.reduce(y + self._spd_mlp(x + y, o_bias), "spd")
             bias = (0 if o_bias is None else o_bias) + (0 if d_bias is None else d_bias)
             return out + bias if torch.is_tensor(bias) else out
         h = x + self.reduce(y, "attn")
@@ -120,6 +124,35 @@ class SPDDecoderLayer(nn.Module):
             h = h + o_bias
         out = h + self.reduce(self.mlp_partials(self.ffn_norm(h).unsqueeze(0)), "mlp")
         return out if d_bias is None else out + d_bias
+
+    def _spd_mlp(self, u: torch.Tensor, o_bias) -> torch.Tensor:
+        """Each rank's MLP partial on its own input ``u`` (X + Y_r, and in a lagged block + O_r(t-1)); the o_proj
+        bias enters it as it enters the original block's MLP input."""
+        return self.mlp_partials(self.ffn_norm(u if o_bias is None else u + o_bias))
+
+    def _lagged(self, x: torch.Tensor, y: torch.Tensor, o_bias, cache) -> torch.Tensor:
+        """SPD with the other ranks' attention output one position late (docs/method.md, "Lagged attention"):
+        Z_r = MLP_r(Norm2(X + Y_r + O_r(t-1))), O_r = sum_s Y_s - Y_r, zero before a sequence's first position.
+        One token (decode): O_r(t-1) is the state the cache kept from the step before, and the one sync carries
+        [Y_r + Z_r, Y_r], which gives the next step's state. Several (prefill, a full sequence): the attention
+        sync gives every position's sum, then the block's own (two syncs, as TP). The state lives on the cache object
+        (``cache.spd_lag``, by block); without a cache every forward starts a sequence."""
+        states = None if cache is None else cache.__dict__.setdefault("spd_lag", {})
+        state = None if states is None else states.get(self.layer_idx)
+        if y.shape[-2] == 1:
+            z = self._spd_mlp(x + y if state is None else x + y + state, o_bias)
+            out, y_sum = self.reduce(torch.cat([y + z, y], dim=-1), "spd").split(x.shape[-1], dim=-1)
+            out = x + out
+        else:
+            y_sum = self.reduce(y.clone(), "attn")   # a real rank's all-reduce sums in place; Y_r is needed after
+            others = y_sum - y
+            first = torch.zeros_like(others[..., :1, :]) if state is None else state
+            lag = torch.cat([first, others[..., :-1, :]], dim=-2)
+            z = self._spd_mlp(x + y + lag, o_bias)
+            out = x + self.reduce(y + z, "spd")
+        if states is not None:
+            states[self.layer_idx] = (y_sum - y)[..., -1:, :]
+        return out
 
     def _sandwich(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Norms on the attention and MLP outputs (Gemma 2/3; no biases); SPD as defined in ds_spd.models.adapters."""

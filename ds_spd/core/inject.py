@@ -51,6 +51,17 @@ def set_spd_blocks(model: nn.Module, blocks: Iterable[int]) -> tuple[int, ...]:
     return chosen
 
 
+def set_lag(model: nn.Module, enabled: bool = True) -> None:
+    """Lagged attention on every block (it acts in SPD form): each rank's MLP also reads the other ranks' attention
+    output one position late (docs/method.md, "Lagged attention"). Pre-norm blocks only; not in ``ds-spd serve``."""
+    layers = spd_layers(model)
+    if enabled and any(layer.adapter.block != "pre_norm" for layer in layers):
+        raise ValueError(f"lagged attention is defined for pre-norm blocks, not the {layers[0].adapter.name} "
+                         f"family's {layers[0].adapter.block} blocks")
+    for layer in layers:
+        layer.lag = enabled
+
+
 def get_spd_blocks(model: nn.Module) -> tuple[int, ...]:
     return tuple(i for i, layer in enumerate(spd_layers(model)) if layer.spd)
 

@@ -75,6 +75,9 @@ def served_name(model: str, given: str | None) -> str:
 
 def serve(spec, settings: ServeSettings) -> None:
     """Run the server of a resolved run (ds_spd.run.RunSpec) until it is stopped."""
+    if spec.lag:   # before any rank binds or loads: its decode state is not in the serving KV cache yet
+        raise SPDInputError(f"checkpoint {spec.checkpoint.path!r} was distilled with lagged attention (distill.lag), "
+                            "which ds-spd serve does not run yet: use eval or generate, or a checkpoint without it")
     rank = int(os.environ.get("RANK", "0"))
     world = 1 if spec.virtual else spec.world
     limit = getattr(spec.model_config, "max_position_embeddings", None) or 2048

@@ -142,32 +142,34 @@ class BlockSource:
     ``tensor(name)``, on a skeleton built on the meta device (rotary frequencies computed for real)."""
 
     def __init__(self, model_config, dtype: torch.dtype, tp_size: int, tp_grain_size: int,
-                 tensor: Callable[[str], torch.Tensor]):
+                 tensor: Callable[[str], torch.Tensor], lag: bool = False):
         from ds_spd.core.layout import TPLayout
         from ds_spd.models.adapters import adapter_for
         from ds_spd.models.sharded import meta_model
-        self.config, self.dtype, self.tensor = model_config, dtype, tensor
+        self.config, self.dtype, self.tensor, self.lag = model_config, dtype, tensor, lag
         self.adapter = adapter_for(model_config)
         self.layout = TPLayout.for_model(model_config, tp_size, tp_grain_size)
         self.skeleton = meta_model(model_config, dtype)
         self.rotary = self.skeleton.model.rotary_emb
 
     @classmethod
-    def from_files(cls, model_config, weights, dtype: torch.dtype, tp_size: int, tp_grain_size: int) -> "BlockSource":
-        """Blocks read from safetensors files (ds_spd.models.weights.WeightFiles)."""
+    def from_files(cls, model_config, weights, dtype: torch.dtype, tp_size: int, tp_grain_size: int,
+                   lag: bool = False) -> "BlockSource":
+        """Blocks read from safetensors files (ds_spd.models.weights.WeightFiles); ``lag``: their SPD form has
+        lagged attention (ds_spd.core.block)."""
         from ds_spd.models.sharded import check_weight_files
         from ds_spd.models.weights import source_name
         tied = bool(getattr(model_config, "tie_word_embeddings", False))
         source = cls(model_config, dtype, tp_size, tp_grain_size,
-                     lambda name: weights.read(source_name(name, weights, tied)))
+                     lambda name: weights.read(source_name(name, weights, tied)), lag)
         check_weight_files(source.skeleton, weights)   # headers only: every tensor a block needs is stored
         return source
 
     @classmethod
-    def from_model(cls, model: nn.Module, tp_size: int, tp_grain_size: int) -> "BlockSource":
+    def from_model(cls, model: nn.Module, tp_size: int, tp_grain_size: int, lag: bool = False) -> "BlockSource":
         """Blocks of a model already in memory (tests, small models)."""
         state = model.state_dict()
-        return cls(model.config, next(model.parameters()).dtype, tp_size, tp_grain_size, lambda name: state[name])
+        return cls(model.config, next(model.parameters()).dtype, tp_size, tp_grain_size, lambda name: state[name], lag)
 
     def _materialise(self, module: nn.Module, prefix: str) -> nn.Module:
         """A real copy of a skeleton module: parameters read, buffers (computed at construction) kept."""
@@ -218,8 +220,10 @@ class BlockSource:
         """Block ``i`` in TP form (virtual TP, every shard), its weights read now."""
         layer = self._materialise(self.skeleton.model.layers[i], f"model.layers.{i}.").eval()
         reduce = VirtualReduce(CommStats(timed=False))
-        return SPDDecoderLayer(layer, self.layout.attn_cols, self.layout.mlp_cols, reduce,
-                               spd=False, layer_idx=i, adapter=self.adapter)
+        block = SPDDecoderLayer(layer, self.layout.attn_cols, self.layout.mlp_cols, reduce,
+                                spd=False, layer_idx=i, adapter=self.adapter)
+        block.lag = self.lag   # acts in SPD form only: the students and chain blocks copied from it carry it
+        return block
 
 
 @torch.no_grad()

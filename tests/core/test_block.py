@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from helpers import EVEN, KV1, SMOL_HEADS, reference_logits, tiny_config, tiny_model
+from helpers import EVEN, FAMILIES, KV1, SMOL_HEADS, reference_logits, tiny_config, tiny_model
 
 import ds_spd
 from ds_spd.core.block import SPDDecoderLayer
@@ -136,3 +136,64 @@ def test_state_dict_names_preserved():
     names = set(model.state_dict())
     virtual = ds_spd.virtualize(copy.deepcopy(model), 2, [1])
     assert set(virtual.state_dict()) == names
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lagged_spd_matches_reference(tp, bias):
+    """Lagged attention (docs/method.md): each rank's MLP also reads the other ranks' attention output one position
+    late; against the hook reference, and unlike plain SPD."""
+    model = tiny_model(attention_bias=bias, mlp_bias=bias)
+    if bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    ids, blocks = _ids(), [0, 2, 3]
+    virtual = ds_spd.virtualize(copy.deepcopy(model), tp, blocks)
+    plain = _logits(virtual, ids)
+    ds_spd.set_lag(virtual)
+    out = _logits(virtual, ids)
+    torch.testing.assert_close(out, reference_logits(model, ids, tp, blocks, lag=True), atol=1e-5, rtol=1e-5)
+    assert (out - plain).abs().max() > 1e-3
+    ds_spd.set_lag(virtual, False)
+    torch.testing.assert_close(_logits(virtual, ids), plain, atol=0, rtol=0)
+
+
+def test_lagged_tp1_equals_original_and_sandwich_refused():
+    model = tiny_model()
+    ids = _ids()
+    one = ds_spd.virtualize(copy.deepcopy(model), 1, range(4))
+    ds_spd.set_lag(one)   # one rank: no other ranks, nothing late
+    torch.testing.assert_close(_logits(one, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
+    kind, overrides = FAMILIES["gemma3"]
+    gemma = ds_spd.virtualize(tiny_model(kind, **overrides), 2, [0])
+    with pytest.raises(ValueError, match="pre-norm blocks, not the gemma3_text family's sandwich blocks"):
+        ds_spd.set_lag(gemma)
+
+
+def test_lagged_decode_with_kv_cache_matches_full_forward_and_syncs_once():
+    """Prefill then one token at a time through the cache (the state is the last position's O_r) gives the full
+    forward's logits; a decode step syncs once a lagged block, carrying [Y_r + Z_r, Y_r]; a prefill twice."""
+    from transformers import DynamicCache
+    model = ds_spd.virtualize(tiny_model(**EVEN), 2, [0, 2])
+    ds_spd.set_lag(model)
+    ids = _ids(shape=(2, 10))
+    n = model.config.num_hidden_layers
+    full = _logits(model, ids)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.spd_stats.reset()
+        steps = [model(ids[:, :4], cache=cache, use_cache=True).logits]
+        assert model.spd_stats.summary()["allreduce_per_forward"] == 2 * n
+        for t in range(4, 10):
+            model.spd_stats.reset()
+            steps.append(model(ids[:, t:t + 1], cache=cache, use_cache=True).logits)
+            assert model.spd_stats.summary()["allreduce_per_forward"] == 2 * n - 2
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert set(cache.spd_lag) == {0, 2}
+    prompt = _ids(shape=(1, 6))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
+    assert cached.tolist() == uncached.tolist()

@@ -30,6 +30,7 @@ def _plan(config, classes):
 @pytest.mark.parametrize("family,source,budget,classes", [
     ("llama", "original", 0, ["SB", "ISB", "ESB", "TP"]),       # every activation spilled to files
     ("llama", "prefix", None, ["SB", "ISB", "ESB", "TP"]),      # inputs from the plan's zero-shot SPD prefix
+    ("llama", "lag", None, ["SB", "ISB", "ESB", "TP"]),         # original inputs, students with lagged attention
     # scaled embeddings, sandwich norms, sliding windows; gradient norms above 1, where DeepSpeed's default
     # clipping (1.0) acts on the joint engine's global norm over both blocks: equal without clipping only
     ("gemma3_text", "original", None, ["SB", "ISB", "ESB", "TP"]),
@@ -40,12 +41,18 @@ def test_layerwise_equals_joint_trainer(family, source, budget, classes, tmp_pat
     base = tiny_model(family, **overrides)
     segments = torch.randint(0, 384, (8, 24), generator=torch.Generator().manual_seed(1))
     plan = _plan(base.config, classes)
+    lag, source = source == "lag", "original" if source == "lag" else source
     settings = DistillSettings(epochs=3, lr=2e-3, micro_batch=4, input_source=source, patience=3)   # no early stop
     ds_config = {**CPU_ZERO2, "gradient_clipping": 0.0}
-    joint = distill(ds_spd.virtualize(copy.deepcopy(base), 2), plan, segments, copy.deepcopy(ds_config), settings,
-                    progress=False)
-    layer = distill_layerwise(BlockSource.from_model(base, 2, 64), plan, segments, copy.deepcopy(ds_config), settings,
-                              work_dir=str(tmp_path / "work"), budget_bytes=budget, progress=False)
+    virtual = ds_spd.virtualize(copy.deepcopy(base), 2)
+    ds_spd.set_lag(virtual, lag)
+    joint = distill(virtual, plan, segments, copy.deepcopy(ds_config), settings, progress=False)
+
+    def layerwise(lag: bool, work: str):
+        return distill_layerwise(BlockSource.from_model(base, 2, 64, lag=lag), plan, segments,
+                                 copy.deepcopy(ds_config), settings, work_dir=str(tmp_path / work),
+                                 budget_bytes=budget, progress=False)
+    layer = layerwise(lag, "work")
     trained = [i for i, c in enumerate(classes) if c in ("SB", "ESB")]   # blocks 0 (SB) and 2 (ESB)
     assert sorted(layer.block_states) == sorted(joint.block_states) == trained
     for i in trained:
@@ -60,6 +67,10 @@ def test_layerwise_equals_joint_trainer(family, source, budget, classes, tmp_pat
     assert not (tmp_path / "work" / "activations").exists()   # spill files and their directory removed
     # the distilled weights really changed (not the teacher's)
     assert not torch.equal(layer.block_states[0]["mlp.up_proj.weight"], base.model.layers[0].mlp.up_proj.weight)
+    if lag:   # the students trained with the lag: another starting error, other weights
+        plain = layerwise(False, "plain")
+        assert all(plain.initial_mse[i] != layer.initial_mse[i] for i in trained)
+        assert not torch.equal(plain.block_states[0]["mlp.up_proj.weight"], layer.block_states[0]["mlp.up_proj.weight"])
 
 
 def _count_walks(monkeypatch) -> list[int]:

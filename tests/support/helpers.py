@@ -180,7 +180,7 @@ def check_tp_worker(results: list[dict], blocks: list[int], name: str) -> None:
     """The per-rank results of tests/support/tp_worker.py for one model: AutoTP's shards on every layer == the
     layout; SPD off == HF, real == virtual with SPD on ``blocks``, SPD really changed the function; 2 all-reduces
     per non-SPD block, 1 per SPD block, +1 for AutoTP's row-parallel lm_head; generation identical on every path
-    and every rank."""
+    and every rank; the same with lagged attention where the family has pre-norm blocks."""
     for rank, res in enumerate(results):
         assert set(res["local_o_proj_cols_per_layer"]) == {res["layout_attn_cols"][rank]}, name
         assert set(res["local_mlp_cols_per_layer"]) == {res["layout_mlp_cols"][rank]}, name
@@ -190,6 +190,10 @@ def check_tp_worker(results: list[dict], blocks: list[int], name: str) -> None:
         assert res["spd_allreduce"]["allreduce_per_forward"] == 2 * n - len(blocks) + 1, name
         assert res["all_spd_allreduce"]["allreduce_per_forward"] == n + 1, name
         assert res["gen_real"] == res["gen_virtual"] == res["gen_nocache"], name
+        if "lag_gen" in res:   # lagged attention (pre-norm): a full forward syncs twice a block
+            assert res["lag_real_vs_virtual"] < 1e-5 and res["lag_allreduce"]["allreduce_per_forward"] == 2 * n + 1
+            assert res["lag_gen"][0] == res["lag_gen"][1] == res["lag_gen"][2], name
+            assert res["lag_gen"][0] == results[0]["lag_gen"][0], name
     assert all(res["gen_real"] == results[0]["gen_real"] for res in results), name
 
 
@@ -282,21 +286,25 @@ def _mlp_parts(mlp):
             mlp.act_fn)
 
 
-def reference_logits(model, ids, tp: int, blocks) -> torch.Tensor:
+def reference_logits(model, ids, tp: int, blocks, lag: bool = False) -> torch.Tensor:
     """The SPD block math (docs/method.md section 1) computed with hooks on the unmodified HF model, no ds_spd block
     code: the one reference the block tests and the family tests compare with.
 
     A pre-hook on o_proj captures the concatenated head outputs; a hook on each SPD layer replaces its output by
-    pre-norm  X + sum_r [Y_r + MLP_r(N2(X + Y_r + b_o))] + b_o + b_d;
+    pre-norm  X + sum_r [Y_r + MLP_r(N2(X + Y_r + L_r + b_o))] + b_o + b_d;
     sandwich  X + Na(sum_r Y_r) + No(sum_r MLP_r(Nf(X + Na(Y_r)))).
+    L_r = 0, or with ``lag`` (pre-norm) the other ranks' sum_s Y_s - Y_r one position late, 0 at the first.
     The split is computed independently (:func:`independent_split`) and checked against ds_spd's layout."""
     import copy
+
+    import torch.nn.functional as F
 
     from ds_spd.core.layout import TPLayout
     model = copy.deepcopy(model)
     attn_cols, mlp_cols = independent_split(model.config, tp)
     layout = TPLayout.for_model(model.config, tp)
     assert (attn_cols, mlp_cols) == (list(layout.attn_cols), list(layout.mlp_cols))
+    starts = [sum(attn_cols[:r]) for r in range(tp)]
     for i, layer in enumerate(model.model.layers):
         if i not in blocks:
             continue
@@ -309,17 +317,18 @@ def reference_logits(model, ids, tp: int, blocks) -> torch.Tensor:
             o_b = layer.self_attn.o_proj.bias if layer.self_attn.o_proj.bias is not None else 0
             d_b = layer.mlp.down_proj.bias if layer.mlp.down_proj.bias is not None else 0
             sandwich = hasattr(layer, "pre_feedforward_layernorm")
-            ys, zs, a0, m0 = [], [], 0, 0
-            for a, m in zip(attn_cols, mlp_cols):
-                y = heads["h"][..., a0:a0 + a] @ layer.self_attn.o_proj.weight[:, a0:a0 + a].T
+            ys = [heads["h"][..., a0:a0 + a] @ layer.self_attn.o_proj.weight[:, a0:a0 + a].T
+                  for a0, a in zip(starts, attn_cols)]
+            zs, m0 = [], 0
+            for y, m in zip(ys, mlp_cols):
+                lagged = F.pad((sum(ys) - y)[..., :-1, :], (0, 0, 1, 0)) if lag else 0
                 u = (layer.pre_feedforward_layernorm(x + layer.post_attention_layernorm(y)) if sandwich
-                     else layer.post_attention_layernorm(x + y + o_b))
+                     else layer.post_attention_layernorm(x + y + lagged + o_b))
                 g, h = u @ gate[m0:m0 + m].T, u @ up[m0:m0 + m].T
                 if g_b is not None:
                     g, h = g + g_b[m0:m0 + m], h + u_b[m0:m0 + m]
                 zs.append((act(g) * h) @ down[:, m0:m0 + m].T)
-                ys.append(y)
-                a0, m0 = a0 + a, m0 + m
+                m0 += m
             if sandwich:
                 return x + layer.post_attention_layernorm(sum(ys)) + layer.post_feedforward_layernorm(sum(zs))
             return x + sum(ys) + sum(zs) + o_b + d_b

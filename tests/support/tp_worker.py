@@ -71,6 +71,16 @@ def check(model_dir, out_prefix, blocks, comm):
         g_virtual = virtual.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
         g_nocache = virtual.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
     res["gen_real"], res["gen_virtual"], res["gen_nocache"] = g_real.tolist(), g_virtual.tolist(), g_nocache.tolist()
+    if virtual.model.layers[0].adapter.block == "pre_norm":   # lagged attention: real == virtual, cached == not
+        ds_spd.set_lag(virtual)
+        ds_spd.set_lag(engine.module)
+        with torch.no_grad():
+            engine.spd_stats.reset()
+            res["lag_real_vs_virtual"] = (engine(ids).logits - virtual(ids).logits).abs().max().item()
+            res["lag_allreduce"] = engine.spd_stats.summary()
+            g = [m.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, **kw)
+                 for m, kw in ((engine.module, {}), (virtual, {}), (virtual, {"use_cache": False}))]
+        res["lag_gen"] = [t.tolist() for t in g]
     with open(f"{out_prefix}.rank{rank}.json", "w") as f:
         json.dump(res, f)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -20,7 +20,7 @@ from ds_spd.config import DataConfig, DistillConfig, SPDConfig, load_ds_config
 from ds_spd.stages.distill.joint import distill
 from ds_spd.stages.distill.kit import DEFAULT_OPTIMIZER, DistillSettings, plan_digest
 from ds_spd.stages.planner import DEFAULT_THRESHOLDS, classify, relative
-from ds_spd.errors import SPDInputError
+from ds_spd.errors import ConfigError, SPDInputError
 from ds_spd.plan import BlockEntry, Plan, load_plan
 from ds_spd.run import RunSpec
 from ds_spd.workdir import RESUME_NEUTRAL, check_work_dir, comparable, prepare_work_dir, run_fingerprint
@@ -203,6 +203,11 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
     spec = resolve_run(cfg, virtual_tp=plan.tp_size, data_parallel=True, data_section="calibration",
                        read_weights=cfg.distill.trainer == "layerwise")   # layer-wise reads blocks from files
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
+    if cfg.distill.lag:
+        if spec.adapter.block != "pre_norm":
+            raise ConfigError(f"distill.lag: lagged attention is defined for pre-norm blocks, not the "
+                              f"{spec.adapter.name} family's {spec.adapter.block} blocks")
+        spec = replace(spec, lag=True)   # the stage's model and the joint trainer's run with it
     d = cfg.calibration
     check_kl_fits(cfg.distill.kl_epochs, spec)
     kl_data = kl_stage_data(d, cfg.distill)
@@ -267,7 +272,7 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
     if layerwise:
         from ds_spd.stages.distill.layerwise import BlockSource, distill_layerwise, esb_own_blocks
         source = BlockSource.from_files(run.spec.model_config, run.spec.weights, run.cfg.torch_dtype, run.plan.tp_size,
-                                        run.cfg.tp_grain_size)
+                                        run.cfg.tp_grain_size, lag=run.spec.lag)
         budget = run.settings.activation_budget_gb
         esb = None   # the extremely sensitive blocks' own segments, where set and the plan has such blocks
         own = run.settings.esb_segments is not None and esb_own_blocks(run.plan,
@@ -312,7 +317,8 @@ def execute(run: DistillRun, progress: bool = True) -> DistillReport:
                              mlp_permutation=result.groupings[b.index].mlp_permutation
                              if b.index in result.groupings else None)
                   for b in run.plan.blocks]
-        plan = run.plan.model_copy(update={"blocks": blocks, "tp_grain_size": run.cfg.tp_grain_size})
+        plan = run.plan.model_copy(update={"blocks": blocks, "tp_grain_size": run.cfg.tp_grain_size,
+                                           "lag": run.spec.lag})
         measured = {k: v for k, v in report.to_json().items() if k in PROVENANCE_FIELDS}
         provenance = {"run": run.fingerprint, "epochs": run.settings.epochs, "ds_spd": __version__,
                       "torch": torch.__version__, "settings": run.settings.knobs(),
