@@ -51,13 +51,21 @@ def set_spd_blocks(model: nn.Module, blocks: Iterable[int]) -> tuple[int, ...]:
     return chosen
 
 
+def lag_refusal(adapter) -> str | None:
+    """Why a family's blocks cannot have lagged attention, or None: it is defined for pre-norm blocks."""
+    if adapter.block != "pre_norm":
+        return (f"lagged attention is defined for pre-norm blocks, not the {adapter.name} family's "
+                f"{adapter.block} blocks")
+    return None
+
+
 def set_lag(model: nn.Module, enabled: bool = True) -> None:
     """Lagged attention on every block (it acts in SPD form): each rank's MLP also reads the other ranks' attention
     output one position late (docs/method.md, "Lagged attention"). Pre-norm blocks only; not in ``ds-spd serve``."""
     layers = spd_layers(model)
-    if enabled and any(layer.adapter.block != "pre_norm" for layer in layers):
-        raise ValueError(f"lagged attention is defined for pre-norm blocks, not the {layers[0].adapter.name} "
-                         f"family's {layers[0].adapter.block} blocks")
+    refusal = enabled and lag_refusal(layers[0].adapter)
+    if refusal:
+        raise ValueError(refusal)
     for layer in layers:
         layer.lag = enabled
 

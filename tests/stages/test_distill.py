@@ -267,3 +267,19 @@ def test_lagged_attention_checkpoint_round_trip(tiny_dir, tmp_path):
     refused = run_cli(["serve", "--model", tiny_dir, "--checkpoint", out, "--virtual-tp", "2", "--port", "0"],
                       check=False, timeout=120)
     assert refused.returncode != 0 and "distilled with lagged attention" in refused.stderr
+
+
+def test_lagged_attention_refused_for_sandwich_blocks_before_any_work(tmp_path):
+    from helpers import FAMILIES, save_tiny
+
+    from ds_spd.config import resolve_spd_config
+    from ds_spd.errors import ConfigError
+    from ds_spd.stages.distill.run import prepare
+    kind, overrides = FAMILIES["gemma3"]
+    model_dir = save_tiny(str(tmp_path / "gemma3"), model_type=kind, **overrides)
+    plan = tiny_plan_file(model_dir, tmp_path, ["SB", "TP", "TP", "TP"])
+    cfg = resolve_spd_config({"distill": {"lag": True, "out": str(tmp_path / "ck")}}, model=model_dir)
+    with pytest.raises(ConfigError, match="distill.lag: lagged attention is defined for pre-norm blocks, not the "
+                                          "gemma3_text family's sandwich blocks"):
+        prepare(cfg, plan, None)
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "ck.work").exists()

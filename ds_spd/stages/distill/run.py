@@ -204,9 +204,9 @@ def prepare(cfg: SPDConfig, plan_path: str, config_path: str | None, model: str 
                        read_weights=cfg.distill.trainer == "layerwise")   # layer-wise reads blocks from files
     plan.check_compatible(spec.model_config, plan.tp_size, cfg.tp_grain_size)
     if cfg.distill.lag:
-        if spec.adapter.block != "pre_norm":
-            raise ConfigError(f"distill.lag: lagged attention is defined for pre-norm blocks, not the "
-                              f"{spec.adapter.name} family's {spec.adapter.block} blocks")
+        from ds_spd.core.inject import lag_refusal
+        if lag_refusal(spec.adapter):
+            raise ConfigError(f"distill.lag: {lag_refusal(spec.adapter)}")
         spec = replace(spec, lag=True)   # the stage's model and the joint trainer's run with it
     d = cfg.calibration
     check_kl_fits(cfg.distill.kl_epochs, spec)
