@@ -25,3 +25,6 @@ for t in second_half confirmation; do
 done
 [[ -s $out/kl_ood.json ]] || OMP_NUM_THREADS=2 lag nice -n 10 python scripts/experiments/lagged_attention/compare.py \
   --base "$base" --lag "$ck" --text "$d/second_half.txt" --out "$out/kl_ood.json"
+# blocks alone (no stage): the lag per block where its held-out calibration MSE is lower, against plain and all
+[[ -s $out/per_block.json ]] || OMP_NUM_THREADS=1 nice -n 5 python scripts/experiments/lagged_attention/per_block.py \
+  --base-work "$base.work" --lag-work "$ck.work" --text "$d/second_half.txt" --out "$out/per_block.json"
