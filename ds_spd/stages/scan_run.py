@@ -75,6 +75,9 @@ def prepare(cfg: SPDConfig, out: str, *, checkpoint: str | None = None,
         if given:
             raise SPDInputError(f"--{given[0]} does not apply to the distilled ranking (the config's, or the model's "
                                 "default): add --ranking zero-shot")
+        if cfg.distill.lag:   # its costs are measured with plain SPD blocks: lagged weights would be misread
+            raise SPDInputError("distill.lag: the distilled ranking measures its blocks without lagged attention; "
+                                "add --ranking zero-shot, or leave distill.lag out of the scan's config")
         distill_first = _every_block_run(cfg, out, config_path)
         checkpoint = distill_first.out
     kind = "distilled" if checkpoint is not None else "in-memory" if in_memory or no_cache else "streamed"

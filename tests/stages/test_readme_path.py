@@ -26,11 +26,14 @@ def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_hono
     common = ["scan", "--model", tiny_dir, "--tp", "2", "--max-samples", "4", "--seq-len", "32", "--batch-size", "2",
               "--config", str(config)]
     plan = str(tmp_path / "scan.json")
-    first, again, last, cumulative = run_cli_batch([
+    lagged = tmp_path / "lagged.json"
+    lagged.write_text(json.dumps({"spd": {"distill": {"epochs": 1, "lag": True}}}))
+    first, again, last, cumulative, lag = run_cli_batch([
         [*common, "--ranking", "distilled", "--out", plan, "--json"],
         [*common, "--ranking", "distilled", "--out", plan, "--json"],
         [*common, "--ranking", "distilled", "--last", "2", "--out", str(tmp_path / "b.json")],
-        [*common, "--ranking", "distilled", "--method", "cumulative", "--out", str(tmp_path / "b.json")]],
+        [*common, "--ranking", "distilled", "--method", "cumulative", "--out", str(tmp_path / "b.json")],
+        [*common, "--config", str(lagged), "--ranking", "distilled", "--out", str(tmp_path / "b.json")]],
         str(tmp_path))
     assert first["code"] == again["code"] == 0, first["stderr"][-2000:]
     assert "distilling all 4 blocks once" in first["stderr"] and "reuses" in again["stderr"]
@@ -38,6 +41,7 @@ def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_hono
     assert load_plan(plan).scan["checkpoint"].endswith(os.path.join("scan.ranking", "checkpoint"))
     assert last["code"] == 2 and "--last does not apply to the distilled ranking" in last["stderr"]
     assert cumulative["code"] == 2 and "method must be 'isolated'" in cumulative["stderr"]
+    assert lag["code"] == 2 and "the distilled ranking measures its blocks without lagged attention" in lag["stderr"]
     assert not os.path.exists(tmp_path / "b.json")
 
 
