@@ -142,7 +142,7 @@ class SPDDecoderLayer(nn.Module):
         if y.shape[-2] == 1:
             z = self._spd_mlp(x + y if state is None else x + y + state, o_bias)
             out, y_sum = self.reduce(torch.cat([y + z, y], dim=-1), "spd").split(x.shape[-1], dim=-1)
-            out = x + out
+            out, others = x + out, y_sum - y
         else:
             y_sum = self.reduce(y.clone(), "attn")   # a real rank's all-reduce sums in place; Y_r is needed after
             others = y_sum - y
@@ -151,7 +151,7 @@ class SPDDecoderLayer(nn.Module):
             z = self._spd_mlp(x + y + lag, o_bias)
             out = x + self.reduce(y + z, "spd")
         if states is not None:
-            states[self.layer_idx] = (y_sum - y)[..., -1:, :]
+            states[self.layer_idx] = others[..., -1:, :]
         return out
 
     def _sandwich(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,17 @@ def _ids(vocab=384, shape=(2, 12)):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(3))
 
 
+def _biased_model(bias: bool):
+    """The tiny model, with nonzero q/k/v, o_proj and MLP biases where ``bias`` (so where they are added matters)."""
+    model = tiny_model(attention_bias=bias, mlp_bias=bias)
+    if bias:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
@@ -79,12 +90,7 @@ def test_spd_off_equals_hf(model_type, tp):
 @pytest.mark.parametrize("tp", [2, 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_spd_matches_reference(tp, bias):
-    model = tiny_model(attention_bias=bias, mlp_bias=bias)
-    if bias:  # nonzero biases, so where they are added matters
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.1)
+    model = _biased_model(bias)
     ids, blocks = _ids(), [0, 2, 3]
     ref = reference_logits(model, ids, tp, blocks)
     virtual = ds_spd.virtualize(copy.deepcopy(model), tp, blocks)
@@ -143,12 +149,7 @@ def test_state_dict_names_preserved():
 def test_lagged_spd_matches_reference(tp, bias):
     """Lagged attention (docs/method.md): each rank's MLP also reads the other ranks' attention output one position
     late; against the hook reference, and unlike plain SPD."""
-    model = tiny_model(attention_bias=bias, mlp_bias=bias)
-    if bias:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0, 0.1)
+    model = _biased_model(bias)
     ids, blocks = _ids(), [0, 2, 3]
     virtual = ds_spd.virtualize(copy.deepcopy(model), tp, blocks)
     plain = _logits(virtual, ids)

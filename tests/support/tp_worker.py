@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import ds_spd
+from ds_spd.core.inject import lag_refusal
 
 
 def main():
@@ -71,7 +72,7 @@ def check(model_dir, out_prefix, blocks, comm):
         g_virtual = virtual.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
         g_nocache = virtual.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
     res["gen_real"], res["gen_virtual"], res["gen_nocache"] = g_real.tolist(), g_virtual.tolist(), g_nocache.tolist()
-    if virtual.model.layers[0].adapter.block == "pre_norm":   # lagged attention: real == virtual, cached == not
+    if lag_refusal(virtual.model.layers[0].adapter) is None:   # lagged attention: real == virtual, cached == not
         ds_spd.set_lag(virtual)
         ds_spd.set_lag(engine.module)
         with torch.no_grad():
