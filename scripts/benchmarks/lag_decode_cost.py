@@ -3,7 +3,7 @@ with and without the lag (its one sync then carries [Y_r + Z_r, Y_r], twice the 
 block is read and written), and plain TP, timed in rotating order in one process per rank.
 
     OMP_NUM_THREADS=1 deepspeed --num_gpus 2 scripts/benchmarks/lag_decode_cost.py \
-        --checkpoint runs/lag21/ck_native --out docs/results/lag_decode_cost
+        --checkpoint runs/lag21/ck --out docs/results/lag_decode_cost
 
 One stream (batch 1) after a 64-token prompt, 32 decode steps a sample, eager; paired ratios over repeats
 (ds_spd.tools.bench.paired_ratio: median and a 95% t-interval of the geometric mean). Nothing else may run.

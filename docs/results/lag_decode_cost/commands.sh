@@ -4,4 +4,4 @@
 # stream on 2 real ranks, TP / SPD / SPD with the lag on the same weights.
 cd "$(dirname "$0")/../../.."
 OMP_NUM_THREADS=1 .venv/bin/deepspeed --num_gpus 2 scripts/benchmarks/lag_decode_cost.py \
-  --checkpoint runs/lag21/ck_native --out docs/results/lag_decode_cost
+  --checkpoint runs/lag21/ck --out docs/results/lag_decode_cost
