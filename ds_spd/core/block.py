@@ -135,10 +135,11 @@ class SPDDecoderLayer(nn.Module):
         Z_r = MLP_r(Norm2(X + Y_r + O_r(t-1))), O_r = sum_s Y_s - Y_r, zero before a sequence's first position.
         One token (decode): O_r(t-1) is the state the cache kept from the step before, and the one sync carries
         [Y_r + Z_r, Y_r], which gives the next step's state. Several (prefill, a full sequence): the attention
-        sync gives every position's sum, then the block's own (two syncs, as TP). The state lives on the cache object
-        (``cache.spd_lag``, by block); without a cache every forward starts a sequence."""
-        states = None if cache is None else cache.__dict__.setdefault("spd_lag", {})
-        state = None if states is None else states.get(self.layer_idx)
+        sync gives every position's sum, then the block's own (two syncs, as TP). The state lives in the cache: a
+        cache with ``lag_read`` / ``lag_write`` keeps it per row and position (serve's slot cache), any other on
+        the cache object (``cache.spd_lag``, by block: the last position of its one batch); without a cache every
+        forward starts a sequence."""
+        state = _lag_read(cache, self.layer_idx)
         if y.shape[-2] == 1:
             z = self._spd_mlp(x + y if state is None else x + y + state, o_bias)
             out, y_sum = self.reduce(torch.cat([y + z, y], dim=-1), "spd").split(x.shape[-1], dim=-1)
@@ -150,8 +151,8 @@ class SPDDecoderLayer(nn.Module):
             lag = torch.cat([first, others[..., :-1, :]], dim=-2)
             z = self._spd_mlp(x + y + lag, o_bias)
             out = x + self.reduce(y + z, "spd")
-        if states is not None:
-            states[self.layer_idx] = others[..., -1:, :]
+        if cache is not None:
+            _lag_write(cache, self.layer_idx, others)
         return out
 
     def _sandwich(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -167,3 +168,21 @@ class SPDDecoderLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, spd={self.spd}, shards={self.n_shards}, family={self.adapter.name}"
+
+
+def _lag_read(cache, layer_idx: int) -> torch.Tensor | None:
+    """A lagged block's state before a forward's first new position, ``[S, B, 1, d]``: the other ranks' attention
+    output there (zero before a sequence's first position; None: zero for every row)."""
+    if cache is None:
+        return None
+    if hasattr(cache, "lag_read"):
+        return cache.lag_read(layer_idx)
+    return cache.__dict__.setdefault("spd_lag", {}).get(layer_idx)
+
+
+def _lag_write(cache, layer_idx: int, others: torch.Tensor) -> None:
+    """Keep the other ranks' attention output of a forward's new positions (``[S, B, T, d]``) for the next."""
+    if hasattr(cache, "lag_write"):
+        cache.lag_write(layer_idx, others)
+    else:
+        cache.__dict__.setdefault("spd_lag", {})[layer_idx] = others[..., -1:, :]

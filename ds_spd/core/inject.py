@@ -61,7 +61,7 @@ def lag_refusal(adapter) -> str | None:
 
 def set_lag(model: nn.Module, enabled: bool = True) -> None:
     """Lagged attention on every block (it acts in SPD form): each rank's MLP also reads the other ranks' attention
-    output one position late (docs/method.md, "Lagged attention"). Pre-norm blocks only; not in ``ds-spd serve``."""
+    output one position late (docs/method.md, "Lagged attention"). Pre-norm blocks only."""
     layers = spd_layers(model)
     refusal = enabled and lag_refusal(layers[0].adapter)
     if refusal:

@@ -12,6 +12,11 @@ left untouched (not zeroed) until a copy writes it.
 The attention mask is explicit (``[B, 1, T, kv_len]`` bool, one per layer type where a model has sliding
 layers): key ``j`` is visible to query ``t`` of row ``b`` iff ``j <= offset_b + t`` (and within the window).
 Masked positions get softmax weight exactly 0, so a row's result does not depend on the others' lengths.
+
+A block with lagged attention (docs/method.md) reads the other ranks' attention output at the position before each
+new token: the cache keeps it per slot and position (``[S, slots + spare, max_len, d]`` a lagged block, S the
+shards a process holds), written and moved with the keys and values, so a decode step, a prefill chunk and a
+cached prefix each start from the state their first position needs.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class SlotCache(Cache):
         self.num_layers, self.slots, self.max_len, self.spare = num_layers, slots, max_len, spare
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lag: dict[int, torch.Tensor] = {}   # lagged block -> the other ranks' attention output by position
         self._first, self._rows, self._pos, self._kv_len = 0, 0, None, 0
 
     # ---- the rows of the next forward
@@ -86,6 +92,29 @@ class SlotCache(Cache):
         sl = slice(self._first, self._first + self._rows)
         return k[sl, :, :self._kv_len], v[sl, :, :self._kv_len]
 
+    # ---- lagged attention's state (ds_spd.core.block)
+    def lag_read(self, layer_idx: int) -> torch.Tensor | None:
+        """Each selected row's state before its first new position, ``[S, B, 1, d]``: the stored output at the
+        position before it, zero at a sequence's start (None: no lagged forward ran yet, every row starts)."""
+        store = self.lag.get(layer_idx)
+        if store is None:
+            return None
+        prev = (self._pos[:, 0] - 1).to(store.device)
+        state = store[:, self._rows_idx[:, 0].to(store.device), prev.clamp(min=0)].unsqueeze(-2)
+        return torch.where((prev >= 0)[None, :, None, None], state, torch.zeros_like(state))
+
+    def lag_write(self, layer_idx: int, others: torch.Tensor) -> None:
+        """Keep the other ranks' attention output (``[S, B, T, d]``) at the selected rows' new positions."""
+        store = self.lag.get(layer_idx)
+        if store is None:
+            s, _, _, d = others.shape
+            store = self.lag[layer_idx] = others.new_zeros((s, self.slots + self.spare, self.max_len, d))
+        if self._one is not None:
+            slot, start, end = self._one
+            store[:, slot, start:end] = others[:, 0]
+        else:
+            store[:, self._rows_idx, self._pos] = others
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len - (0 if self._pos is None else self._pos.shape[1])
 
@@ -96,3 +125,5 @@ class SlotCache(Cache):
             for t in store:
                 if t is not None:
                     t[dst, :, :length] = t[src, :, :length]
+        for t in self.lag.values():
+            t[:, dst, :length] = t[:, src, :length]

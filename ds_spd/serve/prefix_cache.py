@@ -37,12 +37,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def slot_bytes(layout, num_layers: int, virtual: bool, max_len: int, element_size: int) -> int:
+def slot_bytes(layout, num_layers: int, virtual: bool, max_len: int, element_size: int, lagged: int = 0,
+               hidden: int = 0) -> int:
     """Bytes one slot of the KV cache takes on the fullest rank: every layer's keys and values for ``max_len``
     positions of the rank's KV heads (ds_spd.core.layout.TPLayout: a rank's share, or its replicated head; a
-    virtual TP process holds every rank's)."""
+    virtual TP process holds every rank's), and each of ``lagged`` blocks' state (a ``hidden``-sized vector a
+    position and shard: ds_spd.serve.kv_cache)."""
     heads = sum(layout.kv_heads) if virtual else max(layout.kv_heads)
-    return num_layers * 2 * heads * max_len * layout.head_dim * element_size
+    shards = len(layout.kv_heads) if virtual else 1
+    return (num_layers * 2 * heads * layout.head_dim + lagged * shards * hidden) * max_len * element_size
 
 
 def pool_slots(gb: float, one_slot: int) -> int:

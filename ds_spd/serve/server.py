@@ -75,9 +75,6 @@ def served_name(model: str, given: str | None) -> str:
 
 def serve(spec, settings: ServeSettings) -> None:
     """Run the server of a resolved run (ds_spd.run.RunSpec) until it is stopped."""
-    if spec.lag:   # before any rank binds or loads: its decode state is not in the serving KV cache yet
-        raise SPDInputError(f"checkpoint {spec.checkpoint.path!r} was distilled with lagged attention (distill.lag), "
-                            "which ds-spd serve does not run yet: use eval or generate, or a checkpoint without it")
     rank = int(os.environ.get("RANK", "0"))
     world = 1 if spec.virtual else spec.world
     limit = getattr(spec.model_config, "max_position_embeddings", None) or 2048
@@ -124,7 +121,8 @@ def _pool_slots(spec, settings: ServeSettings, element_size: int) -> int:
     if settings.no_prefix_cache:
         return 0
     one = slot_bytes(spec.layout, spec.model_config.num_hidden_layers, spec.virtual, settings.max_model_len,
-                     element_size)
+                     element_size, lagged=len(spec.spd_blocks) if spec.lag else 0,
+                     hidden=spec.model_config.hidden_size)
     return pool_slots(settings.prefix_cache_gb, one)
 
 

@@ -15,6 +15,15 @@ from ds_spd.serve.scheduler import Scheduler, Sequence
 from ds_spd.serve.step import STOP, StepPlan
 
 
+def _spd_model(family="llama", lag=False, **extra):
+    """The tiny model in virtual tp 2 with blocks 0 and 2 in SPD form; ``lag``: lagged attention there (its state
+    per slot and position in the slot cache)."""
+    import ds_spd
+    model = ds_spd.virtualize(tiny_model(family, **extra), 2, [0, 2])
+    ds_spd.set_lag(model, lag)
+    return model
+
+
 def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256, executor=None):
     ex = executor or StepExecutor(model, torch.device("cpu"), slots, max_len)
     sched = Scheduler(tok, set(), slots, max_len, step_tokens)
@@ -32,12 +41,12 @@ def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256, executor=
     return moves, forwards
 
 
-@pytest.mark.parametrize("step_tokens", [2048, 5])
-def test_continuous_batching_greedy_equals_generate(step_tokens):
+@pytest.mark.parametrize("step_tokens,lag", [(2048, False), (5, False), (2048, True), (5, True)])
+def test_continuous_batching_greedy_equals_generate(step_tokens, lag):
     """Sequences joining and leaving a batch of 4 slots (different lengths, compaction moves, prefill split
-    into 4-token chunks with step_tokens 5) produce exactly HF generate's greedy tokens, prompt by prompt."""
-    import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    into 4-token chunks with step_tokens 5) produce exactly HF generate's greedy tokens, prompt by prompt; with
+    lagged attention too (each chunk and decode row starts from the state its slot kept at the position before)."""
+    model, tok = _spd_model(lag=lag), tiny_tokenizer()
     lengths = [20, 5, 13, 20, 2, 9, 17, 11]
     ref = []
     for p, n in zip(PROMPTS, lengths):
@@ -55,11 +64,11 @@ def test_continuous_batching_greedy_equals_generate(step_tokens):
                                                          SamplingParams(max_tokens=2, temperature=0))])[1]
 
 
-def test_choices_of_one_prompt_share_its_prefill():
+@pytest.mark.parametrize("lag", [False, True])
+def test_choices_of_one_prompt_share_its_prefill(lag):
     """n > 1: the other choices copy the first one's prompt cache and prefill only the last prompt token; greedy,
-    every choice still equals HF generate's tokens."""
-    import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    every choice still equals HF generate's tokens (lagged attention: the copy carries its state)."""
+    model, tok = _spd_model(lag=lag), tiny_tokenizer()
     prompt = tok(PROMPTS[3]).input_ids
     ids = torch.tensor([prompt])
     ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(prompt):]
@@ -179,17 +188,17 @@ def _chat_waves(tok, scored=None):
     return [wave1, wave2]
 
 
-@pytest.mark.parametrize("family,scored", [("llama", None), ("llama", 2), ("gemma3_text", None)])
-def test_prefix_cache_reuses_prefixes_and_changes_no_result(family, scored):
+@pytest.mark.parametrize("family,scored,lag", [("llama", None, False), ("llama", 2, False), ("gemma3_text", None, False),
+                                              ("llama", None, True)])
+def test_prefix_cache_reuses_prefixes_and_changes_no_result(family, scored, lag):
     """Chats behind one system prompt, then their next turns (each resends its conversation), through a pool of 2
     slots (so the 4 finished first turns evict each other): the greedy tokens equal the uncached run's, and with
     ``echo`` + ``logprobs`` every prompt token's score too; far fewer tokens are prefilled, and each sequence says
     how many it reused. Gemma 3's family with an 8-token sliding window on every other layer: a copied prefix
-    far longer than the window gives the same tokens."""
-    import ds_spd
+    far longer than the window gives the same tokens. Lagged attention: a reused prefix carries its state."""
     extra = dict(sliding_window=8, query_pre_attn_scalar=16,
                  layer_types=["sliding_attention", "full_attention"] * 2) if family == "gemma3_text" else {}
-    model, tok = ds_spd.virtualize(tiny_model(family, **extra), 2, [0, 2]), tiny_tokenizer()
+    model, tok = _spd_model(family, lag, **extra), tiny_tokenizer()
     plain, ref, _ = _waves(model, tok, _chat_waves(tok, scored), None)
     cached, got, cache = _waves(model, tok, _chat_waves(tok, scored), 2)
     assert [[s.output for s in w] for w in got] == [[s.output for s in w] for w in ref]
@@ -264,13 +273,13 @@ def _batching_run(model, tok, slots, compiled=None, lengths=(20, 5, 13, 20, 2, 9
     return [s.output for s in seqs]
 
 
-def test_decode_step_form_changes_no_token():
+@pytest.mark.parametrize("lag", [False, True])
+def test_decode_step_form_changes_no_token(lag):
     """The compiled step's form, run eagerly: every row written by index (one row too), keys up to the longest
     row, the query groups packed onto their KV head even for a compiled trace (ds_spd.models.attention): every
     sequence's greedy tokens equal the plain executor's (run first: the compiled form switches the model's
-    attention implementation)."""
-    import ds_spd
-    model, tok = ds_spd.virtualize(tiny_model(), 2, [0, 2]), tiny_tokenizer()
+    attention implementation); with lagged attention's state read and written by index too."""
+    model, tok = _spd_model(lag=lag), tiny_tokenizer()
     plain = _batching_run(model, tok, 4, None, (8, 3, 6, 7))
     assert _batching_run(model, tok, 4, lambda ex: ex._decode, (8, 3, 6, 7)) == plain
 
