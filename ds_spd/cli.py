@@ -115,8 +115,9 @@ def _section_flags(p: argparse.ArgumentParser, section: type) -> None:
     for name, field in section.model_fields.items():
         kind = next((t for t in typing.get_args(field.annotation) if t is not type(None)), field.annotation)
         flag = "--" + name.removesuffix("_gb").replace("_", "-")
-        if kind is bool:   # a switch: given, it sets the field; absent, the config (or recipe) does
-            g.add_argument(flag, dest=name, action="store_const", const=True, help=field.description)
+        if kind is bool:   # --field / --no-field set it; absent, the config (or recipe) does
+            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=field.description)
             continue
         extra = {"metavar": "GB"} if name.endswith("_gb") else {}
         g.add_argument(flag, dest=name, type=kind, choices=choices.get(name), help=field.description, **extra)

@@ -87,7 +87,7 @@ class DistillConfig(_Strict):
     lag: bool = Field(False, description="lagged attention: each rank's MLP in an SPD block also reads the other "
                       "ranks' attention output one position late (kept from the step before in decode, where the "
                       "block's one sync carries it; a prefill syncs twice a block); the checkpoint records it and "
-                      "every run of it uses it. Pre-norm blocks only; not served yet (docs/method.md)")
+                      "every run of it uses it. Pre-norm blocks only; SmolLM2's recipe turns it on (docs/method.md)")
     hg_segments: int = Field(8, ge=1, description="calibration segments for head grouping (ESB)")
     esb_segments: Optional[int] = Field(None, ge=1, description="layerwise, original inputs: calibration segments "
                                         "the extremely sensitive (ESB) blocks read, held-out ones included "

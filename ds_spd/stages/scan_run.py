@@ -75,9 +75,6 @@ def prepare(cfg: SPDConfig, out: str, *, checkpoint: str | None = None,
         if given:
             raise SPDInputError(f"--{given[0]} does not apply to the distilled ranking (the config's, or the model's "
                                 "default): add --ranking zero-shot")
-        if cfg.distill.lag:   # its costs are measured with plain SPD blocks: lagged weights would be misread
-            raise SPDInputError("distill.lag: the distilled ranking measures its blocks without lagged attention; "
-                                "add --ranking zero-shot, or leave distill.lag out of the scan's config")
         distill_first = _every_block_run(cfg, out, config_path)
         checkpoint = distill_first.out
     kind = "distilled" if checkpoint is not None else "in-memory" if in_memory or no_cache else "streamed"
@@ -114,8 +111,9 @@ def _every_block_run(cfg: SPDConfig, out: str, config_path: str | None):
     else:   # every rank writes the same bytes atomically: no rank reads a half-written plan
         os.makedirs(base, exist_ok=True)
         plan.save(plan_path)
-    # each block is ranked alone in its distilled form: no end-to-end stage, which trains them all together
-    settings = {**cfg.distill.model_dump(), "out": checkpoint, "work_dir": None, "kl_epochs": 0}
+    # each block is ranked alone in its distilled form: no end-to-end stage, which trains them all together; in
+    # plain SPD form (the costs are measured so), lagged attention or not in the run the ranking is for
+    settings = {**cfg.distill.model_dump(), "out": checkpoint, "work_dir": None, "kl_epochs": 0, "lag": False}
     return distill_run.prepare(cfg.updated(distill=settings), plan_path, config_path, model=cfg.model)
 
 

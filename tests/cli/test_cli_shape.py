@@ -34,6 +34,9 @@ def test_each_command_offers_only_the_flags_it_honours():
     assert not {"comm", "load", "virtual_tp", "tp_size", "spd_blocks", "batch_size"} & _offered(parser, "distill")
     args = parser.parse_args(["distill", "--plan", "p.json", "--trainer", "joint", "--activation-budget", "2"])
     assert (args.trainer, args.activation_budget_gb, args.virtual_tp, args.json) == ("joint", 2.0, None, False)
+    # a boolean field is --field / --no-field; absent, None: the config or the model's recipe decides
+    assert [parser.parse_args(["distill", "--plan", "p.json", *f]).lag for f in ([], ["--lag"], ["--no-lag"])] == \
+        [None, True, False]
 
 
 def test_a_flag_the_command_does_not_offer_is_refused_by_name(capsys):

@@ -229,6 +229,10 @@ def test_each_shipped_model_gets_its_recipe_where_the_user_sets_nothing_that_ove
     # SmolLM2's two far most sensitive blocks read 1024 segments (Gemma 3's ESB blocks the run's count), unless the
     # user sets the trainer, the input source (it needs the layer-wise trainer on original inputs), data or counts
     assert (smol.distill.esb_segments, smol.distill.esb_segments_min_sensitivity) == (1024, 0.25)
+    # SmolLM2's SPD blocks run lagged attention (pre-norm; chosen on validation); Gemma 3's sandwich blocks cannot
+    assert (smol.distill.lag, gemma.distill.lag, paper.distill.lag) == (True, False, True)
+    assert resolve_spd_config({}, model="default", distill={"lag": False}).distill.lag is False   # --no-lag
+    assert resolve_spd_config({}, model="/some/hf/dir").distill.lag is False
     assert gemma.distill.esb_segments is gemma.distill.esb_segments_min_sensitivity is None
     for user in ({"input_source": "chain"}, {"trainer": "joint"}, {"segments": 32}, {"corpora": "pydoc"}):
         assert resolve_spd_config({}, model="default", distill=user).distill.esb_segments is None, user

@@ -18,6 +18,7 @@ def test_readme_path_smollm2_its_recipe_scans_by_kl(tmp_path):
     assert distill["lr"] == 1e-3                                    # the lr rule on SmolLM2's weights
     assert distill["calibration"]["dataset"] == "pydoc+shakespeare+docstrings"   # its recipe's corpora
     assert distill["kl_stage"]["history"] and distill["kl_stage"]["final_kl"] <= distill["kl_stage"]["initial_kl"]
+    assert json.load(open(os.path.join(distill["checkpoint"], "plan.json")))["lag"] is True   # its recipe's lag
 
 
 def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_honour(tiny_dir, tmp_path):
@@ -33,7 +34,7 @@ def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_hono
         [*common, "--ranking", "distilled", "--out", plan, "--json"],
         [*common, "--ranking", "distilled", "--last", "2", "--out", str(tmp_path / "b.json")],
         [*common, "--ranking", "distilled", "--method", "cumulative", "--out", str(tmp_path / "b.json")],
-        [*common, "--config", str(lagged), "--ranking", "distilled", "--out", str(tmp_path / "b.json")]],
+        [*common, "--config", str(lagged), "--ranking", "distilled", "--out", plan, "--json"]],
         str(tmp_path))
     assert first["code"] == again["code"] == 0, first["stderr"][-2000:]
     assert "distilling all 4 blocks once" in first["stderr"] and "reuses" in again["stderr"]
@@ -41,7 +42,9 @@ def test_distilled_ranking_reuses_its_checkpoint_and_refuses_what_it_cannot_hono
     assert load_plan(plan).scan["checkpoint"].endswith(os.path.join("scan.ranking", "checkpoint"))
     assert last["code"] == 2 and "--last does not apply to the distilled ranking" in last["stderr"]
     assert cumulative["code"] == 2 and "method must be 'isolated'" in cumulative["stderr"]
-    assert lag["code"] == 2 and "the distilled ranking measures its blocks without lagged attention" in lag["stderr"]
+    # with lagged attention in the config the ranking's blocks are still distilled and measured plain: the same run
+    assert lag["code"] == 0 and "reuses" in lag["stderr"], lag["stderr"][-2000:]
+    assert last_json(lag["stdout"])["sensitivity"] == last_json(first["stdout"])["sensitivity"]
     assert not os.path.exists(tmp_path / "b.json")
 
 
