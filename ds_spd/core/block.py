@@ -135,10 +135,10 @@ class SPDDecoderLayer(nn.Module):
         Z_r = MLP_r(Norm2(X + Y_r + O_r(t-1))), O_r = sum_s Y_s - Y_r, zero before a sequence's first position.
         One token (decode): O_r(t-1) is the state the cache kept from the step before, and the one sync carries
         [Y_r + Z_r, Y_r], which gives the next step's state. Several (prefill, a full sequence): the attention
-        sync gives every position's sum, then the block's own (two syncs, as TP). The state lives in the cache: a
-        cache with ``lag_read`` / ``lag_write`` keeps it per row and position (serve's slot cache), any other on
-        the cache object (``cache.spd_lag``, by block: the last position of its one batch); without a cache every
-        forward starts a sequence."""
+        sync gives every position's sum, then the block's own (two syncs, as TP). The state lives in the cache: one
+        with ``lag_read`` / ``lag_write`` keeps it by row where a forward can start (serve's slot cache), any other
+        on the cache object (``cache.spd_lag``, by block: the last position of its one batch); without a cache
+        every forward starts a sequence."""
         state = _lag_read(cache, self.layer_idx)
         if y.shape[-2] == 1:
             z = self._spd_mlp(x + y if state is None else x + y + state, o_bias)

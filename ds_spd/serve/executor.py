@@ -31,7 +31,8 @@ class StepExecutor:
         if compiled:
             from ds_spd.serve.compile import compile_decode   # imports inductor: only where it compiles
             self.compiled = compile_decode(self._decode, model)
-        self.cache = SlotCache(config.num_hidden_layers, slots, max_len, spare=pool_slots)
+        lagged = any(getattr(m, "spd", False) and getattr(m, "lag", False) for m in model.modules())
+        self.cache = SlotCache(config.num_hidden_layers, slots, max_len, spare=pool_slots, lagged=lagged)
         self.layer_types = getattr(config, "layer_types", None)
         self.window = getattr(config, "sliding_window", None)
         self.fed: dict[str, list[int]] = {}   # tokens fed per sequence (kept only with a token log)
@@ -91,6 +92,7 @@ class StepExecutor:
         self.forward(0, [0], [[0]])               # the eager step allocates the cache: the graphs read it as it stays
         keys = min(self.cache.max_len - 1, 100)   # a size hint unlike any other dimension (no accidental equality)
         for rows in sorted({1, min(2, self.cache.slots)}):
+            self.cache.last_pos[:rows] = [keys - 2] * rows   # a lagged block's state: as if each row ended there
             self.decode_compiled([keys - 1] * rows, [[0]] * rows)
         self.warm_up_seconds = time.perf_counter() - start
         return self.warm_up_seconds

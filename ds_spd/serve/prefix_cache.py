@@ -42,10 +42,12 @@ def slot_bytes(layout, num_layers: int, virtual: bool, max_len: int, element_siz
     """Bytes one slot of the KV cache takes on the fullest rank: every layer's keys and values for ``max_len``
     positions of the rank's KV heads (ds_spd.core.layout.TPLayout: a rank's share, or its replicated head; a
     virtual TP process holds every rank's), and each of ``lagged`` blocks' state (a ``hidden``-sized vector a
-    position and shard: ds_spd.serve.kv_cache)."""
+    shard at every granule's end and at the slot's last position: ds_spd.serve.kv_cache)."""
+    from ds_spd.serve.kv_cache import LAG_GRANULE
     heads = sum(layout.kv_heads) if virtual else max(layout.kv_heads)
     shards = len(layout.kv_heads) if virtual else 1
-    return (num_layers * 2 * heads * layout.head_dim + lagged * shards * hidden) * max_len * element_size
+    kv = num_layers * 2 * heads * layout.head_dim * max_len
+    return (kv + lagged * shards * hidden * (-(-max_len // LAG_GRANULE) + 1)) * element_size
 
 
 def pool_slots(gb: float, one_slot: int) -> int:
@@ -75,15 +77,18 @@ class Hit:
     scores: list | None = None
 
 
-def reusable(source: Source, prompt: list[int], scored: int | None) -> int:
+def reusable(source: Source, prompt: list[int], scored: int | None, granule: int = 1) -> int:
     """Positions of ``source`` a prompt may copy: the shared prefix, leaving the prompt's last token to prefill;
-    scored with ``scored`` alternatives: one short of the shared prefix, within the source's scores."""
+    scored with ``scored`` alternatives: one short of the shared prefix, within the source's scores; rounded down
+    to a multiple of ``granule`` (a model with lagged blocks: ds_spd.serve.kv_cache)."""
     shared = common_prefix(source.tokens, prompt)
     if scored is None:
-        return min(shared, len(prompt) - 1)
-    if source.scores is None or source.k < scored:
+        n = min(shared, len(prompt) - 1)
+    elif source.scores is None or source.k < scored:
         return 0
-    return max(0, min(shared - 1, len(prompt) - 1, len(source.scores) - 1))
+    else:
+        n = max(0, min(shared - 1, len(prompt) - 1, len(source.scores) - 1))
+    return n - n % granule
 
 
 @dataclass
@@ -93,6 +98,7 @@ class PrefixCache:
 
     first: int
     slots: int
+    granule: int = 1               # a copy's length is a multiple of it (the slot cache's copy_granule)
     entries: list[Source] = field(default_factory=list)
     queried: int = 0               # prompt tokens admitted
     hits: int = 0                  # of them, copied instead of prefilled
@@ -102,7 +108,7 @@ class PrefixCache:
         """The source sharing the most reusable positions with ``prompt`` (live sequences first on a tie)."""
         hit = Hit()
         for src in (*live, *self.entries):
-            n = reusable(src, prompt, scored)
+            n = reusable(src, prompt, scored, self.granule)
             if n > hit.length:
                 hit = Hit(src, n, None if scored is None else _trim(src.scores[:n + 1], scored))
         if hit.source is not None and hit.source in self.entries:

@@ -93,10 +93,11 @@ class Event:
 
 class Scheduler:
     """``prefix_cache``: reuse prefixes across requests (its pool keeps finished sequences); None: only the ``n``
-    choices of one prompt share its prefill."""
+    choices of one prompt share its prefill. ``granule``: a copied prefix's length is a multiple of it (the slot
+    cache's ``copy_granule``: 16 for a model with lagged blocks, 1 otherwise)."""
 
     def __init__(self, tokenizer, eos_ids: set[int], max_seqs: int, max_len: int, max_step_tokens: int,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, granule: int = 1):
         if max_step_tokens <= max_seqs:
             raise ValueError(f"max_step_tokens ({max_step_tokens}) must exceed max_seqs ({max_seqs}): every step "
                              "decodes one token per running sequence and needs room left for a prefill")
@@ -108,6 +109,7 @@ class Scheduler:
         self._done: list[str] = []
         self.across = prefix_cache is not None
         self.cache = prefix_cache if prefix_cache is not None else PrefixCache(max_seqs, 0)
+        self.cache.granule = granule
 
     # ---- requests in and out
     def add(self, seqs: list[Sequence]) -> None:
@@ -178,7 +180,8 @@ class Scheduler:
             k = t.params.prompt_logprobs
             if not self._shares(t, s) or (scored is not None and (k is None or k < scored)):
                 continue
-            gain = min(common_prefix(t.prompt, s.prompt) - (scored is not None), most) - hit.length
+            reuse = min(common_prefix(t.prompt, s.prompt) - (scored is not None), most)
+            gain = reuse - reuse % self.cache.granule - hit.length
             if gain > 0 and gain >= min(MIN_WAIT_GAIN, most - hit.length):
                 return True
         return False

@@ -188,7 +188,8 @@ def _serve_rank0(spec, settings: ServeSettings, sock, world: int) -> None:
     pool = executor.cache.spare
     cache = None if settings.no_prefix_cache else PrefixCache(settings.max_seqs, pool)
     metrics.prefix.cache = cache
-    sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens, cache)
+    sched = Scheduler(tokenizer, eos, settings.max_seqs, settings.max_model_len, settings.max_step_tokens, cache,
+                      granule=executor.cache.copy_granule)
     state.status = "ready"
     mode = "virtual" if spec.virtual else "real"
     decode = "eager decode" if executor.compiled is None else \

@@ -90,7 +90,8 @@ def test_compiled_decode_on_real_ranks_equals_generate(chat_dir, capsys, tmp_pat
     from concurrent.futures import ThreadPoolExecutor
 
     from helpers import cli_json
-    prompts = ["def main import os and sys and then", "the quick brown", "def main import os and sys and then x y"]
+    first = "def main import os and sys and then " * 3   # a prefix past the lagged state's 16-position granule
+    prompts = [first, "the quick brown", first + "x y"]
     model = ["--model", chat_dir, *(["--checkpoint", _lagged_checkpoint(chat_dir, str(tmp_path / "ck"))]
                                     if lag else SPD)]
     gen = cli_json(["generate", "--virtual-tp", "2", *model, "--prompt", *prompts, "--max-new-tokens", "10"], capsys)

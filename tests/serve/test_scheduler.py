@@ -26,7 +26,7 @@ def _spd_model(family="llama", lag=False, **extra):
 
 def _run_all(model, tok, seqs, slots=4, step_tokens=2048, max_len=256, executor=None):
     ex = executor or StepExecutor(model, torch.device("cpu"), slots, max_len)
-    sched = Scheduler(tok, set(), slots, max_len, step_tokens)
+    sched = Scheduler(tok, set(), slots, max_len, step_tokens, granule=ex.cache.copy_granule)
     sched.add(seqs)
     moves = forwards = 0
     while sched.has_work():
@@ -67,13 +67,18 @@ def test_continuous_batching_greedy_equals_generate(step_tokens, lag):
 @pytest.mark.parametrize("lag", [False, True])
 def test_choices_of_one_prompt_share_its_prefill(lag):
     """n > 1: the other choices copy the first one's prompt cache and prefill only the last prompt token; greedy,
-    every choice still equals HF generate's tokens (lagged attention: the copy carries its state)."""
+    every choice still equals HF generate's tokens. Lagged attention: the copy, rounded down to the slot cache's
+    granule (16 positions), carries the state at its end; the choices prefill the rest."""
     model, tok = _spd_model(lag=lag), tiny_tokenizer()
-    prompt = tok(PROMPTS[3]).input_ids
+    prompt = tok(SYSTEM + PROMPTS[3]).input_ids
     ids = torch.tensor([prompt])
     ref = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)[0, len(prompt):]
     ex = StepExecutor(model, torch.device("cpu"), 4, 256)
-    sched = Scheduler(tok, set(), 4, 256, 2048)
+    g = ex.cache.copy_granule
+    assert g == (16 if lag else 1)
+    sched = Scheduler(tok, set(), 4, 256, 2048, granule=g)
+    fork = (len(prompt) - 1) // g * g
+    assert fork > 0
     seqs = [Sequence("r", i, prompt, SamplingParams(max_tokens=10, temperature=0)) for i in range(3)]
     sched.add(seqs)
     prefilled, forks = 0, 0
@@ -81,11 +86,11 @@ def test_choices_of_one_prompt_share_its_prefill(lag):
         plan = sched.plan()
         if plan is None:
             break
-        forks += sum(m.length == len(prompt) - 1 for m in plan.moves)
+        forks += sum(m.length == fork for m in plan.moves)
         prefilled += sum(len(f.tokens[0]) for f in plan.forwards if f.kind == "prefill")
         sched.complete(plan, ex.run(plan))
     assert [s.output for s in seqs] == [ref.tolist()] * 3
-    assert forks == 2 and prefilled == len(prompt) + 2
+    assert forks == 2 and prefilled == len(prompt) + 2 * (len(prompt) - fork)
 
 
 def test_step_plan_wire_and_shutdown_rules():
@@ -158,7 +163,7 @@ def _waves(model, tok, waves, cache_slots, slots=3, step_tokens=2048):
     from ds_spd.serve.prefix_cache import PrefixCache
     cache = None if cache_slots is None else PrefixCache(slots, cache_slots)
     ex = StepExecutor(model, torch.device("cpu"), slots, 256, pool_slots=cache_slots or 0)
-    sched = Scheduler(tok, set(), slots, 256, step_tokens, cache)
+    sched = Scheduler(tok, set(), slots, 256, step_tokens, cache, granule=ex.cache.copy_granule)
     prefilled, done, steps = 0, [], []
     for wave in waves:
         seqs = wave(done)
@@ -188,8 +193,8 @@ def _chat_waves(tok, scored=None):
     return [wave1, wave2]
 
 
-@pytest.mark.parametrize("family,scored,lag", [("llama", None, False), ("llama", 2, False), ("gemma3_text", None, False),
-                                              ("llama", None, True)])
+@pytest.mark.parametrize("family,scored,lag", [("llama", None, False), ("llama", 2, False),
+                                              ("gemma3_text", None, False), ("llama", None, True)])
 def test_prefix_cache_reuses_prefixes_and_changes_no_result(family, scored, lag):
     """Chats behind one system prompt, then their next turns (each resends its conversation), through a pool of 2
     slots (so the 4 finished first turns evict each other): the greedy tokens equal the uncached run's, and with
@@ -238,6 +243,37 @@ def test_prefix_cache_copy_outlives_the_eviction_of_its_source():
     assert evicting and b.id in evicting[0]   # c's KV overwrote the pool slot while b was being prefilled
 
 
+def test_lagged_state_is_kept_where_a_forward_can_start():
+    """A model with lagged blocks: its slot cache keeps their state at each slot's last position and every 16th, so
+    copies are rounded to 16 (a slot holds a sixteenth of the per-position state); a forward that would start
+    anywhere else is refused by name, never run on a wrong state."""
+    from ds_spd.serve.kv_cache import LAG_GRANULE
+    model = _spd_model(lag=True)
+    ex = StepExecutor(model, torch.device("cpu"), 2, 64)
+    assert (ex.cache.copy_granule, StepExecutor(_spd_model(), torch.device("cpu"), 2, 64).cache.copy_granule) == \
+        (LAG_GRANULE, 1)
+    ex.forward(0, [0], [list(range(3, 23))])            # 20 positions: state at 15 and at 19
+    cells, last = ex.cache.lag[0]
+    assert cells.shape[2] == 64 // LAG_GRANULE and last.shape[1] == 2
+    ex.forward(0, [20], [[5]])                          # the next position reads the slot's last
+    ex.cache.copy_slot(0, 1, 16)                        # a prefix of 16: the granule's end
+    ex.forward(1, [16], [[7, 8]])
+    ex.cache.copy_slot(0, 1, 12)
+    with pytest.raises(ValueError, match="starts at position 12: a lagged block's state is kept only"):
+        ex.forward(1, [12], [[7]])
+    # a granule's end written by decode steps (positions 10..19, one at a time), then copied: the same logits as
+    # the whole text prefilled at once
+    ids = list(range(30, 51))
+    ex = StepExecutor(model, torch.device("cpu"), 2, 64)
+    ex.forward(0, [0], [ids[:10]])
+    for p in range(10, 20):
+        ex.forward(0, [p], [[ids[p]]])
+    ex.cache.copy_slot(0, 1, 16)
+    got = ex.forward(1, [16], [ids[16:]])
+    want = StepExecutor(model, torch.device("cpu"), 2, 64).forward(0, [0], [ids])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_prefix_match_rules():
     """Token-exact matching: the last prompt token is always prefilled; a scored prompt stops one short of the
     shared prefix and needs a source scored with as many alternatives; the pool keeps one entry per prefix."""
@@ -248,6 +284,7 @@ def test_prefix_match_rules():
     assert reusable(src, a, None) == 199 and reusable(src, a[:50] + [1, 2], None) == 50
     assert reusable(src, a[:50] + [1, 2], 2) == 49 and reusable(src, a[:50] + [1, 2], 4) == 0
     assert reusable(Source(5, a), a[:60], 1) == 0
+    assert reusable(src, a[:50] + [1, 2], None, granule=16) == 48 and reusable(src, a, 2, granule=16) == 192
     pool = PrefixCache(first=4, slots=2)
     assert pool.keep(Source(0, a[:10])).dst == 4
     assert pool.keep(Source(1, a[:5])) is None                       # held by the longer entry
