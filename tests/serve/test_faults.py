@@ -62,55 +62,6 @@ def test_killed_rank_fails_pending_with_503_and_all_exit(chat_dir):
         srv.kill()
 
 
-def _lagged_checkpoint(model_dir: str, path: str) -> str:
-    """A checkpoint of the tiny model whose SPD blocks 0 and 2 (other, random weights) run lagged attention."""
-    from helpers import tiny_model
-    from transformers import AutoConfig
-
-    from ds_spd.checkpoint import save_checkpoint
-    from ds_spd.plan import Plan
-    cfg = AutoConfig.from_pretrained(model_dir)
-    plan = Plan.from_blocks(model_dir, cfg, 2, [0, 2])
-    plan.lag = True
-    other = tiny_model(cfg.model_type, seed=7).state_dict()
-    states = {}
-    for b in (0, 2):
-        plan.blocks[b].cls = "SB"
-        states[b] = {k.split(f"layers.{b}.", 1)[1]: v for k, v in other.items() if f"layers.{b}." in k}
-    return save_checkpoint(path, plan, states, cfg, {})
-
-
-@pytest.mark.multirank
-@pytest.mark.parametrize("lag", [False, True])
-def test_compiled_decode_on_real_ranks_equals_generate(chat_dir, capsys, tmp_path, lag):
-    """`serve` with its default compiled decode steps on 2 real TP ranks (the shared-memory all-reduce traced
-    inside the graph): two greedy requests sent at once (steps of one row and of two), then one that reuses the
-    first's prompt from the prefix cache, each give `ds-spd generate`'s text. ``lag``: a checkpoint with lagged
-    attention (its state per slot and position in the serving cache, moved with a reused prefix)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from helpers import cli_json
-    first = "def main import os and sys and then " * 3   # a prefix past the lagged state's 16-position granule
-    prompts = [first, "the quick brown", first + "x y"]
-    model = ["--model", chat_dir, *(["--checkpoint", _lagged_checkpoint(chat_dir, str(tmp_path / "ck"))]
-                                    if lag else SPD)]
-    gen = cli_json(["generate", "--virtual-tp", "2", *model, "--prompt", *prompts, "--max-new-tokens", "10"], capsys)
-    srv = ServerProcess([*model, "--served-model-name", "tiny"])
-
-    def ask(prompt):
-        return post(srv, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 10,
-                                             "temperature": 0}).json()
-    try:
-        assert "compiled decode" in srv.output()
-        with ThreadPoolExecutor(2) as pool:
-            bodies = list(pool.map(ask, prompts[:2]))
-        bodies.append(ask(prompts[2]))
-        assert [b["choices"][0]["text"] for b in bodies] == [g["completion"] for g in gen["generations"]]
-        assert bodies[2]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    finally:
-        srv.kill()
-
-
 def test_a_master_port_in_use_is_refused_at_once(tmp_path):
     """A --master_port that another launch holds: one line naming the flag, before any rank starts."""
     import socket

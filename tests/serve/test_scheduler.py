@@ -348,7 +348,7 @@ def test_compiled_decode_equals_eager():
     compiles two graphs (one row, its products as multiply-and-sums; several, its products ds_spd's kernel's); a
     batching run with steps of one
     and two rows compiles nothing more (no stall under traffic) and gives the eager step's greedy tokens.
-    (LLaMA's family on 2 real ranks, the all-reduce inside the graph: tests/serve/test_faults.py.)"""
+    (LLaMA's family on 2 real ranks, the all-reduce inside the graph: tests/serve/test_compiled_serve.py.)"""
     import ds_spd
     from torch._dynamo.utils import counters
     extra = dict(sliding_window=8, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"] * 2)
