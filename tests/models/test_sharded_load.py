@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import EVEN, launch_workers, tiny_model, tiny_tokenizer
+from helpers import EVEN, launch_workers, spd_checkpoint, tiny_model, tiny_tokenizer
 
 from ds_spd.errors import DataError
 from ds_spd.models.sharded import check_weight_files, meta_model
@@ -37,30 +37,11 @@ def model_dirs(tmp_path_factory):
     return dirs
 
 
-def _spd_checkpoint(model_dir, path, block, tuned=()):
-    """An SPD checkpoint whose distilled block (and ``tuned`` TP-form blocks, as ``distill --kl-blocks all``
-    stores them) hold other (random) weights than the base model's."""
-    from transformers import AutoConfig
-
-    from ds_spd.checkpoint import save_checkpoint
-    from ds_spd.plan import Plan
-    cfg = AutoConfig.from_pretrained(model_dir)
-    plan = Plan.from_blocks(model_dir, cfg, 2, [block])
-    plan.blocks[block].cls = "SB"
-    other = tiny_model(cfg.model_type, seed=7)
-    states = {}
-    for b in (block, *tuned):
-        prefix = f"model.layers.{b}."
-        states[b] = {k[len(prefix):]: v for k, v in other.state_dict().items() if k.startswith(prefix)}
-    save_checkpoint(path, plan, states, cfg, {}, tuned=list(tuned))
-    return path
-
-
 @pytest.mark.multirank
 def test_sharded_load_equals_full_load(model_dirs, tmp_path):
     assert len([f for f in os.listdir(model_dirs["llama-uneven"]) if f.endswith(".safetensors")]) > 3
     prefix = str(tmp_path / "res")
-    ck = _spd_checkpoint(model_dirs["llama-uneven"], str(tmp_path / "ck"), 1, tuned=(2,))   # block 2: TP form
+    ck = spd_checkpoint(model_dirs["llama-uneven"], str(tmp_path / "ck"), [1], tuned=(2,))   # block 2: TP form
     entries = [*model_dirs.values(), f"{model_dirs['llama-uneven']}@{ck}"]   # the last with the overlay
     launch_workers(["tests/support/sharded_worker.py", ",".join(entries), prefix, "1,2"])   # one launch
     for i, name in enumerate([*MODELS, "llama+checkpoint"]):

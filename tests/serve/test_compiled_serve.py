@@ -6,24 +6,6 @@ import pytest
 from serve_helpers import SPD, ServerProcess, post
 
 
-def _lagged_checkpoint(model_dir: str, path: str) -> str:
-    """A checkpoint of the tiny model whose SPD blocks 0 and 2 (other, random weights) run lagged attention."""
-    from helpers import tiny_model
-    from transformers import AutoConfig
-
-    from ds_spd.checkpoint import save_checkpoint
-    from ds_spd.plan import Plan
-    cfg = AutoConfig.from_pretrained(model_dir)
-    plan = Plan.from_blocks(model_dir, cfg, 2, [0, 2])
-    plan.lag = True
-    other = tiny_model(cfg.model_type, seed=7).state_dict()
-    states = {}
-    for b in (0, 2):
-        plan.blocks[b].cls = "SB"
-        states[b] = {k.split(f"layers.{b}.", 1)[1]: v for k, v in other.items() if f"layers.{b}." in k}
-    return save_checkpoint(path, plan, states, cfg, {})
-
-
 @pytest.mark.multirank
 @pytest.mark.parametrize("lag", [False, True])
 def test_compiled_decode_on_real_ranks_equals_generate(chat_dir, capsys, tmp_path, lag):
@@ -33,11 +15,11 @@ def test_compiled_decode_on_real_ranks_equals_generate(chat_dir, capsys, tmp_pat
     attention (its state per slot and position in the serving cache, moved with a reused prefix)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from helpers import cli_json
+    from helpers import cli_json, spd_checkpoint
     first = "def main import os and sys and then " * 3   # a prefix past the lagged state's 16-position granule
     prompts = [first, "the quick brown", first + "x y"]
-    model = ["--model", chat_dir, *(["--checkpoint", _lagged_checkpoint(chat_dir, str(tmp_path / "ck"))]
-                                    if lag else SPD)]
+    blocks = ["--checkpoint", spd_checkpoint(chat_dir, str(tmp_path / "ck"), [0, 2], lag=True)] if lag else SPD
+    model = ["--model", chat_dir, *blocks]
     gen = cli_json(["generate", "--virtual-tp", "2", *model, "--prompt", *prompts, "--max-new-tokens", "10"], capsys)
     srv = ServerProcess([*model, "--served-model-name", "tiny"])
 

@@ -228,6 +228,28 @@ def tiny_plan_file(model_dir, tmp_path, classes):
     return path
 
 
+def spd_checkpoint(model_dir: str, path: str, blocks, tuned=(), lag: bool = False) -> str:
+    """An SPD checkpoint of ``model_dir`` whose distilled ``blocks`` (and ``tuned`` TP-form blocks, as ``distill
+    --kl-blocks all`` stores them) hold other (random) weights than the base model's; ``lag``: its plan says they
+    were distilled with lagged attention."""
+    from transformers import AutoConfig
+
+    from ds_spd.checkpoint import save_checkpoint
+    from ds_spd.plan import Plan
+    cfg = AutoConfig.from_pretrained(model_dir)
+    plan = Plan.from_blocks(model_dir, cfg, 2, list(blocks))
+    plan.lag = lag
+    for b in blocks:
+        plan.blocks[b].cls = "SB"
+    other = tiny_model(cfg.model_type, seed=7).state_dict()
+    states = {}
+    for b in (*blocks, *tuned):
+        prefix = f"model.layers.{b}."
+        states[b] = {k[len(prefix):]: v for k, v in other.items() if k.startswith(prefix)}
+    save_checkpoint(path, plan, states, cfg, {}, tuned=list(tuned))
+    return path
+
+
 #: tiny configs of every family beyond LLaMA (model type, overrides)
 FAMILIES = {
     "mistral": ("mistral", {}),
