@@ -599,8 +599,10 @@ def test_a_second_server_shares_the_host_ctrl_c_drains_and_sigterm_stops_now(ser
     without the prefix cache: its log says so). (A drain that
     runs to completion: the runner test below, on the shared server.)"""
     shm_before = shm_buffers()
+    # two slots for the 8 choices: four rounds of 450 steps, so the stream outlasts the 3 s before the second stop
+    # on an idle machine too (with 8 slots it could finish in under 3 s)
     second = ServerProcess(["--model", chat_dir, "--enforce-eager", "--served-model-name", "tiny",
-                            "--shutdown-timeout", "120", "--no-prefix-cache"])
+                            "--shutdown-timeout", "120", "--no-prefix-cache", "--max-seqs", "2"])
     try:
         pids = second.rank_pids()
         result: dict = {}
